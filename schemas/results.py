@@ -1,0 +1,64 @@
+"""The result of a job, stored once per job on ``ai.results.<job_id>``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+Status = Literal["succeeded", "failed", "expired"]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens the provider billed for the call."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a job failed: a stable ``type``, a human message, and whether a retry may help."""
+
+    type: str
+    message: str
+    retryable: bool = False
+
+
+class Timings(msgspec.Struct, frozen=True, kw_only=True):
+    """Milliseconds spent waiting in the queue, calling the provider, and in all."""
+
+    queued_ms: float = 0.0
+    provider_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class JobResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The terminal outcome of a job.
+
+    ``response`` is the provider-native response body (for a streamed request,
+    the assembled message).
+    """
+
+    job_id: str
+    status: Status
+    provider: str
+    model: str
+    response: dict[str, Any] | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+    attempts: int = 1
+    timings: Timings = msgspec.field(default_factory=Timings)
+    finished_at: datetime = msgspec.field(default_factory=_now)
+
+
+_decoder = msgspec.json.Decoder(JobResult)
+
+
+def decode_result(data: bytes) -> JobResult:
+    """Decode a stored result."""
+    return _decoder.decode(data)

@@ -1,0 +1,151 @@
+"""One typed, frozen settings object, built once from the environment and passed in.
+
+Environment variables use the prefix ``RIDETHROUGH_`` (nested fields with ``__``),
+plus the conventional ``NATS_URL``, ``ANTHROPIC_API_KEY`` and ``OPENAI_API_KEY``.
+Nothing reads the environment at import time: call ``Settings()`` (or
+``load_settings``) where a process starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.subjects import is_token
+from services.errors import ConfigError
+
+DAY = 86_400.0
+
+
+class ProviderSettings(BaseModel):
+    """One provider endpoint: which SDK speaks to it, where, and with which key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["anthropic", "openai"]
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    timeout_s: float = Field(600.0, gt=0)
+    max_connections: int = Field(1000, gt=0)
+
+    def key(self) -> str | None:
+        """The API key, read from ``api_key`` or from the mounted secret file."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read api_key_file {self.api_key_file}: {exc}") from exc
+        return None
+
+
+class NatsSettings(BaseModel):
+    """How to reach NATS, and how the JetStream topology is sized."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    creds_file: Path | None = None
+    connect_timeout_s: float = Field(2.0, gt=0)
+    replicas: int = Field(1, ge=1, le=5)
+    storage: Literal["file", "memory"] = "file"
+    dedup_window_s: float = Field(3600.0, ge=3600.0)
+    jobs_max_age_s: float = Field(0.0, ge=0, description="0 keeps waiting jobs until consumed")
+    parked_max_age_s: float = Field(7 * DAY, gt=0)
+    results_max_age_s: float = Field(7 * DAY, gt=0)
+    dead_max_age_s: float = Field(30 * DAY, gt=0)
+    events_max_age_s: float = Field(30 * DAY, gt=0)
+    worker_ttl_s: float = Field(15.0, gt=0)
+
+    @property
+    def servers(self) -> list[str]:
+        """The server URLs (``url`` may list several, comma-separated)."""
+        return [u.strip() for u in self.url.split(",") if u.strip()]
+
+
+class WorkerSettings(BaseModel):
+    """How one worker process consumes and retries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    concurrency: int = Field(256, gt=0, description="provider calls in flight per process")
+    batch_size: int = Field(64, gt=0, description="messages fetched per pull")
+    fetch_timeout_s: float = Field(0.05, gt=0, description="longest wait to fill a pull batch")
+    ack_wait_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(8, gt=0, description="deliveries before a transient failure is dead")
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    shutdown_grace_s: float = Field(20.0, ge=0)
+    max_ack_pending: int = Field(10_000, gt=0)
+
+
+def _default_providers() -> dict[str, ProviderSettings]:
+    return {
+        "anthropic": ProviderSettings(kind="anthropic"),
+        "openai": ProviderSettings(kind="openai"),
+    }
+
+
+class Settings(BaseSettings):
+    """Everything a ridethrough process needs to know."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RIDETHROUGH_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+    )
+
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("RIDETHROUGH_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("RIDETHROUGH_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    nats_url: str | None = Field(None, validation_alias=AliasChoices("NATS_URL"))
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for name in self.providers:
+            if not is_token(name):
+                raise ValueError(f"provider name {name!r} must be a subject token (A-Z a-z 0-9 _ -)")
+        return self
+
+    def provider_key(self, name: str) -> str | None:
+        """The API key of provider ``name``: its own setting, else the SDK's usual variable."""
+        p = self.providers[name]
+        key = p.key()
+        if key is None:
+            fallback = self.anthropic_api_key if p.kind == "anthropic" else self.openai_api_key
+            key = fallback.get_secret_value() if fallback is not None else None
+        return key
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The NATS URLs, ``NATS_URL`` taking precedence over ``RIDETHROUGH_NATS__URL``."""
+        if self.nats_url:
+            return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+        return self.nats.servers
+
+    def with_changes(self, **changes: Any) -> Settings:
+        """A copy with top-level fields replaced (settings stay frozen)."""
+        return self.model_copy(update=changes)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, then apply explicit overrides."""
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc

@@ -1,0 +1,103 @@
+"""The one error tree of ridethrough.
+
+    RidethroughError
+    ├── ConfigError              settings that cannot work (unknown provider kind, missing key file)
+    ├── NatsUnavailable          no connection to NATS could be made or kept
+    ├── TopologyError            a stream, consumer or bucket could not be created or updated
+    ├── JobRejected              the producer refused a job; nothing was published
+    │   ├── InvalidJob           the job does not match the schema (names the field)
+    │   ├── PayloadTooLarge      the encoded job exceeds the server's max_payload
+    │   └── UnknownProvider      no stream accepts jobs for this provider
+    ├── ResultTimeout            no result arrived within the timeout
+    └── ProviderError            a provider call failed (raised by adapters only)
+        ├── TransientError       worth retrying: overloaded, 5xx, timeouts, connection errors
+        │   └── RateLimited      429 with a retry-after: slow down, not an outage
+        └── PermanentError       retrying cannot help: 4xx, quota, refused before sending
+
+Adapters translate SDK exceptions into ``ProviderError`` once, at the boundary,
+with ``raise ... from exc``; nothing above an adapter sees SDK classes.
+"""
+
+from __future__ import annotations
+
+
+class RidethroughError(Exception):
+    """Base of every error ridethrough raises on purpose."""
+
+
+class ConfigError(RidethroughError):
+    """Settings that cannot work."""
+
+
+class NatsUnavailable(RidethroughError):
+    """No connection to NATS could be made or kept."""
+
+
+class TopologyError(RidethroughError):
+    """A stream, consumer or bucket could not be created or updated."""
+
+
+class JobRejected(RidethroughError):
+    """The producer refused a job; nothing was published."""
+
+
+class InvalidJob(JobRejected):
+    """The job does not match the schema; the message names the offending field."""
+
+
+class PayloadTooLarge(JobRejected):
+    """The encoded job is larger than the server accepts."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"job is {size} bytes, over the server's max_payload of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class UnknownProvider(JobRejected):
+    """No stream accepts jobs for this provider."""
+
+
+class ResultTimeout(RidethroughError):
+    """No result arrived within the timeout."""
+
+
+class ProviderError(RidethroughError):
+    """A provider call failed.
+
+    ``reason`` is a stable snake_case word (``overloaded``, ``server_error``,
+    ``timeout``, ``connection``, ``rate_limited``, ``invalid_request``, ``auth``,
+    ``not_found``, ``too_large``, ``quota``, ``refused``...). ``retry_after`` is
+    the delay in seconds the provider asked for, if any. ``status`` is the HTTP
+    status, when there was one.
+    """
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TransientError(ProviderError):
+    """Worth retrying later; counts towards the provider's breaker."""
+
+    retryable = True
+
+
+class RateLimited(TransientError):
+    """The provider asked us to slow down; does not by itself mean an outage."""
+
+
+class PermanentError(ProviderError):
+    """Retrying cannot help; the job goes to the dead letters with ``reason``."""

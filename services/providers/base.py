@@ -1,0 +1,41 @@
+"""What every provider adapter offers, and the reply it returns.
+
+An adapter wraps one official SDK client (SDK retries off: the queue owns
+retries) and translates every SDK exception into one ``ProviderError`` of
+``services.errors`` through its module's classification table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import msgspec
+
+from schemas.results import Usage
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """A successful provider call: the provider-native response body and its usage."""
+
+    response: dict[str, Any]
+    usage: Usage
+    model: str
+
+
+class Provider(Protocol):
+    """A provider the worker can call."""
+
+    name: str
+
+    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
+        """Send ``request`` (provider-native body without ``model``) and return the reply.
+
+        Streams when ``request`` has ``"stream": true`` and returns the assembled
+        message. Raises ``ProviderError`` (never an SDK exception). ``probe`` marks
+        health probes so the far end can tell them apart.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close the underlying HTTP client."""
+        ...

@@ -1,0 +1,203 @@
+"""Streams, consumers and key-value buckets of DESIGN.md: create or update, idempotently.
+
+``ensure_topology`` compares what exists with what the settings ask for and
+changes only what differs, so running it twice changes nothing, and a changed
+setting (say ``ack_wait``) reaches existing durable consumers too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js import JetStreamContext, api
+from nats.js.errors import APIError, NotFoundError
+
+from schemas import subjects as s
+from services.config import Settings
+from services.errors import TopologyError
+
+
+@dataclass
+class TopologyReport:
+    """What ``ensure_topology`` did: names created, updated and left unchanged."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was created or updated."""
+        return bool(self.created or self.updated)
+
+
+def _storage(settings: Settings) -> api.StorageType:
+    return api.StorageType.FILE if settings.nats.storage == "file" else api.StorageType.MEMORY
+
+
+def stream_configs(settings: Settings) -> list[api.StreamConfig]:
+    """The five streams, sized by the settings."""
+    n = settings.nats
+    common: dict[str, Any] = {
+        "storage": _storage(settings),
+        "num_replicas": n.replicas,
+        "duplicate_window": n.dedup_window_s,
+        # A full stream refuses new messages rather than silently dropping old ones.
+        "discard": api.DiscardPolicy.NEW,
+        "allow_direct": True,
+    }
+    return [
+        api.StreamConfig(
+            name=s.JOBS_STREAM,
+            subjects=[s.jobs_filter(p) for p in sorted(settings.providers)],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            max_age=n.jobs_max_age_s,
+            **common,
+        ),
+        api.StreamConfig(
+            name=s.PARKED_STREAM,
+            subjects=list(s.PARKED_SUBJECTS),
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            max_age=n.parked_max_age_s,
+            **common,
+        ),
+        api.StreamConfig(
+            name=s.RESULTS_STREAM,
+            subjects=list(s.RESULTS_SUBJECTS),
+            retention=api.RetentionPolicy.LIMITS,
+            max_msgs_per_subject=1,
+            max_age=n.results_max_age_s,
+            **common | {"discard": api.DiscardPolicy.OLD},
+        ),
+        api.StreamConfig(
+            name=s.DEAD_STREAM,
+            subjects=list(s.DEAD_SUBJECTS),
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=n.dead_max_age_s,
+            **common | {"discard": api.DiscardPolicy.OLD},
+        ),
+        api.StreamConfig(
+            name=s.EVENTS_STREAM,
+            subjects=list(s.EVENTS_SUBJECTS),
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=n.events_max_age_s,
+            **common | {"discard": api.DiscardPolicy.OLD},
+        ),
+    ]
+
+
+def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]:
+    """(stream, config) of every durable consumer: one worker and one replayer per provider."""
+    w = settings.worker
+    out: list[tuple[str, api.ConsumerConfig]] = []
+    for p in sorted(settings.providers):
+        for stream, name, filt in (
+            (s.JOBS_STREAM, s.worker_consumer(p), s.jobs_filter(p)),
+            (s.PARKED_STREAM, s.replayer_consumer(p), s.parked_filter(p)),
+        ):
+            out.append(
+                (
+                    stream,
+                    api.ConsumerConfig(
+                        name=name,
+                        durable_name=name,
+                        filter_subject=filt,
+                        ack_policy=api.AckPolicy.EXPLICIT,
+                        deliver_policy=api.DeliverPolicy.ALL,
+                        ack_wait=w.ack_wait_s,
+                        # Unlimited: the worker dead-letters after max_attempts itself. A
+                        # server-side limit would leave the message stuck in the work queue.
+                        max_deliver=-1,
+                        max_ack_pending=w.max_ack_pending,
+                        num_replicas=0,  # inherit the stream's
+                    ),
+                )
+            )
+    return out
+
+
+#: (bucket, history, per-key TTL allowed)
+_BUCKETS = ((s.HEALTH_BUCKET, 16), (s.CONTROL_BUCKET, 8), (s.WORKERS_BUCKET, 1))
+
+
+def _differs(wanted: dict[str, Any], have: dict[str, Any]) -> bool:
+    return any(have.get(k) != v for k, v in wanted.items())
+
+
+async def _ensure_stream(
+    js: JetStreamContext, cfg: api.StreamConfig, report: TopologyReport
+) -> None:
+    assert cfg.name is not None
+    try:
+        info = await js.stream_info(cfg.name)
+    except NotFoundError:
+        await js.add_stream(cfg)
+        report.created.append(cfg.name)
+        return
+    wanted = cfg.as_dict()
+    if _differs(wanted, info.config.as_dict()):
+        await js.update_stream(cfg)
+        report.updated.append(cfg.name)
+    else:
+        report.unchanged.append(cfg.name)
+
+
+async def _ensure_consumer(
+    js: JetStreamContext, stream: str, cfg: api.ConsumerConfig, report: TopologyReport
+) -> None:
+    assert cfg.durable_name is not None
+    label = f"{stream}/{cfg.durable_name}"
+    try:
+        info = await js.consumer_info(stream, cfg.durable_name)
+    except NotFoundError:
+        await js.add_consumer(stream, cfg)
+        report.created.append(label)
+        return
+    wanted = cfg.as_dict()
+    wanted.pop("num_replicas", None)  # 0 means "the stream's"; the server reports the number
+    if _differs(wanted, info.config.as_dict()):
+        await js.add_consumer(stream, cfg)  # create-or-update
+        report.updated.append(label)
+    else:
+        report.unchanged.append(label)
+
+
+async def _ensure_bucket(
+    js: JetStreamContext, bucket: str, history: int, settings: Settings, report: TopologyReport
+) -> None:
+    stream = f"KV_{bucket}"
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        await js.create_key_value(
+            bucket=bucket,
+            history=history,
+            replicas=settings.nats.replicas,
+            storage=_storage(settings),
+        )
+        report.created.append(bucket)
+        return
+    have = info.config
+    if have.max_msgs_per_subject != history or have.num_replicas != settings.nats.replicas:
+        have.max_msgs_per_subject = history
+        have.num_replicas = settings.nats.replicas
+        await js.update_stream(have)
+        report.updated.append(bucket)
+    else:
+        report.unchanged.append(bucket)
+
+
+async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyReport:
+    """Create or update every stream, consumer and bucket; report what changed."""
+    report = TopologyReport()
+    try:
+        for cfg in stream_configs(settings):
+            await _ensure_stream(js, cfg, report)
+        for stream, ccfg in consumer_configs(settings):
+            await _ensure_consumer(js, stream, ccfg, report)
+        for bucket, history in _BUCKETS:
+            await _ensure_bucket(js, bucket, history, settings, report)
+    except APIError as exc:
+        raise TopologyError(f"cannot apply the JetStream topology: {exc}") from exc
+    return report
