@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from schemas.subjects import PRIORITIES, is_token
-
 Priority = Literal["high", "normal", "low"]
 OnOutage = Literal["park", "failover", "fail"]
+
+#: A job id or provider name: it stands as one token in NATS subjects.
+Token = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z0-9_-]{1,128}$",
+        description="1-128 characters of A-Z a-z 0-9 _ - (a NATS subject token)",
+    ),
+]
+#: An RFC 3339 timestamp with a UTC offset.
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True, extra_json_schema={"format": "date-time"})]
 
 
 def _now() -> datetime:
@@ -26,8 +35,8 @@ def new_job_id() -> str:
 class Target(msgspec.Struct, frozen=True, kw_only=True):
     """A provider and model a job may fail over to."""
 
-    provider: str
-    model: str
+    provider: Token
+    model: Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -37,31 +46,16 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     OpenAI Chat Completions) without ``model``, which travels in ``model``.
     """
 
-    id: str
-    provider: str
-    model: str
+    id: Token
+    provider: Token
+    model: Annotated[str, msgspec.Meta(min_length=1)]
     request: dict[str, Any]
     priority: Priority = "normal"
-    deadline: datetime | None = None
+    deadline: Timestamp | None = None
     on_outage: OnOutage = "park"
     fallbacks: list[Target] = msgspec.field(default_factory=list)
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
-    created_at: datetime = msgspec.field(default_factory=_now)
-
-    def __post_init__(self) -> None:
-        # msgspec checks the types; these are the rules types cannot say.
-        # Raising ValueError here surfaces as msgspec.ValidationError naming the field.
-        for name in ("id", "provider"):
-            value = getattr(self, name)
-            if not is_token(value):
-                raise ValueError(
-                    f"`{name}` must be 1-128 characters of A-Z a-z 0-9 _ - (got {value!r})"
-                )
-        if not self.model:
-            raise ValueError("`model` must not be empty")
-        if self.deadline is not None and self.deadline.tzinfo is None:
-            raise ValueError("`deadline` must carry a timezone (RFC 3339 with offset)")
-        assert self.priority in PRIORITIES  # guaranteed by the Literal type
+    created_at: Timestamp = msgspec.field(default_factory=_now)
 
 
 _decoder = msgspec.json.Decoder(Job)

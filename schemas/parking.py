@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from schemas.jobs import Timestamp
 from schemas.results import ErrorInfo
 
 
@@ -28,7 +29,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     raw: str | None = None
     subject: str = ""
     attempts: int = 0
-    dead_at: datetime = msgspec.field(default_factory=_now)
+    dead_at: Timestamp = msgspec.field(default_factory=_now)
 
 
 _decoder = msgspec.json.Decoder(DeadLetter)

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from schemas.jobs import Timestamp
+
 Status = Literal["succeeded", "failed", "expired"]
 
 
@@ -53,7 +55,8 @@ class JobResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     error: ErrorInfo | None = None
     attempts: int = 1
     timings: Timings = msgspec.field(default_factory=Timings)
-    finished_at: datetime = msgspec.field(default_factory=_now)
+    finished_at: Timestamp = msgspec.field(default_factory=_now)
+    worker: str = ""
 
 
 _decoder = msgspec.json.Decoder(JobResult)
@@ -62,3 +65,16 @@ _decoder = msgspec.json.Decoder(JobResult)
 def decode_result(data: bytes) -> JobResult:
     """Decode a stored result."""
     return _decoder.decode(data)
+
+
+def response_text(response: dict[str, Any] | None) -> str:
+    """The generated text of an Anthropic or OpenAI response body ("" if none)."""
+    if not response:
+        return ""
+    if isinstance(content := response.get("content"), list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    choices = response.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message") or {}
+        return str(message.get("content") or "")
+    return ""

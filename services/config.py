@@ -119,7 +119,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         for name in self.providers:
             if not is_token(name):
-                raise ValueError(f"provider name {name!r} must be a subject token (A-Z a-z 0-9 _ -)")
+                raise ValueError(
+                    f"provider name {name!r} must be a subject token (A-Z a-z 0-9 _ -)"
+                )
         return self
 
     def provider_key(self, name: str) -> str | None:

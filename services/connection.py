@@ -48,5 +48,7 @@ async def connect(settings: Settings, *, name: str = "ridethrough", **extra: Any
         nc: Client = await nats.connect(**opts)
     except Exception as exc:  # nats-py raises several unrelated classes here
         servers = ", ".join(settings.nats_servers)
-        raise NatsUnavailable(f"cannot connect to NATS at {servers}: {exc or type(exc).__name__}") from exc
+        raise NatsUnavailable(
+            f"cannot connect to NATS at {servers}: {exc or type(exc).__name__}"
+        ) from exc
     return nc

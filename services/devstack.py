@@ -140,4 +140,3 @@ def port_in_use(port: int) -> bool:
 
 
 __all__ = ["NatsServer", "find_nats_server", "free_port", "port_in_use"]
-

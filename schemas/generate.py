@@ -1,0 +1,51 @@
+"""Write the JSON Schema files in ``schemas/json/`` from the Structs.
+
+Run ``python -m schemas.generate`` after changing a Struct; a test fails when
+the committed files drift from the Structs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas.jobs import Job
+from schemas.parking import DeadLetter
+from schemas.results import JobResult
+
+OUT = Path(__file__).parent / "json"
+
+#: file name -> Struct, for every message a non-Python program reads or writes
+SCHEMAS: dict[str, type[msgspec.Struct]] = {
+    "job.json": Job,
+    "job_result.json": JobResult,
+    "dead_letter.json": DeadLetter,
+}
+
+
+def render(struct: type[msgspec.Struct]) -> str:
+    """The JSON Schema of ``struct`` as stable, pretty text."""
+    schema: dict[str, Any] = msgspec.json.schema(struct)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = struct.__name__
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    """Write every schema file; print the ones that changed."""
+    OUT.mkdir(exist_ok=True)
+    for name, struct in SCHEMAS.items():
+        path = OUT / name
+        text = render(struct)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

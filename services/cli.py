@@ -1,0 +1,101 @@
+"""The ``ridethrough`` command line.
+
+Exit codes: 0 ok; 1 the job failed, expired or timed out; 2 usage, settings or
+connection error. Every error is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import msgspec
+import typer
+from typer._click import exceptions as click_exceptions
+
+from services.config import Settings, load_settings
+from services.errors import ConfigError, ResultTimeout, RidethroughError
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="ridethrough",
+    help="A durable queue for AI jobs on NATS JetStream that rides through provider outages.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
+
+NatsUrl = Annotated[
+    str | None,
+    typer.Option("--nats-url", envvar="NATS_URL", help="NATS server URL(s), comma-separated."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one line to stderr and exit with ``code``."""
+    typer.echo(f"ridethrough: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def settings_for(nats_url: str | None) -> Settings:
+    """Settings from the environment, with ``--nats-url`` on top."""
+    try:
+        return load_settings(nats_url=nats_url) if nats_url else load_settings()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning our errors into one-line exits."""
+    try:
+        return asyncio.run(coro)
+    except ResultTimeout as exc:
+        fail(str(exc), EXIT_JOB_FAILED)
+    except RidethroughError as exc:
+        fail(str(exc))
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` (a Struct, dict or list) as one line of JSON."""
+    typer.echo(msgspec.json.encode(obj).decode())
+
+
+# Sub-command modules register themselves on ``app``.
+from services import cli_jobs as _cli_jobs  # noqa: E402, F401
+from services import cli_services as _cli_services  # noqa: E402, F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click_exceptions.UsageError as exc:
+        hint = f" (see `ridethrough {exc.ctx.command_path.split(' ', 1)[-1]} --help`)" if exc.ctx else ""
+        typer.echo(f"ridethrough: {exc.format_message()}{hint}", err=True)
+        return EXIT_USAGE
+    except click_exceptions.Abort:
+        typer.echo("ridethrough: aborted", err=True)
+        return 130
+    except click_exceptions.Exit as exc:
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # last resort: still one line, and say it is a bug
+        typer.echo(f"ridethrough: internal error: {type(exc).__name__}: {exc}", err=True)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["app", "fail", "json", "main", "print_json", "run", "settings_for"]

@@ -1,0 +1,120 @@
+"""``ridethrough submit``, ``result`` and ``topology``: the producer's view from a shell."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from schemas.results import JobResult, response_text
+from services.cli import (
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    JsonFlag,
+    NatsUrl,
+    app,
+    fail,
+    print_json,
+    run,
+    settings_for,
+)
+from services.connection import connect
+from services.producer import Producer, make_job
+from services.topology import ensure_topology
+
+
+def _show(result: JobResult, as_json: bool) -> int:
+    if as_json:
+        print_json(result)
+    elif result.status == "succeeded":
+        typer.echo(response_text(result.response))
+    else:
+        err = result.error
+        typer.echo(f"job {result.job_id} {result.status}: {err.type if err else ''} {err.message if err else ''}".rstrip())
+    return EXIT_OK if result.status == "succeeded" else EXIT_JOB_FAILED
+
+
+@app.command()
+def submit(
+    provider: Annotated[str, typer.Option(help="Provider name, e.g. anthropic or openai.")],
+    model: Annotated[str, typer.Option(help="Model name as the provider knows it.")],
+    prompt: Annotated[str, typer.Option(help="The user message.")],
+    max_tokens: Annotated[int, typer.Option(min=1)] = 1024,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
+    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same job: re-submits create nothing.")] = None,
+    on_outage: Annotated[str, typer.Option(help="park, failover or fail.")] = "park",
+    stream: Annotated[bool, typer.Option(help="Ask the provider to stream; the result holds the whole message.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.", min=0)] = 120.0,
+    as_json: JsonFlag = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Submit one job (a single user message); print its id, or with --wait its result."""
+    settings = settings_for(nats_url)
+    request: dict[str, object] = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]}
+    if system:
+        if settings.providers.get(provider) and settings.providers[provider].kind == "openai":
+            request["messages"] = [{"role": "system", "content": system}, *request["messages"]]  # type: ignore[misc]
+        else:
+            request["system"] = system
+    if stream:
+        request["stream"] = True
+
+    async def go() -> int:
+        job = make_job(provider, model, request=request, priority=priority, on_outage=on_outage)
+        async with await Producer.connect(settings) as producer:
+            job_id = await producer.submit(job, idempotency_key=idempotency_key)
+            if not wait:
+                if as_json:
+                    print_json({"job_id": job_id})
+                else:
+                    typer.echo(job_id)
+                return EXIT_OK
+            return _show(await producer.result(job_id, timeout), as_json)
+
+    raise typer.Exit(run(go()))
+
+
+@app.command()
+def result(
+    job_id: Annotated[str, typer.Argument(help="The job id submit printed.")],
+    wait: Annotated[float | None, typer.Option(help="Seconds to wait for the result to arrive.", min=0)] = None,
+    as_json: JsonFlag = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Print a job's result (exit 1 if it failed, or is not there within --wait)."""
+    settings = settings_for(nats_url)
+
+    async def go() -> int:
+        async with await Producer.connect(settings) as producer:
+            if wait is None:
+                found = await producer.peek_result(job_id)
+                if found is None:
+                    fail(f"no result for job {job_id} yet", EXIT_JOB_FAILED)
+                return _show(found, as_json)
+            return _show(await producer.result(job_id, wait), as_json)
+
+    raise typer.Exit(run(go()))
+
+
+@app.command()
+def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
+    """Create or update every stream, consumer and bucket (idempotent)."""
+    settings = settings_for(nats_url)
+
+    async def go() -> None:
+        nc = await connect(settings, name="ridethrough-topology")
+        try:
+            report = await ensure_topology(nc.jetstream(), settings)
+        finally:
+            await nc.close()
+        if as_json:
+            print_json({"created": report.created, "updated": report.updated, "unchanged": report.unchanged})
+        else:
+            for word, names in (("created", report.created), ("updated", report.updated)):
+                for name in names:
+                    typer.echo(f"{word} {name}")
+            typer.echo(f"{len(report.unchanged)} unchanged")
+
+    run(go())

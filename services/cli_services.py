@@ -1,0 +1,153 @@
+"""``ridethrough dev``, ``worker``, ``fake-provider`` and ``demo``: running the services."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from schemas.results import response_text
+from services.cli import EXIT_JOB_FAILED, EXIT_OK, JsonFlag, NatsUrl, app, fail, print_json, run, settings_for
+from services.errors import RidethroughError
+from services.producer import Producer, make_job
+from services.providers.registry import build_providers
+from services.stack import local_stack, running_worker
+from services.worker.app import run_worker
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("nats", "faststream", "httpx", "httpx2", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+@app.command()
+def worker(
+    provider: Annotated[list[str] | None, typer.Option(help="Serve only these providers (repeatable).")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Provider calls in flight.")] = None,
+    topology: Annotated[bool, typer.Option(help="Create or update the topology at start.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Run one worker process until SIGTERM (in-flight jobs finish or are released)."""
+    _logging(verbose)
+    settings = settings_for(nats_url)
+    if concurrency is not None:
+        settings = settings.with_changes(worker=settings.worker.model_copy(update={"concurrency": concurrency}))
+    try:
+        providers = build_providers(settings, provider)
+    except RidethroughError as exc:
+        fail(str(exc))
+    run(run_worker(settings, providers, apply_topology=topology))
+
+
+@app.command("fake-provider")
+def fake_provider(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    latency_ms: Annotated[float, typer.Option(help="Mean latency of each answer.")] = 0.0,
+    error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of calls that fail.")] = 0.0,
+    seed: int | None = None,
+) -> None:
+    """Serve the Anthropic and OpenAI wire protocols with scripted faults (for drills and tests)."""
+    from services.providers import fake
+
+    config = fake.FaultConfig(latency_ms=latency_ms, error_rate=error_rate, seed=seed)
+    fake.serve(host, port, config)
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="Port of the embedded NATS server.")] = 4222,
+    data_dir: Annotated[Path | None, typer.Option(help="JetStream store (default: a temp dir).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Run everything locally: embedded NATS, topology, a worker, and the fake provider
+    for providers without an API key. Ctrl-C stops it all."""
+    _logging(verbose)
+    settings = settings_for(None)
+    log = logging.getLogger("ridethrough.dev")
+
+    async def go(stack_settings: object) -> None:
+        async with running_worker(stack_settings):  # type: ignore[arg-type]
+            await _until_signalled()
+
+    try:
+        with local_stack(settings, nats_url=nats_url, port=port, data_dir=data_dir) as stack:
+            where = stack.settings.nats_servers[0]
+            log.info("NATS at %s%s", where, "" if nats_url else " (embedded)")
+            if stack.fake is not None:
+                log.info("fake provider at %s for %s", stack.fake.url, ", ".join(stack.fake_providers))
+            log.info("ready: try `ridethrough submit --provider anthropic --model claude-x --prompt hi --wait --nats-url %s`", where)
+            run(go(stack.settings))
+    except RidethroughError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def demo(
+    jobs: Annotated[int, typer.Option(min=1, help="How many jobs to submit.")] = 20,
+    provider: str = "anthropic",
+    model: str = "claude-demo",
+    as_json: JsonFlag = False,
+) -> None:
+    """Start a private stack, push jobs through it, print the answers and a count.
+
+    Exits 1 unless every submitted job has exactly one succeeded result.
+    """
+    settings = settings_for(None)
+
+    async def go(stack_settings: object) -> int:
+        started = time.monotonic()
+        async with running_worker(stack_settings), await Producer.connect(stack_settings) as producer:  # type: ignore[arg-type]
+            batch = [
+                make_job(provider, model, prompt=f"Summarise incident {i} in one line.", max_tokens=32)
+                for i in range(jobs)
+            ]
+            outcomes = await producer.submit_many(batch)
+            accepted = [o.job_id for o in outcomes if o.ok]
+            results = await producer.results(accepted, timeout=60)
+        succeeded = sum(1 for r in results.values() if r.status == "succeeded")
+        report = {
+            "submitted": len(accepted),
+            "succeeded": succeeded,
+            "failed": len(results) - succeeded,
+            "lost": len(accepted) - len(results),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        if as_json:
+            print_json(report)
+        else:
+            sample = results[accepted[0]] if accepted else None
+            if sample is not None:
+                typer.echo(f"answer to job {sample.job_id}: {response_text(sample.response)}")
+            typer.echo(
+                f"submitted {report['submitted']}, succeeded {succeeded}, failed {report['failed']}, "
+                f"lost {report['lost']} in {report['seconds']}s"
+            )
+        return EXIT_OK if succeeded == len(accepted) == jobs else EXIT_JOB_FAILED
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        with local_stack(settings) as stack:
+            code = run(go(stack.settings))
+    except RidethroughError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)

@@ -1,0 +1,272 @@
+"""Submit jobs to ``AI_JOBS`` and wait for their results on ``AI_RESULTS``.
+
+``submit`` returns only after JetStream's PubAck: once it returns, the job is
+stored and will end in exactly one result or dead letter. The idempotency key
+travels as ``Nats-Msg-Id`` and also fixes the job id, so a re-submit with the
+same key returns the same job id and creates no second job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+
+from schemas.jobs import Job, decode_job, encode, new_job_id
+from schemas.results import JobResult, decode_result
+from schemas.subjects import MSG_ID_HEADER, RESULTS_STREAM, is_token, jobs_subject, result_subject
+from services.config import Settings
+from services.connection import connect
+from services.errors import (
+    InvalidJob,
+    JobRejected,
+    NatsUnavailable,
+    PayloadTooLarge,
+    ResultTimeout,
+    RidethroughError,
+    UnknownProvider,
+)
+
+_KEY_NAMESPACE = uuid.UUID("6f1d3a52-7c1e-4f0e-9a57-2d6b7f1c9e10")
+
+
+def job_id_for_key(key: str) -> str:
+    """The job id an idempotency key stands for: the key itself when it is a safe
+    subject token, else a UUID derived from it (same key, same id, always)."""
+    if not key:
+        raise InvalidJob("the idempotency key must not be empty")
+    return key if is_token(key) else uuid.uuid5(_KEY_NAMESPACE, key).hex
+
+
+def make_job(
+    provider: str,
+    model: str,
+    *,
+    prompt: str | None = None,
+    request: Mapping[str, Any] | None = None,
+    max_tokens: int = 1024,
+    **fields: Any,
+) -> Job:
+    """Build a job from a prompt (a one-message request) or a provider-native request body.
+
+    Extra ``fields`` (priority, deadline, on_outage, fallbacks, metadata, id) go to ``Job``.
+    """
+    if (prompt is None) == (request is None):
+        raise InvalidJob("give exactly one of `prompt` or `request`")
+    body = (
+        dict(request)
+        if request is not None
+        else {
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+    )
+    fields.setdefault("id", new_job_id())
+    return validate_job({"provider": provider, "model": model, "request": body, **fields})
+
+
+def validate_job(job: Job | Mapping[str, Any]) -> Job:
+    """Check a job against the schema; ``InvalidJob`` names the offending field."""
+    try:
+        if isinstance(job, Job):
+            return decode_job(encode(job))  # msgspec checks types on decode, not on __init__
+        return msgspec.convert(dict(job), Job, str_keys=True)
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise InvalidJob(f"invalid job: {exc}") from exc
+
+
+class SubmitOutcome(msgspec.Struct, frozen=True):
+    """Per-job outcome of ``submit_many``: the job id, and the error if it was not accepted."""
+
+    job_id: str
+    error: RidethroughError | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether JetStream stored (or had already stored) the job."""
+        return self.error is None
+
+
+def _translate_publish_error(exc: BaseException, job: Job) -> RidethroughError:
+    subject = jobs_subject(job.provider, job.priority)
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return UnknownProvider(
+            f"no stream accepts {subject}: provider {job.provider!r} is not configured "
+            "(or the topology was never created: run `ridethrough topology`)"
+        )
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return JobRejected(f"job refused by the server: {exc}")
+    if isinstance(exc, nats.js.errors.APIError):
+        return JobRejected(f"JetStream refused the job on {subject}: {exc}")
+    if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
+        return NatsUnavailable(f"no PubAck for job {job.id} on {subject}: NATS did not answer")
+    return NatsUnavailable(f"cannot publish job {job.id}: {exc or type(exc).__name__}")
+
+
+class Producer:
+    """Submits jobs and reads results over one NATS connection."""
+
+    def __init__(self, nc: Client, *, ack_timeout_s: float = 5.0, own_connection: bool = False):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.ack_timeout_s = ack_timeout_s
+        self._own = own_connection
+
+    @classmethod
+    async def connect(cls, settings: Settings, **kwargs: Any) -> Producer:
+        """Connect to NATS with ``settings`` and return a producer owning that connection."""
+        nc = await connect(settings, name="ridethrough-producer")
+        return cls(nc, own_connection=True, **kwargs)
+
+    async def close(self) -> None:
+        """Close the connection if this producer opened it."""
+        if self._own and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _prepare(self, job: Job | Mapping[str, Any], key: str | None) -> tuple[Job, bytes, str]:
+        checked = validate_job(job)
+        if key is not None:
+            checked = msgspec.structs.replace(checked, id=job_id_for_key(key))
+        data = encode(checked)
+        limit = self.nc.max_payload
+        if limit and len(data) > limit:
+            raise PayloadTooLarge(len(data), limit)
+        return checked, data, key if key is not None else checked.id
+
+    def _check_connected(self) -> None:
+        if not self.nc.is_connected:
+            raise NatsUnavailable("not connected to NATS")
+
+    async def submit(
+        self, job: Job | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> str:
+        """Publish one job and return its id once JetStream has stored it.
+
+        Raises ``InvalidJob``, ``PayloadTooLarge``, ``UnknownProvider`` or ``NatsUnavailable``.
+        """
+        checked, data, msg_id = self._prepare(job, idempotency_key)
+        self._check_connected()
+        subject = jobs_subject(checked.provider, checked.priority)
+        try:
+            await self.js.publish(
+                subject, data, timeout=self.ack_timeout_s, headers={MSG_ID_HEADER: msg_id}
+            )
+        except Exception as exc:
+            raise _translate_publish_error(exc, checked) from exc
+        return checked.id
+
+    async def submit_many(
+        self,
+        jobs: Iterable[Job | Mapping[str, Any]],
+        *,
+        idempotency_keys: Iterable[str | None] | None = None,
+    ) -> list[SubmitOutcome]:
+        """Publish many jobs with pipelined (async) acks; one outcome per job, in order.
+
+        A job that fails validation or publishing gets its error in its outcome;
+        the others are still submitted.
+        """
+        jobs = list(jobs)
+        keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(jobs)
+        if len(keys) != len(jobs):
+            raise InvalidJob("idempotency_keys must have one entry per job")
+        self._check_connected()
+        outcomes: list[SubmitOutcome | None] = [None] * len(jobs)
+        pending: list[tuple[int, Job, asyncio.Future[Any]]] = []
+        for i, (job, key) in enumerate(zip(jobs, keys, strict=True)):
+            try:
+                checked, data, msg_id = self._prepare(job, key)
+            except RidethroughError as exc:
+                outcomes[i] = SubmitOutcome(job_id=_job_id_of(job, key), error=exc)
+                continue
+            try:
+                fut = await self.js.publish_async(
+                    jobs_subject(checked.provider, checked.priority),
+                    data,
+                    headers={MSG_ID_HEADER: msg_id},
+                    wait_stall=self.ack_timeout_s,
+                )
+            except Exception as exc:
+                outcomes[i] = SubmitOutcome(checked.id, _translate_publish_error(exc, checked))
+                continue
+            pending.append((i, checked, fut))
+        if pending:
+            await asyncio.wait([f for _, _, f in pending], timeout=self.ack_timeout_s)
+        for i, checked, fut in pending:
+            if not fut.done():
+                fut.cancel()
+                outcomes[i] = SubmitOutcome(
+                    checked.id, _translate_publish_error(TimeoutError(), checked)
+                )
+            elif (exc := fut.exception()) is not None:
+                outcomes[i] = SubmitOutcome(checked.id, _translate_publish_error(exc, checked))
+            else:
+                outcomes[i] = SubmitOutcome(checked.id, duplicate=bool(fut.result().duplicate))
+        return [o for o in outcomes if o is not None]
+
+    async def result(self, job_id: str, timeout: float | None = 30.0) -> JobResult:
+        """The result of ``job_id``: one stored before the call, or the one that arrives
+        within ``timeout`` seconds (``None`` waits forever). Raises ``ResultTimeout``."""
+        if not is_token(job_id):
+            raise InvalidJob(f"`job_id` {job_id!r} is not a valid job id")
+        self._check_connected()
+        subject = result_subject(job_id)
+        # Subscribe before looking, so a result published in between is not missed.
+        sub = await self.nc.subscribe(subject, max_msgs=1)
+        try:
+            stored = await self.peek_result(job_id)
+            if stored is not None:
+                return stored
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except nats.errors.TimeoutError:
+                raise ResultTimeout(f"no result for job {job_id} within {timeout}s") from None
+            return decode_result(msg.data)
+        finally:
+            if not self.nc.is_closed:
+                await sub.unsubscribe()
+
+    async def peek_result(self, job_id: str) -> JobResult | None:
+        """The stored result of ``job_id``, or ``None`` if there is none yet."""
+        try:
+            raw = await self.js.get_last_msg(RESULTS_STREAM, result_subject(job_id), direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.errors.TimeoutError as exc:
+            raise NatsUnavailable("NATS did not answer a result lookup") from exc
+        return decode_result(raw.data or b"")
+
+    async def results(
+        self, job_ids: Iterable[str], timeout: float | None = 30.0, *, concurrency: int = 256
+    ) -> dict[str, JobResult]:
+        """Results of many jobs; raises ``ResultTimeout`` if any is missing after ``timeout``."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(jid: str) -> tuple[str, JobResult]:
+            async with sem:
+                return jid, await self.result(jid, timeout)
+
+        return dict(await asyncio.gather(*(one(j) for j in job_ids)))
+
+
+def _job_id_of(job: Job | Mapping[str, Any], key: str | None) -> str:
+    if key:
+        try:
+            return job_id_for_key(key)
+        except InvalidJob:
+            return ""
+    value = job.id if isinstance(job, Job) else job.get("id", "")
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,227 @@
+"""The Anthropic Messages API adapter, and its classification table.
+
+``AnthropicProvider.call`` sends a provider-native Messages body through the
+official SDK (SDK retries off: the queue owns retries) on the SDK's aiohttp
+transport, and returns the message as the API sent it. A request with
+``"stream": true`` is streamed and the assembled message returned. Every
+failure leaves as exactly one ``ProviderError``, chosen by ``TABLE``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import anthropic
+import httpx2
+from anthropic.types import Message
+
+from schemas.results import Usage
+from services.errors import PermanentError, ProviderError, RateLimited, TransientError
+from services.providers.base import Reply
+from services.providers.classify import (
+    COMMON,
+    MalformedResponse,
+    Predicate,
+    Table,
+    classify_with,
+)
+
+PROBE_HEADER = "x-ridethrough-probe"
+_PROBE_HEADERS = {PROBE_HEADER: "1"}
+
+# Spend limits and billing holds: retrying cannot help until a human acts.
+_QUOTA_CODES = frozenset({
+    "contract_spend_limit_reached",
+    "enforced_spend_limit_reached",
+    "linked_organization_spend_limit_reached",
+    "linked_organization_billing_unavailable",
+})  # fmt: skip
+_QUOTA_WORDS = ("credit balance", "spend limit", "usage limit")
+
+# Errors a streamed body can raise while being assembled (bad JSON, events out
+# of order, a missing message_start): the provider's fault, not the request's.
+_ASSEMBLY_ERRORS = (
+    LookupError, TypeError, ValueError, RuntimeError, AssertionError, AttributeError
+)
+
+
+def _status(*codes: int) -> Predicate:
+    def match(exc: BaseException) -> bool:
+        return isinstance(exc, anthropic.APIStatusError) and exc.status_code in codes
+
+    return match
+
+
+def _error_type(*types: str) -> Predicate:
+    def match(exc: BaseException) -> bool:
+        return isinstance(exc, anthropic.APIStatusError) and exc.type in types
+
+    return match
+
+
+def _midstream(*types: str) -> Predicate:
+    """An ``error`` event inside a 200 stream, whose ``error.type`` is one of ``types``."""
+
+    def match(exc: BaseException) -> bool:
+        return (
+            isinstance(exc, anthropic.APIStatusError)
+            and exc.status_code == 200
+            and (not types or exc.type in types)
+            and exc.type is not None
+        )
+
+    return match
+
+
+def _quota_code(exc: BaseException) -> bool:
+    return isinstance(exc, anthropic.APIStatusError) and exc.error_code in _QUOTA_CODES
+
+
+def _quota_message(exc: BaseException) -> bool:
+    """A 400 or 403 whose message says the account is out of credit or over its spend limit."""
+    if not isinstance(exc, anthropic.APIStatusError) or exc.status_code not in (400, 403):
+        return False
+    text = (exc.api_message or exc.message).lower()
+    return any(word in text for word in _QUOTA_WORDS)
+
+
+TABLE: Table = (
+    # when                                              outcome          reason
+    (anthropic.APITimeoutError,                         TransientError,  "timeout"),
+    (anthropic.APIConnectionError,                      TransientError,  "connection"),
+    (anthropic.APIResponseValidationError,              TransientError,  "bad_response"),
+    (_quota_code,                                       PermanentError,  "quota"),
+    (_error_type("billing_error"),                      PermanentError,  "quota"),
+    (_status(402),                                      PermanentError,  "quota"),
+    (_quota_message,                                    PermanentError,  "quota"),
+    # An `error` event after the stream began: status 200, meaning in error.type.
+    (_midstream("overloaded_error"),                    TransientError,  "overloaded"),
+    (_midstream("api_error"),                           TransientError,  "server_error"),
+    (_midstream("timeout_error"),                       TransientError,  "timeout"),
+    (_midstream("rate_limit_error"),                    RateLimited,     "rate_limited"),
+    (_midstream("authentication_error", "permission_error"), PermanentError, "auth"),
+    (_midstream("not_found_error"),                     PermanentError,  "not_found"),
+    (_midstream("request_too_large"),                   PermanentError,  "too_large"),
+    (_midstream(),                                      PermanentError,  "invalid_request"),
+    (_status(429),                                      RateLimited,     "rate_limited"),
+    (_status(408),                                      TransientError,  "timeout"),
+    (_status(409),                                      TransientError,  "conflict"),
+    (_status(499),                                      TransientError,  "connection"),
+    (_status(529),                                      TransientError,  "overloaded"),
+    (_status(*range(500, 600)),                         TransientError,  "server_error"),
+    (_status(400, 422),                                 PermanentError,  "invalid_request"),
+    (_status(401, 403),                                 PermanentError,  "auth"),
+    (_status(404),                                      PermanentError,  "not_found"),
+    (_status(413, 431),                                 PermanentError,  "too_large"),
+    (anthropic.RetryableError,                          TransientError,  "unknown"),
+    (anthropic.APIError,                                TransientError,  "unknown"),
+    *COMMON,
+    # Credentials or options the SDK rejects before sending anything.
+    (anthropic.AnthropicError,                          PermanentError,  "refused"),
+)  # fmt: skip
+
+
+def classify(exc: BaseException) -> ProviderError:
+    """Translate an exception from the Anthropic SDK (or its transport) into a ``ProviderError``."""
+    return classify_with(TABLE, exc)
+
+
+def _params(method: Any) -> frozenset[str]:
+    """The request fields ``method`` takes as keywords (not its transport options)."""
+    names = inspect.signature(method).parameters
+    return frozenset(names) - {"extra_headers", "extra_query", "extra_body", "timeout"}
+
+
+def _split(body: dict[str, Any], known: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments the SDK knows, and the rest, sent as-is in the JSON body."""
+    if known.issuperset(body):
+        return body, {}
+    kwargs = {k: v for k, v in body.items() if k in known}
+    extra = {k: v for k, v in body.items() if k not in known}
+    return kwargs, extra
+
+
+class AnthropicProvider:
+    """A ``Provider`` over ``anthropic.AsyncAnthropic`` and the Messages API."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_key: str,
+        base_url: str | None,
+        timeout_s: float = 600.0,
+        max_connections: int = 1000,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        """Build one client, reused by every call; ``extra_headers`` go out on every request."""
+        self.name = name
+        limits = httpx2.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout,
+            default_headers=extra_headers,
+            http_client=anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits),
+        )
+        self._create_params = _params(self._client.messages.create)
+        self._stream_params = _params(self._client.messages.stream)
+
+    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
+        """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
+        headers = _PROBE_HEADERS if probe else None
+        try:
+            if request.get("stream"):
+                message = await self._stream(model, request, headers)
+            else:
+                message = await self._create(model, request, headers)
+        except Exception as exc:
+            raise classify(exc) from exc
+        usage = message.usage
+        return Reply(
+            response=message.to_dict(mode="json"),
+            usage=Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
+            model=message.model,
+        )
+
+    async def _create(
+        self, model: str, request: dict[str, Any], headers: dict[str, str] | None
+    ) -> Message:
+        kwargs, extra = _split({**request, "model": model}, self._create_params)
+        message = await self._client.messages.create(
+            **kwargs, extra_headers=headers, extra_body=extra or None
+        )
+        if not isinstance(message, Message):
+            # The SDK hands back the raw text when the body is not JSON.
+            raise MalformedResponse(f"expected a message, got {type(message).__name__}")
+        return message
+
+    async def _stream(
+        self, model: str, request: dict[str, Any], headers: dict[str, str] | None
+    ) -> Message:
+        body = {k: v for k, v in request.items() if k != "stream"}
+        body["model"] = model
+        kwargs, extra = _split(body, self._stream_params)
+        stopped = False
+        async with self._client.messages.stream(
+            **kwargs, extra_headers=headers, extra_body=extra or None
+        ) as stream:
+            try:
+                async for event in stream:
+                    if event.type == "message_stop":
+                        stopped = True
+                message = stream.current_message_snapshot
+            except _ASSEMBLY_ERRORS as exc:
+                raise MalformedResponse(f"could not assemble the streamed message: {exc}") from exc
+        if not stopped:
+            raise MalformedResponse("the stream ended before message_stop")
+        return message
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and its connections."""
+        await self._client.close()

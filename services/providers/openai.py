@@ -1,0 +1,330 @@
+"""The OpenAI Chat Completions adapter, and its classification table.
+
+``OpenAIProvider.call`` sends a provider-native chat completions body through
+the official SDK (SDK retries off: the queue owns retries) on the SDK's aiohttp
+transport. It works against any OpenAI-compatible server (vLLM, Ollama, ...):
+point ``base_url`` at it; local servers accept any non-empty ``api_key``.
+A request with ``"stream": true`` is streamed (with usage requested) and
+assembled into a ``chat.completion``-shaped body. Every failure leaves as
+exactly one ``ProviderError``, chosen by ``TABLE``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import httpx2
+import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from schemas.results import Usage
+from services.errors import PermanentError, ProviderError, RateLimited, TransientError
+from services.providers.base import Reply
+from services.providers.classify import (
+    COMMON,
+    MalformedResponse,
+    Predicate,
+    Table,
+    classify_with,
+)
+
+PROBE_HEADER = "x-ridethrough-probe"
+_PROBE_HEADERS = {PROBE_HEADER: "1"}
+
+# Out of credit or over a hard billing limit: retrying cannot help until a human acts.
+_QUOTA_CODES = frozenset({
+    "insufficient_quota",
+    "billing_hard_limit_reached",
+    "billing_not_active",
+    "quota_exceeded",
+})  # fmt: skip
+
+# Errors a streamed body can raise while being assembled: the provider's fault.
+_ASSEMBLY_ERRORS = (
+    LookupError, TypeError, ValueError, RuntimeError, AssertionError, AttributeError
+)
+
+
+def _status(*codes: int) -> Predicate:
+    def match(exc: BaseException) -> bool:
+        return isinstance(exc, openai.APIStatusError) and exc.status_code in codes
+
+    return match
+
+
+def _quota(exc: BaseException) -> bool:
+    """Any API error (status or mid-stream) whose ``code`` or ``type`` is a quota code."""
+    return isinstance(exc, openai.APIError) and (
+        exc.code in _QUOTA_CODES or exc.type in _QUOTA_CODES
+    )
+
+
+def _dropped_connection(exc: BaseException) -> bool:
+    """A dropped connection that the SDK reports as ``APITimeoutError``.
+
+    The openai SDK's vendored aiohttp transport maps every aiohttp connection
+    error, a reset included, to ``ConnectTimeout``; the cause chain has the truth.
+    """
+    if not isinstance(exc, openai.APITimeoutError):
+        return False
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def _midstream(*names: str) -> Predicate:
+    """An error object inside a 200 stream (a plain ``APIError``), its type or code in ``names``."""
+
+    def match(exc: BaseException) -> bool:
+        return (
+            type(exc) is openai.APIError
+            and (exc.type in names or exc.code in names)
+        )
+
+    return match
+
+
+TABLE: Table = (
+    # when                                                  outcome          reason
+    (_dropped_connection,                                   TransientError,  "connection"),
+    (openai.APITimeoutError,                                TransientError,  "timeout"),
+    (openai.APIConnectionError,                             TransientError,  "connection"),
+    (openai.APIResponseValidationError,                     TransientError,  "bad_response"),
+    (_quota,                                                PermanentError,  "quota"),
+    (_status(402),                                          PermanentError,  "quota"),
+    # An error object after the stream began: no status, meaning in type/code.
+    (_midstream("rate_limit_exceeded", "rate_limit_error"), RateLimited,     "rate_limited"),
+    (_midstream("overloaded_error", "overloaded"),          TransientError,  "overloaded"),
+    (_midstream("server_error", "api_error", "internal_error", "internal_server_error"),
+                                                            TransientError,  "server_error"),
+    (_midstream("timeout", "timeout_error"),                TransientError,  "timeout"),
+    (_midstream("invalid_request_error"),                   PermanentError,  "invalid_request"),
+    (_status(429),                                          RateLimited,     "rate_limited"),
+    (_status(408),                                          TransientError,  "timeout"),
+    (_status(409),                                          TransientError,  "conflict"),
+    (_status(499),                                          TransientError,  "connection"),
+    (_status(529),                                          TransientError,  "overloaded"),
+    (_status(*range(500, 600)),                             TransientError,  "server_error"),
+    (_status(400, 422),                                     PermanentError,  "invalid_request"),
+    (_status(401, 403),                                     PermanentError,  "auth"),
+    (_status(404),                                          PermanentError,  "not_found"),
+    (_status(413, 431),                                     PermanentError,  "too_large"),
+    (openai.APIError,                                       TransientError,  "unknown"),
+    # Raised only by the SDK's parse helpers; the same request would end the same way.
+    (openai.LengthFinishReasonError,                        PermanentError,  "length"),
+    (openai.ContentFilterFinishReasonError,                 PermanentError,  "content_filter"),
+    *COMMON,
+    # Credentials or options the SDK rejects before sending anything.
+    (openai.OpenAIError,                                    PermanentError,  "refused"),
+)  # fmt: skip
+
+
+def classify(exc: BaseException) -> ProviderError:
+    """Translate an exception from the OpenAI SDK (or its transport) into a ``ProviderError``."""
+    return classify_with(TABLE, exc)
+
+
+def _params(method: Any) -> frozenset[str]:
+    """The request fields ``method`` takes as keywords (not its transport options)."""
+    names = inspect.signature(method).parameters
+    return frozenset(names) - {"extra_headers", "extra_query", "extra_body", "timeout"}
+
+
+def _split(body: dict[str, Any], known: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments the SDK knows, and the rest, sent as-is in the JSON body."""
+    if known.issuperset(body):
+        return body, {}
+    kwargs = {k: v for k, v in body.items() if k in known}
+    extra = {k: v for k, v in body.items() if k not in known}
+    return kwargs, extra
+
+
+def _usage(usage: CompletionUsage | None) -> Usage:
+    if usage is None:
+        return Usage()
+    return Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+
+
+@dataclass
+class _ToolCall:
+    id: str | None = None
+    type: str = "function"
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+        }
+
+
+@dataclass
+class _Choice:
+    role: str = "assistant"
+    content: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    tool_calls: dict[int, _ToolCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    def to_dict(self, index: int) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": self.role,
+            "content": "".join(self.content) if self.content else None,
+        }
+        if self.refusal:
+            message["refusal"] = "".join(self.refusal)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i].to_dict() for i in sorted(self.tool_calls)]
+        return {"index": index, "message": message, "finish_reason": self.finish_reason}
+
+
+class _Assembler:
+    """Folds ``chat.completion.chunk`` events into one ``chat.completion`` body."""
+
+    def __init__(self) -> None:
+        self.head: ChatCompletionChunk | None = None
+        self.usage: CompletionUsage | None = None
+        self.choices: dict[int, _Choice] = {}
+
+    def add(self, chunk: ChatCompletionChunk) -> None:
+        if self.head is None:
+            self.head = chunk
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for delta_choice in chunk.choices:
+            choice = self.choices.get(delta_choice.index)
+            if choice is None:
+                choice = self.choices[delta_choice.index] = _Choice()
+            delta = delta_choice.delta
+            if delta.role:
+                choice.role = delta.role
+            if delta.content:
+                choice.content.append(delta.content)
+            if delta.refusal:
+                choice.refusal.append(delta.refusal)
+            for part in delta.tool_calls or ():
+                call = choice.tool_calls.get(part.index)
+                if call is None:
+                    call = choice.tool_calls[part.index] = _ToolCall()
+                if part.id:
+                    call.id = part.id
+                if part.type:
+                    call.type = part.type
+                if part.function is not None:
+                    call.name += part.function.name or ""
+                    if part.function.arguments:
+                        call.arguments.append(part.function.arguments)
+            if delta_choice.finish_reason:
+                choice.finish_reason = delta_choice.finish_reason
+
+    def result(self) -> dict[str, Any]:
+        head = self.head
+        if head is None or not self.choices:
+            raise MalformedResponse("the stream ended without any choice")
+        if any(c.finish_reason is None for c in self.choices.values()):
+            raise MalformedResponse("the stream ended before every choice finished")
+        body: dict[str, Any] = {
+            "id": head.id,
+            "object": "chat.completion",
+            "created": head.created,
+            "model": head.model,
+            "choices": [self.choices[i].to_dict(i) for i in sorted(self.choices)],
+            "usage": self.usage.to_dict(mode="json") if self.usage is not None else None,
+        }
+        if head.system_fingerprint is not None:
+            body["system_fingerprint"] = head.system_fingerprint
+        if head.service_tier is not None:
+            body["service_tier"] = head.service_tier
+        return body
+
+
+class OpenAIProvider:
+    """A ``Provider`` over ``openai.AsyncOpenAI`` and Chat Completions, or a compatible server."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_key: str,
+        base_url: str | None,
+        timeout_s: float = 600.0,
+        max_connections: int = 1000,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        """Build one client, reused by every call; ``extra_headers`` go out on every request."""
+        self.name = name
+        limits = httpx2.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout,
+            default_headers=extra_headers,
+            http_client=openai.DefaultAioHttpClient(timeout=timeout, limits=limits),
+        )
+        self._params = _params(self._client.chat.completions.create)
+
+    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
+        """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
+        headers = _PROBE_HEADERS if probe else None
+        try:
+            if request.get("stream"):
+                return await self._stream(model, request, headers)
+            return await self._create(model, request, headers)
+        except Exception as exc:
+            raise classify(exc) from exc
+
+    async def _create(
+        self, model: str, request: dict[str, Any], headers: dict[str, str] | None
+    ) -> Reply:
+        kwargs, extra = _split({**request, "model": model}, self._params)
+        completion = await self._client.chat.completions.create(
+            **kwargs, extra_headers=headers, extra_body=extra or None
+        )
+        if not isinstance(completion, ChatCompletion):
+            # The SDK hands back the raw text when the body is not JSON.
+            raise MalformedResponse(f"expected a chat completion, got {type(completion).__name__}")
+        return Reply(
+            response=completion.to_dict(mode="json"),
+            usage=_usage(completion.usage),
+            model=completion.model,
+        )
+
+    async def _stream(
+        self, model: str, request: dict[str, Any], headers: dict[str, str] | None
+    ) -> Reply:
+        stream_options = {**(request.get("stream_options") or {}), "include_usage": True}
+        body = {**request, "model": model, "stream": True, "stream_options": stream_options}
+        kwargs, extra = _split(body, self._params)
+        stream = await self._client.chat.completions.create(
+            **kwargs, extra_headers=headers, extra_body=extra or None
+        )
+        assembler = _Assembler()
+        async with stream:
+            try:
+                async for chunk in stream:
+                    assembler.add(chunk)
+            except _ASSEMBLY_ERRORS as exc:
+                raise MalformedResponse(f"could not assemble the completion: {exc}") from exc
+        response = assembler.result()
+        return Reply(
+            response=response,
+            usage=_usage(assembler.usage),
+            model=response["model"],
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and its connections."""
+        await self._client.close()

@@ -1,0 +1,68 @@
+"""Build the provider adapters the settings describe."""
+
+from __future__ import annotations
+
+import logging
+
+from services.config import Settings
+from services.errors import ConfigError
+from services.providers.base import Provider
+
+log = logging.getLogger("ridethrough.providers")
+
+
+def build_provider(settings: Settings, name: str) -> Provider | None:
+    """The adapter for provider ``name``, or ``None`` when it has no credentials.
+
+    An OpenAI-compatible endpoint with a ``base_url`` (vLLM, Ollama, a local
+    server) needs no real key; every other provider does.
+    """
+    if name not in settings.providers:
+        raise ConfigError(f"unknown provider {name!r}; configured: {sorted(settings.providers)}")
+    p = settings.providers[name]
+    key = settings.provider_key(name)
+    if key is None:
+        if p.kind == "openai" and p.base_url:
+            key = "unused"
+        else:
+            return None
+    if p.kind == "anthropic":
+        from services.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(
+            name,
+            api_key=key,
+            base_url=p.base_url,
+            timeout_s=p.timeout_s,
+            max_connections=p.max_connections,
+        )
+    from services.providers.openai import OpenAIProvider
+
+    return OpenAIProvider(
+        name,
+        api_key=key,
+        base_url=p.base_url,
+        timeout_s=p.timeout_s,
+        max_connections=p.max_connections,
+    )
+
+
+def build_providers(settings: Settings, only: list[str] | None = None) -> dict[str, Provider]:
+    """Adapters for every configured provider that has credentials (or those in ``only``).
+
+    Raises ``ConfigError`` when none is usable: a worker with nothing to call is a mistake.
+    """
+    names = only or sorted(settings.providers)
+    out: dict[str, Provider] = {}
+    for name in names:
+        provider = build_provider(settings, name)
+        if provider is None:
+            log.warning("provider %s has no API key; this worker will not serve it", name)
+            continue
+        out[name] = provider
+    if not out:
+        raise ConfigError(
+            "no provider has credentials: set ANTHROPIC_API_KEY or OPENAI_API_KEY "
+            "(or run `ridethrough dev`, which starts the fake provider)"
+        )
+    return out

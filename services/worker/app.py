@@ -1,0 +1,182 @@
+"""The worker as a FastStream app: one batch pull subscriber per provider.
+
+Each provider's durable consumer ``workers-<provider>`` is shared by every
+worker process. Messages arrive in batches (FastStream's batch pull: about six
+times the per-message subscriber's throughput) as raw nats-py messages, which
+``JobRunner`` settles explicitly (``AckPolicy.MANUAL``: FastStream's default
+would terminate, that is delete, a work-queue message on any exception).
+
+In-flight calls per process are capped by ``WorkerSettings.concurrency``; a
+batch is not fetched until there is room for it. Long calls are kept alive
+with ``in_progress()`` heartbeats. On SIGTERM the worker stops fetching, lets
+in-flight jobs finish for ``shutdown_grace_s``, then releases the rest (nak),
+so nothing waits for ``ack_wait`` and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from faststream import FastStream
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from nats.aio.msg import Msg
+
+from schemas.subjects import JOBS_STREAM, jobs_filter, worker_consumer
+from services.config import Settings
+from services.connection import connect_options
+from services.providers.base import Provider
+from services.topology import ensure_topology
+from services.worker.runtime import JobRunner
+
+log = logging.getLogger("ridethrough.worker")
+
+
+async def _raw_decoder(msg: NatsMessage) -> Any:
+    # Hand the handler the raw nats-py messages: the runner decodes with msgspec,
+    # and a body that is not JSON must reach it (to become a dead letter) rather
+    # than fail inside FastStream.
+    return msg.raw_message
+
+
+class Worker:
+    """In-flight bookkeeping, heartbeats and graceful shutdown around a ``JobRunner``."""
+
+    def __init__(self, settings: Settings, providers: dict[str, Provider]) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.broker = NatsBroker(**_broker_options(settings), logger=None)
+        self.runner: JobRunner | None = None
+        self._slots = asyncio.Semaphore(settings.worker.concurrency)
+        self._inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
+        self._subscribers: list[Any] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
+        batch = min(settings.worker.batch_size, settings.worker.concurrency)
+        for name in sorted(providers):
+            sub = self.broker.subscriber(
+                jobs_filter(name),
+                stream=JStream(JOBS_STREAM, declare=False),
+                durable=worker_consumer(name),
+                pull_sub=PullSub(
+                    batch_size=batch, timeout=settings.worker.fetch_timeout_s, batch=True
+                ),
+                ack_policy=AckPolicy.MANUAL,
+                decoder=_raw_decoder,
+            )
+            sub(self.handle_batch)
+            self._subscribers.append(sub)
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs this process holds right now."""
+        return len(self._inflight)
+
+    async def handle_batch(self, msgs: list[Any]) -> None:
+        """Start one task per message, waiting for a free slot before each."""
+        assert self.runner is not None
+        runner = self.runner
+        pending: list[Msg] = list(msgs)
+        try:
+            while pending:
+                await self._slots.acquire()
+                msg = pending.pop(0)
+                task = asyncio.create_task(runner.process(msg))
+                self._inflight[task] = (msg, time.monotonic())
+                task.add_done_callback(self._done)
+        except asyncio.CancelledError:
+            for msg in pending:  # fetched but never started: hand back at once
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            raise
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        self._slots.release()
+
+    async def _heartbeats(self) -> None:
+        every = max(self.settings.worker.ack_wait_s / 3, 0.2)
+        while True:
+            await asyncio.sleep(every / 2)
+            now = time.monotonic()
+            for task, (msg, last) in list(self._inflight.items()):
+                if now - last >= every and not task.done():
+                    self._inflight[task] = (msg, now)
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    async def start(self) -> None:
+        """Called once the broker is connected: prepare the runner and heartbeats."""
+        js = self.broker.config.connection_state.stream  # type: ignore[attr-defined]
+        self.runner = JobRunner(js, self.providers, self.settings.worker, worker_id=self.worker_id)
+        self._heartbeat = asyncio.create_task(self._heartbeats())
+
+    async def stop(self) -> None:
+        """Stop fetching, finish in-flight jobs within the grace period, release the rest."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for sub in self._subscribers:
+            with contextlib.suppress(Exception):
+                await sub.stop()
+        tasks = list(self._inflight)
+        if tasks:
+            log.info("draining %d in-flight jobs (grace %.0fs)", len(tasks), self.settings.worker.shutdown_grace_s)
+            _, late = await asyncio.wait(tasks, timeout=self.settings.worker.shutdown_grace_s)
+            for task in late:
+                task.cancel()  # JobRunner.process naks on cancellation
+            if late:
+                await asyncio.wait(late, timeout=5)
+                log.info("released %d unfinished jobs for redelivery", len(late))
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for provider in self.providers.values():
+            with contextlib.suppress(Exception):
+                await provider.aclose()
+
+
+def _broker_options(settings: Settings) -> dict[str, Any]:
+    opts = connect_options(settings)
+    servers = opts.pop("servers")
+    opts.pop("connect_timeout", None)
+    return {"servers": servers, **opts}
+
+
+def build_app(settings: Settings, providers: dict[str, Provider], *, apply_topology: bool = True) -> tuple[FastStream, Worker]:
+    """The FastStream app of one worker process, and the ``Worker`` it drives."""
+    worker = Worker(settings, providers)
+
+    async def after_startup() -> None:
+        await worker.start()
+
+    async def on_startup() -> None:
+        if apply_topology:
+            from services.connection import connect
+
+            nc = await connect(settings, name="ridethrough-topology")
+            try:
+                await ensure_topology(nc.jetstream(), settings)
+            finally:
+                await nc.close()
+
+    app = FastStream(
+        worker.broker,
+        on_startup=[on_startup],
+        after_startup=[after_startup],
+        on_shutdown=[worker.stop],
+        logger=None,
+    )
+    return app, worker
+
+
+async def run_worker(settings: Settings, providers: dict[str, Provider], *, apply_topology: bool = True) -> None:
+    """Run one worker until SIGINT or SIGTERM."""
+    app, _ = build_app(settings, providers, apply_topology=apply_topology)
+    await app.run()

