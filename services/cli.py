@@ -7,14 +7,13 @@ connection error. Every error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections.abc import Coroutine
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import msgspec
 import typer
-from typer._click import exceptions as click_exceptions
+from typer.exceptions import TyperException
 
 from services.config import Settings, load_settings
 from services.errors import ConfigError, ResultTimeout, RidethroughError
@@ -75,27 +74,25 @@ from services import cli_services as _cli_services  # noqa: E402, F401
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     try:
-        app(args=argv, standalone_mode=False)
-    except click_exceptions.UsageError as exc:
-        hint = f" (see `ridethrough {exc.ctx.command_path.split(' ', 1)[-1]} --help`)" if exc.ctx else ""
-        typer.echo(f"ridethrough: {exc.format_message()}{hint}", err=True)
-        return EXIT_USAGE
-    except click_exceptions.Abort:
+        rv = app(args=argv, standalone_mode=False, prog_name="ridethrough")
+    except typer.Abort:
         typer.echo("ridethrough: aborted", err=True)
         return 130
-    except click_exceptions.Exit as exc:
-        return exc.exit_code
-    except typer.Exit as exc:
-        return exc.exit_code
+    except TyperException as exc:  # usage errors: bad option, missing argument, bad value
+        text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if not text.strip():  # no arguments at all: the help was printed
+            return int(getattr(exc, "exit_code", EXIT_USAGE))
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"ridethrough: {text}{hint}", err=True)
+        return int(getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # last resort: still one line, and say it is a bug
         typer.echo(f"ridethrough: internal error: {type(exc).__name__}: {exc}", err=True)
         return EXIT_USAGE
-    return EXIT_OK
+    return rv if isinstance(rv, int) else EXIT_OK
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["app", "fail", "json", "main", "print_json", "run", "settings_for"]

@@ -30,7 +30,11 @@ def _show(result: JobResult, as_json: bool) -> int:
         typer.echo(response_text(result.response))
     else:
         err = result.error
-        typer.echo(f"job {result.job_id} {result.status}: {err.type if err else ''} {err.message if err else ''}".rstrip())
+        typer.echo(
+            f"job {result.job_id} {result.status}: {err.type} {err.message}"
+            if err
+            else f"job {result.job_id} {result.status}"
+        )
     return EXIT_OK if result.status == "succeeded" else EXIT_JOB_FAILED
 
 
@@ -42,9 +46,13 @@ def submit(
     max_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
     priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
-    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same job: re-submits create nothing.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Same key, same job: re-submits create nothing.")
+    ] = None,
     on_outage: Annotated[str, typer.Option(help="park, failover or fail.")] = "park",
-    stream: Annotated[bool, typer.Option(help="Ask the provider to stream; the result holds the whole message.")] = False,
+    stream: Annotated[
+        bool, typer.Option(help="Ask the provider to stream; the result holds the whole message.")
+    ] = False,
     wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.", min=0)] = 120.0,
     as_json: JsonFlag = False,
@@ -52,7 +60,10 @@ def submit(
 ) -> None:
     """Submit one job (a single user message); print its id, or with --wait its result."""
     settings = settings_for(nats_url)
-    request: dict[str, object] = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]}
+    request: dict[str, object] = {
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": prompt}],
+    }
     if system:
         if settings.providers.get(provider) and settings.providers[provider].kind == "openai":
             request["messages"] = [{"role": "system", "content": system}, *request["messages"]]  # type: ignore[misc]
@@ -79,7 +90,9 @@ def submit(
 @app.command()
 def result(
     job_id: Annotated[str, typer.Argument(help="The job id submit printed.")],
-    wait: Annotated[float | None, typer.Option(help="Seconds to wait for the result to arrive.", min=0)] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="Seconds to wait for the result to arrive.", min=0)
+    ] = None,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
@@ -110,7 +123,13 @@ def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
         finally:
             await nc.close()
         if as_json:
-            print_json({"created": report.created, "updated": report.updated, "unchanged": report.unchanged})
+            print_json(
+                {
+                    "created": report.created,
+                    "updated": report.updated,
+                    "unchanged": report.unchanged,
+                }
+            )
         else:
             for word, names in (("created", report.created), ("updated", report.updated)):
                 for name in names:

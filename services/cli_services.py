@@ -12,7 +12,18 @@ from typing import Annotated
 import typer
 
 from schemas.results import response_text
-from services.cli import EXIT_JOB_FAILED, EXIT_OK, JsonFlag, NatsUrl, app, fail, print_json, run, settings_for
+from services.cli import (
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    JsonFlag,
+    NatsUrl,
+    app,
+    fail,
+    print_json,
+    run,
+    settings_for,
+)
+from services.config import Settings
 from services.errors import RidethroughError
 from services.producer import Producer, make_job
 from services.providers.registry import build_providers
@@ -39,8 +50,12 @@ async def _until_signalled() -> None:
 
 @app.command()
 def worker(
-    provider: Annotated[list[str] | None, typer.Option(help="Serve only these providers (repeatable).")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Provider calls in flight.")] = None,
+    provider: Annotated[
+        list[str] | None, typer.Option(help="Serve only these providers (repeatable).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Provider calls in flight.")
+    ] = None,
     topology: Annotated[bool, typer.Option(help="Create or update the topology at start.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
@@ -49,7 +64,9 @@ def worker(
     _logging(verbose)
     settings = settings_for(nats_url)
     if concurrency is not None:
-        settings = settings.with_changes(worker=settings.worker.model_copy(update={"concurrency": concurrency}))
+        settings = settings.with_changes(
+            worker=settings.worker.model_copy(update={"concurrency": concurrency})
+        )
     try:
         providers = build_providers(settings, provider)
     except RidethroughError as exc:
@@ -62,7 +79,9 @@ def fake_provider(
     host: str = "127.0.0.1",
     port: int = 8787,
     latency_ms: Annotated[float, typer.Option(help="Mean latency of each answer.")] = 0.0,
-    error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of calls that fail.")] = 0.0,
+    error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of calls that fail.")
+    ] = 0.0,
     seed: int | None = None,
 ) -> None:
     """Serve the Anthropic and OpenAI wire protocols with scripted faults (for drills and tests)."""
@@ -75,7 +94,9 @@ def fake_provider(
 @app.command()
 def dev(
     port: Annotated[int, typer.Option(help="Port of the embedded NATS server.")] = 4222,
-    data_dir: Annotated[Path | None, typer.Option(help="JetStream store (default: a temp dir).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="JetStream store (default: a temp dir).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
 ) -> None:
@@ -85,17 +106,25 @@ def dev(
     settings = settings_for(None)
     log = logging.getLogger("ridethrough.dev")
 
-    async def go(stack_settings: object) -> None:
-        async with running_worker(stack_settings):  # type: ignore[arg-type]
+    async def go(stack_settings: Settings) -> None:
+        async with running_worker(stack_settings):
+            where = stack_settings.nats_servers[0]
+            log.info(
+                "ready: try `ridethrough submit --provider anthropic --model claude-x "
+                "--prompt hi --wait --nats-url %s`",
+                where,
+            )
             await _until_signalled()
+        log.info("stopped")
 
     try:
         with local_stack(settings, nats_url=nats_url, port=port, data_dir=data_dir) as stack:
             where = stack.settings.nats_servers[0]
             log.info("NATS at %s%s", where, "" if nats_url else " (embedded)")
             if stack.fake is not None:
-                log.info("fake provider at %s for %s", stack.fake.url, ", ".join(stack.fake_providers))
-            log.info("ready: try `ridethrough submit --provider anthropic --model claude-x --prompt hi --wait --nats-url %s`", where)
+                log.info(
+                    "fake provider at %s for %s", stack.fake.url, ", ".join(stack.fake_providers)
+                )
             run(go(stack.settings))
     except RidethroughError as exc:
         fail(str(exc))
@@ -114,11 +143,16 @@ def demo(
     """
     settings = settings_for(None)
 
-    async def go(stack_settings: object) -> int:
+    async def go(stack_settings: Settings) -> int:
         started = time.monotonic()
-        async with running_worker(stack_settings), await Producer.connect(stack_settings) as producer:  # type: ignore[arg-type]
+        async with (
+            running_worker(stack_settings),
+            await Producer.connect(stack_settings) as producer,
+        ):
             batch = [
-                make_job(provider, model, prompt=f"Summarise incident {i} in one line.", max_tokens=32)
+                make_job(
+                    provider, model, prompt=f"Summarise incident {i} in one line.", max_tokens=32
+                )
                 for i in range(jobs)
             ]
             outcomes = await producer.submit_many(batch)
@@ -139,7 +173,8 @@ def demo(
             if sample is not None:
                 typer.echo(f"answer to job {sample.job_id}: {response_text(sample.response)}")
             typer.echo(
-                f"submitted {report['submitted']}, succeeded {succeeded}, failed {report['failed']}, "
+                f"submitted {report['submitted']}, succeeded {succeeded}, "
+                f"failed {report['failed']}, "
                 f"lost {report['lost']} in {report['seconds']}s"
             )
         return EXIT_OK if succeeded == len(accepted) == jobs else EXIT_JOB_FAILED

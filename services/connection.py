@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import nats
@@ -44,8 +45,15 @@ async def connect(settings: Settings, *, name: str = "ridethrough", **extra: Any
         return None
 
     opts = connect_options(settings) | {"name": name, "error_cb": _quiet} | extra
+    # With unlimited reconnects nats-py would retry a first connection forever too.
+    budget = settings.nats.connect_timeout_s * len(opts["servers"]) + 1.0
     try:
-        nc: Client = await nats.connect(**opts)
+        nc: Client = await asyncio.wait_for(nats.connect(**opts), budget)
+    except TimeoutError:
+        servers = ", ".join(settings.nats_servers)
+        raise NatsUnavailable(
+            f"cannot connect to NATS at {servers}: no answer within {budget:.0f}s"
+        ) from None
     except Exception as exc:  # nats-py raises several unrelated classes here
         servers = ", ".join(settings.nats_servers)
         raise NatsUnavailable(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from faststream import FastStream
+from pydantic import SecretStr
 
 from services.config import ProviderSettings, Settings
 from services.devstack import NatsServer, port_in_use
@@ -41,7 +42,7 @@ def pointed_at_fake(settings: Settings, fake_url: str, names: list[str]) -> Sett
     for name in names:
         base = fake_url if providers[name].kind == "anthropic" else f"{fake_url}/v1"
         providers[name] = providers[name].model_copy(
-            update={"base_url": base, "api_key": FAKE_KEY, "api_key_file": None}
+            update={"base_url": base, "api_key": SecretStr(FAKE_KEY), "api_key_file": None}
         )
     return settings.with_changes(providers=providers)
 
@@ -73,7 +74,8 @@ def local_stack(
         if nats_url is None:
             if port is not None and port_in_use(port):
                 raise ConfigError(
-                    f"port {port} is already in use: pass --port N, or --nats-url to use that server"
+                    f"port {port} is already in use: "
+                    "pass --port N, or --nats-url to use that server"
                 )
             nats = NatsServer(port=port, data_dir=data_dir).start()
             settings = settings.with_changes(nats_url=nats.url)

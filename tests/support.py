@@ -30,8 +30,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if key is not None:
             d["api_key"] = key
         providers[name] = d
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RIDETHROUGH_")}
-    env.pop("NATS_URL", None)
+    drop = ("NATS_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")
+    env = {
+        k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RIDETHROUGH_")
+    }
     env.update(
         {
             "NATS_URL": ",".join(settings.nats_servers),

@@ -9,6 +9,7 @@ same key returns the same job id and creates no second job.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -32,6 +33,9 @@ from services.errors import (
     RidethroughError,
     UnknownProvider,
 )
+
+#: How often result() looks at the stream again while it waits.
+_RECHECK_S = 1.0
 
 _KEY_NAMESPACE = uuid.UUID("6f1d3a52-7c1e-4f0e-9a57-2d6b7f1c9e10")
 
@@ -211,8 +215,8 @@ class Producer:
                 outcomes[i] = SubmitOutcome(
                     checked.id, _translate_publish_error(TimeoutError(), checked)
                 )
-            elif (exc := fut.exception()) is not None:
-                outcomes[i] = SubmitOutcome(checked.id, _translate_publish_error(exc, checked))
+            elif (failure := fut.exception()) is not None:
+                outcomes[i] = SubmitOutcome(checked.id, _translate_publish_error(failure, checked))
             else:
                 outcomes[i] = SubmitOutcome(checked.id, duplicate=bool(fut.result().duplicate))
         return [o for o in outcomes if o is not None]
@@ -225,16 +229,25 @@ class Producer:
         self._check_connected()
         subject = result_subject(job_id)
         # Subscribe before looking, so a result published in between is not missed.
+        # The stream stores a message a moment after routing it to subscribers, so a
+        # result can slip between the two; looking again now and then closes that gap.
         sub = await self.nc.subscribe(subject, max_msgs=1)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            stored = await self.peek_result(job_id)
-            if stored is not None:
-                return stored
-            try:
-                msg = await sub.next_msg(timeout=timeout)
-            except nats.errors.TimeoutError:
-                raise ResultTimeout(f"no result for job {job_id} within {timeout}s") from None
-            return decode_result(msg.data)
+            while True:
+                stored = await self.peek_result(job_id)
+                if stored is not None:
+                    return stored
+                wait = (
+                    _RECHECK_S if deadline is None else min(_RECHECK_S, deadline - time.monotonic())
+                )
+                if wait <= 0:
+                    raise ResultTimeout(f"no result for job {job_id} within {timeout}s")
+                try:
+                    msg = await sub.next_msg(timeout=wait)
+                except nats.errors.TimeoutError:
+                    continue
+                return decode_result(msg.data)
         finally:
             if not self.nc.is_closed:
                 await sub.unsubscribe()

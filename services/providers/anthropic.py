@@ -42,7 +42,12 @@ _QUOTA_WORDS = ("credit balance", "spend limit", "usage limit")
 # Errors a streamed body can raise while being assembled (bad JSON, events out
 # of order, a missing message_start): the provider's fault, not the request's.
 _ASSEMBLY_ERRORS = (
-    LookupError, TypeError, ValueError, RuntimeError, AssertionError, AttributeError
+    LookupError,
+    TypeError,
+    ValueError,
+    RuntimeError,
+    AssertionError,
+    AttributeError,
 )
 
 
@@ -61,7 +66,7 @@ def _error_type(*types: str) -> Predicate:
 
 
 def _midstream(*types: str) -> Predicate:
-    """An ``error`` event inside a 200 stream, whose ``error.type`` is one of ``types``."""
+    """An ``error`` event inside a 200 stream whose ``error.type`` is in ``types`` (or is any)."""
 
     def match(exc: BaseException) -> bool:
         return (
@@ -87,38 +92,39 @@ def _quota_message(exc: BaseException) -> bool:
 
 
 TABLE: Table = (
-    # when                                              outcome          reason
-    (anthropic.APITimeoutError,                         TransientError,  "timeout"),
-    (anthropic.APIConnectionError,                      TransientError,  "connection"),
-    (anthropic.APIResponseValidationError,              TransientError,  "bad_response"),
-    (_quota_code,                                       PermanentError,  "quota"),
-    (_error_type("billing_error"),                      PermanentError,  "quota"),
-    (_status(402),                                      PermanentError,  "quota"),
-    (_quota_message,                                    PermanentError,  "quota"),
+    # when                                                     outcome         reason
+    (anthropic.APITimeoutError,                                TransientError, "timeout"),
+    (anthropic.APIConnectionError,                             TransientError, "connection"),
+    (anthropic.APIResponseValidationError,                     TransientError, "bad_response"),
+    (_quota_code,                                              PermanentError, "quota"),
+    (_error_type("billing_error"),                             PermanentError, "quota"),
+    (_status(402),                                             PermanentError, "quota"),
+    (_quota_message,                                           PermanentError, "quota"),
     # An `error` event after the stream began: status 200, meaning in error.type.
-    (_midstream("overloaded_error"),                    TransientError,  "overloaded"),
-    (_midstream("api_error"),                           TransientError,  "server_error"),
-    (_midstream("timeout_error"),                       TransientError,  "timeout"),
-    (_midstream("rate_limit_error"),                    RateLimited,     "rate_limited"),
-    (_midstream("authentication_error", "permission_error"), PermanentError, "auth"),
-    (_midstream("not_found_error"),                     PermanentError,  "not_found"),
-    (_midstream("request_too_large"),                   PermanentError,  "too_large"),
-    (_midstream(),                                      PermanentError,  "invalid_request"),
-    (_status(429),                                      RateLimited,     "rate_limited"),
-    (_status(408),                                      TransientError,  "timeout"),
-    (_status(409),                                      TransientError,  "conflict"),
-    (_status(499),                                      TransientError,  "connection"),
-    (_status(529),                                      TransientError,  "overloaded"),
-    (_status(*range(500, 600)),                         TransientError,  "server_error"),
-    (_status(400, 422),                                 PermanentError,  "invalid_request"),
-    (_status(401, 403),                                 PermanentError,  "auth"),
-    (_status(404),                                      PermanentError,  "not_found"),
-    (_status(413, 431),                                 PermanentError,  "too_large"),
-    (anthropic.RetryableError,                          TransientError,  "unknown"),
-    (anthropic.APIError,                                TransientError,  "unknown"),
+    (_midstream("overloaded_error"),                           TransientError, "overloaded"),
+    (_midstream("api_error"),                                  TransientError, "server_error"),
+    (_midstream("timeout_error"),                              TransientError, "timeout"),
+    (_midstream("rate_limit_error"),                           RateLimited,    "rate_limited"),
+    (_midstream("authentication_error", "permission_error"),   PermanentError, "auth"),
+    (_midstream("not_found_error"),                            PermanentError, "not_found"),
+    (_midstream("request_too_large"),                          PermanentError, "too_large"),
+    # Any other error type mid-stream names a problem with the request itself.
+    (_midstream(),                                             PermanentError, "invalid_request"),
+    (_status(429),                                             RateLimited,    "rate_limited"),
+    (_status(408),                                             TransientError, "timeout"),
+    (_status(409),                                             TransientError, "conflict"),
+    (_status(499),                                             TransientError, "connection"),
+    (_status(529),                                             TransientError, "overloaded"),
+    (_status(*range(500, 600)),                                TransientError, "server_error"),
+    (_status(400, 422),                                        PermanentError, "invalid_request"),
+    (_status(401, 403),                                        PermanentError, "auth"),
+    (_status(404),                                             PermanentError, "not_found"),
+    (_status(413, 431),                                        PermanentError, "too_large"),
+    (anthropic.RetryableError,                                 TransientError, "unknown"),
+    (anthropic.APIError,                                       TransientError, "unknown"),
     *COMMON,
     # Credentials or options the SDK rejects before sending anything.
-    (anthropic.AnthropicError,                          PermanentError,  "refused"),
+    (anthropic.AnthropicError,                                 PermanentError, "refused"),
 )  # fmt: skip
 
 
@@ -180,14 +186,16 @@ class AnthropicProvider:
                 message = await self._stream(model, request, headers)
             else:
                 message = await self._create(model, request, headers)
+            usage = message.usage
+            return Reply(
+                response=message.to_dict(mode="json"),
+                usage=Usage(
+                    input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0
+                ),
+                model=message.model,
+            )
         except Exception as exc:
             raise classify(exc) from exc
-        usage = message.usage
-        return Reply(
-            response=message.to_dict(mode="json"),
-            usage=Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
-            model=message.model,
-        )
 
     async def _create(
         self, model: str, request: dict[str, Any], headers: dict[str, str] | None

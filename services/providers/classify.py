@@ -148,6 +148,5 @@ def scrub(text: str) -> str:
 def message_of(exc: BaseException) -> str:
     """A one-line, bounded, credential-free description of ``exc``."""
     text = " ".join(str(exc).split())
-    if len(text) > _MAX_MESSAGE:
-        text = text[: _MAX_MESSAGE - 3] + "..."
-    return scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    text = scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."

@@ -68,9 +68,8 @@ config took effect (server start, or the ``PUT /admin/config`` that installed it
 draws use one ``random.Random(seed)``.
 
 For each inference request the first match wins: trigger, runtime outage (admin), scheduled
-outage, random reset / error / mid-stream, else a normal reply after the configured latency.
-Triggers other than ``fault:slow`` and outage replies are sent without the configured
-latency.
+outage, random reset / error / mid-stream, else a normal reply. Only normal replies wait the
+configured latency; faults are answered at once (``fault:slow`` waits its own delay).
 
 Admin API (JSON)
 ----------------
@@ -464,7 +463,10 @@ def _sse(event: str, data: object) -> bytes:
 def _json_response(
     body: bytes, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
+    reason = "Overloaded" if status == 529 else None  # aiohttp knows no phrase for 529
+    return web.Response(
+        body=body, status=status, reason=reason, content_type=_JSON, headers=headers
+    )
 
 
 # --------------------------------------------------------------------------- counters
@@ -743,8 +745,13 @@ class FakeProvider:
     def _wake_waiters(self) -> None:
         snapshot = self._counters.snapshot()
         for predicate, future in list(self._waiters):
-            if not future.done() and predicate(snapshot):
-                future.set_result(snapshot)
+            if future.done():
+                continue
+            try:
+                if predicate(snapshot):
+                    future.set_result(snapshot)
+            except Exception as exc:  # a broken predicate fails its waiter, not the request
+                future.set_exception(exc)
 
     # ---- fault choice
 
@@ -889,7 +896,6 @@ class FakeProvider:
         try:
             await response.prepare(request)
             await response.write(body[: len(body) // 2])
-            await response.drain()
         except ConnectionError:
             return response
         _abort(request)
@@ -957,7 +963,7 @@ class FakeProvider:
             return self._error(True, 400, str(exc))
         _bump(self._counters.by_model, req.model)
         trigger = request.headers.get(FAULT_HEADER)
-        if trigger is None and req.metadata is not None:
+        if (trigger is None or not trigger.startswith("fault:")) and req.metadata is not None:
             trigger = req.metadata.user_id
         fault = self._choose_fault(trigger, req.model, req.stream, probe)
         midstream = False
@@ -1032,7 +1038,8 @@ class FakeProvider:
         events.append(_MESSAGE_STOP)
         if midstream:
             _bump(self._counters.by_fault, "midstream")
-            events = events[: self._config.midstream_after_events]
+            # At the latest just before message_stop, so the client is still listening.
+            events = events[: min(self._config.midstream_after_events, len(events) - 1)]
             events.append(_ANTHROPIC_MIDSTREAM_ERROR)
         self._count_status("200")
         return await self._stream(request, events, self._next_id("req_"))
@@ -1048,7 +1055,7 @@ class FakeProvider:
             return self._error(False, 400, str(exc))
         _bump(self._counters.by_model, req.model)
         trigger = request.headers.get(FAULT_HEADER)
-        if trigger is None:
+        if trigger is None or not trigger.startswith("fault:"):
             trigger = req.user
         fault = self._choose_fault(trigger, req.model, req.stream, probe)
         midstream = False
@@ -1136,7 +1143,8 @@ class FakeProvider:
         events.append(_SSE_DONE)
         if midstream:
             _bump(self._counters.by_fault, "midstream")
-            events = events[: self._config.midstream_after_events]
+            # At the latest just before [DONE], after which the SDK stops reading.
+            events = events[: min(self._config.midstream_after_events, len(events) - 1)]
             events.append(_OPENAI_MIDSTREAM_ERROR)
         self._count_status("200")
         return await self._stream(request, events, self._next_id("req_"))

@@ -43,9 +43,17 @@ _QUOTA_CODES = frozenset({
     "quota_exceeded",
 })  # fmt: skip
 
+# Error types OpenAI and compatible servers (vLLM, Ollama...) use for their own faults.
+_SERVER_ERRORS = ("server_error", "api_error", "internal_error", "internal_server_error")
+
 # Errors a streamed body can raise while being assembled: the provider's fault.
 _ASSEMBLY_ERRORS = (
-    LookupError, TypeError, ValueError, RuntimeError, AssertionError, AttributeError
+    LookupError,
+    TypeError,
+    ValueError,
+    RuntimeError,
+    AssertionError,
+    AttributeError,
 )
 
 
@@ -72,7 +80,9 @@ def _dropped_connection(exc: BaseException) -> bool:
     if not isinstance(exc, openai.APITimeoutError):
         return False
     cause = exc.__cause__
-    while cause is not None:
+    for _ in range(8):  # the chain is two deep; bound it all the same
+        if cause is None:
+            return False
         if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
             return True
         cause = cause.__cause__
@@ -83,46 +93,42 @@ def _midstream(*names: str) -> Predicate:
     """An error object inside a 200 stream (a plain ``APIError``), its type or code in ``names``."""
 
     def match(exc: BaseException) -> bool:
-        return (
-            type(exc) is openai.APIError
-            and (exc.type in names or exc.code in names)
-        )
+        return type(exc) is openai.APIError and (exc.type in names or exc.code in names)
 
     return match
 
 
 TABLE: Table = (
-    # when                                                  outcome          reason
-    (_dropped_connection,                                   TransientError,  "connection"),
-    (openai.APITimeoutError,                                TransientError,  "timeout"),
-    (openai.APIConnectionError,                             TransientError,  "connection"),
-    (openai.APIResponseValidationError,                     TransientError,  "bad_response"),
-    (_quota,                                                PermanentError,  "quota"),
-    (_status(402),                                          PermanentError,  "quota"),
+    # when                                                     outcome         reason
+    (_dropped_connection,                                      TransientError, "connection"),
+    (openai.APITimeoutError,                                   TransientError, "timeout"),
+    (openai.APIConnectionError,                                TransientError, "connection"),
+    (openai.APIResponseValidationError,                        TransientError, "bad_response"),
+    (_quota,                                                   PermanentError, "quota"),
+    (_status(402),                                             PermanentError, "quota"),
     # An error object after the stream began: no status, meaning in type/code.
-    (_midstream("rate_limit_exceeded", "rate_limit_error"), RateLimited,     "rate_limited"),
-    (_midstream("overloaded_error", "overloaded"),          TransientError,  "overloaded"),
-    (_midstream("server_error", "api_error", "internal_error", "internal_server_error"),
-                                                            TransientError,  "server_error"),
-    (_midstream("timeout", "timeout_error"),                TransientError,  "timeout"),
-    (_midstream("invalid_request_error"),                   PermanentError,  "invalid_request"),
-    (_status(429),                                          RateLimited,     "rate_limited"),
-    (_status(408),                                          TransientError,  "timeout"),
-    (_status(409),                                          TransientError,  "conflict"),
-    (_status(499),                                          TransientError,  "connection"),
-    (_status(529),                                          TransientError,  "overloaded"),
-    (_status(*range(500, 600)),                             TransientError,  "server_error"),
-    (_status(400, 422),                                     PermanentError,  "invalid_request"),
-    (_status(401, 403),                                     PermanentError,  "auth"),
-    (_status(404),                                          PermanentError,  "not_found"),
-    (_status(413, 431),                                     PermanentError,  "too_large"),
-    (openai.APIError,                                       TransientError,  "unknown"),
+    (_midstream("rate_limit_exceeded", "rate_limit_error"),    RateLimited,    "rate_limited"),
+    (_midstream("overloaded_error", "overloaded"),             TransientError, "overloaded"),
+    (_midstream(*_SERVER_ERRORS),                              TransientError, "server_error"),
+    (_midstream("timeout", "timeout_error"),                   TransientError, "timeout"),
+    (_midstream("invalid_request_error"),                      PermanentError, "invalid_request"),
+    (_status(429),                                             RateLimited,    "rate_limited"),
+    (_status(408),                                             TransientError, "timeout"),
+    (_status(409),                                             TransientError, "conflict"),
+    (_status(499),                                             TransientError, "connection"),
+    (_status(529),                                             TransientError, "overloaded"),
+    (_status(*range(500, 600)),                                TransientError, "server_error"),
+    (_status(400, 422),                                        PermanentError, "invalid_request"),
+    (_status(401, 403),                                        PermanentError, "auth"),
+    (_status(404),                                             PermanentError, "not_found"),
+    (_status(413, 431),                                        PermanentError, "too_large"),
+    (openai.APIError,                                          TransientError, "unknown"),
     # Raised only by the SDK's parse helpers; the same request would end the same way.
-    (openai.LengthFinishReasonError,                        PermanentError,  "length"),
-    (openai.ContentFilterFinishReasonError,                 PermanentError,  "content_filter"),
+    (openai.LengthFinishReasonError,                           PermanentError, "length"),
+    (openai.ContentFilterFinishReasonError,                    PermanentError, "content_filter"),
     *COMMON,
     # Credentials or options the SDK rejects before sending anything.
-    (openai.OpenAIError,                                    PermanentError,  "refused"),
+    (openai.OpenAIError,                                       PermanentError, "refused"),
 )  # fmt: skip
 
 
@@ -149,7 +155,7 @@ def _split(body: dict[str, Any], known: frozenset[str]) -> tuple[dict[str, Any],
 def _usage(usage: CompletionUsage | None) -> Usage:
     if usage is None:
         return Usage()
-    return Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+    return Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
 
 
 @dataclass

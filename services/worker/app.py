@@ -114,7 +114,7 @@ class Worker:
 
     async def start(self) -> None:
         """Called once the broker is connected: prepare the runner and heartbeats."""
-        js = self.broker.config.connection_state.stream  # type: ignore[attr-defined]
+        js = self.broker.config.connection_state.stream
         self.runner = JobRunner(js, self.providers, self.settings.worker, worker_id=self.worker_id)
         self._heartbeat = asyncio.create_task(self._heartbeats())
 
@@ -128,7 +128,11 @@ class Worker:
                 await sub.stop()
         tasks = list(self._inflight)
         if tasks:
-            log.info("draining %d in-flight jobs (grace %.0fs)", len(tasks), self.settings.worker.shutdown_grace_s)
+            log.info(
+                "draining %d in-flight jobs (grace %.0fs)",
+                len(tasks),
+                self.settings.worker.shutdown_grace_s,
+            )
             _, late = await asyncio.wait(tasks, timeout=self.settings.worker.shutdown_grace_s)
             for task in late:
                 task.cancel()  # JobRunner.process naks on cancellation
@@ -149,7 +153,9 @@ def _broker_options(settings: Settings) -> dict[str, Any]:
     return {"servers": servers, **opts}
 
 
-def build_app(settings: Settings, providers: dict[str, Provider], *, apply_topology: bool = True) -> tuple[FastStream, Worker]:
+def build_app(
+    settings: Settings, providers: dict[str, Provider], *, apply_topology: bool = True
+) -> tuple[FastStream, Worker]:
     """The FastStream app of one worker process, and the ``Worker`` it drives."""
     worker = Worker(settings, providers)
 
@@ -176,7 +182,9 @@ def build_app(settings: Settings, providers: dict[str, Provider], *, apply_topol
     return app, worker
 
 
-async def run_worker(settings: Settings, providers: dict[str, Provider], *, apply_topology: bool = True) -> None:
+async def run_worker(
+    settings: Settings, providers: dict[str, Provider], *, apply_topology: bool = True
+) -> None:
     """Run one worker until SIGINT or SIGTERM."""
     app, _ = build_app(settings, providers, apply_topology=apply_topology)
     await app.run()

@@ -6,7 +6,7 @@ Every message ends in exactly one JetStream settlement, chosen here:
     result already stored      ack without calling the provider (redelivery must not pay twice)
     deadline passed            publish an ``expired`` result, then ack
     permanent provider error   dead letter + ``failed`` result, then ack
-    transient, attempts left   nak with exponential backoff and jitter (or the provider's retry-after)
+    transient, attempts left   nak with exponential backoff and jitter, or the retry-after
     transient, no attempts     dead letter ``retries_exhausted`` + ``failed`` result, then ack
     malformed message          dead letter ``invalid``, then ack
     our own bug / shutdown     nak (the job comes back; nothing is lost)
@@ -21,7 +21,6 @@ import logging
 import random
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 import nats.js.errors
@@ -100,7 +99,9 @@ class JobRunner:
             await _quiet_nak(msg, 0)
             raise
         except Exception:
-            log.exception("unexpected error handling %s; the job is released for retry", msg.subject)
+            log.exception(
+                "unexpected error handling %s; the job is released for retry", msg.subject
+            )
             await _quiet_nak(msg, self.settings.backoff_base_s)
 
     async def _process(self, msg: Msg) -> None:
@@ -117,7 +118,8 @@ class JobRunner:
             why = (
                 f"job for provider {job.provider!r} arrived on {msg.subject}"
                 if provider is not None
-                else f"unknown provider {job.provider!r}: this worker serves {sorted(self.providers)}"
+                else f"unknown provider {job.provider!r}: this worker serves "
+                f"{sorted(self.providers)}"
             )
             await self._dead(msg, job, subject_provider, "invalid", why, attempts, retryable=False)
             return
@@ -290,4 +292,3 @@ async def _quiet_nak(msg: Msg, delay: float) -> None:
         await msg.nak(delay=delay or None)
     except Exception as exc:  # the connection may be gone; ack_wait will redeliver
         log.warning("could not release %s: %s", msg.subject, exc)
-

@@ -71,7 +71,9 @@ async def test_resubmit_with_same_idempotency_key_creates_one_job(
     """Re-submitting with the same key returns the same id and yields one job, one call."""
     async with await Producer.connect(settings) as producer:
         ids = [
-            await producer.submit(make_job("anthropic", "m", prompt="once"), idempotency_key="order-42")
+            await producer.submit(
+                make_job("anthropic", "m", prompt="once"), idempotency_key="order-42"
+            )
             for _ in range(3)
         ]
         weird = [
@@ -119,9 +121,19 @@ async def test_producer_errors_are_clear(settings: Settings, js: Any) -> None:
     """Invalid jobs name the field; oversize payloads and unknown providers are refused."""
     async with await Producer.connect(settings) as producer:
         with pytest.raises(InvalidJob, match=r"\$\.priority"):
-            await producer.submit({"id": "x1", "provider": "anthropic", "model": "m", "request": {}, "priority": "urgent"})
+            await producer.submit(
+                {
+                    "id": "x1",
+                    "provider": "anthropic",
+                    "model": "m",
+                    "request": {},
+                    "priority": "urgent",
+                }
+            )
         with pytest.raises(InvalidJob, match=r"\$\.id"):
-            await producer.submit({"id": "has.dot", "provider": "anthropic", "model": "m", "request": {}})
+            await producer.submit(
+                {"id": "has.dot", "provider": "anthropic", "model": "m", "request": {}}
+            )
         huge = make_job("anthropic", "m", prompt="x" * (producer.nc.max_payload + 1))
         with pytest.raises(PayloadTooLarge):
             await producer.submit(huge)

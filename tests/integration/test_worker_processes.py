@@ -92,9 +92,7 @@ async def test_two_workers_share_one_consumer_without_double_results(
 ) -> None:
     """Two processes on workers-anthropic split the jobs: each job is called and written once."""
     settings = make_settings(nats_server.url, fake_provider.url, concurrency=16, batch_size=8)
-    workers = [
-        WorkerProcess(settings, log_path=tmp_path / f"w{i}.log").start() for i in range(2)
-    ]
+    workers = [WorkerProcess(settings, log_path=tmp_path / f"w{i}.log").start() for i in range(2)]
     try:
         ids = await _submit(settings, 500)
         async with await Producer.connect(settings) as producer:

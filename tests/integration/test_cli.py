@@ -1,0 +1,118 @@
+"""The ridethrough command as a user runs it: exit codes, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from services.config import Settings
+from services.stack import running_worker
+from tests.support import ROOT, settings_env
+
+pytestmark = pytest.mark.integration
+
+
+async def cli(settings: Settings | None, *args: str, timeout: float = 120) -> tuple[int, str, str]:
+    """Run `ridethrough ARGS` in a child process; return (exit code, stdout, stderr)."""
+    if settings is not None:
+        env = settings_env(settings)
+    else:  # the embedded defaults, never a real provider
+        drop = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "NATS_URL")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in drop and not k.startswith("RIDETHROUGH_")
+        }
+        env["PYTHONPATH"] = str(ROOT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_submit_wait_json_prints_a_succeeded_result(settings: Settings, js: Any) -> None:
+    """`submit --wait --json` against a running worker prints the JobResult; `result` finds it."""
+    async with running_worker(settings):
+        code, out, err = await cli(
+            settings, "submit", "--provider", "anthropic", "--model", "claude-x",
+            "--prompt", "hi from the shell", "--wait", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["status"] == "succeeded"
+        assert result["response"]["content"][0]["text"] == "echo: hi from the shell"
+        code, out, _ = await cli(settings, "result", result["job_id"], "--json")
+    assert code == 0 and json.loads(out)["job_id"] == result["job_id"]
+
+
+async def test_failed_job_and_missing_result_exit_1(settings: Settings, js: Any) -> None:
+    """A job that fails, and a result that is not there, exit with 1 and say why in one line."""
+    code, out, err = await cli(settings, "result", "nosuchjob")
+    assert code == 1 and err.strip().count("\n") == 0 and "no result" in err
+    code, _, err = await cli(settings, "result", "nosuchjob", "--wait", "0.2")
+    assert code == 1 and "within" in err
+    code, out, err = await cli(
+        settings, "submit", "--provider", "anthropic", "--model", "m", "--prompt", "x",
+        "--system", "be brief", "--wait", "--timeout", "0.5",
+    )  # fmt: skip
+    assert code == 1, (out, err)  # nobody is consuming: the wait times out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["submit", "--provider", "anthropic"], "Missing option"),
+        (
+            [
+                "submit",
+                "--provider",
+                "anthropic",
+                "--model",
+                "m",
+                "--prompt",
+                "x",
+                "--priority",
+                "urgent",
+            ],
+            "priority",
+        ),
+        (["nosuchcommand"], "No such command"),
+        (["result"], "Missing argument"),
+        (["demo", "--jobs", "0"], "--jobs"),
+        (["submit", "--provider", "nosuch", "--model", "m", "--prompt", "x"], "nosuch"),
+    ],
+)
+async def test_misuse_gives_one_line_and_exit_2(
+    settings: Settings, js: Any, args: list[str], needle: str
+) -> None:
+    """Bad options, unknown commands and bad values: exit 2, one line on stderr, no traceback."""
+    code, _, err = await cli(settings, *args)
+    assert code == 2
+    assert err.startswith("ridethrough: ") and err.count("\n") == 1, err
+    assert needle in err and "Traceback" not in err
+
+
+async def test_no_nats_is_a_one_line_connection_error() -> None:
+    """With no server at --nats-url, commands exit 2 with one line naming the URL."""
+    from services.devstack import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    code, _, err = await cli(None, "result", "abc", "--nats-url", url)
+    assert code == 2 and url in err and err.count("\n") == 1
+
+
+async def test_demo_runs_the_whole_pipeline_on_the_embedded_stack() -> None:
+    """`ridethrough demo --json` starts NATS, the fake and a worker, and every job succeeds."""
+    code, out, err = await cli(None, "demo", "--jobs", "25", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["submitted"] == report["succeeded"] == 25
+    assert report["lost"] == 0 and report["failed"] == 0

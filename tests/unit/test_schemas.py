@@ -1,0 +1,94 @@
+"""Wire schemas: validation names the field, JSON Schema files match the Structs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas.generate import OUT, SCHEMAS, render
+from schemas.jobs import Job, decode_job, encode
+from schemas.results import JobResult, decode_result, response_text
+from services.errors import InvalidJob
+from services.producer import job_id_for_key, make_job
+from services.producer.client import validate_job
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_files_match_the_structs(name: str) -> None:
+    """schemas/json/*.json are what the Structs generate (`python -m schemas.generate`)."""
+    assert (OUT / name).read_text() == render(SCHEMAS[name])
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"id": "a.b"}, "$.id"),
+        ({"provider": "open ai"}, "$.provider"),
+        ({"model": ""}, "$.model"),
+        ({"priority": "urgent"}, "$.priority"),
+        ({"on_outage": "retry"}, "$.on_outage"),
+        ({"deadline": "2026-01-01T00:00:00"}, "$.deadline"),
+        ({"request": []}, "$.request"),
+        ({"fallbacks": [{"provider": "openai"}]}, "$.fallbacks[0]"),
+    ],
+)
+def test_validation_error_names_the_offending_field(patch: dict[str, object], field: str) -> None:
+    """Each kind of bad field is reported with its JSON path."""
+    body = {"id": "j1", "provider": "anthropic", "model": "m", "request": {}} | patch
+    with pytest.raises(InvalidJob) as info:
+        validate_job(body)
+    assert field in str(info.value)
+
+
+def test_job_defaults_and_round_trip() -> None:
+    """A minimal job gets its defaults and survives encode/decode unchanged."""
+    job = make_job("anthropic", "claude", prompt="hi", max_tokens=5)
+    assert job.priority == "normal" and job.on_outage == "park" and job.fallbacks == []
+    assert job.created_at.tzinfo is not None
+    assert decode_job(encode(job)) == job
+    assert job.request == {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@given(st.text(min_size=1, max_size=300))
+def test_idempotency_key_always_maps_to_the_same_valid_job_id(key: str) -> None:
+    """Any key gives one stable job id that is a valid subject token."""
+    first = job_id_for_key(key)
+    assert first == job_id_for_key(key)
+    validate_job({"id": first, "provider": "p", "model": "m", "request": {}})
+
+
+def test_result_round_trip_and_text() -> None:
+    """Results decode back equal; response_text reads both wire shapes."""
+    r = JobResult(
+        job_id="j",
+        status="succeeded",
+        provider="anthropic",
+        model="m",
+        response={"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        finished_at=datetime(2026, 3, 2, tzinfo=UTC),
+    )
+    assert decode_result(encode(r)) == r
+    assert response_text(r.response) == "ab"
+    assert response_text({"choices": [{"message": {"content": "c"}}]}) == "c"
+    assert response_text(None) == ""
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    """A job from a newer producer (extra fields) still decodes."""
+    data = b'{"id":"j","provider":"p","model":"m","request":{},"new_field":1}'
+    assert decode_job(data).id == "j"
+    with pytest.raises(msgspec.ValidationError):
+        decode_job(b'{"id":"j"}')
+
+
+def test_make_job_needs_exactly_one_of_prompt_or_request() -> None:
+    """make_job refuses both or neither of prompt and request."""
+    with pytest.raises(InvalidJob):
+        make_job("p", "m")
+    with pytest.raises(InvalidJob):
+        make_job("p", "m", prompt="a", request={})
+    assert isinstance(make_job("p", "m", request={"messages": []}), Job)
