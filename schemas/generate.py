@@ -14,7 +14,9 @@ from typing import Any
 import msgspec
 
 from schemas.jobs import Job
-from schemas.parking import DeadLetter
+from schemas.events import HealthEvent
+from schemas.health import BreakerState
+from schemas.parking import DeadLetter, ParkedJob
 from schemas.results import JobResult
 
 OUT = Path(__file__).parent / "json"
@@ -24,6 +26,9 @@ SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "job.json": Job,
     "job_result.json": JobResult,
     "dead_letter.json": DeadLetter,
+    "parked_job.json": ParkedJob,
+    "breaker_state.json": BreakerState,
+    "health_event.json": HealthEvent,
 }
 
 

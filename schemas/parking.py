@@ -1,4 +1,4 @@
-"""Records of jobs held outside the main queue: dead letters (and parked jobs)."""
+"""Records of jobs held outside the main queue: parked jobs and dead letters."""
 
 from __future__ import annotations
 
@@ -7,12 +7,29 @@ from typing import Any
 
 import msgspec
 
-from schemas.jobs import Timestamp
+from schemas.jobs import Job, Timestamp
 from schemas.results import ErrorInfo
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class ParkRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Why and when a job was parked."""
+
+    reason: str
+    outage_id: str = ""
+    last_error: str = ""
+    attempts: int = 0
+    parked_at: Timestamp = msgspec.field(default_factory=_now)
+
+
+class ParkedJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job held on ``ai.parked.<provider>.<priority>`` until its provider recovers."""
+
+    job: Job
+    park: ParkRecord
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -33,6 +50,12 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 _decoder = msgspec.json.Decoder(DeadLetter)
+_parked_decoder = msgspec.json.Decoder(ParkedJob)
+
+
+def decode_parked(data: bytes) -> ParkedJob:
+    """Decode a parked job."""
+    return _parked_decoder.decode(data)
 
 
 def decode_dead_letter(data: bytes) -> DeadLetter:

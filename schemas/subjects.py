@@ -52,7 +52,7 @@ def parked_subject(provider: str, priority: str) -> str:
 
 
 def parked_filter(provider: str) -> str:
-    """Filter of the replayer consumer of ``provider``."""
+    """Every parked job of ``provider``."""
     return f"ai.parked.{provider}.*"
 
 
@@ -87,6 +87,10 @@ def worker_consumer(provider: str) -> str:
     return f"workers-{provider}"
 
 
-def replayer_consumer(provider: str) -> str:
-    """Durable pull consumer the replayer of ``provider`` drains AI_PARKED with."""
-    return f"replayer-{provider}"
+def replayer_consumer(provider: str, priority: str) -> str:
+    """Durable pull consumer the replayer of ``provider`` drains one priority of AI_PARKED with.
+
+    One per priority (DESIGN.md names one per provider): JetStream delivers a consumer's
+    messages oldest first, so only separate consumers let high go before normal before low.
+    """
+    return f"replayer-{provider}-{priority}"

@@ -27,7 +27,9 @@ from services.config import Settings
 from services.errors import RidethroughError
 from services.producer import Producer, make_job
 from services.providers.registry import build_providers
-from services.stack import local_stack, running_worker
+from services.prober import Prober
+from services.replayer import Replayer
+from services.stack import local_stack, running_recovery, running_worker
 from services.worker.app import run_worker
 
 
@@ -74,6 +76,47 @@ def worker(
     run(run_worker(settings, providers, apply_topology=topology))
 
 
+async def _run_recovery_service(settings: Settings, role: str) -> None:
+    from services.connection import connect
+    from services.stack import service_owner
+
+    nc = await connect(settings, name=f"ridethrough-{role}")
+    service: Prober | Replayer
+    if role == "prober":
+        service = Prober(
+            nc.jetstream(), build_providers(settings), settings, owner=service_owner(role)
+        )
+    else:
+        service = Replayer(nc.jetstream(), settings, owner=service_owner(role))
+    await service.start()
+    logging.getLogger(f"ridethrough.{role}").info("%s running", role)
+    try:
+        await _until_signalled()
+    finally:
+        await service.stop()
+        await nc.drain()
+
+
+@app.command()
+def prober(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Run the health prober alone (probes providers that are not closed; half-opens them)."""
+    _logging(verbose)
+    run(_run_recovery_service(settings_for(nats_url), "prober"))
+
+
+@app.command()
+def replayer(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Run the replayer alone (parked jobs back to the queue, slow start, priority order)."""
+    _logging(verbose)
+    run(_run_recovery_service(settings_for(nats_url), "replayer"))
+
+
 @app.command("fake-provider")
 def fake_provider(
     host: str = "127.0.0.1",
@@ -100,14 +143,14 @@ def dev(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
 ) -> None:
-    """Run everything locally: embedded NATS, topology, a worker, and the fake provider
-    for providers without an API key. Ctrl-C stops it all."""
+    """Run everything locally: embedded NATS, topology, a worker, the prober, the replayer,
+    and the fake provider for providers without an API key. Ctrl-C stops it all."""
     _logging(verbose)
     settings = settings_for(None)
     log = logging.getLogger("ridethrough.dev")
 
     async def go(stack_settings: Settings) -> None:
-        async with running_worker(stack_settings):
+        async with running_worker(stack_settings), running_recovery(stack_settings):
             where = stack_settings.nats_servers[0]
             log.info(
                 "ready: try `ridethrough submit --provider anthropic --model claude-x "

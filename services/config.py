@@ -20,17 +20,22 @@ from services.errors import ConfigError
 DAY = 86_400.0
 
 
+ProviderKind = Literal["anthropic", "openai"]
+
+
 class ProviderSettings(BaseModel):
     """One provider endpoint: which SDK speaks to it, where, and with which key."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["anthropic", "openai"]
+    kind: ProviderKind
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     timeout_s: float = Field(600.0, gt=0)
     max_connections: int = Field(1000, gt=0)
+    probe_model: str | None = Field(None, description="model of the health probe")
+    probe_request: dict[str, Any] | None = Field(None, description="body of the health probe")
 
     def key(self) -> str | None:
         """The API key, read from ``api_key`` or from the mounted secret file."""
@@ -81,10 +86,42 @@ class WorkerSettings(BaseModel):
     fetch_timeout_s: float = Field(0.05, gt=0, description="longest wait to fill a pull batch")
     ack_wait_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(8, gt=0, description="deliveries before a transient failure is dead")
+    rate_limited_max_attempts: int = Field(
+        64, gt=0, description="deliveries before a job that only met 429s is dead"
+    )
     backoff_base_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)
     shutdown_grace_s: float = Field(20.0, ge=0)
     max_ack_pending: int = Field(10_000, gt=0)
+
+
+class BreakerSettings(BaseModel):
+    """When a provider's breaker opens, and how the prober decides it has recovered."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window_s: float = Field(10.0, gt=0, description="sliding window of the failure rate")
+    min_calls: int = Field(10, gt=0, description="calls in the window before the rate counts")
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    consecutive_failures: int = Field(5, gt=0)
+    probe_successes: int = Field(2, gt=0, description="consecutive probe successes to half_open")
+    probe_interval_s: float = Field(1.0, gt=0, description="first probe delay; after a success")
+    probe_max_interval_s: float = Field(5.0, gt=0, description="cap of the probe backoff")
+    board_poll_s: float = Field(0.25, gt=0, description="how often processes re-read ai_health")
+
+
+class ReplaySettings(BaseModel):
+    """How fast parked jobs go back to the queue once a provider recovers (slow start)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    initial_rate: float = Field(5.0, gt=0, description="jobs/s when replay starts")
+    ramp_factor: float = Field(2.0, ge=1, description="rate multiplier per ramp interval")
+    ramp_interval_s: float = Field(1.0, gt=0)
+    max_rate: float = Field(200.0, ge=0, description="jobs/s cap; 0 = uncapped")
+    batch_size: int = Field(100, gt=0)
+    lease_s: float = Field(3.0, gt=0, description="leadership lease of a prober or replayer")
+    ack_wait_s: float = Field(10.0, gt=0)
 
 
 def _default_providers() -> dict[str, ProviderSettings]:
@@ -106,6 +143,8 @@ class Settings(BaseSettings):
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)
     providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
     anthropic_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("RIDETHROUGH_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,9 @@ from faststream import FastStream
 from pydantic import SecretStr
 
 from services.config import ProviderSettings, Settings
+from services.connection import connect
+from services.prober import Prober
+from services.replayer import Replayer
 from services.devstack import NatsServer, port_in_use
 from services.errors import ConfigError
 from services.providers.registry import build_providers
@@ -96,6 +102,31 @@ def local_stack(
                 nats.cleanup()
             else:
                 nats.stop()
+
+
+def service_owner(role: str) -> str:
+    """An id for a prober or replayer replica: role, host and process."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+@contextlib.asynccontextmanager
+async def running_recovery(settings: Settings) -> AsyncIterator[tuple[Prober, Replayer]]:
+    """A prober and a replayer started in this event loop, stopped on exit."""
+    nc = await connect(settings, name="ridethrough-recovery")
+    js = nc.jetstream()
+    prober = await Prober(
+        js, build_providers(settings), settings, owner=service_owner("prober")
+    ).start()
+    replayer = await Replayer(js, settings, owner=service_owner("replayer")).start()
+    try:
+        yield prober, replayer
+    finally:
+        await replayer.stop()
+        await prober.stop()
+        for provider in prober.providers.values():
+            with contextlib.suppress(Exception):
+                await provider.aclose()
+        await nc.close()
 
 
 @contextlib.asynccontextmanager

@@ -88,33 +88,43 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
 
 
 def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]:
-    """(stream, config) of every durable consumer: one worker and one replayer per provider."""
-    w = settings.worker
-    out: list[tuple[str, api.ConsumerConfig]] = []
+    """(stream, config) of every durable consumer: per provider, the workers' one and
+    the replayer's one per priority."""
+    w, r = settings.worker, settings.replay
+    wanted: list[tuple[str, str, str, float, int]] = []
     for p in sorted(settings.providers):
-        for stream, name, filt in (
-            (s.JOBS_STREAM, s.worker_consumer(p), s.jobs_filter(p)),
-            (s.PARKED_STREAM, s.replayer_consumer(p), s.parked_filter(p)),
-        ):
-            out.append(
+        wanted.append(
+            (s.JOBS_STREAM, s.worker_consumer(p), s.jobs_filter(p), w.ack_wait_s, w.max_ack_pending)
+        )
+        for prio in s.PRIORITIES:
+            wanted.append(
                 (
-                    stream,
-                    api.ConsumerConfig(
-                        name=name,
-                        durable_name=name,
-                        filter_subject=filt,
-                        ack_policy=api.AckPolicy.EXPLICIT,
-                        deliver_policy=api.DeliverPolicy.ALL,
-                        ack_wait=w.ack_wait_s,
-                        # Unlimited: the worker dead-letters after max_attempts itself. A
-                        # server-side limit would leave the message stuck in the work queue.
-                        max_deliver=-1,
-                        max_ack_pending=w.max_ack_pending,
-                        num_replicas=0,  # inherit the stream's
-                    ),
+                    s.PARKED_STREAM,
+                    s.replayer_consumer(p, prio),
+                    s.parked_subject(p, prio),
+                    r.ack_wait_s,
+                    w.max_ack_pending,
                 )
             )
-    return out
+    return [
+        (
+            stream,
+            api.ConsumerConfig(
+                name=name,
+                durable_name=name,
+                filter_subject=filt,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=ack_wait,
+                # Unlimited: the worker dead-letters after max_attempts itself. A
+                # server-side limit would leave the message stuck in the work queue.
+                max_deliver=-1,
+                max_ack_pending=max_pending,
+                num_replicas=0,  # inherit the stream's
+            ),
+        )
+        for stream, name, filt, ack_wait, max_pending in wanted
+    ]
 
 
 #: (bucket, history, per-key TTL allowed)

@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from services.config import ProviderSettings, Settings, WorkerSettings
+from services.config import (
+    BreakerSettings,
+    ProviderSettings,
+    ReplaySettings,
+    Settings,
+    WorkerSettings,
+)
 from services.connection import connect
 from services.devstack import NatsServer
 from services.providers import fake as fake_mod
@@ -54,10 +60,22 @@ def fake_provider() -> Iterator[fake_mod.FakeProviderThread]:
     handle.stop()
 
 
-def make_settings(nats_url: str, fake_url: str, **worker: Any) -> Settings:
-    """Settings for tests: both providers on the fake, zero-ish backoff, short ack_wait."""
+def make_settings(
+    nats_url: str,
+    fake_url: str,
+    *,
+    breaker: dict[str, Any] | None = None,
+    replay: dict[str, Any] | None = None,
+    **worker: Any,
+) -> Settings:
+    """Settings for tests: both providers on the fake, zero-ish backoff, short ack_wait,
+    a quick prober and replayer."""
     w = {"backoff_base_s": 0.05, "backoff_max_s": 0.2, "ack_wait_s": 5.0, "shutdown_grace_s": 10.0}
     w.update(worker)
+    b = {"probe_interval_s": 0.2, "probe_max_interval_s": 1.0, "board_poll_s": 0.1}
+    b.update(breaker or {})
+    r = {"initial_rate": 20.0, "ramp_interval_s": 0.5, "max_rate": 1000.0, "lease_s": 1.5}
+    r.update(replay or {})
     return Settings(
         nats_url=nats_url,
         providers={
@@ -65,6 +83,8 @@ def make_settings(nats_url: str, fake_url: str, **worker: Any) -> Settings:
             "openai": ProviderSettings(kind="openai", base_url=f"{fake_url}/v1", api_key=FAKE_KEY),
         },
         worker=WorkerSettings(**w),
+        breaker=BreakerSettings(**b),
+        replay=ReplaySettings(**r),
     )
 
 

@@ -105,24 +105,19 @@ async def stream_state(js: JetStreamContext, stream: str) -> Any:
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">") -> list[Any]:
-    """Every message stored in ``stream`` (optionally only ``subject``), without consuming it."""
-    state = await stream_state(js, stream)
-    out = []
-    if state.messages == 0:
-        return out
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    try:
-        for _ in range(state.messages if subject == ">" else 10**9):
-            try:
-                msg = await sub.next_msg(timeout=2)
-            except Exception:
-                break
-            out.append(msg)
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
+    """Every message stored in ``stream`` (optionally only ``subject``), oldest first,
+    read by direct get so that even a work-queue stream is left untouched."""
+    from nats.js.errors import NotFoundError
+
+    out: list[Any] = []
+    seq = 1
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True, direct=True)
+        except NotFoundError:
+            return out
+        out.append(msg)
+        seq = msg.seq + 1
 
 
 async def count_outcomes(js: JetStreamContext) -> dict[str, int]:

@@ -29,6 +29,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.aio.msg import Msg
 
 from schemas.subjects import JOBS_STREAM, jobs_filter, worker_consumer
+from services.breaker import HealthBoard
 from services.config import Settings
 from services.connection import connect_options
 from services.providers.base import Provider
@@ -54,6 +55,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.broker = NatsBroker(**_broker_options(settings), logger=None)
         self.runner: JobRunner | None = None
+        self.board: HealthBoard | None = None
         self._slots = asyncio.Semaphore(settings.worker.concurrency)
         self._inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
         self._subscribers: list[Any] = []
@@ -115,7 +117,16 @@ class Worker:
     async def start(self) -> None:
         """Called once the broker is connected: prepare the runner and heartbeats."""
         js = self.broker.config.connection_state.stream
-        self.runner = JobRunner(js, self.providers, self.settings.worker, worker_id=self.worker_id)
+        self.board = await HealthBoard(js, self.settings.providers, self.settings.breaker).start()
+        self.runner = JobRunner(
+            js,
+            self.providers,
+            self.settings.worker,
+            worker_id=self.worker_id,
+            board=self.board,
+            breaker=self.settings.breaker,
+            kinds={name: p.kind for name, p in self.settings.providers.items()},
+        )
         self._heartbeat = asyncio.create_task(self._heartbeats())
 
     async def stop(self) -> None:
@@ -141,6 +152,8 @@ class Worker:
                 log.info("released %d unfinished jobs for redelivery", len(late))
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self.board is not None:
+            await self.board.stop()
         for provider in self.providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()

@@ -9,6 +9,7 @@ Every message ends in exactly one JetStream settlement, chosen here:
     transient, attempts left   nak with exponential backoff and jitter, or the retry-after
     transient, no attempts     dead letter ``retries_exhausted`` + ``failed`` result, then ack
     malformed message          dead letter ``invalid``, then ack
+    provider open or paused    park (``AI_PARKED``) / fail over / fail, as the job asks, then ack
     our own bug / shutdown     nak (the job comes back; nothing is lost)
 
 "Then ack" means after the PubAck of what was published, never before.
@@ -28,18 +29,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from schemas.jobs import Job, decode_job, encode
-from schemas.parking import DeadLetter
+from schemas.parking import DeadLetter, ParkedJob, ParkRecord
 from schemas.results import ErrorInfo, JobResult, Timings, decode_result
 from schemas.subjects import (
     MSG_ID_HEADER,
     REPLAY_HEADER,
     RESULTS_STREAM,
     dead_subject,
+    jobs_subject,
+    parked_subject,
     result_subject,
 )
-from services.config import WorkerSettings
-from services.errors import PermanentError, ProviderError
+from services.breaker import PAUSED, HealthBoard, SlidingWindow, transition
+from services.config import BreakerSettings, ProviderKind, WorkerSettings
+from services.errors import PermanentError, ProviderError, RateLimited
 from services.providers.base import Provider
+from services.providers.mapping import Unmappable, convert
 
 log = logging.getLogger("ridethrough.worker")
 
@@ -56,9 +61,20 @@ def backoff_delay(attempt: int, settings: WorkerSettings, retry_after: float | N
 class Stats:
     """Counters of one worker process (exposed for logs, status and benchmarks)."""
 
-    __slots__ = ("dead", "duplicates_skipped", "expired", "failed", "retried", "succeeded")
+    __slots__ = (
+        "dead",
+        "duplicates_skipped",
+        "expired",
+        "failed",
+        "failed_over",
+        "parked",
+        "retried",
+        "succeeded",
+    )
 
     def __init__(self) -> None:
+        self.parked = 0
+        self.failed_over = 0
         self.succeeded = 0
         self.failed = 0
         self.dead = 0
@@ -82,6 +98,9 @@ class JobRunner:
         *,
         publish_timeout_s: float = 10.0,
         worker_id: str = "",
+        board: HealthBoard | None = None,
+        breaker: BreakerSettings | None = None,
+        kinds: dict[str, ProviderKind] | None = None,
     ) -> None:
         self.js = js
         self.worker_id = worker_id
@@ -89,6 +108,11 @@ class JobRunner:
         self.settings = settings
         self.publish_timeout_s = publish_timeout_s
         self.stats = Stats()
+        self.board = board
+        self.breaker = breaker or BreakerSettings()
+        self.kinds = kinds or {}
+        # Per provider: the local failure window, and the breaker (state, outage) it belongs to.
+        self._windows: dict[str, tuple[tuple[str, str], SlidingWindow]] = {}
 
     async def process(self, msg: Msg) -> None:
         """Settle ``msg``; never raises except ``CancelledError`` (after a nak)."""
@@ -149,12 +173,18 @@ class JobRunner:
             await msg.ack()
             return
 
+        if self.board is not None and self.board.blocked(job.provider):
+            await self._outage(msg, job, attempts, last_error="")
+            return
+
         started = time.time()
         try:
             reply = await provider.call(job.model, job.request)
         except ProviderError as exc:
             await self._on_provider_error(msg, job, exc, attempts)
             return
+        if self.board is not None:
+            self._window(job.provider).success()
         provider_s = time.time() - started
         await self._publish_result(
             msg,
@@ -178,9 +208,24 @@ class JobRunner:
         self, msg: Msg, job: Job, exc: ProviderError, attempts: int
     ) -> None:
         if isinstance(exc, PermanentError):
+            if self.board is not None:
+                self._window(job.provider).success()  # it answered: no outage
             await self._dead(msg, job, job.provider, exc.reason, exc.message, attempts, False)
             return
-        if attempts >= self.settings.max_attempts:
+        if self.board is not None and not isinstance(exc, RateLimited):
+            window = self._window(job.provider)
+            if window.failure():
+                await self._trip(job.provider, window, exc)
+            if self.board.blocked(job.provider):
+                await self._outage(msg, job, attempts, last_error=f"{exc.reason}: {exc.message}")
+                return
+        # A 429 asks us to slow down, not to give up: rate-limited jobs get a larger budget.
+        limit = (
+            self.settings.rate_limited_max_attempts
+            if isinstance(exc, RateLimited)
+            else self.settings.max_attempts
+        )
+        if attempts >= limit:
             message = f"gave up after {attempts} attempts; last error ({exc.reason}): {exc.message}"
             await self._dead(msg, job, job.provider, "retries_exhausted", message, attempts, True)
             return
@@ -188,6 +233,110 @@ class JobRunner:
         self.stats.retried += 1
         log.debug("job %s: %s, retry in %.1fs", job.id, exc.reason, delay)
         await msg.nak(delay=delay)
+
+    def _window(self, provider: str) -> SlidingWindow:
+        """The failure window of ``provider``, emptied whenever its breaker changes."""
+        assert self.board is not None
+        st = self.board.states.get(provider)
+        epoch = (st.state, st.outage_id) if st is not None else ("closed", "")
+        held = self._windows.get(provider)
+        if held is None or held[0] != epoch:
+            held = (epoch, SlidingWindow(self.breaker))
+            self._windows[provider] = held
+        return held[1]
+
+    async def _trip(self, provider: str, window: SlidingWindow, exc: ProviderError) -> None:
+        assert self.board is not None and self.board.health_kv is not None
+        calls, failures = window.counts()
+        new = await transition(
+            self.js,
+            self.board.health_kv,
+            provider,
+            to="open",
+            allowed_from=("closed", "half_open"),
+            by=self.worker_id,
+            reason=f"{window.consecutive} consecutive / {failures} of {calls} calls failed",
+            last_error=f"{exc.reason}: {exc.message}",
+            calls=calls,
+            failures=failures,
+        )
+        if new is not None:
+            self.board.note(provider, new)
+        else:  # another worker tripped it first: learn its state now
+            await self.board.refresh()
+
+    async def _outage(self, msg: Msg, job: Job, attempts: int, *, last_error: str) -> None:
+        """The provider is open or paused: do what the job asked for an outage."""
+        assert self.board is not None
+        state = self.board.state(job.provider)
+        reason = "paused" if state == PAUSED else "provider_open"
+        if job.on_outage == "fail":
+            message = f"provider {job.provider} is {state}" + (
+                f"; {last_error}" if last_error else ""
+            )
+            await self._dead(msg, job, job.provider, "provider_outage", message, attempts, True)
+            return
+        if job.on_outage == "failover" and await self._failover(msg, job):
+            return
+        await self._park(msg, job, attempts, reason=reason, last_error=last_error)
+
+    async def _park(
+        self, msg: Msg, job: Job, attempts: int, *, reason: str, last_error: str
+    ) -> None:
+        assert self.board is not None
+        parked = ParkedJob(
+            job=job,
+            park=ParkRecord(
+                reason=reason,
+                outage_id=self.board.outage_id(job.provider),
+                last_error=last_error[:500],
+                attempts=attempts,
+            ),
+        )
+        await self.js.publish(
+            parked_subject(job.provider, job.priority),
+            encode(parked),
+            timeout=self.publish_timeout_s,
+            headers={MSG_ID_HEADER: f"park:{msg.metadata.stream}:{_seq(msg)}"},
+        )
+        self.stats.parked += 1
+        await msg.ack()
+
+    async def _failover(self, msg: Msg, job: Job) -> bool:
+        """Send the job to its first healthy fallback; False if none can take it faithfully."""
+        assert self.board is not None
+        src_kind = self.kinds.get(job.provider)
+        for target in job.fallbacks:
+            dst_kind = self.kinds.get(target.provider)
+            if (
+                src_kind is None
+                or dst_kind is None
+                or self.board.state(target.provider) != "closed"
+            ):
+                continue
+            try:
+                request = convert(job.request, src_kind=src_kind, dst_kind=dst_kind)
+            except Unmappable as exc:
+                log.info("job %s cannot fail over to %s: %s", job.id, target.provider, exc)
+                continue
+            moved = msgspec.structs.replace(
+                job,
+                provider=target.provider,
+                model=target.model,
+                request=request,
+                fallbacks=[],
+                metadata={**job.metadata, "failover_from": f"{job.provider}/{job.model}"},
+            )
+            await self.js.publish(
+                jobs_subject(target.provider, job.priority),
+                encode(moved),
+                timeout=self.publish_timeout_s,
+                headers={MSG_ID_HEADER: f"failover:{msg.metadata.stream}:{_seq(msg)}"},
+            )
+            self.stats.failed_over += 1
+            await msg.ack()
+            return True
+        return False
 
     async def _has_result(self, job_id: str, *, replayed: bool) -> bool:
         """Whether the job already has its result. A replayed job (say, from the dead

@@ -17,7 +17,7 @@ async def test_second_run_changes_nothing(settings: Settings, js: Any) -> None:
     """Running the topology step again (the fixture ran it once) creates and updates nothing."""
     report = await ensure_topology(js, settings)
     assert not report.changed
-    assert len(report.unchanged) == 5 + 2 * len(settings.providers) + 3
+    assert len(report.unchanged) == 5 + 4 * len(settings.providers) + 3
 
 
 async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> None:
@@ -32,8 +32,9 @@ async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> N
         w = await js.consumer_info(s.JOBS_STREAM, f"workers-{p}")
         assert w.config.filter_subject == f"ai.jobs.{p}.*"
         assert w.config.max_deliver == -1
-        r = await js.consumer_info(s.PARKED_STREAM, f"replayer-{p}")
-        assert r.config.filter_subject == f"ai.parked.{p}.*"
+        for prio in ("high", "normal", "low"):
+            r = await js.consumer_info(s.PARKED_STREAM, f"replayer-{p}-{prio}")
+            assert r.config.filter_subject == f"ai.parked.{p}.{prio}"
     for bucket in (s.HEALTH_BUCKET, s.CONTROL_BUCKET, s.WORKERS_BUCKET):
         await js.key_value(bucket)
 
@@ -41,7 +42,7 @@ async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> N
 async def test_changed_settings_are_applied_to_existing_objects(
     settings: Settings, js: Any
 ) -> None:
-    """A new ack_wait reaches the durable consumers; a new max age reaches the stream."""
+    """A new worker ack_wait reaches the workers' consumers; a new max age reaches the stream."""
     changed = settings.with_changes(
         worker=settings.worker.model_copy(update={"ack_wait_s": 42.0}),
         nats=settings.nats.model_copy(update={"parked_max_age_s": 3 * 86400.0}),
@@ -51,8 +52,6 @@ async def test_changed_settings_are_applied_to_existing_objects(
         s.PARKED_STREAM,
         "AI_JOBS/workers-anthropic",
         "AI_JOBS/workers-openai",
-        "AI_PARKED/replayer-anthropic",
-        "AI_PARKED/replayer-openai",
     }
     assert (await js.consumer_info(s.JOBS_STREAM, "workers-openai")).config.ack_wait == 42.0
     assert (await js.stream_info(s.PARKED_STREAM)).config.max_age == 3 * 86400.0

@@ -1,0 +1,43 @@
+"""Events on ``AI_EVENTS``: breaker transitions (and, later, the operator audit log)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+
+from schemas.health import State
+from schemas.jobs import Timestamp
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class HealthEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One breaker transition of a provider, on ``ai.events.health.<provider>``.
+
+    ``opened`` and ``closed`` transitions mark the start and end of an outage;
+    ``parked`` and ``replayed`` count the jobs of that outage so far.
+    """
+
+    provider: str
+    state: State
+    previous: State
+    outage_id: str
+    reason: str = ""
+    last_error: str = ""
+    calls: int = 0
+    failures: int = 0
+    parked: int = 0
+    replayed: int = 0
+    by: str = ""
+    at: Timestamp = msgspec.field(default_factory=_now)
+
+
+_decoder = msgspec.json.Decoder(HealthEvent)
+
+
+def decode_health_event(data: bytes) -> HealthEvent:
+    """Decode a health event."""
+    return _decoder.decode(data)

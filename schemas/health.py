@@ -1,0 +1,55 @@
+"""Breaker state of one provider, as stored in KV ``ai_health`` under the provider's name."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+from schemas.jobs import Timestamp
+
+State = Literal["closed", "open", "half_open"]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class BreakerState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The fleet-wide breaker of a provider.
+
+    ``outage_id`` names the outage from the moment the breaker opens until it closes
+    again (re-opening from ``half_open`` keeps it: a flapping provider is one outage).
+    """
+
+    state: State = "closed"
+    since: Timestamp = msgspec.field(default_factory=_now)
+    outage_id: str = ""
+    reason: str = ""
+    last_error: str = ""
+    calls: int = 0
+    failures: int = 0
+    updated_by: str = ""
+
+
+class Pause(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An operator's pause of a provider, in KV ``ai_control`` under ``paused.<provider>``."""
+
+    reason: str = ""
+    by: str = ""
+    since: Timestamp = msgspec.field(default_factory=_now)
+
+
+_state_decoder = msgspec.json.Decoder(BreakerState)
+_pause_decoder = msgspec.json.Decoder(Pause)
+
+
+def decode_state(data: bytes) -> BreakerState:
+    """Decode a stored breaker state."""
+    return _state_decoder.decode(data)
+
+
+def decode_pause(data: bytes) -> Pause:
+    """Decode a stored pause."""
+    return _pause_decoder.decode(data)

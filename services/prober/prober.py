@@ -1,0 +1,133 @@
+"""Probe providers that are open (or paused); after M successes in a row, half-open them.
+
+Only providers that are not closed are probed, each with exponential backoff and
+jitter between failures, so an outage costs the provider a trickle of probes
+instead of a retry storm. A probe is a real call (by default the cheapest
+request the provider accepts: one token) sent with the header
+``x-ridethrough-probe: 1``. A paused provider is probed too (status shows
+whether it is up) but never moved: only the operator's resume ends a pause.
+
+One prober per provider is active among replicas (a lease in ai_control,
+``probe.<provider>``); when it dies, another replica takes over within the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from schemas.subjects import CONTROL_BUCKET
+from services.breaker import HealthBoard, LeaseKeeper, transition
+from services.config import Settings
+from services.errors import ProviderError
+from services.providers.base import Provider
+
+log = logging.getLogger("ridethrough.prober")
+
+_DEFAULT_MODELS = {"anthropic": "claude-haiku-4-5", "openai": "gpt-4o-mini"}
+
+
+def default_probe(settings: Settings, provider: str) -> tuple[str, dict[str, Any]]:
+    """(model, request) of ``provider``'s probe: configured, else a one-token call."""
+    p = settings.providers[provider]
+    model = p.probe_model or _DEFAULT_MODELS[p.kind]
+    request = p.probe_request or {
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": "ping"}],
+    }
+    return model, request
+
+
+class Prober:
+    """Probes every provider it has an adapter for, one task each."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        providers: dict[str, Provider],
+        settings: Settings,
+        *,
+        owner: str,
+    ) -> None:
+        self.js = js
+        self.providers = providers
+        self.settings = settings
+        self.owner = owner
+        self.board = HealthBoard(js, settings.providers, settings.breaker)
+        self.probes: dict[str, int] = dict.fromkeys(providers, 0)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._leases: list[LeaseKeeper] = []
+
+    async def start(self) -> Prober:
+        """Start the board, the leases and one probing task per provider."""
+        await self.board.start()
+        control = await self.js.key_value(CONTROL_BUCKET)
+        for name in sorted(self.providers):
+            lease = LeaseKeeper(control, f"probe.{name}", self.owner, self.settings.replay.lease_s)
+            self._leases.append(lease.start())
+            self._tasks.append(asyncio.create_task(self._run(name, lease)))
+        return self
+
+    async def stop(self) -> None:
+        """Stop probing and give the leases up."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for lease in self._leases:
+            await lease.stop()
+        await self.board.stop()
+
+    async def _run(self, name: str, lease: LeaseKeeper) -> None:
+        b = self.settings.breaker
+        model, request = default_probe(self.settings, name)
+        interval = b.probe_interval_s
+        successes = 0
+        while True:
+            state = self.board.state(name)
+            if not lease.held or state in ("closed", "half_open"):
+                successes, interval = 0, b.probe_interval_s
+                await asyncio.sleep(b.board_poll_s)
+                continue
+            ok = await self._probe(name, model, request)
+            if ok:
+                successes += 1
+                interval = b.probe_interval_s
+                if successes >= b.probe_successes and self.board.state(name) == "open":
+                    await self._half_open(name, successes)
+                    successes = 0
+                    continue
+            else:
+                successes = 0
+                interval = min(b.probe_max_interval_s, interval * 2)
+            # Full jitter on the upper half: replicas and providers do not probe in step.
+            await asyncio.sleep(random.uniform(interval / 2, interval))
+
+    async def _probe(self, name: str, model: str, request: dict[str, Any]) -> bool:
+        self.probes[name] += 1
+        try:
+            await self.providers[name].call(model, request, probe=True)
+        except ProviderError as exc:
+            log.info("probe of %s failed: %s (%s)", name, exc.reason, exc.message[:120])
+            return False
+        return True
+
+    async def _half_open(self, name: str, successes: int) -> None:
+        assert self.board.health_kv is not None
+        new = await transition(
+            self.js,
+            self.board.health_kv,
+            name,
+            to="half_open",
+            allowed_from=("open",),
+            by=self.owner,
+            reason=f"{successes} probes in a row succeeded",
+        )
+        if new is not None:
+            self.board.note(name, new)
