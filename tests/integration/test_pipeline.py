@@ -209,3 +209,17 @@ async def test_transient_errors_retry_until_attempts_run_out(
     assert fake_provider.counters()["by_path"]["/v1/messages"] == settings.worker.max_attempts
     counts = await count_outcomes(js)
     assert counts["dead"] == 1 and counts["results"] == 1
+
+
+async def test_steady_trickle_is_never_redelivered(settings: Settings, js: Any) -> None:
+    """Jobs arriving one by one (as a steady producer sends them) are each delivered once:
+    no fetched message is dropped to wait out ack_wait."""
+    import asyncio
+
+    async with running_worker(settings), await Producer.connect(settings) as producer:
+        ids = []
+        for i in range(150):
+            ids.append(await producer.submit(make_job("anthropic", "m", prompt=f"t{i}")))
+            await asyncio.sleep(0.01)
+        results = await producer.results(ids, timeout=60)
+    assert {r.attempts for r in results.values()} == {1}
