@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from schemas.results import response_text
 from services.cli import (
     EXIT_JOB_FAILED,
     EXIT_OK,
@@ -25,9 +23,8 @@ from services.cli import (
 )
 from services.config import Settings
 from services.errors import RidethroughError
-from services.producer import Producer, make_job
-from services.providers.registry import build_providers
 from services.prober import Prober
+from services.providers.registry import build_providers
 from services.replayer import Replayer
 from services.stack import local_stack, running_recovery, running_worker
 from services.worker.app import run_worker
@@ -175,57 +172,34 @@ def dev(
 
 @app.command()
 def demo(
-    jobs: Annotated[int, typer.Option(min=1, help="How many jobs to submit.")] = 20,
-    provider: str = "anthropic",
-    model: str = "claude-demo",
+    jobs: Annotated[int, typer.Option(min=1, help="How many jobs to submit.")] = 600,
+    rate: Annotated[float, typer.Option(min=0.1, help="Jobs submitted per second.")] = 50.0,
+    outage: Annotated[float, typer.Option(min=0.0, help="Seconds the 529 storm lasts.")] = 8.0,
+    outage_at: Annotated[float, typer.Option(min=0.0, help="Seconds of load before it.")] = 3.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fake provider's latencies.")] = 1,
     as_json: JsonFlag = False,
 ) -> None:
-    """Start a private stack, push jobs through it, print the answers and a count.
+    """The outage drill: a fleet on this machine rides through a 529 storm.
 
-    Exits 1 unless every submitted job has exactly one succeeded result.
+    Starts embedded NATS, the fake provider, two workers, the prober and the
+    replayer; submits jobs steadily; turns a 529 storm on and off; reports.
+    Exits 1 if any job was lost or duplicated.
     """
-    settings = settings_for(None)
+    from rich.console import Console
 
-    async def go(stack_settings: Settings) -> int:
-        started = time.monotonic()
-        async with (
-            running_worker(stack_settings),
-            await Producer.connect(stack_settings) as producer,
-        ):
-            batch = [
-                make_job(
-                    provider, model, prompt=f"Summarise incident {i} in one line.", max_tokens=32
-                )
-                for i in range(jobs)
-            ]
-            outcomes = await producer.submit_many(batch)
-            accepted = [o.job_id for o in outcomes if o.ok]
-            results = await producer.results(accepted, timeout=60)
-        succeeded = sum(1 for r in results.values() if r.status == "succeeded")
-        report = {
-            "submitted": len(accepted),
-            "succeeded": succeeded,
-            "failed": len(results) - succeeded,
-            "lost": len(accepted) - len(results),
-            "seconds": round(time.monotonic() - started, 3),
-        }
-        if as_json:
-            print_json(report)
-        else:
-            sample = results[accepted[0]] if accepted else None
-            if sample is not None:
-                typer.echo(f"answer to job {sample.job_id}: {response_text(sample.response)}")
-            typer.echo(
-                f"submitted {report['submitted']}, succeeded {succeeded}, "
-                f"failed {report['failed']}, "
-                f"lost {report['lost']} in {report['seconds']}s"
-            )
-        return EXIT_OK if succeeded == len(accepted) == jobs else EXIT_JOB_FAILED
+    from services.demo import Drill, report_lines, run_drill
 
     logging.basicConfig(level=logging.WARNING)
+    drill = Drill(jobs=jobs, rate=rate, outage_s=outage, outage_at_s=outage_at, seed=seed)
+    console = None if as_json else Console()
     try:
-        with local_stack(settings) as stack:
-            code = run(go(stack.settings))
+        report = run(run_drill(drill, settings_for(None), console=console))
     except RidethroughError as exc:
         fail(str(exc))
-    raise typer.Exit(code)
+    if as_json:
+        print_json(report)
+    else:
+        for line in report_lines(report):
+            typer.echo(line)
+    ok = report["lost"] == 0 and report["duplicates"] == 0
+    raise typer.Exit(EXIT_OK if ok else EXIT_JOB_FAILED)

@@ -7,10 +7,14 @@ key are pointed at the fake provider, so the stack works with no key at all.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +25,11 @@ from pydantic import SecretStr
 
 from services.config import ProviderSettings, Settings
 from services.connection import connect
-from services.prober import Prober
-from services.replayer import Replayer
 from services.devstack import NatsServer, port_in_use
 from services.errors import ConfigError
+from services.prober import Prober
 from services.providers.registry import build_providers
+from services.replayer import Replayer
 from services.worker.app import Worker, build_app
 
 log = logging.getLogger("ridethrough.stack")
@@ -102,6 +106,88 @@ def local_stack(
                 nats.cleanup()
             else:
                 nats.stop()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """Environment that rebuilds ``settings`` in a child process (provider keys included;
+    the child is ours, on this machine)."""
+    providers = {}
+    for name, p in settings.providers.items():
+        d = p.model_dump(mode="json", exclude_none=True)
+        key = settings.provider_key(name)
+        if key is not None:
+            d["api_key"] = key
+        providers[name] = d
+    drop = ("NATS_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")
+    env = {
+        k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RIDETHROUGH_")
+    }
+    env.update(
+        {
+            "NATS_URL": ",".join(settings.nats_servers),
+            "RIDETHROUGH_PROVIDERS": json.dumps(providers),
+            "RIDETHROUGH_WORKER": settings.worker.model_dump_json(),
+            "RIDETHROUGH_BREAKER": settings.breaker.model_dump_json(),
+            "RIDETHROUGH_REPLAY": settings.replay.model_dump_json(),
+            "RIDETHROUGH_NATS": settings.nats.model_dump_json(exclude={"password", "token"}),
+        }
+    )
+    n = settings.nats
+    if n.password is not None:
+        env["RIDETHROUGH_NATS__PASSWORD"] = n.password.get_secret_value()
+    if n.token is not None:
+        env["RIDETHROUGH_NATS__TOKEN"] = n.token.get_secret_value()
+    return env
+
+
+class ServiceProcess:
+    """``ridethrough <role>`` (worker, prober, replayer) in a child process."""
+
+    def __init__(
+        self, settings: Settings, role: str, *args: str, log_path: Path | None = None
+    ) -> None:
+        self.settings = settings
+        self.role = role
+        self.args = args
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        """Start the child (its output goes to ``log_path``, or nowhere)."""
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        env = child_env(self.settings)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services", self.role, *self.args],
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to settle anything."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for a clean exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def stop(self) -> None:
+        """Make sure the child is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 def service_owner(role: str) -> str:
