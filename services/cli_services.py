@@ -187,7 +187,7 @@ def demo(
     """
     from rich.console import Console
 
-    from services.demo import Drill, report_lines, run_drill
+    from services.demo import REPORT_KEYS, Drill, report_lines, run_drill
 
     logging.basicConfig(level=logging.WARNING)
     drill = Drill(jobs=jobs, rate=rate, outage_s=outage, outage_at_s=outage_at, seed=seed)
@@ -197,7 +197,7 @@ def demo(
     except RidethroughError as exc:
         fail(str(exc))
     if as_json:
-        print_json(report)
+        print_json({key: report[key] for key in REPORT_KEYS})
     else:
         for line in report_lines(report):
             typer.echo(line)

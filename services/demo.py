@@ -76,6 +76,7 @@ class Progress:
     outage_ended: float | None = None
     opened: float | None = None
     drained: float | None = None
+    first_replayed_result: float | None = None
     phase: str = "starting"
 
 
@@ -242,6 +243,13 @@ async def _drive(
                 return
             await asyncio.sleep(0.2)
 
+    async def on_result(msg: Any) -> None:
+        # A replayed job's result carries the replay's dedup id, "<job_id>:r<seq>".
+        msg_id = (msg.headers or {}).get(s.MSG_ID_HEADER, "")
+        if progress.first_replayed_result is None and ":r" in msg_id:
+            progress.first_replayed_result = time.monotonic()
+
+    watch = await producer.nc.subscribe("ai.results.*", cb=on_result)
     live_ctx: Any = (
         Live(_table(drill, progress), console=console, refresh_per_second=4)
         if console is not None
@@ -264,6 +272,7 @@ async def _drive(
                 progress.phase = "gave up waiting"
     finally:
         await board.stop()
+        await watch.unsubscribe()
     final = await _final_counts(js, ids)
     counters = fake.counters()["outage"]
     return {
@@ -277,6 +286,8 @@ async def _drive(
         "detect_s": _delta(progress.outage_started, progress.opened),
         "drain_s": _delta(progress.outage_ended, progress.drained),
         "peak_parked": progress.peak_parked,
+        # Not part of the --json report (its keys are fixed); the numbers script reads it.
+        "first_replay_s": _delta(progress.outage_ended, progress.first_replayed_result),
     }
 
 

@@ -209,9 +209,6 @@ async def running_recovery(settings: Settings) -> AsyncIterator[tuple[Prober, Re
     finally:
         await replayer.stop()
         await prober.stop()
-        for provider in prober.providers.values():
-            with contextlib.suppress(Exception):
-                await provider.aclose()
         await nc.close()
 
 

@@ -74,7 +74,7 @@ class Prober:
         return self
 
     async def stop(self) -> None:
-        """Stop probing and give the leases up."""
+        """Stop probing, give the leases up and close the provider clients."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -83,6 +83,9 @@ class Prober:
         for lease in self._leases:
             await lease.stop()
         await self.board.stop()
+        for provider in self.providers.values():
+            with contextlib.suppress(Exception):
+                await provider.aclose()
 
     async def _run(self, name: str, lease: LeaseKeeper) -> None:
         b = self.settings.breaker

@@ -102,7 +102,9 @@ async def test_rate_limit_storm_slows_down_without_opening(
     """429s with retry-after are retried after the delay; the breaker stays closed."""
     from services.providers.fake import FaultConfig
 
-    fake_provider.set_config(FaultConfig(error_rate=0.6, error_mix={429: 1}, retry_after_s=0.2, seed=3))
+    fake_provider.set_config(
+        FaultConfig(error_rate=0.6, error_mix={429: 1}, retry_after_s=0.2, seed=3)
+    )
     async with running_worker(settings), await Producer.connect(settings) as producer:
         outcomes = await producer.submit_many(
             [make_job("anthropic", "m", prompt=f"r{i}", max_tokens=4) for i in range(40)]
@@ -136,7 +138,8 @@ async def test_failover_sends_the_job_to_a_healthy_fallback(
     fallback = [Target(provider="openai", model="gpt-fallback")]
     mappable = make_job(
         "anthropic", "m",
-        request={"system": "be brief", "max_tokens": 8, "messages": [{"role": "user", "content": "hello fallback"}]},
+        request={"system": "be brief", "max_tokens": 8,
+                 "messages": [{"role": "user", "content": "hello fallback"}]},
         on_outage="failover", fallbacks=fallback,
     )  # fmt: skip
     unmappable = make_job(
