@@ -67,7 +67,9 @@ def print_json(obj: Any) -> None:
 
 
 # Sub-command modules register themselves on ``app``.
+from services import cli_bench as _cli_bench  # noqa: E402, F401
 from services import cli_jobs as _cli_jobs  # noqa: E402, F401
+from services import cli_ops as _cli_ops  # noqa: E402, F401
 from services import cli_services as _cli_services  # noqa: E402, F401
 
 

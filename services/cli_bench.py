@@ -1,0 +1,1 @@
+"""``ridethrough bench``: measure the hot path against baselines in the same run."""

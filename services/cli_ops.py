@@ -1,0 +1,1 @@
+"""Operator commands: status, watch, pause, resume, drain, replay, dead, jobs, outages, export."""
