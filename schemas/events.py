@@ -41,3 +41,28 @@ _decoder = msgspec.json.Decoder(HealthEvent)
 def decode_health_event(data: bytes) -> HealthEvent:
     """Decode a health event."""
     return _decoder.decode(data)
+
+
+class OpsEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One operator action, on ``ai.events.ops``: the audit log.
+
+    ``job_ids`` lists the jobs the action moved (so ``jobs show`` can tell a job's
+    history); a large action writes several events, each with its share of ids.
+    """
+
+    action: str
+    who: str
+    provider: str = ""
+    filters: dict[str, str] = msgspec.field(default_factory=dict)
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    job_ids: list[str] = msgspec.field(default_factory=list)
+    dry_run: bool = False
+    at: Timestamp = msgspec.field(default_factory=_now)
+
+
+_ops_decoder = msgspec.json.Decoder(OpsEvent)
+
+
+def decode_ops_event(data: bytes) -> OpsEvent:
+    """Decode an operator event."""
+    return _ops_decoder.decode(data)

@@ -53,3 +53,27 @@ def decode_state(data: bytes) -> BreakerState:
 def decode_pause(data: bytes) -> Pause:
     """Decode a stored pause."""
     return _pause_decoder.decode(data)
+
+
+class WorkerBeat(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A worker's heartbeat in KV ``ai_workers`` under its id (expires with the bucket TTL).
+
+    ``windows`` holds, per provider, (calls, transient failures) in the breaker window.
+    """
+
+    worker_id: str
+    providers: list[str]
+    in_flight: int = 0
+    concurrency: int = 0
+    stats: dict[str, int] = msgspec.field(default_factory=dict)
+    windows: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    started_at: Timestamp = msgspec.field(default_factory=_now)
+    at: Timestamp = msgspec.field(default_factory=_now)
+
+
+_beat_decoder = msgspec.json.Decoder(WorkerBeat)
+
+
+def decode_beat(data: bytes) -> WorkerBeat:
+    """Decode a worker heartbeat."""
+    return _beat_decoder.decode(data)

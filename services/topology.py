@@ -127,8 +127,14 @@ def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]
     ]
 
 
-#: (bucket, history, per-key TTL allowed)
-_BUCKETS = ((s.HEALTH_BUCKET, 16), (s.CONTROL_BUCKET, 8), (s.WORKERS_BUCKET, 1))
+def bucket_configs(settings: Settings) -> list[tuple[str, int, float | None]]:
+    """(bucket, history, TTL) of every key-value bucket. Worker heartbeats expire
+    ``worker_ttl_s`` after their last write, so a dead worker drops off by itself."""
+    return [
+        (s.HEALTH_BUCKET, 16, None),
+        (s.CONTROL_BUCKET, 8, None),
+        (s.WORKERS_BUCKET, 1, settings.nats.worker_ttl_s),
+    ]
 
 
 def _differs(wanted: dict[str, Any], have: dict[str, Any]) -> bool:
@@ -174,7 +180,12 @@ async def _ensure_consumer(
 
 
 async def _ensure_bucket(
-    js: JetStreamContext, bucket: str, history: int, settings: Settings, report: TopologyReport
+    js: JetStreamContext,
+    bucket: str,
+    history: int,
+    ttl: float | None,
+    settings: Settings,
+    report: TopologyReport,
 ) -> None:
     stream = f"KV_{bucket}"
     try:
@@ -183,15 +194,22 @@ async def _ensure_bucket(
         await js.create_key_value(
             bucket=bucket,
             history=history,
+            ttl=ttl,
             replicas=settings.nats.replicas,
             storage=_storage(settings),
         )
         report.created.append(bucket)
         return
     have = info.config
-    if have.max_msgs_per_subject != history or have.num_replicas != settings.nats.replicas:
+    max_age = ttl or 0.0
+    if (
+        have.max_msgs_per_subject != history
+        or have.num_replicas != settings.nats.replicas
+        or (have.max_age or 0.0) != max_age
+    ):
         have.max_msgs_per_subject = history
         have.num_replicas = settings.nats.replicas
+        have.max_age = max_age
         await js.update_stream(have)
         report.updated.append(bucket)
     else:
@@ -206,8 +224,8 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
             await _ensure_stream(js, cfg, report)
         for stream, ccfg in consumer_configs(settings):
             await _ensure_consumer(js, stream, ccfg, report)
-        for bucket, history in _BUCKETS:
-            await _ensure_bucket(js, bucket, history, settings, report)
+        for bucket, history, ttl in bucket_configs(settings):
+            await _ensure_bucket(js, bucket, history, ttl, settings, report)
     except APIError as exc:
         raise TopologyError(f"cannot apply the JetStream topology: {exc}") from exc
     return report

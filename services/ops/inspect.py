@@ -1,0 +1,198 @@
+"""Looking things up: dead letters, where a job is, the outage timeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from schemas import subjects as s
+from schemas.events import decode_health_event, decode_ops_event
+from schemas.jobs import decode_job
+from schemas.parking import DeadLetter, decode_dead_letter, decode_parked
+from schemas.results import decode_result
+from services.ops.streams import iter_stream
+
+
+@dataclass
+class HeldLetter:
+    """A dead letter and its sequence in AI_DEAD."""
+
+    seq: int
+    subject: str
+    letter: DeadLetter
+
+
+async def dead_letters(
+    js: JetStreamContext,
+    provider: str | None = None,
+    reason: str | None = None,
+    limit: int | None = None,
+) -> list[HeldLetter]:
+    """Dead letters, oldest first, optionally of one provider and reason."""
+    out: list[HeldLetter] = []
+    subject = f"ai.dead.{provider or '*'}.{reason or '*'}"
+    async for msg in iter_stream(js, s.DEAD_STREAM, subject):
+        try:
+            letter = decode_dead_letter(msg.data or b"")
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue
+        out.append(HeldLetter(seq=int(msg.seq or 0), subject=msg.subject or "", letter=letter))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+async def find_dead(js: JetStreamContext, key: str) -> HeldLetter | None:
+    """The dead letter of job id ``key`` (or at sequence ``key``)."""
+    if key.isdigit():
+        try:
+            msg = await js.get_msg(s.DEAD_STREAM, seq=int(key), direct=True)
+        except NotFoundError:
+            return None
+        return HeldLetter(int(key), msg.subject or "", decode_dead_letter(msg.data or b""))
+    found = None
+    for held in await dead_letters(js):
+        if held.letter.job_id == key:
+            found = held  # the newest one wins
+    return found
+
+
+async def purge_dead(js: JetStreamContext, provider: str | None, reason: str | None) -> int:
+    """Delete dead letters (all, or of one provider and/or reason); return how many."""
+    subject = f"ai.dead.{provider or '*'}.{reason or '*'}"
+    info = await js.stream_info(s.DEAD_STREAM, subjects_filter=subject)
+    count = sum(int(v) for v in (info.state.subjects or {}).values())
+    if count:
+        await js.purge_stream(s.DEAD_STREAM, subject=subject)
+    return count
+
+
+async def locate_job(js: JetStreamContext, job_id: str) -> dict[str, Any]:
+    """Where job ``job_id`` is now, its attempts, and its history from AI_EVENTS."""
+    where: dict[str, Any] = {"job_id": job_id, "where": "unknown", "attempts": None}
+    outage_ids: set[str] = set()
+    try:
+        raw = await js.get_last_msg(s.RESULTS_STREAM, s.result_subject(job_id), direct=True)
+        result = decode_result(raw.data or b"")
+        where.update(where="done", status=result.status, attempts=result.attempts)
+        where["result"] = msgspec.to_builtins(result)
+    except NotFoundError:
+        pass
+    held = await find_dead(js, job_id)
+    if held is not None:
+        where["dead"] = {"reason": held.letter.reason, "error": held.letter.error.message}
+        if where["where"] == "unknown":
+            where.update(where="dead", attempts=held.letter.attempts)
+    if where["where"] == "unknown":
+        async for msg in iter_stream(js, s.PARKED_STREAM):
+            parked = decode_parked(msg.data or b"")
+            if parked.job.id == job_id:
+                park = parked.park
+                where.update(
+                    where="parked", attempts=park.attempts, parked=msgspec.to_builtins(park)
+                )
+                outage_ids.add(park.outage_id)
+                break
+    if where["where"] == "unknown":
+        for provider, consumer in await _worker_consumers(js):
+            async for msg in iter_stream(js, s.JOBS_STREAM, s.jobs_filter(provider)):
+                try:
+                    job = decode_job(msg.data or b"")
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    continue
+                if job.id == job_id:
+                    delivered = int(consumer.delivered.stream_seq or 0)
+                    where["where"] = "in_flight" if (msg.seq or 0) <= delivered else "waiting"
+                    where["provider"] = provider
+                    break
+    where["history"] = await _history(js, job_id, outage_ids)
+    return where
+
+
+async def _worker_consumers(js: JetStreamContext) -> list[tuple[str, Any]]:
+    info = await js.stream_info(s.JOBS_STREAM)
+    out = []
+    for filt in info.config.subjects or []:
+        provider = filt.split(".")[2]
+        try:
+            out.append(
+                (provider, await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider)))
+            )
+        except NotFoundError:
+            continue
+    return out
+
+
+async def _history(js: JetStreamContext, job_id: str, outage_ids: set[str]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    async for msg in iter_stream(js, s.EVENTS_STREAM):
+        subject = msg.subject or ""
+        if subject == s.OPS_EVENTS_SUBJECT:
+            ops = decode_ops_event(msg.data or b"")
+            if job_id in ops.job_ids:
+                events.append(
+                    {
+                        "at": ops.at.isoformat(),
+                        "event": ops.action,
+                        "by": ops.who,
+                        "dry_run": ops.dry_run,
+                    }
+                )
+        elif outage_ids:
+            health = decode_health_event(msg.data or b"")
+            if health.outage_id in outage_ids:
+                events.append(
+                    {
+                        "at": health.at.isoformat(),
+                        "event": f"{health.provider} {health.previous} -> {health.state}",
+                        "outage_id": health.outage_id,
+                    }
+                )
+    return events
+
+
+async def outage_timeline(js: JetStreamContext, last: int | None = None) -> list[dict[str, Any]]:
+    """Outages from the health events: provider, start, end, duration, parked, replayed."""
+    outages: dict[str, dict[str, Any]] = {}
+    async for msg in iter_stream(js, s.EVENTS_STREAM, "ai.events.health.*"):
+        e = decode_health_event(msg.data or b"")
+        if not e.outage_id:
+            continue
+        o = outages.setdefault(
+            e.outage_id,
+            {
+                "outage_id": e.outage_id,
+                "provider": e.provider,
+                "start": None,
+                "end": None,
+                "duration_s": None,
+                "reopened": 0,
+                "parked": 0,
+                "replayed": 0,
+                "calls_saved": 0,
+                "reason": e.reason,
+            },
+        )
+        if e.state == "open" and e.previous == "closed":
+            o["start"] = e.at
+        elif e.state == "open":
+            o["reopened"] += 1
+        elif e.state == "closed":
+            o["end"] = e.at
+            o["parked"], o["replayed"] = e.parked, e.replayed
+            # Each parked job would have cost at least one failing call: a lower bound.
+            o["calls_saved"] = e.parked
+    rows = list(outages.values())
+    for o in rows:
+        start, end = o["start"], o["end"]
+        if isinstance(start, datetime) and isinstance(end, datetime):
+            o["duration_s"] = round((end - start).total_seconds(), 3)
+        o["start"] = start.isoformat() if isinstance(start, datetime) else None
+        o["end"] = end.isoformat() if isinstance(end, datetime) else None
+    rows.sort(key=lambda o: o["start"] or "")
+    return rows[-last:] if last else rows

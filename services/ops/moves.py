@@ -1,0 +1,244 @@
+"""Moving jobs between streams on an operator's word: drain (jobs → parked) and replay
+(parked or dead → jobs).
+
+Each job is moved in two steps: publish the new copy and wait for its PubAck,
+then delete the old one. The new copy's msg id is stable (it depends only on the
+old message's sequence), so a command interrupted between the two steps and run
+again publishes nothing twice; and a job that a worker finished meanwhile is not
+called again (the worker checks for an existing result before calling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from schemas import subjects as s
+from schemas.jobs import Job, decode_job, encode
+from schemas.parking import ParkedJob, ParkRecord, decode_dead_letter, decode_parked
+from services.config import Settings
+from services.errors import RidethroughError
+from services.ops.streams import audit, iter_stream
+from services.providers.mapping import Unmappable, convert
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class MoveReport:
+    """What a drain or replay did (or, with ``dry_run``, would do)."""
+
+    examined: int = 0
+    matched: int = 0
+    moved: int = 0
+    skipped: int = 0
+    job_ids: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """The numbers, for the audit log and ``--json``."""
+        return {
+            "examined": self.examined,
+            "matched": self.matched,
+            "moved": self.moved,
+            "skipped": self.skipped,
+        }
+
+
+async def _delete(js: JetStreamContext, stream: str, seq: int) -> None:
+    with contextlib.suppress(NotFoundError):  # already gone: a worker or replayer took it
+        await js.delete_msg(stream, seq)
+
+
+async def drain(
+    js: JetStreamContext,
+    provider: str,
+    *,
+    priority: str | None = None,
+    older_than: timedelta | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> MoveReport:
+    """Move waiting jobs of ``provider`` from AI_JOBS to AI_PARKED.
+
+    Only jobs no worker has received yet are moved (those past the consumer's
+    delivered sequence); in-flight and retrying jobs are counted as skipped.
+    """
+    report = MoveReport()
+    consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider))
+    delivered = int(consumer.delivered.stream_seq or 0)
+    subject = s.jobs_subject(provider, priority or "*")
+    total = sum(
+        int(v)
+        for v in (
+            (await js.stream_info(s.JOBS_STREAM, subjects_filter=subject)).state.subjects or {}
+        ).values()
+    )
+    cutoff = datetime.now(UTC) - older_than if older_than else None
+    try:
+        async for msg in iter_stream(js, s.JOBS_STREAM, subject):
+            report.examined += 1
+            if progress:
+                progress(report.examined, total)
+            if msg.seq <= delivered:
+                report.skipped += 1  # a worker has it (in flight, or waiting to retry)
+                continue
+            try:
+                job = decode_job(msg.data or b"")
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                report.skipped += 1  # malformed: the worker will dead-letter it
+                continue
+            if cutoff is not None and job.created_at > cutoff:
+                continue
+            report.matched += 1
+            if dry_run:
+                report.job_ids.append(job.id)
+            else:
+                parked = ParkedJob(job=job, park=ParkRecord(reason="drained"))
+                await js.publish(
+                    s.parked_subject(job.provider, job.priority),
+                    encode(parked),
+                    headers={s.MSG_ID_HEADER: f"park:{s.JOBS_STREAM}:{msg.seq}"},
+                )
+                await _delete(js, s.JOBS_STREAM, msg.seq)
+                report.moved += 1
+                report.job_ids.append(job.id)
+            if limit is not None and report.matched >= limit:
+                break
+    finally:
+        filters = {
+            "priority": priority or "",
+            "older_than": str(older_than or ""),
+            "limit": str(limit or ""),
+        }
+        with contextlib.suppress(Exception):
+            await audit(
+                js,
+                "drain",
+                provider=provider,
+                filters=filters,
+                counts=report.counts(),
+                job_ids=report.job_ids,
+                dry_run=dry_run,
+            )
+    return report
+
+
+def _retarget(job: Job, settings: Settings, to_provider: str | None, model: str | None) -> Job:
+    if to_provider is None and model is None:
+        return job
+    target = to_provider or job.provider
+    if target not in settings.providers:
+        raise RidethroughError(
+            f"unknown provider {target!r}; configured: {sorted(settings.providers)}"
+        )
+    src = settings.providers.get(job.provider)
+    dst = settings.providers[target]
+    request = job.request
+    if src is not None and src.kind != dst.kind:
+        request = convert(job.request, src_kind=src.kind, dst_kind=dst.kind)
+    return msgspec.structs.replace(job, provider=target, model=model or job.model, request=request)
+
+
+async def replay(
+    js: JetStreamContext,
+    settings: Settings,
+    provider: str | None = None,
+    *,
+    source: str = "parked",
+    reason: str | None = None,
+    since: datetime | None = None,
+    limit: int | None = None,
+    rate: float | None = None,
+    to_provider: str | None = None,
+    model: str | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> MoveReport:
+    """Put parked jobs or dead letters back on AI_JOBS, with filters and a rate cap."""
+    if source not in ("parked", "dead"):
+        raise RidethroughError(f"--from must be parked or dead, not {source!r}")
+    report = MoveReport()
+    stream = s.PARKED_STREAM if source == "parked" else s.DEAD_STREAM
+    p = provider or "*"
+    subject = f"ai.parked.{p}.*" if source == "parked" else f"ai.dead.{p}.{reason or '*'}"
+    info = await js.stream_info(stream, subjects_filter=subject)
+    total = sum(int(v) for v in (info.state.subjects or {}).values())
+    gap = 1.0 / rate if rate else 0.0
+    try:
+        async for msg in iter_stream(js, stream, subject):
+            report.examined += 1
+            if progress:
+                progress(report.examined, total)
+            job, when, why = _read_held(msg.data or b"", source)
+            if job is None:
+                report.skipped += 1  # an unreadable message: nothing to replay
+                continue
+            if reason and why != reason:
+                continue
+            if since and when < since:
+                continue
+            try:
+                job = _retarget(job, settings, to_provider, model)
+            except Unmappable as exc:
+                report.skipped += 1
+                report.notes.append(f"{job.id}: cannot be sent to {to_provider}: {exc}")
+                continue
+            report.matched += 1
+            report.job_ids.append(job.id)
+            if not dry_run:
+                tag = f"{msg.seq}" if source == "parked" else f"d{msg.seq}"
+                await js.publish(
+                    s.jobs_subject(job.provider, job.priority),
+                    encode(job),
+                    headers={s.MSG_ID_HEADER: f"{job.id}:r{tag}", s.REPLAY_HEADER: tag},
+                )
+                await _delete(js, stream, msg.seq)
+                report.moved += 1
+                if gap:
+                    await asyncio.sleep(gap)
+            if limit is not None and report.matched >= limit:
+                break
+    finally:
+        filters = {
+            "from": source,
+            "reason": reason or "",
+            "since": since.isoformat() if since else "",
+            "limit": str(limit or ""),
+            "rate": str(rate or ""),
+            "to_provider": to_provider or "",
+            "model": model or "",
+        }
+        with contextlib.suppress(Exception):
+            await audit(
+                js,
+                "replay",
+                provider=provider or "",
+                filters=filters,
+                counts=report.counts(),
+                job_ids=report.job_ids,
+                dry_run=dry_run,
+            )
+    return report
+
+
+def _read_held(data: bytes, source: str) -> tuple[Job | None, datetime, str]:
+    """(job, when it was held, why) of a parked job or a dead letter."""
+    try:
+        if source == "parked":
+            parked = decode_parked(data)
+            return parked.job, parked.park.parked_at, parked.park.reason
+        letter = decode_dead_letter(data)
+        if letter.job is None:
+            return None, letter.dead_at, letter.reason
+        return msgspec.convert(letter.job, Job), letter.dead_at, letter.reason
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None, datetime.now(UTC), ""
