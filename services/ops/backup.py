@@ -80,10 +80,10 @@ async def import_results(
             await js.publish(
                 s.result_subject(result.job_id),
                 encode(result),
-                headers={"Nats-Expected-Last-Subject-Sequence": "0"},
+                headers={s.EXPECTED_LAST_SUBJECT_SEQ: "0"},
             )
         except APIError as exc:
-            if getattr(exc, "err_code", None) == 10071 or "wrong last sequence" in str(exc):
+            if exc.err_code == s.WRONG_LAST_SEQUENCE:
                 counts["already_present"] += 1
                 continue
             raise

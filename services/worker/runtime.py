@@ -18,6 +18,7 @@ Every message ends in exactly one JetStream settlement, chosen here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -32,6 +33,8 @@ from schemas.jobs import Job, decode_job, encode
 from schemas.parking import DeadLetter, ParkedJob, ParkRecord
 from schemas.results import ErrorInfo, JobResult, Timings, decode_result
 from schemas.subjects import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    WRONG_LAST_SEQUENCE,
     MSG_ID_HEADER,
     REPLAY_HEADER,
     RESULTS_STREAM,
@@ -234,6 +237,10 @@ class JobRunner:
         log.debug("job %s: %s, retry in %.1fs", job.id, exc.reason, delay)
         await msg.nak(delay=delay)
 
+    def window_counts(self) -> dict[str, tuple[int, int]]:
+        """(calls, transient failures) per provider in the current breaker window."""
+        return {p: held[1].counts() for p, held in self._windows.items()}
+
     def _window(self, provider: str) -> SlidingWindow:
         """The failure window of ``provider``, emptied whenever its breaker changes."""
         assert self.board is not None
@@ -348,16 +355,34 @@ class JobRunner:
         return not replayed or decode_result(raw.data or b"").status != "failed"
 
     async def _publish_result(self, msg: Msg, job: Job, result: JobResult) -> None:
+        """Store the job's one result. The write is conditional on the subject's last
+        sequence, so when two copies of a job race (one parked and replayed, one
+        redelivered), the second result is refused by the server rather than stored."""
         replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
         # A replay gets its own dedup id, or the dedup window would swallow a result
         # that replaces the ``failed`` one of an earlier attempt.
         msg_id = f"{job.id}:r{replay}" if replay else job.id
-        await self.js.publish(
-            result_subject(job.id),
-            encode(result),
-            timeout=self.publish_timeout_s,
-            headers={MSG_ID_HEADER: msg_id},
-        )
+        expect = 0
+        if replay and replay.startswith("d"):  # from the dead letters: may replace `failed`
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                raw = await self.js.get_last_msg(
+                    RESULTS_STREAM, result_subject(job.id), direct=True
+                )
+                expect = int(raw.seq or 0)
+        try:
+            await self.js.publish(
+                result_subject(job.id),
+                encode(result),
+                timeout=self.publish_timeout_s,
+                headers={MSG_ID_HEADER: msg_id, EXPECTED_LAST_SUBJECT_SEQ: str(expect)},
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            self.stats.duplicates_skipped += 1
+            log.info(
+                "job %s already has a result; this copy's %s is dropped", job.id, result.status
+            )
 
     async def _dead(
         self,

@@ -109,10 +109,17 @@ async def test_no_nats_is_a_one_line_connection_error() -> None:
     assert code == 2 and url in err and err.count("\n") == 1
 
 
-async def test_demo_runs_the_whole_pipeline_on_the_embedded_stack() -> None:
-    """`ridethrough demo --json` starts NATS, the fake and a worker, and every job succeeds."""
-    code, out, err = await cli(None, "demo", "--jobs", "25", "--json")
+async def test_demo_drill_reports_an_outage_with_nothing_lost() -> None:
+    """`ridethrough demo --json` runs the outage drill on its own stack: the report has
+    exactly the documented keys, the breaker opened, and no job was lost or duplicated."""
+    from services.demo import REPORT_KEYS
+
+    code, out, err = await cli(
+        None, "demo", "--jobs", "80", "--rate", "40", "--outage", "1", "--outage-at", "0.5", "--json"
+    )
     assert code == 0, err
     report = json.loads(out)
-    assert report["submitted"] == report["succeeded"] == 25
-    assert report["lost"] == 0 and report["failed"] == 0
+    assert list(report) == list(REPORT_KEYS)
+    assert report["submitted"] == report["succeeded"] == 80
+    assert report["lost"] == report["duplicates"] == report["dead"] == 0
+    assert report["detect_s"] is not None and report["peak_parked"] > 0

@@ -192,9 +192,16 @@ async def test_permanent_error_dead_letters_and_tells_the_producer(
 
 
 async def test_transient_errors_retry_until_attempts_run_out(
-    settings: Settings, js: Any, fake_provider: Any
+    nats_server: Any, js: Any, fake_provider: Any
 ) -> None:
-    """A provider answering 529 every time is retried max_attempts times, then dead-lettered."""
+    """A job meeting 529 every time (while the breaker stays closed) is retried
+    max_attempts times, then dead-lettered."""
+    from tests.conftest import make_settings
+
+    # A breaker that would not trip on one job's failures: this test is about attempts.
+    settings = make_settings(
+        nats_server.url, fake_provider.url, breaker={"consecutive_failures": 100, "min_calls": 100}
+    )
     request = {
         "max_tokens": 8,
         "messages": [{"role": "user", "content": "busy"}],
@@ -211,10 +218,17 @@ async def test_transient_errors_retry_until_attempts_run_out(
     assert counts["dead"] == 1 and counts["results"] == 1
 
 
-async def test_steady_trickle_is_never_redelivered(settings: Settings, js: Any) -> None:
+async def test_steady_trickle_is_never_redelivered(
+    nats_server: Any, fake_provider: Any, js: Any
+) -> None:
     """Jobs arriving one by one (as a steady producer sends them) are each delivered once:
     no fetched message is dropped to wait out ack_wait."""
     import asyncio
+
+    from tests.conftest import make_settings
+
+    # A long ack_wait: only a dropped message, never a slow machine, can cause a redelivery.
+    settings = make_settings(nats_server.url, fake_provider.url, ack_wait_s=30.0)
 
     async with running_worker(settings), await Producer.connect(settings) as producer:
         ids = []
