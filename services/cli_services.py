@@ -23,11 +23,22 @@ from services.cli import (
 )
 from services.config import Settings
 from services.errors import RidethroughError
+from services.health import health_file as health_file_beating
+from services.health import nats_connected
 from services.prober import Prober
+from services.providers.base import Provider
 from services.providers.registry import build_providers
 from services.replayer import Replayer
 from services.stack import local_stack, running_recovery, running_worker
-from services.worker.app import run_worker
+from services.worker.app import build_app
+
+HealthFile = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="RIDETHROUGH_HEALTH_FILE",
+        help="Rewrite this file every 5 s (`ready` / `not-ready`) for container probes.",
+    ),
+]
 
 
 def _logging(verbose: bool) -> None:
@@ -58,6 +69,7 @@ def worker(
     topology: Annotated[bool, typer.Option(help="Create or update the topology at start.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
+    health_file: HealthFile = None,
 ) -> None:
     """Run one worker process until SIGTERM (in-flight jobs finish or are released)."""
     _logging(verbose)
@@ -70,10 +82,21 @@ def worker(
         providers = build_providers(settings, provider)
     except RidethroughError as exc:
         fail(str(exc))
-    run(run_worker(settings, providers, apply_topology=topology))
+    run(_serve_worker(settings, providers, topology, health_file))
 
 
-async def _run_recovery_service(settings: Settings, role: str) -> None:
+async def _serve_worker(
+    settings: Settings, providers: dict[str, Provider], topology: bool, health_path: Path | None
+) -> None:
+    """The worker's FastStream app, beating the health file while its broker is connected."""
+    app, w = build_app(settings, providers, apply_topology=topology)
+    async with health_file_beating(health_path, lambda: nats_connected(w.broker)):
+        await app.run()
+
+
+async def _run_recovery_service(
+    settings: Settings, role: str, health_path: Path | None = None
+) -> None:
     from services.connection import connect
     from services.stack import service_owner
 
@@ -88,7 +111,8 @@ async def _run_recovery_service(settings: Settings, role: str) -> None:
     await service.start()
     logging.getLogger(f"ridethrough.{role}").info("%s running", role)
     try:
-        await _until_signalled()
+        async with health_file_beating(health_path, lambda: nats_connected(nc)):
+            await _until_signalled()
     finally:
         await service.stop()
         await nc.drain()
@@ -98,20 +122,22 @@ async def _run_recovery_service(settings: Settings, role: str) -> None:
 def prober(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
+    health_file: HealthFile = None,
 ) -> None:
     """Run the health prober alone (probes providers that are not closed; half-opens them)."""
     _logging(verbose)
-    run(_run_recovery_service(settings_for(nats_url), "prober"))
+    run(_run_recovery_service(settings_for(nats_url), "prober", health_file))
 
 
 @app.command()
 def replayer(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
+    health_file: HealthFile = None,
 ) -> None:
     """Run the replayer alone (parked jobs back to the queue, slow start, priority order)."""
     _logging(verbose)
-    run(_run_recovery_service(settings_for(nats_url), "replayer"))
+    run(_run_recovery_service(settings_for(nats_url), "replayer", health_file))
 
 
 @app.command("fake-provider")

@@ -8,6 +8,7 @@ Nothing reads the environment at import time: call ``Settings()`` (or
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,8 +50,18 @@ class ProviderSettings(BaseModel):
         return None
 
 
+#: An inbox prefix: dot-separated subject tokens, no wildcards (``_INBOX``, ``_INBOX.worker``).
+_INBOX_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
 class NatsSettings(BaseModel):
-    """How to reach NATS, and how the JetStream topology is sized."""
+    """How to reach NATS (servers, credentials, TLS), and how the JetStream topology is sized.
+
+    Credentials: at most one of ``user`` (with ``password``), ``token``, ``creds_file``
+    (a JWT + nkey ``.creds`` file) and ``nkey_seed_file`` (a bare nkey seed). TLS: a CA
+    bundle to verify the servers with, and a client certificate and key for mutual TLS.
+    Secrets are ``SecretStr`` or files, so they never print with the settings.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -59,6 +70,14 @@ class NatsSettings(BaseModel):
     password: SecretStr | None = None
     token: SecretStr | None = None
     creds_file: Path | None = None
+    nkey_seed_file: Path | None = Field(None, description="file holding an nkey seed (SU...)")
+    tls_ca_file: Path | None = Field(None, description="CA bundle that signed the servers' certs")
+    tls_cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    tls_key_file: Path | None = Field(None, description="key of the client certificate")
+    tls_hostname: str | None = Field(None, description="name to verify the server cert against")
+    inbox_prefix: str = Field(
+        "_INBOX", description="prefix of reply subjects; per-role prefixes narrow permissions"
+    )
     connect_timeout_s: float = Field(2.0, gt=0)
     replicas: int = Field(1, ge=1, le=5)
     storage: Literal["file", "memory"] = "file"
@@ -69,6 +88,36 @@ class NatsSettings(BaseModel):
     dead_max_age_s: float = Field(30 * DAY, gt=0)
     events_max_age_s: float = Field(30 * DAY, gt=0)
     worker_ttl_s: float = Field(15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> NatsSettings:
+        methods = [
+            name
+            for name, value in (
+                ("user", self.user),
+                ("token", self.token),
+                ("creds_file", self.creds_file),
+                ("nkey_seed_file", self.nkey_seed_file),
+            )
+            if value is not None
+        ]
+        if len(methods) > 1:
+            raise ValueError(f"give one NATS credential, not several: {', '.join(methods)}")
+        if self.password is not None and self.user is None:
+            raise ValueError("a NATS password needs a user")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+        if not _INBOX_PREFIX.match(self.inbox_prefix):
+            raise ValueError(
+                f"inbox_prefix {self.inbox_prefix!r} must be dot-separated subject tokens "
+                "without wildcards"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether any TLS file is configured (a ``tls://`` URL also turns TLS on)."""
+        return self.tls_ca_file is not None or self.tls_cert_file is not None
 
     @property
     def servers(self) -> list[str]:

@@ -145,3 +145,98 @@ async def count_outcomes(js: JetStreamContext) -> dict[str, int]:
         "dead": ds.messages,
         "waiting": js_state.messages,
     }
+
+
+# --------------------------------------------------------------------------- chaos helpers
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """Like ``settings_env``, plus the breaker and replay settings, so that every process
+    of a test (workers, prober, replayer) trips, probes and replays with the same numbers."""
+    env = settings_env(settings)
+    env["RIDETHROUGH_BREAKER"] = json.dumps(settings.breaker.model_dump(mode="json"))
+    env["RIDETHROUGH_REPLAY"] = json.dumps(settings.replay.model_dump(mode="json"))
+    return env
+
+
+class ServiceProcess(WorkerProcess):
+    """A ``ridethrough worker|prober|replayer`` in its own process, started with
+    ``service_env`` (breaker and replay settings included), for kill and restart tests."""
+
+    def __init__(
+        self, settings: Settings, role: str, *args: str, log_path: Path | None = None
+    ) -> None:
+        super().__init__(settings, *args, log_path=log_path)
+        self.role = role
+
+    def start(self) -> ServiceProcess:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services", self.role, *self.args],
+            env=service_env(self.settings),
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def worker_id(self) -> str:
+        """The id a worker process writes into its results (``Worker.worker_id``)."""
+        import socket
+
+        return f"{socket.gethostname()}-{self.pid}"
+
+
+async def breaker_state(js: JetStreamContext, provider: str = "anthropic") -> str:
+    """The breaker state of ``provider`` as the fleet sees it (one HealthBoard refresh)."""
+    from services.breaker import HealthBoard
+    from services.config import BreakerSettings
+
+    board = HealthBoard(js, [provider], BreakerSettings())
+    board.health_kv = await js.key_value(s.HEALTH_BUCKET)
+    board.control_kv = await js.key_value(s.CONTROL_BUCKET)
+    await board.refresh()
+    return board.state(provider)
+
+
+async def health_events(js: JetStreamContext, provider: str = "anthropic") -> list[Any]:
+    """Every breaker transition of ``provider`` on AI_EVENTS, oldest first."""
+    from schemas.events import decode_health_event
+
+    msgs = await read_stream(js, s.EVENTS_STREAM, s.health_event_subject(provider))
+    return [decode_health_event(m.data) for m in msgs]
+
+
+async def lease_holder(js: JetStreamContext, key: str) -> str:
+    """Owner of the unexpired lease ``key`` in ai_control (``replay.<p>``, ``probe.<p>``),
+    or ``""`` when nobody holds it."""
+    from nats.js.errors import KeyNotFoundError, NotFoundError
+
+    from services.breaker import decode_lease
+
+    kv = await js.key_value(s.CONTROL_BUCKET)
+    try:
+        entry = await kv.get(key)
+    except (KeyNotFoundError, NotFoundError):
+        return ""
+    if not entry.value:
+        return ""
+    lease = decode_lease(entry.value)
+    return lease.owner if lease.until > time.time() else ""
+
+
+async def result_job_ids(js: JetStreamContext) -> list[str]:
+    """The job id of every result stored in AI_RESULTS (one per job: the stream keeps one)."""
+    return [m.subject.split(".", 2)[2] for m in await read_stream(js, s.RESULTS_STREAM)]

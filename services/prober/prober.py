@@ -70,7 +70,7 @@ class Prober:
         for name in sorted(self.providers):
             lease = LeaseKeeper(control, f"probe.{name}", self.owner, self.settings.replay.lease_s)
             self._leases.append(lease.start())
-            self._tasks.append(asyncio.create_task(self._run(name, lease)))
+            self._tasks.append(asyncio.create_task(self._supervise(name, lease)))
         return self
 
     async def stop(self) -> None:
@@ -86,6 +86,20 @@ class Prober:
         for provider in self.providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()
+
+    async def _supervise(self, name: str, lease: LeaseKeeper) -> None:
+        """Run ``_run`` for ``name``, starting it again after a NATS error (a node lost,
+        a stream without a leader for a moment): the task must outlive it, or the lease,
+        renewed by its own task, would keep every other replica from taking over."""
+        while True:
+            try:
+                await self._run(name, lease)
+            except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # being stopped: a timeout raced the cancellation
+                log.warning("probe of %s interrupted, resuming: %r", name, exc)
+                await asyncio.sleep(self.settings.breaker.board_poll_s)
 
     async def _run(self, name: str, lease: LeaseKeeper) -> None:
         b = self.settings.breaker

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
@@ -29,10 +30,12 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.aio.msg import Msg
 
-from schemas.subjects import JOBS_STREAM, jobs_filter, worker_consumer
+from schemas.health import WorkerBeat
+from schemas.jobs import encode
+from schemas.subjects import JOBS_STREAM, WORKERS_BUCKET, jobs_filter, worker_consumer
 from services.breaker import HealthBoard
 from services.config import Settings
-from services.connection import connect_options
+from services.connection import broker_options
 from services.providers.base import Provider
 from services.topology import ensure_topology
 from services.worker.runtime import JobRunner
@@ -61,6 +64,8 @@ class Worker:
         self._inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
         self._subscribers: list[Any] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self.started_at = datetime.now(UTC)
         self._stopping = False
         batch = min(settings.worker.batch_size, settings.worker.concurrency)
         for name in sorted(providers):
@@ -73,6 +78,8 @@ class Worker:
                 ),
                 ack_policy=AckPolicy.MANUAL,
                 decoder=_raw_decoder,
+                # FastStream's pull inbox ignores the connection's prefix unless told.
+                inbox_prefix=f"{settings.nats.inbox_prefix}.".encode(),
             )
             sub(self.handle_batch)
             self._subscribers.append(sub)
@@ -115,6 +122,27 @@ class Worker:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
 
+    async def _beats(self, js: Any) -> None:
+        """Announce this worker in ``ai_workers`` (status shows who is online)."""
+        kv = await js.key_value(WORKERS_BUCKET)
+        every = max(self.settings.nats.worker_ttl_s / 3, 0.5)
+        while True:
+            runner = self.runner
+            beat = WorkerBeat(
+                worker_id=self.worker_id,
+                providers=sorted(self.providers),
+                in_flight=self.in_flight,
+                concurrency=self.settings.worker.concurrency,
+                stats=runner.stats.as_dict() if runner is not None else {},
+                windows=runner.window_counts() if runner is not None else {},
+                started_at=self.started_at,
+            )
+            try:
+                await kv.put(self.worker_id, encode(beat))
+            except Exception as exc:  # NATS away for a moment: the next beat will do
+                log.debug("heartbeat failed: %s", exc)
+            await asyncio.sleep(every)
+
     async def start(self) -> None:
         """Called once the broker is connected: prepare the runner and heartbeats."""
         for sub in self._subscribers:
@@ -131,6 +159,7 @@ class Worker:
             kinds={name: p.kind for name, p in self.settings.providers.items()},
         )
         self._heartbeat = asyncio.create_task(self._heartbeats())
+        self._beat = asyncio.create_task(self._beats(js))
 
     async def stop(self) -> None:
         """Stop fetching, finish in-flight jobs within the grace period, release the rest."""
@@ -155,6 +184,8 @@ class Worker:
                 log.info("released %d unfinished jobs for redelivery", len(late))
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._beat is not None:
+            self._beat.cancel()
         if self.board is not None:
             await self.board.stop()
         for provider in self.providers.values():
@@ -189,10 +220,8 @@ def _guard_fetch(subscriber: Any) -> None:
 
 
 def _broker_options(settings: Settings) -> dict[str, Any]:
-    opts = connect_options(settings)
-    servers = opts.pop("servers")
-    opts.pop("connect_timeout", None)
-    return {"servers": servers, **opts}
+    # Credentials and TLS reach FastStream as its ``security=`` object.
+    return broker_options(settings)
 
 
 def build_app(

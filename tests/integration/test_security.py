@@ -1,0 +1,748 @@
+"""NATS authentication and least privilege on a real nats-server, and secrets that never leak.
+
+The server runs ``deploy/nats/auth.conf`` itself (the file operators deploy): one
+user per role. Each role runs its part of the pipeline under its own user, and each
+is refused what belongs to the others. Every credential kind (user/password, token,
+nkey seed, TLS with a CA and a client certificate) reaches the CLI, the worker's
+FastStream broker and nats-py clients through ``Settings``. Provider API keys and
+NATS passwords never appear in logs, results, dead letters, events or KV values.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from schemas import subjects as s
+from services.config import NatsSettings, ProviderSettings, Settings
+from services.connection import connect
+from services.devstack import NatsServer
+from services.producer import Producer, make_job
+from services.stack import ServiceProcess
+from services.topology import ensure_topology
+from tests.conftest import make_settings
+from tests.support import count_outcomes, read_stream, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTH_CONF = ROOT / "deploy" / "nats" / "auth.conf"
+ROLES = ("producer", "worker", "prober", "replayer", "operator", "sys")
+
+
+def inbox_prefix(role: str) -> str:
+    """The reply-subject prefix a role's processes use (deploy/ sets the same)."""
+    return "_INBOX" if role == "operator" else f"_INBOX.{role}"
+
+
+@dataclass
+class SecuredNats:
+    """A nats-server running deploy/nats/auth.conf, with the role passwords it was given."""
+
+    server: NatsServer
+    passwords: dict[str, str]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        """Client URL of the server."""
+        return self.server.url
+
+    def settings(self, base: Settings, role: str) -> Settings:
+        """``base`` connecting as ``role`` (its user, password and inbox prefix)."""
+        nats_settings = base.nats.model_copy(
+            update={
+                "user": role,
+                "password": SecretStr(self.passwords[role]),
+                "inbox_prefix": inbox_prefix(role),
+            }
+        )
+        return base.with_changes(nats=nats_settings)
+
+    def violations(self) -> list[str]:
+        """Every ``Permissions Violation`` the server logged."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if "Violation" in line]
+
+
+@pytest.fixture
+def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SecuredNats]:
+    """nats-server with the deployed accounts; passwords come from its environment."""
+    passwords = {role: f"pw-{role}-{secrets.token_hex(8)}" for role in ROLES}
+    for role, password in passwords.items():
+        # nats-server reads $RIDETHROUGH_<ROLE>_PASSWORD; our child processes do not see
+        # these (child_env drops every RIDETHROUGH_* variable and sets its own).
+        monkeypatch.setenv(f"RIDETHROUGH_{role.upper()}_PASSWORD", password)
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    shutil.copy(AUTH_CONF, conf_dir / "auth.conf")
+    (conf_dir / "server.conf").write_text('include "auth.conf"\n')
+    log = tmp_path / "nats.log"
+    server = NatsServer(
+        data_dir=tmp_path / "nats", extra_args=["-c", str(conf_dir / "server.conf")], log_file=log
+    ).start()
+    yield SecuredNats(server, passwords, log)
+    server.cleanup()
+
+
+def _services(by_role: dict[str, Settings], tmp_path: Path, *specs: tuple[str, ...]) -> list[Any]:
+    """``ridethrough <role> ...`` processes, each connecting as its own user."""
+    return [
+        ServiceProcess(by_role[role], role, *args, log_path=tmp_path / f"{role}.log").start()
+        for role, *args in specs
+    ]
+
+
+async def _run_outage_cycle(
+    producer: Producer, operator_js: Any, fake_provider: Any, *, clean: int, parked: int
+) -> list[str]:
+    """Submit ``clean`` jobs, then ``parked`` more during a 529 outage, end the outage,
+    and wait for every result: the whole pipeline (park, probe, replay) runs."""
+    ids = [
+        await producer.submit(make_job("anthropic", "m", prompt=f"clean {i}", max_tokens=8))
+        for i in range(clean)
+    ]
+    await producer.results(ids, timeout=60)
+    fake_provider.start_outage(529)
+    more = [
+        await producer.submit(make_job("anthropic", "m", prompt=f"outage {i}", max_tokens=8))
+        for i in range(parked)
+    ]
+
+    async def some_parked() -> bool:
+        return bool((await operator_js.stream_info(s.PARKED_STREAM)).state.messages > 0)
+
+    await wait_until(some_parked, timeout=30)
+    fake_provider.stop_outage()
+    await producer.results(more, timeout=60)
+    return ids + more
+
+
+@pytest.mark.integration
+async def test_each_role_does_its_job_with_least_privilege(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """Operator applies the topology; worker, prober and replayer run as their own users;
+    a producer submits and reads results through an outage: every job succeeds, and the
+    server logs no permission violation at all."""
+    base = make_settings(secured.url, fake_provider.url)
+    by_role = {role: secured.settings(base, role) for role in ROLES}
+    nc = await connect(by_role["operator"], name="operator")
+    js = nc.jetstream()
+    await ensure_topology(js, by_role["operator"])
+    procs = _services(by_role, tmp_path, ("worker", "--no-topology"), ("prober",), ("replayer",))
+    try:
+        async with await Producer.connect(by_role["producer"]) as producer:
+            ids = await _run_outage_cycle(producer, js, fake_provider, clean=10, parked=20)
+            assert (await producer.peek_result(ids[0])) is not None
+
+        async def closed() -> bool:  # the replayer closes the breaker once the backlog is gone
+            events = await _health_events(js)
+            return bool(events) and events[-1].state == "closed"
+
+        await wait_until(closed, timeout=30)
+        events = [e.state for e in await _health_events(js)]
+        counts = await count_outcomes(js)
+    finally:
+        codes = {p.role: p.terminate(timeout=30) for p in procs}
+        await nc.close()
+    assert counts["results"] == counts["result_writes"] == counts["succeeded"] == 30
+    assert events == ["open", "half_open", "closed"]
+    assert secured.violations() == []
+    assert set(codes.values()) == {0}, codes
+
+
+async def _health_events(js: Any) -> list[Any]:
+    from schemas.events import decode_health_event
+
+    msgs = await read_stream(js, s.EVENTS_STREAM, s.health_event_subject("anthropic"))
+    return [decode_health_event(m.data) for m in msgs]
+
+
+class RoleClient:
+    """A raw nats-py connection as one role, recording what the server refused."""
+
+    def __init__(self, nc: Any, refusals: list[str]) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=1.0)
+        self.refusals = refusals
+
+    @classmethod
+    async def connect(cls, secured: SecuredNats, role: str) -> RoleClient:
+        refusals: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            refusals.append(str(exc).lower())
+
+        nc = await nats.connect(
+            secured.url,
+            user=role,
+            password=secured.passwords[role],
+            inbox_prefix=inbox_prefix(role),
+            error_cb=on_error,
+            max_reconnect_attempts=0,
+        )
+        return cls(nc, refusals)
+
+    async def refused(self, subject: str, attempt: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``attempt`` and check that the server refused it: a permissions violation
+        naming ``subject`` (a refused request gets no answer, so the call itself fails)."""
+        before = len(self.refusals)
+        with contextlib.suppress(Exception):
+            await attempt()
+        want = f'"{subject.lower()}"'
+
+        async def seen() -> bool:
+            return any("permissions violation" in r and want in r for r in self.refusals[before:])
+
+        await wait_until(seen, timeout=5)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.nc.close()
+
+
+async def _fetch(client: RoleClient, stream: str, consumer: str) -> Any:
+    sub = await client.js.pull_subscribe_bind(durable=consumer, stream=stream)
+    return await sub.fetch(1, timeout=1)
+
+
+def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitable[Any]]]]:
+    """(what, refused subject, attempt) that ``role`` must not be able to do."""
+    jobs_consumer = s.worker_consumer("anthropic")
+    parked_consumer = s.replayer_consumer("anthropic", "normal")
+    purge_jobs = (
+        "purge AI_JOBS",
+        f"$JS.API.STREAM.PURGE.{s.JOBS_STREAM}",
+        lambda c: c.js.purge_stream(s.JOBS_STREAM),
+    )
+    consume_jobs = (
+        "consume AI_JOBS",
+        f"$JS.API.CONSUMER.MSG.NEXT.{s.JOBS_STREAM}.{jobs_consumer}",
+        lambda c: _fetch(c, s.JOBS_STREAM, jobs_consumer),
+    )
+    pause = (
+        "pause a provider (operator's key)",
+        "$KV.ai_control.paused.anthropic",
+        lambda c: c.js.publish("$KV.ai_control.paused.anthropic", b"{}"),
+    )
+    table: dict[str, list[Any]] = {
+        "producer": [
+            purge_jobs,
+            (
+                "delete AI_RESULTS",
+                f"$JS.API.STREAM.DELETE.{s.RESULTS_STREAM}",
+                lambda c: c.js.delete_stream(s.RESULTS_STREAM),
+            ),
+            consume_jobs,
+            (
+                "write ai_health",
+                "$KV.ai_health.anthropic",
+                lambda c: c.js.publish("$KV.ai_health.anthropic", b'{"state":"open"}'),
+            ),
+            (
+                "forge a result",
+                "ai.results.someone-elses-job",
+                lambda c: c.js.publish("ai.results.someone-elses-job", b"{}"),
+            ),
+            (
+                "read the replies delivered to workers",
+                "_INBOX.>",
+                lambda c: c.nc.subscribe("_INBOX.>"),
+            ),
+            (
+                "read dead letters",
+                f"$JS.API.DIRECT.GET.{s.DEAD_STREAM}",
+                lambda c: c.js.get_msg(s.DEAD_STREAM, seq=1, direct=True),
+            ),
+        ],
+        "worker": [
+            purge_jobs,
+            (
+                "delete AI_PARKED",
+                f"$JS.API.STREAM.DELETE.{s.PARKED_STREAM}",
+                lambda c: c.js.delete_stream(s.PARKED_STREAM),
+            ),
+            (
+                "create a stream",
+                "$JS.API.STREAM.CREATE.EVIL",
+                lambda c: c.js.add_stream(name="EVIL", subjects=["evil.>"]),
+            ),
+            (
+                "consume AI_PARKED (the replayer's)",
+                f"$JS.API.CONSUMER.MSG.NEXT.{s.PARKED_STREAM}.{parked_consumer}",
+                lambda c: _fetch(c, s.PARKED_STREAM, parked_consumer),
+            ),
+            pause,
+        ],
+        "prober": [
+            consume_jobs,
+            (
+                "submit a job",
+                "ai.jobs.anthropic.normal",
+                lambda c: c.js.publish("ai.jobs.anthropic.normal", b"{}"),
+            ),
+            (
+                "write a result",
+                "ai.results.x",
+                lambda c: c.js.publish("ai.results.x", b"{}"),
+            ),
+            pause,
+            (
+                "take the replayer's lease",
+                "$KV.ai_control.replay.anthropic",
+                lambda c: c.js.publish("$KV.ai_control.replay.anthropic", b"{}"),
+            ),
+        ],
+        "replayer": [
+            consume_jobs,
+            pause,
+            (
+                "take the prober's lease",
+                "$KV.ai_control.probe.anthropic",
+                lambda c: c.js.publish("$KV.ai_control.probe.anthropic", b"{}"),
+            ),
+            (
+                "purge AI_PARKED",
+                f"$JS.API.STREAM.PURGE.{s.PARKED_STREAM}",
+                lambda c: c.js.purge_stream(s.PARKED_STREAM),
+            ),
+            (
+                "delete its own consumer",
+                f"$JS.API.CONSUMER.DELETE.{s.PARKED_STREAM}.{parked_consumer}",
+                lambda c: c.js.delete_consumer(s.PARKED_STREAM, parked_consumer),
+            ),
+        ],
+    }
+    return table[role]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", ["producer", "worker", "prober", "replayer"])
+async def test_a_role_cannot_do_the_work_of_others(secured: SecuredNats, role: str) -> None:
+    """Each role is refused what belongs to another (purge, delete, consume, pause,
+    forge, snoop), and nothing it tried changed the streams."""
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    js = operator.jetstream()
+    await ensure_topology(js, base)
+    async with await Producer.connect(secured.settings(base, "producer")) as producer:
+        job_id = await producer.submit(make_job("anthropic", "m", prompt="keep me", max_tokens=8))
+    client = await RoleClient.connect(secured, role)
+    try:
+        for what, subject, attempt in _attempts(role):
+            try:
+                await client.refused(subject, lambda a=attempt: a(client))
+            except AssertionError:
+                pytest.fail(f"{role} was not refused: {what} ({subject})")
+    finally:
+        await client.close()
+    try:
+        # Nothing changed: the job still waits, every stream is there, no pause, no forgery.
+        assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 1
+        for stream in (s.JOBS_STREAM, s.PARKED_STREAM, s.RESULTS_STREAM, s.DEAD_STREAM):
+            await js.stream_info(stream)
+        control = await js.key_value(s.CONTROL_BUCKET)
+        assert await _keys(control) == []
+        assert (await js.stream_info(s.RESULTS_STREAM)).state.messages == 0
+        assert job_id
+    finally:
+        await operator.close()
+
+
+async def _keys(kv: Any) -> list[str]:
+    from nats.js.errors import NoKeysError
+
+    try:
+        return list(await kv.keys())
+    except NoKeysError:
+        return []
+
+
+@pytest.mark.integration
+async def test_the_operator_can_pause_and_purge(secured: SecuredNats) -> None:
+    """The operator user may do what the others may not (pause a provider, purge a stream)."""
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    nc = await connect(secured.settings(base, "operator"), name="operator")
+    js = nc.jetstream()
+    try:
+        await ensure_topology(js, base)
+        control = await js.key_value(s.CONTROL_BUCKET)
+        await control.put("paused.anthropic", b"{}")
+        await js.publish(s.dead_subject("anthropic", "invalid"), b"{}")
+        await js.purge_stream(s.DEAD_STREAM)
+        assert (await js.stream_info(s.DEAD_STREAM)).state.messages == 0
+    finally:
+        await nc.close()
+    assert secured.violations() == []
+
+
+# --------------------------------------------------------------------------- credential kinds
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=ridethrough test CA", cwd=d)  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (d / f"{name}.ext").write_text(ext)
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=ridethrough {name}", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
+                 "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+    return {n: d / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def make_nkey(d: Path) -> tuple[str, Path]:
+    """A user nkey: (public key, path of the seed file)."""
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    path = d / "user.nk"
+    path.write_bytes(seed)
+    path.chmod(0o600)
+    return public, path
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ridethrough <args>`` in a child process configured only through the environment."""
+    from services.stack import child_env
+
+    env = child_env(settings)
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "services", *args],
+        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.fixture(params=["token", "nkey+mtls"])
+def credential_kind(request: Any, tmp_path: Path) -> Iterator[tuple[NatsServer, dict[str, Any]]]:
+    """A nats-server demanding one credential kind, and the NATS settings that meet it."""
+    if request.param == "token":
+        token = secrets.token_urlsafe(24)
+        server = NatsServer(data_dir=tmp_path / "nats", extra_args=["--auth", token])
+        fields: dict[str, Any] = {"token": SecretStr(token)}
+    else:
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is needed to make the test certificates")
+        pki = make_pki(tmp_path)
+        public, seed_file = make_nkey(tmp_path)
+        conf = tmp_path / "server.conf"
+        conf.write_text(
+            "tls {\n"
+            f'  cert_file: "{pki["server.crt"]}"\n  key_file: "{pki["server.key"]}"\n'
+            f'  ca_file: "{pki["ca.crt"]}"\n  verify: true\n'
+            "}\n"
+            f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}\n'
+        )
+        server = NatsServer(data_dir=tmp_path / "nats", extra_args=["-c", str(conf)])
+        fields = {
+            "nkey_seed_file": seed_file,
+            "tls_ca_file": pki["ca.crt"],
+            "tls_cert_file": pki["client.crt"],
+            "tls_key_file": pki["client.key"],
+        }
+    server.log_file = tmp_path / "nats.log"
+    server.start()
+    yield server, fields
+    server.cleanup()
+
+
+@pytest.mark.integration
+async def test_every_credential_kind_reaches_cli_worker_and_producer(
+    credential_kind: tuple[NatsServer, dict[str, Any]], fake_provider: Any, tmp_path: Path
+) -> None:
+    """With a token, or an nkey over mutual TLS, the CLI (`ridethrough topology`), a worker
+    process (FastStream) and the producer (nats-py) all connect from Settings alone."""
+    server, fields = credential_kind
+    base = make_settings(server.url, fake_provider.url)
+    settings = base.with_changes(nats=base.nats.model_copy(update=fields))
+    bare = _cli(base, "topology", "--json")
+    assert bare.returncode == 2 and len(bare.stderr.strip().splitlines()) == 1, bare.stderr
+    done = _cli(settings, "topology", "--json")
+    assert done.returncode == 0, done.stderr
+    worker = ServiceProcess(settings, "worker", "--no-topology", log_path=tmp_path / "w.log")
+    worker.start()
+    try:
+        async with await Producer.connect(settings) as producer:
+            job_id = await producer.submit(make_job("anthropic", "m", prompt="hi", max_tokens=8))
+            result = await producer.result(job_id, timeout=60)
+    finally:
+        code = worker.terminate(timeout=30)
+    assert result.status == "succeeded"
+    assert code == 0
+
+
+@pytest.mark.integration
+async def test_tls_refuses_a_server_the_ca_did_not_sign(tmp_path: Path) -> None:
+    """A client whose CA did not sign the server's certificate does not connect, and says so
+    in one line (the CLI exits 2)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the test certificates")
+    pki = make_pki(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_ca = make_pki(other)["ca.crt"]
+    conf = tmp_path / "server.conf"
+    conf.write_text(
+        f'tls {{ cert_file: "{pki["server.crt"]}"\n key_file: "{pki["server.key"]}" }}\n'
+    )
+    with NatsServer(data_dir=tmp_path / "nats", extra_args=["-c", str(conf)]) as server:
+        settings = Settings(nats_url=server.url, nats=NatsSettings(tls_ca_file=other_ca))
+        out = _cli(settings, "topology")
+        good = Settings(nats_url=server.url, nats=NatsSettings(tls_ca_file=pki["ca.crt"]))
+        ok = _cli(good, "topology")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "certificate" in out.stderr.lower() or "ssl" in out.stderr.lower(), out.stderr
+    assert ok.returncode == 0, ok.stderr
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def _needles(*secret_values: str) -> list[bytes]:
+    """What a leak would look like: each secret as is, and base64-encoded."""
+    out: list[bytes] = []
+    for value in secret_values:
+        out += [value.encode(), base64.b64encode(value.encode())]
+    return out
+
+
+async def _everything_stored(js: Any) -> list[bytes]:
+    """Every message (headers and body) of every stream and bucket, as bytes."""
+    stored: list[bytes] = []
+    streams = [s.JOBS_STREAM, s.PARKED_STREAM, s.RESULTS_STREAM, s.DEAD_STREAM, s.EVENTS_STREAM]
+    streams += [f"KV_{b}" for b in (s.HEALTH_BUCKET, s.CONTROL_BUCKET, s.WORKERS_BUCKET)]
+    for stream in streams:
+        for m in await _read_all(js, stream):
+            stored.append(repr(m.headers).encode() + b"\n" + (m.data or b""))
+    return stored
+
+
+async def _read_all(js: Any, stream: str) -> list[Any]:
+    """Every message of ``stream``, by plain (not direct) get: KV streams allow no direct get."""
+    from nats.js.errors import NotFoundError
+
+    out: list[Any] = []
+    seq = 1
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=">", next=True)
+        except NotFoundError:
+            return out
+        out.append(msg)
+        seq = msg.seq + 1
+
+
+@pytest.mark.integration
+async def test_secrets_never_reach_logs_results_events_or_status(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """Provider keys (one from the environment, one from a mounted secret file) and NATS
+    passwords appear in no log line (debug logging on), no result, dead letter, event or
+    KV value, and no CLI error, after successes, permanent and transient failures, an
+    outage with probes and a replay."""
+    anthropic_key = f"sk-ant-SENTINEL-{secrets.token_hex(12)}"
+    openai_key = f"sk-SENTINEL-{secrets.token_hex(12)}"
+    key_file = tmp_path / "secrets" / "anthropic"
+    key_file.parent.mkdir()
+    key_file.write_text(anthropic_key + "\n")
+    base = make_settings(secured.url, fake_provider.url, max_attempts=2)
+    providers = {
+        "anthropic": ProviderSettings(
+            kind="anthropic", base_url=fake_provider.url, api_key_file=key_file
+        ),
+        "openai": ProviderSettings(
+            kind="openai", base_url=f"{fake_provider.url}/v1", api_key=SecretStr(openai_key)
+        ),
+    }
+    base = base.with_changes(providers=providers)
+    by_role = {role: secured.settings(base, role) for role in ROLES}
+    nc = await connect(by_role["operator"], name="operator")
+    js = nc.jetstream()
+    await ensure_topology(js, by_role["operator"])
+    procs = _services(
+        by_role, tmp_path, ("worker", "--no-topology", "-v"), ("prober", "-v"), ("replayer", "-v")
+    )
+    try:
+        async with await Producer.connect(by_role["producer"]) as producer:
+            failing = [
+                make_job("anthropic", "m", request=_faulty("anthropic", fault), max_tokens=8)
+                for fault in ("fault:401", "fault:403", "fault:529")
+            ] + [
+                make_job("openai", "m", request=_faulty("openai", fault), max_tokens=8)
+                for fault in ("fault:401", "fault:500")
+            ]
+            failed = [await producer.submit(j) for j in failing]
+            ok = [
+                await producer.submit(make_job("openai", "m", prompt=f"o{i}", max_tokens=8))
+                for i in range(3)
+            ]
+            await producer.results(failed + ok, timeout=60)
+            await _run_outage_cycle(producer, js, fake_provider, clean=3, parked=5)
+        stored = await _everything_stored(js)
+        counts = await count_outcomes(js)
+        failed_result = _cli(by_role["producer"], "result", failed[0], "--json")
+    finally:
+        codes = {p.role: p.terminate(timeout=30) for p in procs}
+        await nc.close()
+    # Credentials in the URL (here a wrong password) come out redacted in the CLI's error.
+    in_url = base.with_changes(
+        nats_url=secured.url.replace("nats://", f"nats://operator:{anthropic_key}@", 1)
+    )
+    refused = _cli(in_url, "topology")
+
+    assert counts["dead"] == 5 and counts["failed"] == 5, counts
+    assert set(codes.values()) == {0}, codes
+    assert failed_result.returncode == 1
+    needles = _needles(anthropic_key, openai_key, *secured.passwords.values())
+    logs = _read_logs(tmp_path)
+    assert sum(len(v) for v in logs.values()) > 2000  # debug logging really ran
+    haystacks = {
+        **logs,
+        **{f"stored #{i}": m for i, m in enumerate(stored)},
+        "cli result": (failed_result.stdout + failed_result.stderr).encode(),
+        "cli refused": (refused.stdout + refused.stderr).encode(),
+    }
+    leaks = [name for name, data in haystacks.items() for n in needles if n in data]
+    assert leaks == [], f"secret found in: {sorted(set(leaks))}"
+    assert refused.returncode == 2 and "operator:***@" in refused.stderr, refused.stderr
+
+
+def _read_logs(d: Path) -> dict[str, bytes]:
+    """Every ``*.log`` file in ``d`` (the service processes' and the server's)."""
+    return {p.name: p.read_bytes() for p in d.glob("*.log")}
+
+
+def _faulty(kind: str, fault: str) -> dict[str, Any]:
+    """A request that makes the fake provider answer with ``fault`` (via the user field)."""
+    body: dict[str, Any] = {"max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    if kind == "anthropic":
+        body["metadata"] = {"user_id": fault}
+    else:
+        body["user"] = fault
+    return body
+
+
+# --------------------------------------------------------------------------- settings → options
+
+
+def test_settings_take_one_credential_and_complete_tls_pairs() -> None:
+    """Two credential kinds at once, a password without a user, a certificate without its
+    key, or an inbox prefix with wildcards are refused when the settings are built."""
+    bad: list[dict[str, Any]] = [
+        {"user": "a", "token": "t"},
+        {"token": "t", "nkey_seed_file": "/x"},
+        {"password": "p"},
+        {"tls_cert_file": "/c"},
+        {"inbox_prefix": "_INBOX.>"},
+        {"inbox_prefix": "a..b"},
+    ]
+    for fields in bad:
+        with pytest.raises(ValidationError):
+            NatsSettings(**fields)
+
+
+def test_settings_never_print_their_secrets() -> None:
+    """repr and JSON dumps of the settings mask the password and the token."""
+    n = NatsSettings(user="u", password=SecretStr("hunter2-SENTINEL"))
+    t = NatsSettings(token=SecretStr("tok-SENTINEL"))
+    for text in (repr(n), repr(t), n.model_dump_json(), t.model_dump_json(), str(n)):
+        assert "SENTINEL" not in text
+
+
+def test_redact_url_hides_passwords_and_tokens() -> None:
+    """Credentials inside server URLs are replaced by *** before they are printed."""
+    from services.connection import redact_url
+
+    assert redact_url("nats://u:secret@h:4222") == "nats://u:***@h:4222"
+    assert redact_url("tls://tok@h:4222,nats://h2:4222") == "tls://***@h:4222,nats://h2:4222"
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_connect_and_broker_options_carry_every_credential_kind(tmp_path: Path) -> None:
+    """nats-py options and the FastStream broker's ``security`` come from the same settings:
+    user/password, token, nkey seed file, creds file, each with TLS; and the broker builds."""
+    import ssl
+
+    from faststream.nats import NatsBroker
+    from faststream.nats.security import (
+        NatsCredentials,
+        NatsNKey,
+        NatsSecurity,
+        NatsToken,
+        NatsUserPassword,
+    )
+
+    from services.connection import broker_options, connect_options
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the test certificates")
+    pki = make_pki(tmp_path)
+    _, seed = make_nkey(tmp_path)
+    creds = tmp_path / "user.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\nx\n------END NATS USER JWT------\n")
+    tls = {
+        "tls_ca_file": pki["ca.crt"],
+        "tls_cert_file": pki["client.crt"],
+        "tls_key_file": pki["client.key"],
+        "inbox_prefix": "_INBOX.worker",
+    }
+    cases: list[tuple[dict[str, Any], type[NatsSecurity], dict[str, Any]]] = [
+        ({"user": "u", "password": SecretStr("p")}, NatsUserPassword, {"user": "u"}),
+        ({"token": SecretStr("t")}, NatsToken, {"token": "t"}),
+        ({"nkey_seed_file": seed}, NatsNKey, {"nkeys_seed": str(seed)}),
+        ({"creds_file": creds}, NatsCredentials, {"user_credentials": str(creds)}),
+        ({}, NatsSecurity, {}),
+    ]
+    for fields, kind, expected in cases:
+        settings = Settings(nats_url="nats://127.0.0.1:4222", nats=NatsSettings(**fields, **tls))
+        opts = connect_options(settings)
+        assert isinstance(opts["tls"], ssl.SSLContext)
+        assert opts["inbox_prefix"] == "_INBOX.worker"
+        assert expected.items() <= opts.items()
+        b = broker_options(settings)
+        assert type(b["security"]) is kind
+        assert b["security"].ssl_context is not None
+        assert b["inbox_prefix"] == "_INBOX.worker"
+        NatsBroker(**b)  # FastStream accepts every option
+
+
+def test_unreadable_credential_files_are_a_config_error(tmp_path: Path) -> None:
+    """A missing seed, creds or CA file is a ConfigError naming the file (never its content)."""
+    from services.connection import connect_options
+    from services.errors import ConfigError
+
+    missing = tmp_path / "nope"
+    for fields in (
+        {"nkey_seed_file": missing},
+        {"creds_file": missing},
+        {"tls_ca_file": missing},
+        {"tls_cert_file": missing, "tls_key_file": missing},
+    ):
+        settings = Settings(nats_url="nats://127.0.0.1:4222", nats=NatsSettings(**fields))
+        with pytest.raises(ConfigError, match="nope"):
+            connect_options(settings)
