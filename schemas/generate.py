@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from schemas.jobs import Job
 from schemas.events import HealthEvent
 from schemas.health import BreakerState
+from schemas.jobs import Job
 from schemas.parking import DeadLetter, ParkedJob
 from schemas.results import JobResult
 

@@ -34,10 +34,10 @@ from schemas.parking import DeadLetter, ParkedJob, ParkRecord
 from schemas.results import ErrorInfo, JobResult, Timings, decode_result
 from schemas.subjects import (
     EXPECTED_LAST_SUBJECT_SEQ,
-    WRONG_LAST_SEQUENCE,
     MSG_ID_HEADER,
     REPLAY_HEADER,
     RESULTS_STREAM,
+    WRONG_LAST_SEQUENCE,
     dead_subject,
     jobs_subject,
     parked_subject,

@@ -115,7 +115,17 @@ async def test_demo_drill_reports_an_outage_with_nothing_lost() -> None:
     from services.demo import REPORT_KEYS
 
     code, out, err = await cli(
-        None, "demo", "--jobs", "80", "--rate", "40", "--outage", "1", "--outage-at", "0.5", "--json"
+        None,
+        "demo",
+        "--jobs",
+        "80",
+        "--rate",
+        "40",
+        "--outage",
+        "1",
+        "--outage-at",
+        "0.5",
+        "--json",
     )
     assert code == 0, err
     report = json.loads(out)
