@@ -126,6 +126,20 @@ async def _cas(kv: KeyValue, key: str, value: bytes, revision: int) -> int | Non
         raise
 
 
+async def _publish_event(js: JetStreamContext, provider: str, body: bytes, msg_id: str) -> None:
+    """Publish a health event, retrying through a leader election (the msg id makes a
+    retry that did reach the stream a no-op). The transition itself is already stored."""
+    for attempt in range(6):
+        try:
+            await js.publish(health_event_subject(provider), body, headers={MSG_ID_HEADER: msg_id})
+            return
+        except Exception as exc:
+            if attempt == 5:
+                log.warning("health event %s not published: %r", msg_id, exc)
+                return
+            await asyncio.sleep(0.2 * 2**attempt)
+
+
 async def transition(
     js: JetStreamContext,
     kv: KeyValue,
@@ -181,11 +195,7 @@ async def transition(
             replayed=replayed,
             by=by,
         )
-        await js.publish(
-            health_event_subject(provider),
-            encode(event),
-            headers={MSG_ID_HEADER: f"health:{provider}:{new_revision}"},
-        )
+        await _publish_event(js, provider, encode(event), f"health:{provider}:{new_revision}")
         log.info("breaker %s: %s -> %s (%s)", provider, current.state, to, reason)
         return new
     return None
