@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,35 +15,15 @@ from nats.js import JetStreamContext
 
 from schemas import subjects as s
 from services.config import Settings
+from services.stack import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment variables that rebuild ``settings`` in a child process (keys included)."""
-    providers = {}
-    for name, p in settings.providers.items():
-        d = p.model_dump(mode="json", exclude_none=True)
-        key = settings.provider_key(name)
-        if key is not None:
-            d["api_key"] = key
-        providers[name] = d
-    drop = ("NATS_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")
-    env = {
-        k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RIDETHROUGH_")
-    }
-    env.update(
-        {
-            "NATS_URL": ",".join(settings.nats_servers),
-            "RIDETHROUGH_PROVIDERS": json.dumps(providers),
-            "RIDETHROUGH_WORKER": json.dumps(settings.worker.model_dump(mode="json")),
-            "RIDETHROUGH_NATS": json.dumps(
-                settings.nats.model_dump(mode="json", exclude={"password", "token"})
-            ),
-            "PYTHONPATH": str(ROOT),
-        }
-    )
-    return env
+    """Environment variables that rebuild ``settings`` in a child process (keys included),
+    with this checkout on the import path."""
+    return child_env(settings) | {"PYTHONPATH": str(ROOT)}
 
 
 class WorkerProcess:
@@ -151,12 +129,9 @@ async def count_outcomes(js: JetStreamContext) -> dict[str, int]:
 
 
 def service_env(settings: Settings) -> dict[str, str]:
-    """Like ``settings_env``, plus the breaker and replay settings, so that every process
-    of a test (workers, prober, replayer) trips, probes and replays with the same numbers."""
-    env = settings_env(settings)
-    env["RIDETHROUGH_BREAKER"] = json.dumps(settings.breaker.model_dump(mode="json"))
-    env["RIDETHROUGH_REPLAY"] = json.dumps(settings.replay.model_dump(mode="json"))
-    return env
+    """The environment of every test child process (``settings_env``: the breaker and
+    replay settings are included, so all processes trip, probe and replay alike)."""
+    return settings_env(settings)
 
 
 class ServiceProcess(WorkerProcess):
