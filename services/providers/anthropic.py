@@ -9,7 +9,6 @@ failure leaves as exactly one ``ProviderError``, chosen by ``TABLE``.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import anthropic
@@ -18,12 +17,13 @@ from anthropic.types import Message
 
 from schemas.results import Usage
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
-from services.providers.base import Reply
+from services.providers.base import Reply, sdk_params, split_known
 from services.providers.classify import (
     COMMON,
     MalformedResponse,
     Predicate,
     Table,
+    by_status,
     classify_with,
 )
 
@@ -110,16 +110,7 @@ TABLE: Table = (
     (_midstream("request_too_large"),                          PermanentError, "too_large"),
     # Any other error type mid-stream names a problem with the request itself.
     (_midstream(),                                             PermanentError, "invalid_request"),
-    (_status(429),                                             RateLimited,    "rate_limited"),
-    (_status(408),                                             TransientError, "timeout"),
-    (_status(409),                                             TransientError, "conflict"),
-    (_status(499),                                             TransientError, "connection"),
-    (_status(529),                                             TransientError, "overloaded"),
-    (_status(*range(500, 600)),                                TransientError, "server_error"),
-    (_status(400, 422),                                        PermanentError, "invalid_request"),
-    (_status(401, 403),                                        PermanentError, "auth"),
-    (_status(404),                                             PermanentError, "not_found"),
-    (_status(413, 431),                                        PermanentError, "too_large"),
+    *by_status(_status),
     (anthropic.RetryableError,                                 TransientError, "unknown"),
     (anthropic.APIError,                                       TransientError, "unknown"),
     *COMMON,
@@ -131,21 +122,6 @@ TABLE: Table = (
 def classify(exc: BaseException) -> ProviderError:
     """Translate an exception from the Anthropic SDK (or its transport) into a ``ProviderError``."""
     return classify_with(TABLE, exc)
-
-
-def _params(method: Any) -> frozenset[str]:
-    """The request fields ``method`` takes as keywords (not its transport options)."""
-    names = inspect.signature(method).parameters
-    return frozenset(names) - {"extra_headers", "extra_query", "extra_body", "timeout"}
-
-
-def _split(body: dict[str, Any], known: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword arguments the SDK knows, and the rest, sent as-is in the JSON body."""
-    if known.issuperset(body):
-        return body, {}
-    kwargs = {k: v for k, v in body.items() if k in known}
-    extra = {k: v for k, v in body.items() if k not in known}
-    return kwargs, extra
 
 
 class AnthropicProvider:
@@ -175,8 +151,8 @@ class AnthropicProvider:
             default_headers=extra_headers,
             http_client=anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits),
         )
-        self._create_params = _params(self._client.messages.create)
-        self._stream_params = _params(self._client.messages.stream)
+        self._create_params = sdk_params(self._client.messages.create)
+        self._stream_params = sdk_params(self._client.messages.stream)
 
     async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
         """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
@@ -200,7 +176,7 @@ class AnthropicProvider:
     async def _create(
         self, model: str, request: dict[str, Any], headers: dict[str, str] | None
     ) -> Message:
-        kwargs, extra = _split({**request, "model": model}, self._create_params)
+        kwargs, extra = split_known({**request, "model": model}, self._create_params)
         message = await self._client.messages.create(
             **kwargs, extra_headers=headers, extra_body=extra or None
         )
@@ -214,7 +190,7 @@ class AnthropicProvider:
     ) -> Message:
         body = {k: v for k, v in request.items() if k != "stream"}
         body["model"] = model
-        kwargs, extra = _split(body, self._stream_params)
+        kwargs, extra = split_known(body, self._stream_params)
         stopped = False
         async with self._client.messages.stream(
             **kwargs, extra_headers=headers, extra_body=extra or None

@@ -7,6 +7,7 @@ retries) and translates every SDK exception into one ``ProviderError`` of
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 import msgspec
@@ -39,3 +40,20 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Close the underlying HTTP client."""
         ...
+
+
+def sdk_params(method: Any) -> frozenset[str]:
+    """The request fields an SDK ``method`` takes as keywords (not its transport options)."""
+    names = inspect.signature(method).parameters
+    return frozenset(names) - {"extra_headers", "extra_query", "extra_body", "timeout"}
+
+
+def split_known(
+    body: dict[str, Any], known: frozenset[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments the SDK knows, and the rest, sent as-is in the JSON body."""
+    if known.issuperset(body):
+        return body, {}
+    kwargs = {k: v for k, v in body.items() if k in known}
+    extra = {k: v for k, v in body.items() if k not in known}
+    return kwargs, extra

@@ -27,7 +27,7 @@ from typing import TypeAlias
 import aiohttp
 import httpx2
 
-from services.errors import PermanentError, ProviderError, TransientError
+from services.errors import PermanentError, ProviderError, RateLimited, TransientError
 
 Predicate: TypeAlias = Callable[[BaseException], bool]
 When: TypeAlias = type[BaseException] | tuple[type[BaseException], ...] | Predicate
@@ -47,6 +47,23 @@ class MalformedResponse(Exception):
 
 # Rows both tables end with, after their SDK's own rows. Order matters:
 # TimeoutError is an OSError, JSONDecodeError is a ValueError.
+def by_status(status: Callable[..., Predicate]) -> Table:
+    """The rows both SDKs share for an HTTP status; ``status(*codes)`` builds the SDK's
+    own status predicate. Order matters: 529 before the 5xx range."""
+    return (
+        (status(429),                   RateLimited,    "rate_limited"),
+        (status(408),                   TransientError, "timeout"),
+        (status(409),                   TransientError, "conflict"),
+        (status(499),                   TransientError, "connection"),
+        (status(529),                   TransientError, "overloaded"),
+        (status(*range(500, 600)),      TransientError, "server_error"),
+        (status(400, 422),              PermanentError, "invalid_request"),
+        (status(401, 403),              PermanentError, "auth"),
+        (status(404),                   PermanentError, "not_found"),
+        (status(413, 431),              PermanentError, "too_large"),
+    )  # fmt: skip
+
+
 COMMON: Table = (
     (httpx2.TimeoutException,        TransientError, "timeout"),
     (httpx2.TransportError,          TransientError, "connection"),

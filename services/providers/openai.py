@@ -11,7 +11,6 @@ exactly one ``ProviderError``, chosen by ``TABLE``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +22,13 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from schemas.results import Usage
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
-from services.providers.base import Reply
+from services.providers.base import Reply, sdk_params, split_known
 from services.providers.classify import (
     COMMON,
     MalformedResponse,
     Predicate,
     Table,
+    by_status,
     classify_with,
 )
 
@@ -112,16 +112,7 @@ TABLE: Table = (
     (_midstream(*_SERVER_ERRORS),                              TransientError, "server_error"),
     (_midstream("timeout", "timeout_error"),                   TransientError, "timeout"),
     (_midstream("invalid_request_error"),                      PermanentError, "invalid_request"),
-    (_status(429),                                             RateLimited,    "rate_limited"),
-    (_status(408),                                             TransientError, "timeout"),
-    (_status(409),                                             TransientError, "conflict"),
-    (_status(499),                                             TransientError, "connection"),
-    (_status(529),                                             TransientError, "overloaded"),
-    (_status(*range(500, 600)),                                TransientError, "server_error"),
-    (_status(400, 422),                                        PermanentError, "invalid_request"),
-    (_status(401, 403),                                        PermanentError, "auth"),
-    (_status(404),                                             PermanentError, "not_found"),
-    (_status(413, 431),                                        PermanentError, "too_large"),
+    *by_status(_status),
     (openai.APIError,                                          TransientError, "unknown"),
     # Raised only by the SDK's parse helpers; the same request would end the same way.
     (openai.LengthFinishReasonError,                           PermanentError, "length"),
@@ -137,28 +128,6 @@ def classify(exc: BaseException) -> ProviderError:
     return classify_with(TABLE, exc)
 
 
-def _params(method: Any) -> frozenset[str]:
-    """The request fields ``method`` takes as keywords (not its transport options)."""
-    names = inspect.signature(method).parameters
-    return frozenset(names) - {"extra_headers", "extra_query", "extra_body", "timeout"}
-
-
-def _split(body: dict[str, Any], known: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword arguments the SDK knows, and the rest, sent as-is in the JSON body."""
-    if known.issuperset(body):
-        return body, {}
-    kwargs = {k: v for k, v in body.items() if k in known}
-    extra = {k: v for k, v in body.items() if k not in known}
-    return kwargs, extra
-
-
-def _usage(usage: CompletionUsage | None) -> Usage:
-    if usage is None:
-        return Usage()
-    return Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
-
-
-@dataclass
 class _ToolCall:
     id: str | None = None
     type: str = "function"
@@ -171,6 +140,12 @@ class _ToolCall:
             "type": self.type,
             "function": {"name": self.name, "arguments": "".join(self.arguments)},
         }
+
+
+def _usage(usage: CompletionUsage | None) -> Usage:
+    if usage is None:
+        return Usage()
+    return Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
 
 
 @dataclass
@@ -280,7 +255,7 @@ class OpenAIProvider:
             default_headers=extra_headers,
             http_client=openai.DefaultAioHttpClient(timeout=timeout, limits=limits),
         )
-        self._params = _params(self._client.chat.completions.create)
+        self._params = sdk_params(self._client.chat.completions.create)
 
     async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
         """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
@@ -295,7 +270,7 @@ class OpenAIProvider:
     async def _create(
         self, model: str, request: dict[str, Any], headers: dict[str, str] | None
     ) -> Reply:
-        kwargs, extra = _split({**request, "model": model}, self._params)
+        kwargs, extra = split_known({**request, "model": model}, self._params)
         completion = await self._client.chat.completions.create(
             **kwargs, extra_headers=headers, extra_body=extra or None
         )
@@ -313,7 +288,7 @@ class OpenAIProvider:
     ) -> Reply:
         stream_options = {**(request.get("stream_options") or {}), "include_usage": True}
         body = {**request, "model": model, "stream": True, "stream_options": stream_options}
-        kwargs, extra = _split(body, self._params)
+        kwargs, extra = split_known(body, self._params)
         stream = await self._client.chat.completions.create(
             **kwargs, extra_headers=headers, extra_body=extra or None
         )
