@@ -93,7 +93,8 @@ async def test_drain_interrupted_then_rerun_loses_and_duplicates_nothing(
 ) -> None:
     """SIGINT in the middle of a drain, then a rerun: every job is parked exactly once,
     and after resume every job has exactly one result."""
-    ids = await _submit(settings, 600)
+    # Enough jobs that the drain is still busy when the SIGINT lands.
+    ids = await _submit(settings, 3000)
     code, _, err = await cli(settings, "pause", "anthropic")
     assert code == 0, err
 
@@ -103,11 +104,11 @@ async def test_drain_interrupted_then_rerun_loses_and_duplicates_nothing(
     await _interrupt_midway(settings, js, ["drain", "anthropic"], some_parked)
     waiting, parked = await _messages(js, s.JOBS_STREAM), await _messages(js, s.PARKED_STREAM)
     assert waiting > 0 and parked > 0
-    assert 600 <= waiting + parked <= 601  # at most one job caught between the two steps
+    assert 3000 <= waiting + parked <= 3001  # at most one job caught between the two steps
     code, _, err = await cli(settings, "drain", "anthropic", "--json")
     assert code == 0, err
     assert await _messages(js, s.JOBS_STREAM) == 0
-    assert await _messages(js, s.PARKED_STREAM) == 600
+    assert await _messages(js, s.PARKED_STREAM) == 3000
     await cli(settings, "resume", "anthropic")
     async with (
         running_worker(settings),
@@ -115,9 +116,9 @@ async def test_drain_interrupted_then_rerun_loses_and_duplicates_nothing(
         await Producer.connect(settings) as p,
     ):
         results = await p.results(ids, timeout=120)
-    assert len(results) == 600
+    assert len(results) == 3000
     counts = await count_outcomes(js)
-    assert counts["results"] == counts["result_writes"] == counts["succeeded"] == 600
+    assert counts["results"] == counts["result_writes"] == counts["succeeded"] == 3000
 
 
 async def test_drain_filters_and_refuses_a_closed_provider(settings: Settings, js: Any) -> None:
@@ -158,7 +159,7 @@ async def test_replay_dead_letters_after_a_key_rotation(
     await _interrupt_midway(
         settings,
         js,
-        ["replay", "anthropic", "--from", "dead", "--reason", "auth", "--rate", "300"],
+        ["replay", "anthropic", "--from", "dead", "--reason", "auth", "--rate", "60"],
         some_replayed,
     )
     left = await _messages(js, s.DEAD_STREAM)
