@@ -1,1 +1,133 @@
 """``ridethrough bench``: measure the hot path against baselines in the same run."""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services.cli import JsonFlag, app, fail, print_json, run, settings_for
+
+
+class ScenarioName(StrEnum):
+    """The scenarios of ``ridethrough bench`` (see ``services.bench``)."""
+
+    publish = "publish"
+    worker = "worker"
+    provider = "provider"
+    replay = "replay"
+    latency = "latency"
+
+
+class ChildKind(StrEnum):
+    """What ``bench-child`` runs."""
+
+    worker = "worker"
+    raw = "raw"
+    sdk = "sdk"
+
+
+@app.command()
+def bench(
+    scenario: Annotated[
+        list[ScenarioName] | None,
+        typer.Option("--scenario", "-s", help="Run only this scenario (repeatable)."),
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option(min=10, help="Jobs per run of publish, worker, replay and latency.")
+    ] = 20_000,
+    provider_jobs: Annotated[
+        int, typer.Option(min=10, help="Jobs per run of the provider scenario.")
+    ] = 4_000,
+    in_flight: Annotated[
+        int, typer.Option(min=1, help="Provider calls in flight (provider scenario).")
+    ] = 1_000,
+    latency_ms: Annotated[
+        float, typer.Option(min=0.0, help="Latency of the fake provider (provider scenario).")
+    ] = 1_000.0,
+    latency_s: Annotated[
+        float, typer.Option(min=0.1, help="Seconds of paced load in the latency scenario.")
+    ] = 6.0,
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per figure (the median is kept).")] = 5,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw the ratios into this PNG (needs matplotlib).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where the embedded nats-server stores (default: temp).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure each hot path next to a baseline in the same run, on this machine.
+
+    Starts its own nats-servers, worker and replayer processes and the fake provider
+    (no existing NATS is touched), and prints a table; with --json, one object
+    {scenario: {"ours", "baseline", "ratio", "unit", ...}}.
+    """
+    from services import bench as b
+
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install matplotlib (or the `dev` extra)")
+    logging.basicConfig(level=logging.WARNING)
+    opts = b.BenchOptions(
+        scenarios=tuple(s.value for s in scenario) if scenario else b.SCENARIOS,
+        jobs=jobs,
+        provider_jobs=provider_jobs,
+        in_flight=in_flight,
+        latency_ms=latency_ms,
+        latency_s=latency_s,
+        repeat=repeat,
+        data_dir=data_dir,
+    )
+    settings = settings_for(None)
+    if as_json:
+        figures = run(b.run_bench(settings, opts))
+        print_json({name: f.as_json() for name, f in figures.items()})
+    else:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        with console.status("ridethrough bench") as status:
+            figures = run(b.run_bench(settings, opts, lambda text: status.update(text)))
+        Console().print(b.table(figures, b.machine()))
+    if plot is not None:
+        b.plot(figures, plot)
+
+
+@app.command("bench-child", hidden=True)
+def bench_child(
+    kind: ChildKind,
+    batch: Annotated[int, typer.Option(min=1)] = 64,
+    jobs: Annotated[int, typer.Option(min=1)] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1)] = 1000,
+    out: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """A process ``ridethrough bench`` starts: a worker with the instant provider, the raw
+    nats-py loop, or the bare SDK loop. Settings come from the environment."""
+    from services import bench as b
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = settings_for(None)
+    if kind is ChildKind.worker:
+        from services.providers.base import Provider
+        from services.worker.app import run_worker
+
+        providers: dict[str, Provider] = {n: b.InstantProvider(n) for n in settings.providers}
+        run(run_worker(settings, providers, apply_topology=False))
+    elif kind is ChildKind.raw:
+        run(b.raw_worker_loop(settings, batch))
+    else:
+        outcome = run(b.sdk_loop(settings, jobs, concurrency))
+        if out is None:
+            print_json(outcome)
+        else:
+            tmp = out.with_suffix(".tmp")
+            import msgspec
+
+            tmp.write_bytes(msgspec.json.encode(outcome))
+            tmp.replace(out)

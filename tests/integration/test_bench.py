@@ -1,0 +1,87 @@
+"""``ridethrough bench`` at tiny sizes: it keeps working. No figure is asserted on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from services.bench import SCENARIOS, Figure, InstantProvider
+from tests.support import ROOT
+
+pytestmark = pytest.mark.integration
+
+TINY = (
+    "--jobs", "200", "--provider-jobs", "60", "--in-flight", "20", "--latency-ms", "20",
+    "--latency-s", "0.5", "--repeat", "1",
+)  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    drop = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "NATS_URL")
+    env = {
+        k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RIDETHROUGH_")
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def test_bench_json_reports_every_scenario() -> None:
+    """`bench --json` at tiny sizes prints one object with all five scenarios, each with
+    positive numbers, a null baseline and ratio only for latency, and the worker's RSS."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "services", "bench", "--json", *TINY],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) == set(SCENARIOS)
+    for name, figure in report.items():
+        assert figure["ours"] > 0 and figure["unit"], name
+        if name == "latency":
+            assert figure["baseline"] is None and figure["ratio"] is None
+            assert figure["p99_ms"] >= figure["ours"]
+        else:
+            assert figure["baseline"] > 0 and figure["ratio"] > 0, name
+            assert figure["ratio"] == pytest.approx(figure["ours"] / figure["baseline"], rel=1e-2)
+    assert report["provider"]["peak_rss_mb"] > 0
+
+
+def test_bench_rejects_an_unknown_scenario() -> None:
+    """An unknown --scenario is a usage error: exit 2 and one line on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "services", "bench", "--scenario", "nosuch"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "nosuch" in proc.stderr
+
+
+async def test_instant_provider_answers_without_io() -> None:
+    """The bench's instant provider returns its canned reply and counts the call."""
+    provider = InstantProvider("anthropic")
+    reply = await provider.call("claude-bench", {"messages": []})
+    assert reply.usage.output_tokens > 0 and reply.response["content"]
+    assert provider.calls == 1
+    await provider.aclose()
+
+
+def test_figure_ratio_and_target() -> None:
+    """A figure's ratio is ours/baseline; the RSS budget counts toward its target."""
+    assert Figure(8.0, 10.0, "jobs/s", 0.7).met is True
+    assert Figure(6.0, 10.0, "jobs/s", 0.7).met is False
+    assert Figure(8.0, 10.0, "calls/s", 0.7, extra={"peak_rss_mb": 400.0}).met is False
+    latency = Figure(12.0, None, "ms p50")
+    assert latency.ratio is None and latency.met is None
+    assert latency.as_json()["baseline"] is None
