@@ -7,6 +7,7 @@ connection error. Every error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -53,6 +54,9 @@ def settings_for(nats_url: str | None) -> Settings:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning our errors into one-line exits."""
+    # Ctrl-C must interrupt every command safely, even when the parent started us with
+    # SIGINT ignored (a background job): asyncio.run only handles it if it is the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return asyncio.run(coro)
     except ResultTimeout as exc:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -114,8 +114,23 @@ async def _run_recovery_service(
         async with health_file_beating(health_path, lambda: nats_connected(nc)):
             await _until_signalled()
     finally:
-        await service.stop()
-        await nc.drain()
+        try:
+            # Bounded: whatever is left unacked is redelivered to the next replica after
+            # ack_wait, and the lease lapses by itself, so a stuck stop loses nothing.
+            await asyncio.wait_for(_stop(service, nc), _STOP_BUDGET_S)
+        except TimeoutError:
+            logging.getLogger(f"ridethrough.{role}").warning(
+                "%s did not stop within %.0fs; exiting anyway", role, _STOP_BUDGET_S
+            )
+
+
+#: Longest a prober or replayer may take to stop before it exits regardless.
+_STOP_BUDGET_S = 15.0
+
+
+async def _stop(service: Prober | Replayer, nc: Any) -> None:
+    await service.stop()
+    await nc.drain()
 
 
 @app.command()
