@@ -107,7 +107,8 @@ class Puller:
                 pull["expires"] = max(int(left * 1e9) - 100_000, 1)
             await self._nc.publish(self._subject, json.dumps(pull).encode(), reply=self._inbox)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
             ended = self._ended
             if ended is not None and not self._got:
                 status = ended.headers.get(api.Header.STATUS) if ended.headers else None
@@ -224,6 +225,12 @@ class Replayer:
 
         try:
             while True:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # On Python 3.11 a wait_for whose result came with the cancellation
+                    # returns the result and drops the cancellation: stop() then waited
+                    # forever (seen when stopping mid-replay).
+                    raise asyncio.CancelledError
                 state = self.board.state(name)
                 now = time.monotonic()
                 if not lease.held or state not in ("half_open", "closed"):
