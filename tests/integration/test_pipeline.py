@@ -214,8 +214,8 @@ async def test_transient_errors_retry_until_attempts_run_out(
     assert result.error is not None and result.error.type == "retries_exhausted"
     assert result.attempts == settings.worker.max_attempts
     assert fake_provider.counters()["by_path"]["/v1/messages"] == settings.worker.max_attempts
-    counts = await count_outcomes(js)
-    assert counts["dead"] == 1 and counts["results"] == 1
+    assert (await js.stream_info(s.DEAD_STREAM)).state.messages == 1
+    assert (await js.stream_info(s.RESULTS_STREAM)).state.messages == 1
 
 
 async def test_steady_trickle_is_never_redelivered(
