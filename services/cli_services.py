@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -85,11 +86,19 @@ def worker(
     run(_serve_worker(settings, providers, topology, health_file))
 
 
+def _freeze_heap() -> None:
+    """Keep what a long-running service allocated to start (modules, settings, SDK
+    clients: hundreds of thousands of objects) out of the cyclic GC's scans. Measured
+    with ``ridethrough bench -s replay``: 0.52 → 0.56 of the baseline."""
+    gc.freeze()
+
+
 async def _serve_worker(
     settings: Settings, providers: dict[str, Provider], topology: bool, health_path: Path | None
 ) -> None:
     """The worker's FastStream app, beating the health file while its broker is connected."""
     app, w = build_app(settings, providers, apply_topology=topology)
+    _freeze_heap()
     async with health_file_beating(health_path, lambda: nats_connected(w.broker)):
         await app.run()
 
@@ -109,6 +118,7 @@ async def _run_recovery_service(
     else:
         service = Replayer(nc.jetstream(), settings, owner=service_owner(role))
     await service.start()
+    _freeze_heap()
     logging.getLogger(f"ridethrough.{role}").info("%s running", role)
     try:
         async with health_file_beating(health_path, lambda: nats_connected(nc)):
