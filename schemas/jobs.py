@@ -56,6 +56,10 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     fallbacks: list[Target] = msgspec.field(default_factory=list)
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     created_at: Timestamp = msgspec.field(default_factory=_now)
+    #: Whose job this is. A job with a tenant has its result on
+    #: ``ai.results.<tenant>.<job_id>``, which NATS permissions can give to that
+    #: tenant's producers alone; without one, on ``ai.results.<job_id>``.
+    tenant: Token | None = None
 
 
 _decoder = msgspec.json.Decoder(Job)

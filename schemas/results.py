@@ -1,9 +1,10 @@
-"""The result of a job, stored once per job on ``ai.results.<job_id>``."""
+"""The result of a job, stored once per job on ``ai.results.<job_id>``
+(``ai.results.<tenant>.<job_id>`` for a job of a tenant)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -57,6 +58,8 @@ class JobResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     timings: Timings = msgspec.field(default_factory=Timings)
     finished_at: Timestamp = msgspec.field(default_factory=_now)
     worker: str = ""
+    #: The job's tenant ("" for none): the result is stored on ``result_subject(job_id, tenant)``.
+    tenant: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,128}$")] = ""
 
 
 _decoder = msgspec.json.Decoder(JobResult)

@@ -60,9 +60,11 @@ def parked_filter(provider: str) -> str:
     return f"ai.parked.{provider}.*"
 
 
-def result_subject(job_id: str) -> str:
-    """Subject the one result of ``job_id`` is stored on."""
-    return f"ai.results.{job_id}"
+def result_subject(job_id: str, tenant: str | None = None) -> str:
+    """Subject the one result of ``job_id`` is stored on: ``ai.results.<job_id>``, or
+    ``ai.results.<tenant>.<job_id>`` for a job of a tenant (so that NATS permissions
+    on ``ai.results.<tenant>.*`` keep one tenant's results from the others)."""
+    return f"ai.results.{tenant}.{job_id}" if tenant else f"ai.results.{job_id}"
 
 
 def dead_subject(provider: str, reason: str) -> str:
@@ -81,7 +83,7 @@ OPS_EVENTS_SUBJECT: Final = "ai.events.ops"
 # providers (see ``jobs_filter``), so a job for an unknown provider is refused
 # at the producer instead of waiting forever for a consumer.
 PARKED_SUBJECTS: Final = ("ai.parked.*.*",)
-RESULTS_SUBJECTS: Final = ("ai.results.*",)
+RESULTS_SUBJECTS: Final = ("ai.results.*", "ai.results.*.*")
 DEAD_SUBJECTS: Final = ("ai.dead.*.*",)
 EVENTS_SUBJECTS: Final = ("ai.events.health.*", OPS_EVENTS_SUBJECT)
 

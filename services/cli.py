@@ -36,6 +36,14 @@ NatsUrl = Annotated[
     typer.Option("--nats-url", envvar="NATS_URL", help="NATS server URL(s), comma-separated."),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+Tenant = Annotated[
+    str | None,
+    typer.Option(
+        "--tenant",
+        envvar="RIDETHROUGH_TENANT",
+        help="The tenant the job belongs to (its result is on ai.results.<tenant>.<job_id>).",
+    ),
+]
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -44,10 +52,11 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def settings_for(nats_url: str | None) -> Settings:
-    """Settings from the environment, with ``--nats-url`` on top."""
+def settings_for(nats_url: str | None, tenant: str | None = None) -> Settings:
+    """Settings from the environment, with ``--nats-url`` (and ``--tenant``) on top."""
+    overrides = {k: v for k, v in (("nats_url", nats_url), ("tenant", tenant)) if v is not None}
     try:
-        return load_settings(nats_url=nats_url) if nats_url else load_settings()
+        return load_settings(**overrides)
     except ConfigError as exc:
         fail(str(exc))
 

@@ -12,6 +12,7 @@ from services.cli import (
     EXIT_OK,
     JsonFlag,
     NatsUrl,
+    Tenant,
     app,
     fail,
     print_json,
@@ -55,11 +56,12 @@ def submit(
     ] = False,
     wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.", min=0)] = 120.0,
+    tenant: Tenant = None,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
     """Submit one job (a single user message); print its id, or with --wait its result."""
-    settings = settings_for(nats_url)
+    settings = settings_for(nats_url, tenant)
     request: dict[str, object] = {
         "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": prompt}],
@@ -93,11 +95,12 @@ def result(
     wait: Annotated[
         float | None, typer.Option(help="Seconds to wait for the result to arrive.", min=0)
     ] = None,
+    tenant: Tenant = None,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
     """Print a job's result (exit 1 if it failed, or is not there within --wait)."""
-    settings = settings_for(nats_url)
+    settings = settings_for(nats_url, tenant)
 
     async def go() -> int:
         async with await Producer.connect(settings) as producer:

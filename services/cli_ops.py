@@ -29,6 +29,7 @@ from services.cli import (
     EXIT_OK,
     JsonFlag,
     NatsUrl,
+    Tenant,
     app,
     fail,
     print_json,
@@ -467,12 +468,13 @@ def dead_purge(
 @jobs_app.command("show")
 def jobs_show(
     job_id: Annotated[str, typer.Argument(help="The job id.")],
+    tenant: Tenant = None,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
     """Where a job is now (waiting, in flight, parked, dead, done), its attempts and history."""
-    settings = settings_for(nats_url)
-    found = _with_js(settings, lambda js: locate_job(js, job_id))
+    settings = settings_for(nats_url, tenant)
+    found = _with_js(settings, lambda js: locate_job(js, job_id, settings.tenant))
     if as_json:
         print_json(found)
     else:

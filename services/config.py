@@ -202,6 +202,10 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("RIDETHROUGH_OPENAI_API_KEY", "OPENAI_API_KEY")
     )
     nats_url: str | None = Field(None, validation_alias=AliasChoices("NATS_URL"))
+    tenant: str | None = Field(
+        None,
+        description="the tenant a producer (and the CLI's submit, result, jobs show) acts for",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -210,6 +214,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"provider name {name!r} must be a subject token (A-Z a-z 0-9 _ -)"
                 )
+        if self.tenant is not None and not is_token(self.tenant):
+            raise ValueError(f"tenant {self.tenant!r} must be a subject token (A-Z a-z 0-9 _ -)")
         return self
 
     def provider_key(self, name: str) -> str | None:

@@ -75,10 +75,13 @@ async def import_results(
         except (msgspec.ValidationError, msgspec.DecodeError):
             counts["invalid"] += 1
             continue
+        if not s.is_token(result.job_id):  # it would land on another job's subject
+            counts["invalid"] += 1
+            continue
         try:
             # Only if the job has no result yet: an import never overwrites.
             await js.publish(
-                s.result_subject(result.job_id),
+                s.result_subject(result.job_id, result.tenant),
                 encode(result),
                 headers={s.EXPECTED_LAST_SUBJECT_SEQ: "0"},
             )

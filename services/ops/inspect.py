@@ -72,12 +72,16 @@ async def purge_dead(js: JetStreamContext, provider: str | None, reason: str | N
     return count
 
 
-async def locate_job(js: JetStreamContext, job_id: str) -> dict[str, Any]:
-    """Where job ``job_id`` is now, its attempts, and its history from AI_EVENTS."""
+async def locate_job(
+    js: JetStreamContext, job_id: str, tenant: str | None = None
+) -> dict[str, Any]:
+    """Where job ``job_id`` (of ``tenant``) is now, its attempts, and its history from
+    AI_EVENTS."""
     where: dict[str, Any] = {"job_id": job_id, "where": "unknown", "attempts": None}
     outage_ids: set[str] = set()
     try:
-        raw = await js.get_last_msg(s.RESULTS_STREAM, s.result_subject(job_id), direct=True)
+        subject = s.result_subject(job_id, tenant)
+        raw = await js.get_last_msg(s.RESULTS_STREAM, subject, direct=True)
         result = decode_result(raw.data or b"")
         where.update(where="done", status=result.status, attempts=result.attempts)
         where["result"] = msgspec.to_builtins(result)

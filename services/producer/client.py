@@ -126,15 +126,29 @@ def _publish_error(
 class Producer:
     """Submits jobs and reads results over one NATS connection."""
 
-    def __init__(self, nc: Client, *, ack_timeout_s: float = 5.0, own_connection: bool = False):
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        ack_timeout_s: float = 5.0,
+        own_connection: bool = False,
+        tenant: str | None = None,
+    ):
+        if tenant is not None and not is_token(tenant):
+            raise InvalidJob(f"tenant {tenant!r} is not a subject token (A-Z a-z 0-9 _ -)")
         self.nc = nc
+        #: Every job this producer submits is this tenant's, and its results are
+        #: looked up on ``ai.results.<tenant>.<job_id>``.
+        self.tenant = tenant
         self.js = nc.jetstream(publish_async_max_pending=_MAX_PENDING)
         self.ack_timeout_s = ack_timeout_s
         self._own = own_connection
 
     @classmethod
     async def connect(cls, settings: Settings, **kwargs: Any) -> Producer:
-        """Connect to NATS with ``settings`` and return a producer owning that connection."""
+        """Connect to NATS with ``settings`` and return a producer owning that connection
+        (for ``settings.tenant`` unless ``tenant=`` says otherwise)."""
+        kwargs.setdefault("tenant", settings.tenant)
         nc = await connect(settings, name="ridethrough-producer")
         return cls(nc, own_connection=True, **kwargs)
 
@@ -162,6 +176,14 @@ class Producer:
             checked = validate_job(job)
             if key is not None:
                 checked = msgspec.structs.replace(checked, id=job_id_for_key(key))
+            data = encode(checked)
+        if self.tenant is not None and checked.tenant != self.tenant:
+            if checked.tenant is not None:
+                raise InvalidJob(
+                    f"job {checked.id} is for tenant {checked.tenant!r}; "
+                    f"this producer submits for {self.tenant!r}"
+                )
+            checked = msgspec.structs.replace(checked, tenant=self.tenant)
             data = encode(checked)
         limit = self.nc.max_payload
         if limit and len(data) > limit:
@@ -262,7 +284,7 @@ class Producer:
         if not is_token(job_id):
             raise InvalidJob(f"`job_id` {job_id!r} is not a valid job id")
         self._check_connected()
-        subject = result_subject(job_id)
+        subject = result_subject(job_id, self.tenant)
         # Subscribe before looking, so a result published in between is not missed.
         # The stream stores a message a moment after routing it to subscribers, so a
         # result can slip between the two; looking again now and then closes that gap.
@@ -290,7 +312,9 @@ class Producer:
     async def peek_result(self, job_id: str) -> JobResult | None:
         """The stored result of ``job_id``, or ``None`` if there is none yet."""
         try:
-            raw = await self.js.get_last_msg(RESULTS_STREAM, result_subject(job_id), direct=True)
+            raw = await self.js.get_last_msg(
+                RESULTS_STREAM, result_subject(job_id, self.tenant), direct=True
+            )
         except nats.js.errors.NotFoundError:
             return None
         except nats.errors.TimeoutError as exc:

@@ -41,10 +41,12 @@ from schemas.parking import DeadLetter, decode_parked
 from schemas.results import ErrorInfo, JobResult
 from schemas.subjects import (
     CONTROL_BUCKET,
+    EXPECTED_LAST_SUBJECT_SEQ,
     MSG_ID_HEADER,
     PARKED_STREAM,
     PRIORITIES,
     REPLAY_HEADER,
+    WRONG_LAST_SEQUENCE,
     dead_subject,
     jobs_subject,
     parked_filter,
@@ -409,6 +411,8 @@ class Replayer:
         return done
 
     async def _expire(self, msg: Msg, job: Any, attempts: int) -> None:
+        """End a job whose deadline passed while parked with an ``expired`` result, unless
+        it has a result already (a copy of it ran): the write is conditional, as a worker's."""
         result = JobResult(
             job_id=job.id,
             status="expired",
@@ -417,10 +421,17 @@ class Replayer:
             error=ErrorInfo(type="expired", message="deadline passed while parked"),
             attempts=attempts,
             worker=self.owner,
+            tenant=job.tenant or "",
         )
-        await self.js.publish(
-            result_subject(job.id), encode(result), headers={MSG_ID_HEADER: job.id}
-        )
+        try:
+            await self.js.publish(
+                result_subject(job.id, job.tenant),
+                encode(result),
+                headers={MSG_ID_HEADER: job.id, EXPECTED_LAST_SUBJECT_SEQ: "0"},
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
         await msg.ack()
 
     async def _dead_invalid(self, name: str, msg: Msg, message: str) -> None:

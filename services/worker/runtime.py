@@ -152,7 +152,7 @@ class JobRunner:
             return
 
         replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
-        if (attempts > 1 or replay) and await self._has_result(job.id, replayed=bool(replay)):
+        if (attempts > 1 or replay) and await self._has_result(job, replayed=bool(replay)):
             self.stats.duplicates_skipped += 1
             await msg.ack()
             return
@@ -345,11 +345,12 @@ class JobRunner:
             return True
         return False
 
-    async def _has_result(self, job_id: str, *, replayed: bool) -> bool:
+    async def _has_result(self, job: Job, *, replayed: bool) -> bool:
         """Whether the job already has its result. A replayed job (say, from the dead
         letters after a key rotation) may replace a ``failed`` result, nothing else."""
+        subject = result_subject(job.id, job.tenant)
         try:
-            raw = await self.js.get_last_msg(RESULTS_STREAM, result_subject(job_id), direct=True)
+            raw = await self.js.get_last_msg(RESULTS_STREAM, subject, direct=True)
         except nats.js.errors.NotFoundError:
             return False
         return not replayed or decode_result(raw.data or b"").status != "failed"
@@ -362,16 +363,17 @@ class JobRunner:
         # A replay gets its own dedup id, or the dedup window would swallow a result
         # that replaces the ``failed`` one of an earlier attempt.
         msg_id = f"{job.id}:r{replay}" if replay else job.id
+        subject = result_subject(job.id, job.tenant)
+        if job.tenant:
+            result = msgspec.structs.replace(result, tenant=job.tenant)
         expect = 0
         if replay and replay.startswith("d"):  # from the dead letters: may replace `failed`
             with contextlib.suppress(nats.js.errors.NotFoundError):
-                raw = await self.js.get_last_msg(
-                    RESULTS_STREAM, result_subject(job.id), direct=True
-                )
+                raw = await self.js.get_last_msg(RESULTS_STREAM, subject, direct=True)
                 expect = int(raw.seq or 0)
         try:
             await self.js.publish(
-                result_subject(job.id),
+                subject,
                 encode(result),
                 timeout=self.publish_timeout_s,
                 headers={MSG_ID_HEADER: msg_id, EXPECTED_LAST_SUBJECT_SEQ: str(expect)},

@@ -30,15 +30,17 @@ from schemas import subjects as s
 from services.config import NatsSettings, ProviderSettings, Settings
 from services.connection import connect
 from services.devstack import NatsServer
+from services.errors import InvalidJob
 from services.producer import Producer, make_job
 from services.stack import ServiceProcess
 from services.topology import ensure_topology
 from tests.conftest import make_settings
 from tests.support import count_outcomes, read_stream, wait_until
+from tests.unit.test_deploy_files import password_variable
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_CONF = ROOT / "deploy" / "nats" / "auth.conf"
-ROLES = ("producer", "worker", "prober", "replayer", "operator", "sys")
+ROLES = ("producer", "tenant-acme", "worker", "prober", "replayer", "operator", "sys")
 
 
 def inbox_prefix(role: str) -> str:
@@ -83,7 +85,7 @@ def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Secured
     for role, password in passwords.items():
         # nats-server reads $RIDETHROUGH_<ROLE>_PASSWORD; our child processes do not see
         # these (child_env drops every RIDETHROUGH_* variable and sets its own).
-        monkeypatch.setenv(f"RIDETHROUGH_{role.upper()}_PASSWORD", password)
+        monkeypatch.setenv(password_variable(role), password)
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir()
     shutil.copy(AUTH_CONF, conf_dir / "auth.conf")
@@ -359,6 +361,82 @@ async def test_a_role_cannot_do_the_work_of_others(secured: SecuredNats, role: s
         assert job_id
     finally:
         await operator.close()
+
+
+@pytest.mark.integration
+async def test_a_tenant_reads_its_own_results_and_no_one_elses(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """acme's producers (user tenant-acme, RIDETHROUGH_TENANT=acme) submit jobs and read
+    their results, stored on ai.results.acme.<job_id>; they are refused the results of
+    tenant globex and of jobs without a tenant, to look up and to wait on, and the
+    `producer` user is refused acme's. Every job ends in one result."""
+    base = make_settings(secured.url, fake_provider.url)
+    by_role = {role: secured.settings(base, role) for role in ROLES}
+    nc = await connect(by_role["operator"], name="operator")
+    js = nc.jetstream()
+    await ensure_topology(js, by_role["operator"])
+    procs = _services(by_role, tmp_path, ("worker", "--no-topology"))
+
+    def job(text: str, **fields: Any) -> Any:
+        return make_job("anthropic", "m", prompt=text, max_tokens=8, **fields)
+
+    try:
+        acme_settings = by_role["tenant-acme"].with_changes(tenant="acme")
+        async with (
+            await Producer.connect(acme_settings) as acme,
+            await Producer.connect(by_role["producer"]) as plain,
+        ):
+            globex = Producer(nc, tenant="globex")  # the operator, submitting for globex
+            mine = [await acme.submit(job(f"acme {i}")) for i in range(3)]
+            got = await acme.results(mine, timeout=60)
+            theirs = await globex.submit(job("globex"))
+            assert (await globex.result(theirs, timeout=60)).tenant == "globex"
+            untenanted = await plain.submit(job("nobody's"))
+            assert (await plain.result(untenanted, timeout=60)).tenant == ""
+            with pytest.raises(InvalidJob, match="tenant 'globex'"):
+                await acme.submit(job("sneaky", tenant="globex"))
+        assert {r.status for r in got.values()} == {"succeeded"}
+        assert {r.tenant for r in got.values()} == {"acme"}
+        stored = await js.get_last_msg(s.RESULTS_STREAM, f"ai.results.acme.{mine[0]}")
+        assert stored.data and b'"tenant":"acme"' in stored.data
+
+        acme_client = await RoleClient.connect(secured, "tenant-acme")
+        plain_client = await RoleClient.connect(secured, "producer")
+        lookup = f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}."
+        refusals = [
+            (acme_client, s.result_subject(theirs, "globex")),
+            (acme_client, s.result_subject(untenanted)),
+            (plain_client, s.result_subject(mine[0], "acme")),
+        ]
+        try:
+            for client, subject in refusals:
+                await client.refused(
+                    lookup + subject,
+                    lambda c=client, subj=subject: c.js.get_last_msg(  # type: ignore[misc]
+                        s.RESULTS_STREAM, subj, direct=True
+                    ),
+                )
+            for wait_on in ("ai.results.globex.*", "ai.results.*", "ai.results.>"):
+                await acme_client.refused(wait_on, lambda w=wait_on: acme_client.nc.subscribe(w))  # type: ignore[misc]
+            await plain_client.refused(
+                "ai.results.acme.*", lambda: plain_client.nc.subscribe("ai.results.acme.*")
+            )
+            await acme_client.refused(
+                f"$JS.API.STREAM.MSG.GET.{s.RESULTS_STREAM}",
+                lambda: acme_client.js.get_last_msg(
+                    s.RESULTS_STREAM, s.result_subject(theirs, "globex")
+                ),
+            )  # the lookup whose subject is in the payload, not in the API subject
+        finally:
+            await acme_client.close()
+            await plain_client.close()
+        counts = await count_outcomes(js)
+    finally:
+        for p in procs:
+            p.terminate(timeout=30)
+        await nc.close()
+    assert counts["results"] == counts["result_writes"] == counts["succeeded"] == 5
 
 
 async def _keys(kv: Any) -> list[str]:

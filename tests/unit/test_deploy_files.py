@@ -142,13 +142,18 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
+def password_variable(user: str) -> str:
+    """The variable auth.conf reads ``user``'s password from."""
+    return f"RIDETHROUGH_{user.upper().replace('-', '_')}_PASSWORD"
+
+
 def auth_users() -> dict[str, dict[str, list[str]]]:
     """Users of deploy/nats/auth.conf: name → {"publish": [...], "subscribe": [...]}."""
     text = AUTH_CONF.read_text()
     text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     users: dict[str, dict[str, list[str]]] = {}
     for block in re.split(r"\buser:\s*", text)[1:]:
-        name = re.match(r"\w+", block)
+        name = re.match(r"[\w-]+", block)
         assert name is not None
         publish, _, subscribe = block.partition("subscribe:")
         users[name.group(0)] = {
@@ -235,7 +240,7 @@ def _nats_test(conf: Path, env: dict[str, str]) -> subprocess.CompletedProcess[s
 def test_nats_cluster_config_is_valid_and_refuses_missing_passwords() -> None:
     """nats-server accepts deploy/nats/nats.conf (with auth.conf) when every password is
     in its environment, and refuses to start when one is missing."""
-    passwords = {f"RIDETHROUGH_{u.upper()}_PASSWORD": "x" for u in auth_users()}
+    passwords = {password_variable(u): "x" for u in auth_users()}
     ok = _nats_test(DEPLOY / "nats" / "nats.conf", {"NATS_SERVER_NAME": "n1", **passwords})
     assert ok.returncode == 0, ok.stdout + ok.stderr
     passwords.pop("RIDETHROUGH_WORKER_PASSWORD")
@@ -248,7 +253,9 @@ def test_every_deployed_role_has_its_user_and_inbox() -> None:
     """Each role in compose and Kubernetes connects as a user of auth.conf, and its inbox
     prefix is the one that user may subscribe to."""
     users = auth_users()
-    assert set(users) == {"producer", "worker", "prober", "replayer", "operator", "sys"}
+    assert set(users) == {
+        "producer", "tenant-acme", "worker", "prober", "replayer", "operator", "sys"
+    }  # fmt: skip
     seen: list[tuple[str, str | None]] = []
     for name, svc in compose()["services"].items():
         env = svc.get("environment") or {}
@@ -277,6 +284,21 @@ def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
             assert "PURGE" not in subject and "DELETE" not in subject, (name, subject)
             assert "CREATE" not in subject and "UPDATE" not in subject, (name, subject)
         assert "_INBOX.>" not in perms["subscribe"], name
+
+
+def test_producers_read_their_own_results_only() -> None:
+    """Result lookups and waits are scoped: `producer` to results of jobs without a tenant
+    (one token after ai.results), a tenant's user to ai.results.<tenant>.*; no producer
+    may use the JetStream API whose subject does not name the result."""
+    lookup = f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}."
+    for name, perms in auth_users().items():
+        if not (name == "producer" or name.startswith("tenant-")):
+            continue
+        scope = "ai.results.*" if name == "producer" else f"ai.results.{name[7:]}.*"
+        reads = [p for p in perms["publish"] if p.startswith("$JS.")]
+        assert reads == [lookup + scope], (name, reads)
+        results = [p for p in perms["subscribe"] if p.startswith("ai.")]
+        assert results == [scope], (name, results)
 
 
 # --------------------------------------------------------------------------- Kubernetes
