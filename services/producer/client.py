@@ -34,6 +34,8 @@ from services.errors import (
     UnknownProvider,
 )
 
+#: First pause before publishing again to a stream without a leader (doubling to 0.5 s).
+_LEADERLESS_RETRY_S = 0.05
 #: How often result() looks at the stream again while it waits.
 _RECHECK_S = 1.0
 
@@ -102,6 +104,12 @@ class SubmitOutcome(msgspec.Struct, frozen=True):
         return self.error is None
 
 
+def _no_responders(exc: BaseException | None) -> bool:
+    """JetStream's "no responders": no stream listens on the subject, or the stream that
+    does has no leader for a moment (an election in a cluster)."""
+    return isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError)
+
+
 def _translate_publish_error(exc: BaseException, job: Job) -> RidethroughError:
     return _publish_error(exc, job.id, job.provider, jobs_subject(job.provider, job.priority))
 
@@ -109,7 +117,7 @@ def _translate_publish_error(exc: BaseException, job: Job) -> RidethroughError:
 def _publish_error(
     exc: BaseException, job_id: str, provider: str, subject: str
 ) -> RidethroughError:
-    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+    if _no_responders(exc):
         return UnknownProvider(
             f"no stream accepts {subject}: provider {provider!r} is not configured "
             "(or the topology was never created: run `ridethrough topology`)"
@@ -204,13 +212,40 @@ class Producer:
         checked, data, msg_id = self._prepare(job, idempotency_key)
         self._check_connected()
         subject = jobs_subject(checked.provider, checked.priority)
+        deadline = time.monotonic() + self.ack_timeout_s
+        delay = _LEADERLESS_RETRY_S
+        while True:
+            try:
+                await self.js.publish(
+                    subject, data, timeout=self.ack_timeout_s, headers={MSG_ID_HEADER: msg_id}
+                )
+                return checked.id
+            except Exception as exc:
+                if not _no_responders(exc) or not await self._stream_listens(subject, deadline):
+                    raise _translate_publish_error(exc, checked) from exc
+                # The stream is there without a leader: wait for the election, publishing
+                # again under the same msg id (a copy stored meanwhile is dropped).
+                if time.monotonic() + delay > deadline:
+                    raise NatsUnavailable(
+                        f"the stream for {subject} has had no leader for "
+                        f"{self.ack_timeout_s:g}s (a NATS node lost?); job {checked.id} was "
+                        "not accepted: submit it again with the same idempotency key"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def _stream_listens(self, subject: str, deadline: float) -> bool:
+        """Whether a stream listens on ``subject`` (after a "no responders"). When
+        JetStream cannot say in time (its own leader being elected too), assume one does:
+        the caller then reports NATS unavailable rather than an unknown provider."""
         try:
-            await self.js.publish(
-                subject, data, timeout=self.ack_timeout_s, headers={MSG_ID_HEADER: msg_id}
-            )
-        except Exception as exc:
-            raise _translate_publish_error(exc, checked) from exc
-        return checked.id
+            left = max(deadline - time.monotonic(), 0.1)
+            await asyncio.wait_for(self.js.find_stream_name_by_subject(subject), min(left, 1.0))
+        except nats.js.errors.NotFoundError:
+            return False
+        except Exception:  # timeouts, a refused request: cannot say
+            return True
+        return True
 
     async def submit_many(
         self,
@@ -224,7 +259,9 @@ class Producer:
         the others are still submitted.
         """
         jobs = list(jobs)
-        keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(jobs)
+        keys: list[str | None] = (
+            list(idempotency_keys) if idempotency_keys is not None else [None] * len(jobs)
+        )
         if len(keys) != len(jobs):
             raise InvalidJob("idempotency_keys must have one entry per job")
         self._check_connected()
@@ -276,7 +313,35 @@ class Producer:
                 )
             else:
                 outcomes[i] = SubmitOutcome(job_id, duplicate=bool(fut.result().duplicate))
+        leaderless = [
+            (i, job_id, subject)
+            for i, fut, job_id, subject in zip(sent, futures, ids, subjects, strict=True)
+            if fut.done() and not fut.cancelled() and _no_responders(fut.exception())
+        ]
+        if leaderless:
+            await self._submit_again(jobs, keys, leaderless, outcomes)
         return [o for o in outcomes if o is not None]
+
+    async def _submit_again(
+        self,
+        jobs: list[Job | Mapping[str, Any]],
+        keys: list[str | None],
+        refused: list[tuple[int, str, str]],
+        outcomes: list[SubmitOutcome | None],
+    ) -> None:
+        """Jobs refused with "no responders" (index, id, subject) go one by one through
+        ``submit``, which tells an unknown provider from a stream between leaders and
+        waits for the latter; once one job of a subject fails, the rest fail alike."""
+        failed: dict[str, RidethroughError] = {}
+        for i, job_id, subject in refused:
+            if subject in failed:
+                outcomes[i] = SubmitOutcome(job_id, failed[subject])
+                continue
+            try:
+                outcomes[i] = SubmitOutcome(await self.submit(jobs[i], idempotency_key=keys[i]))
+            except RidethroughError as exc:
+                failed[subject] = exc
+                outcomes[i] = SubmitOutcome(job_id, exc)
 
     async def result(self, job_id: str, timeout: float | None = 30.0) -> JobResult:
         """The result of ``job_id``: one stored before the call, or the one that arrives

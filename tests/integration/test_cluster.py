@@ -16,7 +16,7 @@ import pytest
 from schemas import subjects as s
 from services.config import Settings
 from services.connection import connect
-from services.errors import InvalidJob, JobRejected, NatsUnavailable
+from services.errors import InvalidJob, JobRejected, NatsUnavailable, UnknownProvider
 from services.producer import Producer, make_job
 from services.stack import ServiceProcess
 from services.topology import ensure_topology
@@ -151,6 +151,34 @@ async def _consumers_on(cluster: NatsCluster, want: dict[str, int]) -> bool:
     return True
 
 
+async def test_a_stream_without_a_leader_is_not_an_unknown_provider(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """AI_JOBS at one replica, its node SIGKILLed: the stream exists but has no leader, and
+    a publish gets "no responders", as for a provider nobody configured. The producer
+    tells the two apart: it waits its ack timeout, then says NATS is unavailable, while a
+    job for an unknown provider is still refused as such; once the node is back, the same
+    job submitted again (same key) is stored once."""
+    settings = make_settings(cluster.urls, "http://127.0.0.1:9")  # streams at one replica
+    async with jetstream(settings) as js:
+        home = (await js.stream_info(s.JOBS_STREAM)).cluster.leader
+        cluster.kill(home)
+        await asyncio.to_thread(cluster.wait_healthy)  # the others agree on a meta leader
+        job = make_job("anthropic", "m", prompt="patience", max_tokens=8)
+        async with await Producer.connect(settings, ack_timeout_s=2.0) as producer:
+            with pytest.raises(NatsUnavailable, match="no leader"):
+                await producer.submit(job, idempotency_key="patient-1")
+            with pytest.raises(UnknownProvider):
+                await producer.submit(make_job("nosuch", "m", prompt="x", max_tokens=8))
+            outcomes = await producer.submit_many([job], idempotency_keys=["patient-1"])
+            assert isinstance(outcomes[0].error, NatsUnavailable), outcomes
+            cluster.restart(home)
+            assert await producer.submit(job, idempotency_key="patient-1") == "patient-1"
+            again = await producer.submit_many([job], idempotency_keys=["patient-1"])
+            assert again[0].ok and again[0].duplicate, again
+        assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 1
+
+
 @pytest.mark.chaos
 async def test_losing_the_stream_leader_node_under_load_loses_no_job(
     cluster: NatsCluster, fake_provider: Any, tmp_path: Path
@@ -182,9 +210,8 @@ async def test_losing_the_stream_leader_node_under_load_loses_no_job(
                     except InvalidJob:
                         raise
                     except (NatsUnavailable, JobRejected):
-                        # Not acknowledged: NATS away, or AI_JOBS without a leader for a
-                        # moment (the producer then reports UnknownProvider: JetStream has
-                        # "no responders" in both cases). Submit again with the same key;
+                        # Not acknowledged: NATS away, or AI_JOBS without a leader for
+                        # longer than the ack timeout. Submit again with the same key;
                         # dedup drops a second copy.
                         retries += 1
                         await asyncio.sleep(0.2)

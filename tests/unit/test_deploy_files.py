@@ -289,14 +289,15 @@ def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
 def test_producers_read_their_own_results_only() -> None:
     """Result lookups and waits are scoped: `producer` to results of jobs without a tenant
     (one token after ai.results), a tenant's user to ai.results.<tenant>.*; no producer
-    may use the JetStream API whose subject does not name the result."""
+    may use the JetStream API whose subject does not name the result (besides listing
+    stream names, to tell an unknown provider from a stream between leaders)."""
     lookup = f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}."
     for name, perms in auth_users().items():
         if not (name == "producer" or name.startswith("tenant-")):
             continue
         scope = "ai.results.*" if name == "producer" else f"ai.results.{name[7:]}.*"
         reads = [p for p in perms["publish"] if p.startswith("$JS.")]
-        assert reads == [lookup + scope], (name, reads)
+        assert reads == [lookup + scope, "$JS.API.STREAM.NAMES"], (name, reads)
         results = [p for p in perms["subscribe"] if p.startswith("ai.")]
         assert results == [scope], (name, results)
 
