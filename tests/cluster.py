@@ -99,10 +99,27 @@ class NatsCluster:
         self.wait_healthy(timeout)
         return self
 
+    def formed(self) -> bool:
+        """Whether the JetStream meta group has a leader that sees every other running
+        node as a current peer. ``/healthz`` can be ok on every node before that, and an
+        R3 stream created then fails with "no suitable peers for placement"."""
+        running = [n for n in self.nodes if n.running]
+        try:
+            meta = running[0].monitor("/jsz").get("meta_cluster") or {}
+            leader = self.node(meta.get("leader") or "")
+            if not leader.running:
+                return False
+            seen = leader.monitor("/jsz").get("meta_cluster") or {}
+        except (KeyError, IndexError, OSError, urllib.error.URLError, ValueError):
+            return False
+        current = {r.get("name") for r in seen.get("replicas") or [] if r.get("current")}
+        return {n.name for n in running if n is not leader} <= current
+
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Wait (bounded) until every running node's ``/healthz`` is ok."""
+        """Wait (bounded) until every running node's ``/healthz`` is ok and the JetStream
+        meta group has formed over them."""
         deadline = time.monotonic() + timeout
-        while not all(n.healthy() for n in self.nodes if n.running):
+        while not (all(n.healthy() for n in self.nodes if n.running) and self.formed()):
             if time.monotonic() > deadline:
                 raise AssertionError(f"cluster not healthy within {timeout}s: see {self.root}")
             time.sleep(0.1)
@@ -116,7 +133,7 @@ class NatsCluster:
         node = self.node(name)
         node.server.start()
         deadline = time.monotonic() + timeout
-        while not node.healthy():
+        while not (node.healthy() and self.formed()):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{name} not healthy within {timeout}s after restart")
             time.sleep(0.1)
