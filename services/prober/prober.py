@@ -21,11 +21,11 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from schemas.subjects import CONTROL_BUCKET
-from services.breaker import HealthBoard, LeaseKeeper, transition
+from services.breaker import LeaseKeeper, transition
 from services.config import Settings
 from services.errors import ProviderError
 from services.providers.base import Provider
+from services.recovery import LeasedPerProvider
 
 log = logging.getLogger("ridethrough.prober")
 
@@ -43,8 +43,11 @@ def default_probe(settings: Settings, provider: str) -> tuple[str, dict[str, Any
     return model, request
 
 
-class Prober:
+class Prober(LeasedPerProvider):
     """Probes every provider it has an adapter for, one task each."""
+
+    lease = "probe"
+    log = log
 
     def __init__(
         self,
@@ -54,52 +57,15 @@ class Prober:
         *,
         owner: str,
     ) -> None:
-        self.js = js
+        super().__init__(js, settings, providers, owner=owner)
         self.providers = providers
-        self.settings = settings
-        self.owner = owner
-        self.board = HealthBoard(js, settings.providers, settings.breaker)
         self.probes: dict[str, int] = dict.fromkeys(providers, 0)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._leases: list[LeaseKeeper] = []
 
-    async def start(self) -> Prober:
-        """Start the board, the leases and one probing task per provider."""
-        await self.board.start()
-        control = await self.js.key_value(CONTROL_BUCKET)
-        for name in sorted(self.providers):
-            lease = LeaseKeeper(control, f"probe.{name}", self.owner, self.settings.replay.lease_s)
-            self._leases.append(lease.start())
-            self._tasks.append(asyncio.create_task(self._supervise(name, lease)))
-        return self
-
-    async def stop(self) -> None:
-        """Stop probing, give the leases up and close the provider clients."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for lease in self._leases:
-            await lease.stop()
-        await self.board.stop()
+    async def _stopped(self) -> None:
+        """Close the provider clients."""
         for provider in self.providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()
-
-    async def _supervise(self, name: str, lease: LeaseKeeper) -> None:
-        """Run ``_run`` for ``name``, starting it again after a NATS error (a node lost,
-        a stream without a leader for a moment): the task must outlive it, or the lease,
-        renewed by its own task, would keep every other replica from taking over."""
-        while True:
-            try:
-                await self._run(name, lease)
-            except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # being stopped: a timeout raced the cancellation
-                log.warning("probe of %s interrupted, resuming: %r", name, exc)
-                await asyncio.sleep(self.settings.breaker.board_poll_s)
 
     async def _run(self, name: str, lease: LeaseKeeper) -> None:
         b = self.settings.breaker

@@ -40,7 +40,6 @@ from schemas.jobs import encode
 from schemas.parking import DeadLetter, decode_parked
 from schemas.results import ErrorInfo, JobResult
 from schemas.subjects import (
-    CONTROL_BUCKET,
     EXPECTED_LAST_SUBJECT_SEQ,
     MSG_ID_HEADER,
     PARKED_STREAM,
@@ -53,8 +52,9 @@ from schemas.subjects import (
     replayer_consumer,
     result_subject,
 )
-from services.breaker import HealthBoard, LeaseKeeper, transition
+from services.breaker import LeaseKeeper, transition
 from services.config import Settings
+from services.recovery import LeasedPerProvider
 
 log = logging.getLogger("ridethrough.replayer")
 
@@ -187,70 +187,37 @@ class ProviderReplay:
         self.outage_id = ""
 
 
-class Replayer:
+class Replayer(LeasedPerProvider):
     """One replay task per configured provider."""
 
+    lease = "replay"
+    log = log
+
     def __init__(self, js: JetStreamContext, settings: Settings, *, owner: str) -> None:
-        self.js = js
-        self.settings = settings
-        self.owner = owner
-        self.board = HealthBoard(js, settings.providers, settings.breaker)
+        super().__init__(js, settings, settings.providers, owner=owner)
         self.progress: dict[str, ProviderReplay] = {
             p: ProviderReplay(settings.replay.initial_rate) for p in settings.providers
         }
-        self._tasks: list[asyncio.Task[None]] = []
-        self._leases: list[LeaseKeeper] = []
-        self._subs: list[dict[str, Any]] = []  # per provider: pull subscription per priority
+        # Per provider, a puller per priority: bound once, kept across restarts of _run.
+        self._subs: dict[str, dict[str, Puller]] = {
+            name: {
+                prio: Puller(js._nc, PARKED_STREAM, replayer_consumer(name, prio))
+                for prio in PRIORITIES
+            }
+            for name in settings.providers
+        }
 
-    async def start(self) -> Replayer:
-        """Start the board, the leases and one replay task per provider."""
-        await self.board.start()
-        control = await self.js.key_value(CONTROL_BUCKET)
-        for name in sorted(self.settings.providers):
-            lease = LeaseKeeper(control, f"replay.{name}", self.owner, self.settings.replay.lease_s)
-            self._leases.append(lease.start())
-            self._tasks.append(asyncio.create_task(self._supervise(name, lease)))
-        return self
-
-    async def stop(self) -> None:
-        """Stop replaying (unacked parked jobs stay parked) and give the leases up."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        # Unsubscribe now: after a leader change a pull subscription can hold status
-        # messages nobody reads, and a connection drain would wait on them for its timeout.
-        for subs in self._subs:
+    async def _stopped(self) -> None:
+        """Unsubscribe: after a leader change a pull subscription can hold status messages
+        nobody reads, and a connection drain would wait on them for its timeout.
+        Unacked parked jobs stay parked."""
+        for subs in self._subs.values():
             for sub in subs.values():
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        for lease in self._leases:
-            await lease.stop()
-        await self.board.stop()
 
-    async def _supervise(self, name: str, lease: LeaseKeeper) -> None:
-        """Run ``_run`` for ``name``, starting it again after a NATS error (a node lost,
-        a stream without a leader for a moment): the task must outlive it, or the lease,
-        renewed by its own task, would keep every other replica from taking over."""
-        subs: dict[str, Any] = {}
-        self._subs.append(subs)
-        while True:
-            try:
-                for prio in PRIORITIES:  # bound once, kept across interruptions
-                    if prio not in subs:
-                        subs[prio] = Puller(
-                            self.js._nc, PARKED_STREAM, replayer_consumer(name, prio)
-                        )
-                await self._run(name, lease, subs)
-            except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # being stopped: a timeout raced the cancellation
-                log.warning("replay of %s interrupted, resuming: %r", name, exc)
-                await asyncio.sleep(self.settings.breaker.board_poll_s)
-
-    async def _run(self, name: str, lease: LeaseKeeper, subs: dict[str, Any]) -> None:
+    async def _run(self, name: str, lease: LeaseKeeper) -> None:
+        subs = self._subs[name]
         r = self.settings.replay
         poll = self.settings.breaker.board_poll_s
         prog = self.progress[name]
