@@ -12,7 +12,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.subjects import is_token
@@ -243,5 +251,13 @@ def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, then apply explicit overrides."""
     try:
         return Settings(**overrides)
+    except ValidationError as exc:
+        # One line per problem would be several lines; the CLI prints one.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
     except ValueError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc

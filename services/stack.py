@@ -137,6 +137,8 @@ def child_env(settings: Settings) -> dict[str, str]:
         env["RIDETHROUGH_NATS__PASSWORD"] = n.password.get_secret_value()
     if n.token is not None:
         env["RIDETHROUGH_NATS__TOKEN"] = n.token.get_secret_value()
+    if settings.tenant is not None:
+        env["RIDETHROUGH_TENANT"] = settings.tenant
     return env
 
 

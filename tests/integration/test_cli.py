@@ -53,6 +53,25 @@ async def test_submit_wait_json_prints_a_succeeded_result(settings: Settings, js
     assert code == 0 and json.loads(out)["job_id"] == result["job_id"]
 
 
+async def test_a_tenants_result_is_found_under_its_tenant(settings: Settings, js: Any) -> None:
+    """`submit --tenant acme` stores the result under acme: `result --tenant acme` (or
+    RIDETHROUGH_TENANT) finds it, `result` without the tenant does not."""
+    async with running_worker(settings):
+        code, out, err = await cli(
+            settings, "submit", "--provider", "anthropic", "--model", "claude-x",
+            "--prompt", "for acme", "--tenant", "acme", "--wait", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        job_id = json.loads(out)["job_id"]
+        assert json.loads(out)["tenant"] == "acme"
+        code, out, _ = await cli(settings, "result", job_id, "--tenant", "acme", "--json")
+        assert code == 0 and json.loads(out)["status"] == "succeeded"
+        code, _, err = await cli(settings, "result", job_id)
+        assert code == 1 and "no result" in err
+        code, out, _ = await cli(settings.with_changes(tenant="acme"), "jobs", "show", job_id)
+    assert code == 0 and "done (succeeded)" in out, out
+
+
 async def test_failed_job_and_missing_result_exit_1(settings: Settings, js: Any) -> None:
     """A job that fails, and a result that is not there, exit with 1 and say why in one line."""
     code, out, err = await cli(settings, "result", "nosuchjob")
@@ -88,6 +107,7 @@ async def test_failed_job_and_missing_result_exit_1(settings: Settings, js: Any)
         (["result"], "Missing argument"),
         (["demo", "--jobs", "0"], "--jobs"),
         (["submit", "--provider", "nosuch", "--model", "m", "--prompt", "x"], "nosuch"),
+        (["result", "abc", "--tenant", "acme.corp"], "tenant"),
     ],
 )
 async def test_misuse_gives_one_line_and_exit_2(
