@@ -25,6 +25,7 @@ from schemas.subjects import MSG_ID_HEADER, RESULTS_STREAM, is_token, jobs_subje
 from services.config import Settings
 from services.connection import connect
 from services.errors import (
+    ConfigError,
     InvalidJob,
     JobRejected,
     NatsUnavailable,
@@ -143,7 +144,7 @@ class Producer:
         tenant: str | None = None,
     ):
         if tenant is not None and not is_token(tenant):
-            raise InvalidJob(f"tenant {tenant!r} is not a subject token (A-Z a-z 0-9 _ -)")
+            raise ConfigError(f"tenant {tenant!r} is not a subject token (A-Z a-z 0-9 _ -)")
         self.nc = nc
         #: Every job this producer submits is this tenant's, and its results are
         #: looked up on ``ai.results.<tenant>.<job_id>``.
@@ -214,6 +215,7 @@ class Producer:
         subject = jobs_subject(checked.provider, checked.priority)
         deadline = time.monotonic() + self.ack_timeout_s
         delay = _LEADERLESS_RETRY_S
+        stream_known = False
         while True:
             try:
                 await self.js.publish(
@@ -221,8 +223,12 @@ class Producer:
                 )
                 return checked.id
             except Exception as exc:
-                if not _no_responders(exc) or not await self._stream_listens(subject, deadline):
+                if not _no_responders(exc):
                     raise _translate_publish_error(exc, checked) from exc
+                if not stream_known:
+                    if not await self._stream_listens(subject, deadline):
+                        raise _translate_publish_error(exc, checked) from exc
+                    stream_known = True
                 # The stream is there without a leader: wait for the election, publishing
                 # again under the same msg id (a copy stored meanwhile is dropped).
                 if time.monotonic() + delay > deadline:
