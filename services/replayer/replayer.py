@@ -171,9 +171,20 @@ class Puller:
         return len(self._got) + pending
 
     async def unsubscribe(self) -> None:
-        """Stop receiving."""
+        """Stop receiving, and hand back (nak) what was received and not yet returned,
+        so another replica gets it now rather than after ack_wait."""
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            # A drain, not a plain unsubscribe: messages already in the subscription's
+            # queue reach _got first, and are handed back with the rest.
+            try:
+                await asyncio.wait_for(self._sub.drain(), 1)
+            except Exception:  # NATS away or slow: drop the subscription all the same
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+        kept, self._got = self._got, []
+        for msg in kept:
+            with contextlib.suppress(Exception):
+                await msg.nak()
 
 
 class ProviderReplay:
@@ -210,7 +221,7 @@ class Replayer(LeasedPerProvider):
     async def _stopped(self) -> None:
         """Unsubscribe: after a leader change a pull subscription can hold status messages
         nobody reads, and a connection drain would wait on them for its timeout.
-        Unacked parked jobs stay parked."""
+        Unacked parked jobs stay parked; prefetched ones are handed back."""
         for subs in self._subs.values():
             for sub in subs.values():
                 with contextlib.suppress(Exception):
