@@ -6,6 +6,7 @@ the committed files drift from the Structs.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -32,9 +33,27 @@ SCHEMAS: dict[str, type[msgspec.Struct]] = {
 }
 
 
+def _clean_descriptions(node: Any) -> None:
+    """Dedent every ``description`` in place, as ``inspect.cleandoc`` does.
+
+    msgspec 0.23 dedents docstrings itself and 0.22 does not; cleaning them here
+    makes the files the same whichever version generated them.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                node[key] = inspect.cleandoc(value)
+            else:
+                _clean_descriptions(value)
+    elif isinstance(node, list):
+        for item in node:
+            _clean_descriptions(item)
+
+
 def render(struct: type[msgspec.Struct]) -> str:
     """The JSON Schema of ``struct`` as stable, pretty text."""
     schema: dict[str, Any] = msgspec.json.schema(struct)
+    _clean_descriptions(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = struct.__name__
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
