@@ -35,6 +35,7 @@ from schemas.health import BreakerState, Pause, State, decode_pause, decode_stat
 from schemas.jobs import encode
 from schemas.subjects import CONTROL_BUCKET, HEALTH_BUCKET, MSG_ID_HEADER, health_event_subject
 from services.config import BreakerSettings
+from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.breaker")
 
@@ -234,6 +235,7 @@ class HealthBoard:
 
     async def _poll(self) -> None:
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(self.settings.board_poll_s)
             try:
                 await self.refresh()
@@ -348,6 +350,7 @@ class LeaseKeeper:
             except Exception as exc:  # NATS away for a moment: the lease lapses by itself
                 log.debug("lease %s: %s", self.key, exc)
                 self._held_until = 0.0
+            raise_if_cancelling()
             await asyncio.sleep(self.ttl_s / 4)
 
     async def stop(self) -> None:

@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from schemas.subjects import CONTROL_BUCKET
 from services.breaker import HealthBoard, LeaseKeeper
 from services.config import Settings
+from services.tasks import raise_if_cancelling
 
 
 class LeasedPerProvider:
@@ -73,9 +74,7 @@ class LeasedPerProvider:
             try:
                 await self._run(name, lease)
             except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # being stopped: a timeout raced the cancellation
+                raise_if_cancelling()  # being stopped: a timeout raced the cancellation
                 self.log.warning("%s of %s interrupted, resuming: %r", self.lease, name, exc)
                 await asyncio.sleep(self.settings.breaker.board_poll_s)
 

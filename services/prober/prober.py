@@ -26,6 +26,7 @@ from services.config import Settings
 from services.errors import ProviderError
 from services.providers.base import Provider
 from services.recovery import LeasedPerProvider
+from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.prober")
 
@@ -73,6 +74,7 @@ class Prober(LeasedPerProvider):
         interval = b.probe_interval_s
         successes = 0
         while True:
+            raise_if_cancelling()
             state = self.board.state(name)
             if not lease.held or state in ("closed", "half_open"):
                 successes, interval = 0, b.probe_interval_s

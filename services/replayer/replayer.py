@@ -55,6 +55,7 @@ from schemas.subjects import (
 from services.breaker import LeaseKeeper, transition
 from services.config import Settings
 from services.recovery import LeasedPerProvider
+from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.replayer")
 
@@ -251,12 +252,9 @@ class Replayer(LeasedPerProvider):
 
         try:
             while True:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # On Python 3.11 a wait_for whose result came with the cancellation
-                    # returns the result and drops the cancellation: stop() then waited
-                    # forever (seen when stopping mid-replay).
-                    raise asyncio.CancelledError
+                # A wait_for whose result came with the cancellation drops it (3.11):
+                # stop() then waited forever (seen when stopping mid-replay).
+                raise_if_cancelling()
                 state = self.board.state(name)
                 now = time.monotonic()
                 if not lease.held or state not in ("half_open", "closed"):

@@ -37,6 +37,7 @@ from services.breaker import HealthBoard
 from services.config import Settings
 from services.connection import broker_options
 from services.providers.base import Provider
+from services.tasks import raise_if_cancelling
 from services.topology import ensure_topology
 from services.worker.runtime import JobRunner
 
@@ -114,6 +115,7 @@ class Worker:
     async def _heartbeats(self) -> None:
         every = max(self.settings.worker.ack_wait_s / 3, 0.2)
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(every / 2)
             now = time.monotonic()
             for task, (msg, last) in list(self._inflight.items()):
@@ -141,6 +143,7 @@ class Worker:
                 await kv.put(self.worker_id, encode(beat))
             except Exception as exc:  # NATS away for a moment: the next beat will do
                 log.debug("heartbeat failed: %s", exc)
+            raise_if_cancelling()
             await asyncio.sleep(every)
 
     async def start(self) -> None:
