@@ -66,6 +66,7 @@ class Worker:
         self._subscribers: list[Any] = []
         self._heartbeat: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
+        self._workers_kv: Any = None
         self.started_at = datetime.now(UTC)
         self._stopping = False
         batch = min(settings.worker.batch_size, settings.worker.concurrency)
@@ -126,7 +127,7 @@ class Worker:
 
     async def _beats(self, js: Any) -> None:
         """Announce this worker in ``ai_workers`` (status shows who is online)."""
-        kv = await js.key_value(WORKERS_BUCKET)
+        kv = self._workers_kv = await js.key_value(WORKERS_BUCKET)
         every = max(self.settings.nats.worker_ttl_s / 3, 0.5)
         while True:
             runner = self.runner
@@ -185,10 +186,14 @@ class Worker:
             if late:
                 await asyncio.wait(late, timeout=5)
                 log.info("released %d unfinished jobs for redelivery", len(late))
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-        if self._beat is not None:
-            self._beat.cancel()
+        for beat in (self._heartbeat, self._beat):
+            if beat is not None:
+                beat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beat
+        if self._workers_kv is not None:  # gone from `status` now, not when the beat expires
+            with contextlib.suppress(Exception):
+                await self._workers_kv.delete(self.worker_id)
         if self.board is not None:
             await self.board.stop()
         for provider in self.providers.values():

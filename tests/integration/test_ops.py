@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.errors import NoKeysError
 
 from schemas import subjects as s
 from schemas.events import decode_ops_event
@@ -86,6 +87,33 @@ async def test_pause_parks_and_resume_replays_at_a_slow_start(settings: Settings
     assert {r.status for r in results.values()} == {"succeeded"}
     assert (await count_outcomes(js))["result_writes"] == 20
     assert await _ops_actions(js) == ["pause", "resume"]
+
+
+async def test_status_lists_a_running_worker_and_drops_it_when_it_stops(
+    settings: Settings, js: Any
+) -> None:
+    """`status` shows each running worker; one that stops leaves the list at once, not
+    when its beat expires (15 s)."""
+    workers = await js.key_value(s.WORKERS_BUCKET)
+    async with running_worker(settings) as (_, worker):
+
+        async def beating() -> bool:
+            try:
+                return worker.worker_id in await workers.keys()
+            except NoKeysError:  # not even one beat yet
+                return False
+
+        await wait_until(beating, timeout=30)
+        code, out, err = await cli(settings, "status", "--json")
+        assert code == 0, err
+        listed = json.loads(out)["workers"]
+        assert [(w["id"], w["providers"]) for w in listed] == [
+            (worker.worker_id, sorted(settings.providers))
+        ]
+        assert listed[0]["concurrency"] == settings.worker.concurrency
+    code, out, err = await cli(settings, "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["workers"] == []
 
 
 async def test_drain_interrupted_then_rerun_loses_and_duplicates_nothing(
