@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoKeysError, NotFoundError
 
 from schemas import subjects as s
 from schemas.health import decode_beat, decode_pause, decode_state
@@ -31,11 +31,7 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
     beats = []
     try:
         keys = await workers_kv.keys()
-    except NotFoundError:
-        keys = []
-    except Exception as exc:  # nats-py raises NoKeysError (no subclass we can import) when empty
-        if "no keys" not in str(exc).lower():
-            raise
+    except (NotFoundError, NoKeysError):  # no worker has beaten yet
         keys = []
     for key in keys:
         raw = await _kv_value(workers_kv, key)
