@@ -55,6 +55,26 @@ def decode_pause(data: bytes) -> Pause:
     return _pause_decoder.decode(data)
 
 
+# Any role that may write the board can write garbage to it (a typo in `nats kv put`, a
+# buggy client). Readers use these and treat ``None`` as "unknown": never a crash.
+
+
+def try_decode_state(data: bytes) -> BreakerState | None:
+    """``decode_state``, or ``None`` when ``data`` is not a breaker state."""
+    try:
+        return _state_decoder.decode(data)
+    except msgspec.DecodeError:  # ValidationError (wrong shape or types) is one too
+        return None
+
+
+def try_decode_pause(data: bytes) -> Pause | None:
+    """``decode_pause``, or ``None`` when ``data`` is not a pause."""
+    try:
+        return _pause_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+
+
 class WorkerBeat(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A worker's heartbeat in KV ``ai_workers`` under its id (expires with the bucket TTL).
 
@@ -77,3 +97,11 @@ _beat_decoder = msgspec.json.Decoder(WorkerBeat)
 def decode_beat(data: bytes) -> WorkerBeat:
     """Decode a worker heartbeat."""
     return _beat_decoder.decode(data)
+
+
+def try_decode_beat(data: bytes) -> WorkerBeat | None:
+    """``decode_beat``, or ``None`` when ``data`` is not a heartbeat."""
+    try:
+        return _beat_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None

@@ -12,6 +12,11 @@ States: ``closed`` → ``open`` (trip) → ``half_open`` (prober: M probe succes
 ``closed`` (replayer: slow start reached its cap or the backlog is empty); any
 trip in ``half_open`` re-opens. An operator pause (``paused.<provider>`` in
 ai_control) behaves like ``open`` and no probe can end it.
+
+An entry nobody can decode (any role that may write the board can write garbage) is
+unknown, never fatal: the board keeps its last known view of it (closed if it has
+none), ``transition()`` reads it as ``closed`` (so a trip overwrites it by CAS and
+nothing else does), and a lease is free. Each is logged as one warning line.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from schemas.events import HealthEvent
-from schemas.health import BreakerState, Pause, State, decode_pause, decode_state
+from schemas.health import BreakerState, Pause, State, try_decode_pause, try_decode_state
 from schemas.jobs import encode
 from schemas.subjects import CONTROL_BUCKET, HEALTH_BUCKET, MSG_ID_HEADER, health_event_subject
 from services.config import BreakerSettings
@@ -113,6 +118,18 @@ async def _get(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
     return entry.value, entry.revision or 0
 
 
+def _warn_unreadable(bucket: str, key: str, revision: int, raw: bytes, read_as: str) -> None:
+    # The length, not the bytes: a stray value may hold anything, a secret included.
+    log.warning(
+        "%s/%s revision %d is unreadable (%d bytes): read as %s",
+        bucket,
+        key,
+        revision,
+        len(raw),
+        read_as,
+    )
+
+
 async def _cas(kv: KeyValue, key: str, value: bytes, revision: int) -> int | None:
     """Write ``value`` if the key is still at ``revision`` (0: absent); new revision or None."""
     try:
@@ -158,13 +175,19 @@ async def transition(
 ) -> BreakerState | None:
     """Move ``provider``'s breaker to ``to`` if it is in ``allowed_from``; CAS on the revision.
 
+    An unreadable entry counts as ``closed``: a transition allowed from ``closed``
+    overwrites it (with a new outage id when it opens), any other leaves it alone.
     Returns the new state when this call made the transition, ``None`` when the
     breaker was elsewhere (someone else moved it first: that is not an error).
     """
     allowed = set(allowed_from)
     for _ in range(10):
         raw, revision = await _get(kv, provider)
-        current = decode_state(raw) if raw else BreakerState()
+        current = try_decode_state(raw) if raw else BreakerState()
+        if current is None:  # garbage: as if closed, so only a trip repairs it
+            assert raw is not None
+            _warn_unreadable(HEALTH_BUCKET, provider, revision, raw, "closed")
+            current = BreakerState()
         if current.state not in allowed:
             return None
         if to == "open" and current.state == "closed":
@@ -203,7 +226,12 @@ async def transition(
 
 
 class HealthBoard:
-    """This process's view of every provider's breaker and pause, refreshed by polling."""
+    """This process's view of every provider's breaker and pause, refreshed by polling.
+
+    An entry that cannot be decoded leaves the view of it as it was (closed, not paused,
+    if there was none); ``unreadable`` counts such entries, one per key and revision,
+    each also logged once as a warning.
+    """
 
     def __init__(
         self, js: JetStreamContext, providers: Iterable[str], settings: BreakerSettings
@@ -216,7 +244,16 @@ class HealthBoard:
         self.health_kv: KeyValue | None = None
         self.control_kv: KeyValue | None = None
         self.changed = asyncio.Event()
+        self.unreadable = 0
+        self._unreadable_seen: dict[tuple[str, str], int] = {}  # (bucket, key) -> revision
         self._task: asyncio.Task[None] | None = None
+
+    def _unreadable(self, bucket: str, key: str, revision: int, raw: bytes) -> None:
+        if self._unreadable_seen.get((bucket, key)) == revision:
+            return
+        self._unreadable_seen[bucket, key] = revision
+        self.unreadable += 1
+        _warn_unreadable(bucket, key, revision, raw, "unknown (keeping the last known value)")
 
     async def start(self) -> HealthBoard:
         """Bind the buckets, read once, and keep polling in the background."""
@@ -247,13 +284,21 @@ class HealthBoard:
         assert self.health_kv is not None and self.control_kv is not None
         changed = False
         for p in self.providers:
-            raw, _ = await _get(self.health_kv, p)
-            state = decode_state(raw) if raw else BreakerState()
+            raw, revision = await _get(self.health_kv, p)
+            state = try_decode_state(raw) if raw else BreakerState()
+            if state is None:
+                assert raw is not None
+                self._unreadable(HEALTH_BUCKET, p, revision, raw)
+                state = self.states[p]
             if state.state != self.states[p].state or state.outage_id != self.states[p].outage_id:
                 changed = True
             self.states[p] = state
-            raw, _ = await _get(self.control_kv, paused_key(p))
-            pause = decode_pause(raw) if raw else None
+            key = paused_key(p)
+            raw, revision = await _get(self.control_kv, key)
+            pause = try_decode_pause(raw) if raw else None
+            if pause is None and raw:
+                self._unreadable(CONTROL_BUCKET, key, revision, raw)
+                pause = self.pauses[p]
             if (pause is None) != (self.pauses[p] is None):
                 changed = True
             self.pauses[p] = pause
@@ -300,11 +345,20 @@ def decode_lease(data: bytes) -> Lease:
     return _lease_decoder.decode(data)
 
 
+def try_decode_lease(data: bytes) -> Lease | None:
+    """``decode_lease``, or ``None`` when ``data`` is not a lease (readers: a free one)."""
+    try:
+        return _lease_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+
+
 class LeaseKeeper:
     """Holds ``key`` in ai_control for ``owner`` among competing replicas.
 
     A holder renews well before ``ttl_s`` runs out; a replica that dies (even by
-    SIGKILL) loses the lease when it expires, and another takes it over.
+    SIGKILL) loses the lease when it expires, and another takes it over. An unreadable
+    lease is a free one (taken over by CAS); ``unreadable`` counts those met.
     """
 
     def __init__(self, kv: KeyValue, key: str, owner: str, ttl_s: float) -> None:
@@ -313,6 +367,7 @@ class LeaseKeeper:
         self.owner = owner
         self.ttl_s = ttl_s
         self.info: dict[str, object] = {}
+        self.unreadable = 0
         self._held_until = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -325,11 +380,13 @@ class LeaseKeeper:
         """Take or renew the lease if it is free, expired or ours; return whether we hold it."""
         raw, revision = await _get(self.kv, self.key)
         now = time.time()
-        if raw is not None:
-            current = _lease_decoder.decode(raw)
-            if current.owner != self.owner and current.until > now:
-                self._held_until = 0.0
-                return False
+        current = try_decode_lease(raw) if raw else None
+        if raw and current is None:
+            self.unreadable += 1
+            _warn_unreadable(CONTROL_BUCKET, self.key, revision, raw, "a free lease")
+        if current is not None and current.owner != self.owner and current.until > now:
+            self._held_until = 0.0
+            return False
         until = now + self.ttl_s
         lease = Lease(owner=self.owner, until=until, info=self.info)
         if await _cas(self.kv, self.key, encode(lease), revision):
@@ -365,7 +422,8 @@ class LeaseKeeper:
     async def release(self) -> None:
         """Give the lease up at once (clean shutdown)."""
         raw, revision = await _get(self.kv, self.key)
-        if raw is not None and _lease_decoder.decode(raw).owner == self.owner:
+        current = try_decode_lease(raw) if raw else None
+        if current is not None and current.owner == self.owner:
             with contextlib.suppress(Exception):
                 await _cas(self.kv, self.key, encode(Lease(owner="", until=0.0)), revision)
         self._held_until = 0.0

@@ -1,7 +1,13 @@
-"""What is happening, per provider: breaker, queues, workers, replay."""
+"""What is happening, per provider: breaker, queues, workers, replay.
+
+An entry of ai_health or ai_control nobody can decode shows its provider as
+``unknown`` (listed under ``unreadable``); an unreadable replay lease is no replay,
+an unreadable heartbeat no worker. Status never fails on what it reads.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -9,10 +15,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError, NotFoundError
 
 from schemas import subjects as s
-from schemas.health import decode_beat, decode_pause, decode_state
-from services.breaker import decode_lease, paused_key
+from schemas.health import try_decode_beat, try_decode_pause, try_decode_state
+from services.breaker import paused_key, try_decode_lease
 from services.config import Settings
 from services.ops.streams import subject_counts
+
+log = logging.getLogger("ridethrough.status")
 
 
 async def _kv_value(kv: Any, key: str) -> bytes | None:
@@ -21,6 +29,10 @@ async def _kv_value(kv: Any, key: str) -> bytes | None:
     except Exception:
         return None
     return entry.value or None
+
+
+def _unreadable(where: str, raw: bytes) -> None:
+    log.warning("%s is unreadable (%d bytes): shown as unknown", where, len(raw))
 
 
 async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, Any]:
@@ -35,16 +47,27 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
         keys = []
     for key in keys:
         raw = await _kv_value(workers_kv, key)
-        if raw:
-            beats.append(decode_beat(raw))
+        beat = try_decode_beat(raw) if raw else None
+        if beat is not None:
+            beats.append(beat)
+        elif raw:
+            _unreadable(f"{s.WORKERS_BUCKET}/{key}", raw)
     parked = await subject_counts(js, s.PARKED_STREAM, "ai.parked.>")
     dead = await subject_counts(js, s.DEAD_STREAM, "ai.dead.>")
     providers: dict[str, Any] = {}
     for name in sorted(settings.providers):
-        raw = await _kv_value(health, name)
-        state = decode_state(raw) if raw else None
+        unreadable: list[str] = []
+        raw_state = await _kv_value(health, name)
+        state = try_decode_state(raw_state) if raw_state else None
+        if raw_state and state is None:
+            unreadable.append(f"{s.HEALTH_BUCKET}/{name}")
+            _unreadable(unreadable[-1], raw_state)
         raw = await _kv_value(control, paused_key(name))
-        pause = decode_pause(raw) if raw else None
+        pause = try_decode_pause(raw) if raw else None
+        if raw and pause is None:
+            unreadable.append(f"{s.CONTROL_BUCKET}/{paused_key(name)}")
+            _unreadable(unreadable[-1], raw)
+        breaker = state.state if state else ("unknown" if raw_state else "closed")
         try:
             consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(name))
             waiting, in_flight = int(consumer.num_pending or 0), int(consumer.num_ack_pending or 0)
@@ -54,13 +77,14 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
         failures = sum(b.windows.get(name, (0, 0))[1] for b in beats)
         replay: dict[str, Any] | None = None
         raw = await _kv_value(control, f"replay.{name}")
-        if raw:
-            lease = decode_lease(raw)
-            if lease.until > time.time():
-                replay = {"by": lease.owner, **lease.info}
+        lease = try_decode_lease(raw) if raw else None
+        if raw and lease is None:
+            _unreadable(f"{s.CONTROL_BUCKET}/replay.{name}", raw)
+        if lease is not None and lease.until > time.time():
+            replay = {"by": lease.owner, **lease.info}
         providers[name] = {
-            "state": "paused" if pause else (state.state if state else "closed"),
-            "breaker": state.state if state else "closed",
+            "state": "paused" if pause else ("unknown" if unreadable else breaker),
+            "breaker": breaker,
             "since": state.since.isoformat() if state else None,
             "reason": (pause.reason if pause else (state.reason if state else "")),
             "outage_id": state.outage_id if state else "",
@@ -73,6 +97,7 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             "parked": sum(v for k, v in parked.items() if k.split(".")[2] == name),
             "dead": sum(v for k, v in dead.items() if k.split(".")[2] == name),
             "replay": replay,
+            "unreadable": unreadable,
         }
     workers = [
         {
