@@ -30,6 +30,7 @@ from services.prober import Prober
 from services.providers.base import Provider
 from services.providers.registry import build_providers
 from services.replayer import Replayer
+from services.secrets import scrub_logs
 from services.stack import local_stack, running_recovery, running_worker
 from services.worker.app import build_app
 
@@ -49,6 +50,8 @@ def _logging(verbose: bool) -> None:
     )
     for noisy in ("nats", "faststream", "httpx", "httpx2", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Records of every logger (the SDKs' debug lines too) reach these handlers: scrub there.
+    scrub_logs()
 
 
 async def _until_signalled() -> None:

@@ -19,6 +19,7 @@ from nats.aio.client import Client
 
 from services.config import NatsSettings, Settings
 from services.errors import ConfigError, NatsUnavailable
+from services.secrets import register_settings
 
 log = logging.getLogger("ridethrough.nats")
 
@@ -84,6 +85,9 @@ def _readable(path: Any, what: str) -> str:
 def connect_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``nats.connect`` built from the settings (credentials included)."""
     n = settings.nats
+    # Every NATS client and broker is built from these options: from now on this
+    # process's logs and error messages hide the settings' secrets.
+    register_settings(settings)
     opts: dict[str, Any] = {
         "servers": settings.nats_servers,
         "connect_timeout": n.connect_timeout_s,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import email.utils
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TypeAlias
@@ -28,6 +27,7 @@ import aiohttp
 import httpx2
 
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
+from services.secrets import scrub
 
 Predicate: TypeAlias = Callable[[BaseException], bool]
 When: TypeAlias = type[BaseException] | tuple[type[BaseException], ...] | Predicate
@@ -145,21 +145,6 @@ def _finite(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) else None
-
-
-# SDK messages carry no credentials today; this guards against one that echoes
-# a header or a key back (a proxy's error page, a future SDK message).
-_SECRETS = re.compile(
-    r"(?i)(?P<key>\bsk-[A-Za-z0-9_-]{6,})"
-    r"|(?P<label>\bbearer\s+"
-    r"|\b(?:x-api-key|api[_-]key|authorization)['\"]?\s*[:=]\s*['\"]?(?:bearer\s+)?)"
-    r"[^\s'\",}]+"
-)
-
-
-def scrub(text: str) -> str:
-    """``text`` with anything that looks like an API key or auth header value replaced."""
-    return _SECRETS.sub(lambda m: "sk-***" if m.group("key") else m.group("label") + "***", text)
 
 
 def message_of(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ import logging
 from services.config import Settings
 from services.errors import ConfigError
 from services.providers.base import Provider
+from services.secrets import register_settings
 
 log = logging.getLogger("ridethrough.providers")
 
@@ -21,6 +22,9 @@ def build_provider(settings: Settings, name: str) -> Provider | None:
         raise ConfigError(f"unknown provider {name!r}; configured: {sorted(settings.providers)}")
     p = settings.providers[name]
     key = settings.provider_key(name)
+    # Every process that calls a provider comes here: from now on its logs and
+    # error messages hide this key, and every other secret the settings hold.
+    register_settings(settings)
     if key is None:
         if p.kind == "openai" and p.base_url:
             key = "unused"

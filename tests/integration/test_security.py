@@ -639,12 +639,13 @@ async def _read_all(js: Any, stream: str) -> list[Any]:
 async def test_secrets_never_reach_logs_results_events_or_status(
     secured: SecuredNats, fake_provider: Any, tmp_path: Path
 ) -> None:
-    """Provider keys (one from the environment, one from a mounted secret file) and NATS
-    passwords appear in no log line (debug logging on), no result, dead letter, event or
-    KV value, and no CLI error, after successes, permanent and transient failures, an
-    outage with probes and a replay."""
-    anthropic_key = f"sk-ant-SENTINEL-{secrets.token_hex(12)}"
-    openai_key = f"sk-SENTINEL-{secrets.token_hex(12)}"
+    """Provider keys (one from the environment, one from a mounted secret file, neither
+    shaped like ``sk-...``) and NATS passwords appear in no log line (debug logging on), no
+    result, dead letter, event or KV value, and no CLI error, after successes, permanent
+    and transient failures, a provider echoing the key back, an outage with probes and a
+    replay."""
+    anthropic_key = f"ant.SENTINEL_{secrets.token_hex(12)}"
+    openai_key = f"Zq9-SENTINEL.{secrets.token_hex(12)}"
     key_file = tmp_path / "secrets" / "anthropic"
     key_file.parent.mkdir()
     key_file.write_text(anthropic_key + "\n")
@@ -669,10 +670,10 @@ async def test_secrets_never_reach_logs_results_events_or_status(
         async with await Producer.connect(by_role["producer"]) as producer:
             failing = [
                 make_job("anthropic", "m", request=_faulty("anthropic", fault), max_tokens=8)
-                for fault in ("fault:401", "fault:403", "fault:529")
+                for fault in ("fault:401", "fault:403", "fault:529", "fault:echo_key")
             ] + [
                 make_job("openai", "m", request=_faulty("openai", fault), max_tokens=8)
-                for fault in ("fault:401", "fault:500")
+                for fault in ("fault:401", "fault:500", "fault:echo_key")
             ]
             failed = [await producer.submit(j) for j in failing]
             ok = [
@@ -693,7 +694,7 @@ async def test_secrets_never_reach_logs_results_events_or_status(
     )
     refused = _cli(in_url, "topology")
 
-    assert counts["dead"] == 5 and counts["failed"] == 5, counts
+    assert counts["dead"] == 7 and counts["failed"] == 7, counts
     assert set(codes.values()) == {0}, codes
     assert failed_result.returncode == 1
     needles = _needles(anthropic_key, openai_key, *secured.passwords.values())
