@@ -31,7 +31,7 @@ from services.providers.base import Provider
 from services.providers.registry import build_providers
 from services.replayer import Replayer
 from services.secrets import scrub_logs
-from services.stack import local_stack, running_recovery, running_worker
+from services.stack import dev_nats_url, local_stack, running_recovery, running_worker
 from services.worker.app import build_app
 
 HealthFile = Annotated[
@@ -186,20 +186,47 @@ def fake_provider(
     fake.serve(host, port, config)
 
 
+def _source(ctx: typer.Context, name: str) -> str:
+    """Where option ``name`` came from: ``COMMANDLINE``, ``ENVIRONMENT``, ``DEFAULT``...
+    (by name: typer ships its own copy of click's ``ParameterSource``)."""
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else "DEFAULT"
+
+
 @app.command()
 def dev(
-    port: Annotated[int, typer.Option(help="Port of the embedded NATS server.")] = 4222,
+    ctx: typer.Context,
+    port: Annotated[
+        int,
+        typer.Option(help="Port of the embedded NATS server (starts it, even if NATS_URL is set)."),
+    ] = 4222,
     data_dir: Annotated[
-        Path | None, typer.Option(help="JetStream store (default: a temp dir).")
+        Path | None,
+        typer.Option(help="JetStream store (default: a temp dir); starts the embedded server."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
 ) -> None:
     """Run everything locally: embedded NATS, topology, a worker, the prober, the replayer,
-    and the fake provider for providers without an API key. Ctrl-C stops it all."""
+    and the fake provider for providers without an API key. Ctrl-C stops it all.
+
+    NATS: --port or --data-dir starts the embedded server; otherwise --nats-url or
+    NATS_URL names a running one; with none of them, the embedded server on 4222."""
+    from_env = _source(ctx, "nats_url") == "ENVIRONMENT"
+    try:
+        url = dev_nats_url(
+            None if from_env else nats_url,
+            nats_url if from_env else None,
+            port_given=_source(ctx, "port") == "COMMANDLINE",
+            data_dir_given=_source(ctx, "data_dir") == "COMMANDLINE",
+        )
+    except RidethroughError as exc:
+        fail(str(exc))
     _logging(verbose)
     settings = settings_for(None)
     log = logging.getLogger("ridethrough.dev")
+    if url is None and from_env:
+        log.info("NATS_URL ignored: --port/--data-dir start the embedded server")
 
     async def go(stack_settings: Settings) -> None:
         async with running_worker(stack_settings), running_recovery(stack_settings):
@@ -213,9 +240,14 @@ def dev(
         log.info("stopped")
 
     try:
-        with local_stack(settings, nats_url=nats_url, port=port, data_dir=data_dir) as stack:
+        with local_stack(
+            settings,
+            nats_url=url,
+            port=port if url is None else None,
+            data_dir=data_dir if url is None else None,
+        ) as stack:
             where = stack.settings.nats_servers[0]
-            log.info("NATS at %s%s", where, "" if nats_url else " (embedded)")
+            log.info("NATS at %s%s", where, "" if url else " (embedded)")
             if stack.fake is not None:
                 log.info(
                     "fake provider at %s for %s", stack.fake.url, ", ".join(stack.fake_providers)

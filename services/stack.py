@@ -67,6 +67,26 @@ class Stack:
     fake_providers: list[str] = field(default_factory=list)
 
 
+def dev_nats_url(
+    flag_url: str | None, env_url: str | None, *, port_given: bool, data_dir_given: bool
+) -> str | None:
+    """The NATS URL ``ridethrough dev`` connects to, or ``None`` for its embedded server.
+
+    An explicit ``--port`` or ``--data-dir`` means the embedded server, even with
+    ``NATS_URL`` set in the environment; with ``--nats-url`` too it is a contradiction.
+    Otherwise ``--nats-url``, then ``NATS_URL``, then the embedded server.
+    """
+    if port_given or data_dir_given:
+        if flag_url is not None:
+            given = "--port" if port_given else "--data-dir"
+            raise ConfigError(
+                f"--nats-url and {given} contradict each other: --nats-url uses a running "
+                f"server, {given} starts the embedded one; pass one of them"
+            )
+        return None
+    return flag_url if flag_url is not None else env_url
+
+
 @contextlib.contextmanager
 def local_stack(
     settings: Settings,
@@ -77,7 +97,13 @@ def local_stack(
     fake_config: Any = None,
 ) -> Any:
     """Start embedded NATS (unless ``nats_url``) and the fake provider (for providers
-    without keys); yield a ``Stack``; stop them on exit."""
+    without keys); yield a ``Stack``; stop them on exit.
+
+    ``port`` and ``data_dir`` are the embedded server's: passing them with ``nats_url``
+    is a ``ConfigError``, not a silent choice of one.
+    """
+    if nats_url is not None and (port is not None or data_dir is not None):
+        raise ConfigError("a NATS URL and an embedded server's port or store exclude each other")
     nats: NatsServer | None = None
     fake = None
     try:
