@@ -41,7 +41,10 @@ class ProviderSettings(BaseModel):
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
-    timeout_s: float = Field(600.0, gt=0)
+    timeout_s: float = Field(600.0, gt=0, description="longest wait for each read of a reply")
+    deadline_s: float = Field(
+        1200.0, gt=0, description="longest a whole call may take (a stalled stream included)"
+    )
     max_connections: int = Field(1000, gt=0)
     probe_model: str | None = Field(None, description="model of the health probe")
     probe_request: dict[str, Any] | None = Field(None, description="body of the health probe")

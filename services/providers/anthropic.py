@@ -9,6 +9,7 @@ failure leaves as exactly one ``ProviderError``, chosen by ``TABLE``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anthropic
@@ -20,11 +21,13 @@ from services.errors import PermanentError, ProviderError, RateLimited, Transien
 from services.providers.base import Reply, sdk_params, split_known
 from services.providers.classify import (
     COMMON,
+    ErrorObject,
     MalformedResponse,
     Predicate,
     Table,
     by_status,
     classify_with,
+    redirect_loop,
 )
 
 PROBE_HEADER = "x-ridethrough-probe"
@@ -66,15 +69,15 @@ def _error_type(*types: str) -> Predicate:
 
 
 def _midstream(*types: str) -> Predicate:
-    """An ``error`` event inside a 200 stream whose ``error.type`` is in ``types`` (or is any)."""
+    """An error object under status 200 (an ``error`` event inside a stream, or a JSON body
+    that is an error) whose ``error.type`` is in ``types`` (or is any)."""
 
     def match(exc: BaseException) -> bool:
-        return (
-            isinstance(exc, anthropic.APIStatusError)
-            and exc.status_code == 200
-            and (not types or exc.type in types)
-            and exc.type is not None
+        in_success = isinstance(exc, ErrorObject) or (
+            isinstance(exc, anthropic.APIStatusError) and exc.status_code == 200
         )
+        kind = getattr(exc, "type", None)
+        return in_success and kind is not None and (not types or kind in types)
 
     return match
 
@@ -93,6 +96,8 @@ def _quota_message(exc: BaseException) -> bool:
 
 TABLE: Table = (
     # when                                                     outcome         reason
+    # A client that gave up following redirects: a wrong base_url, loud and permanent.
+    (redirect_loop,                                            PermanentError, "config"),
     (anthropic.APITimeoutError,                                TransientError, "timeout"),
     (anthropic.APIConnectionError,                             TransientError, "connection"),
     (anthropic.APIResponseValidationError,                     TransientError, "bad_response"),
@@ -134,11 +139,15 @@ class AnthropicProvider:
         api_key: str,
         base_url: str | None,
         timeout_s: float = 600.0,
+        deadline_s: float = 1200.0,
         max_connections: int = 1000,
         extra_headers: dict[str, str] | None = None,
     ) -> None:
-        """Build one client, reused by every call; ``extra_headers`` go out on every request."""
+        """Build one client, reused by every call; ``extra_headers`` go out on every request.
+
+        ``timeout_s`` bounds each read, ``deadline_s`` a whole call."""
         self.name = name
+        self.deadline_s = deadline_s
         limits = httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
@@ -158,10 +167,14 @@ class AnthropicProvider:
         """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
         headers = _PROBE_HEADERS if probe else None
         try:
-            if request.get("stream"):
-                message = await self._stream(model, request, headers)
-            else:
-                message = await self._create(model, request, headers)
+            # `timeout_s` bounds each read; this bounds the whole call, so a provider that
+            # keeps a call alive without finishing it (pings, a trickled body) cannot hold
+            # a worker's slot for ever.
+            async with asyncio.timeout(self.deadline_s):
+                if request.get("stream"):
+                    message = await self._stream(model, request, headers)
+                else:
+                    message = await self._create(model, request, headers)
             usage = message.usage
             return Reply(
                 response=message.to_dict(mode="json"),
@@ -183,6 +196,10 @@ class AnthropicProvider:
         if not isinstance(message, Message):
             # The SDK hands back the raw text when the body is not JSON.
             raise MalformedResponse(f"expected a message, got {type(message).__name__}")
+        if message.type != "message":
+            # A 200 whose body is {"type": "error", "error": {...}}: the SDK builds a Message
+            # of it without complaint. Classified by its type, like a mid-stream error.
+            raise ErrorObject((message.model_extra or {}).get("error"))
         return message
 
     async def _stream(

@@ -45,6 +45,37 @@ class MalformedResponse(Exception):
     """
 
 
+class ErrorObject(Exception):
+    """The provider answered with a success status, but its body is an error object.
+
+    Adapters raise it with the object's ``type`` and ``code``, and classify it by them,
+    as they classify an error event in the middle of a stream.
+    """
+
+    def __init__(self, error: object) -> None:
+        fields = error if isinstance(error, dict) else {}
+        self.type = _str_or_none(fields.get("type"))
+        self.code = _str_or_none(fields.get("code"))
+        message = _str_or_none(fields.get("message")) or "no message"
+        super().__init__(f"error object in a success reply ({self.type}): {message}")
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def redirect_loop(exc: BaseException) -> bool:
+    """The client gave up following redirects: a wrong ``base_url``, not an outage."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, httpx2.TooManyRedirects | aiohttp.TooManyRedirects):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 # Rows both tables end with, after their SDK's own rows. Order matters:
 # TimeoutError is an OSError, JSONDecodeError is a ValueError.
 def by_status(status: Callable[..., Predicate]) -> Table:
@@ -65,6 +96,8 @@ def by_status(status: Callable[..., Predicate]) -> Table:
 
 
 COMMON: Table = (
+    # A request nested too deeply to serialise: the same request fails the same way.
+    (RecursionError,                 PermanentError, "refused"),
     (httpx2.TimeoutException,        TransientError, "timeout"),
     (httpx2.TransportError,          TransientError, "connection"),
     (httpx2.DecodingError,           TransientError, "bad_response"),
@@ -77,6 +110,11 @@ COMMON: Table = (
     # nothing was sent, and the same request would be refused again.
     ((TypeError, ValueError),        PermanentError, "refused"),
 )  # fmt: skip
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def classify_with(table: Table, exc: BaseException) -> ProviderError:
@@ -148,7 +186,11 @@ def _finite(value: str | None) -> float | None:
 
 
 def message_of(exc: BaseException) -> str:
-    """A one-line, bounded, credential-free description of ``exc``."""
-    text = " ".join(str(exc).split())
-    text = scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    """A one-line, bounded, credential-free description of ``exc`` (and of its cause, which
+    often says more: "Connection error." hides "Exceeded maximum allowed redirects.")."""
+    text = _describe(exc)
+    cause = exc.__cause__
+    if cause is not None:
+        text = f"{text} ({_describe(cause)})"
+    text = scrub(text)
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."

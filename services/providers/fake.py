@@ -57,6 +57,24 @@ one of these values (the header wins when both are set):
 ``fault:slow:<ms>``
     A normal reply after ``<ms>`` milliseconds (instead of the configured latency).
 
+Hostile triggers (a provider misbehaving rather than failing):
+
+``fault:retry_after:<s>``
+    A 429 (OpenAI) or 529 (Anthropic) whose ``retry-after`` header asks for ``<s>`` seconds.
+``fault:stall``
+    Status 200 and then never an end: a stream sends a ping every 100 ms, a JSON body
+    one byte per second under a content-length, until the client hangs up.
+``fault:error_200:<type>``
+    Status 200 whose JSON body is an error object of that ``type`` (Anthropic
+    ``{"type": "error", "error": {...}}``; OpenAI ``{"error": {...}}``).
+``fault:redirect``
+    A 307 to the very same URL, for ever (a wrong base URL behind a redirecting proxy).
+``fault:huge:<bytes>``
+    A normal reply whose text is padded to about ``<bytes>`` bytes.
+``fault:echo_key``
+    A 401 whose message quotes the credential the request carried (an upstream that echoes
+    headers back).
+
 Any other value starting with ``fault:`` is answered with a 400 naming the bad trigger.
 
 Scripted faults
@@ -286,6 +304,13 @@ def _echo(user_text: str, max_tokens: int | None) -> tuple[str, int, bool]:
     return " ".join(words), len(words), False
 
 
+def _padding(fault: _Fault | None) -> str:
+    """The padding a ``fault:huge:<bytes>`` trigger asks for ("" for any other reply)."""
+    if fault is None or fault.kind != "huge":
+        return ""
+    return " " + "x" * fault.status
+
+
 def _pieces(text: str) -> list[str]:
     """Split ``text`` into word-sized stream deltas whose concatenation is ``text``."""
     if not text:
@@ -305,7 +330,19 @@ def _last_user_text(messages: Sequence[_AnthropicMessage | _OpenAIMessage]) -> s
 
 
 FaultKind: TypeAlias = Literal[
-    "error", "reset", "midstream", "spend_limit", "spend_limit_429", "slow", "bad_trigger"
+    "error",
+    "reset",
+    "midstream",
+    "spend_limit",
+    "spend_limit_429",
+    "slow",
+    "bad_trigger",
+    "retry_after",
+    "stall",
+    "error_200",
+    "redirect",
+    "huge",
+    "echo_key",
 ]
 
 
@@ -340,13 +377,26 @@ def _parse_trigger(value: str) -> _Fault:
         return _Fault("spend_limit")
     if name == "spend_limit_429":
         return _Fault("spend_limit_429")
-    if name.startswith("slow:"):
+    if name == "stall":
+        return _Fault("stall")
+    if name == "redirect":
+        return _Fault("redirect")
+    if name == "echo_key":
+        return _Fault("echo_key")
+    head, _, arg = name.partition(":")
+    if head == "error_200" and arg:
+        return _Fault("error_200", detail=arg)
+    if head in ("slow", "retry_after", "huge"):
         try:
-            ms = float(name[len("slow:") :])
+            number = float(arg)
         except ValueError:
-            ms = -1.0
-        if ms >= 0 and math.isfinite(ms):
-            return _Fault("slow", delay_s=ms / 1000.0)
+            number = -1.0
+        if number >= 0 and math.isfinite(number):
+            if head == "slow":
+                return _Fault("slow", delay_s=number / 1000.0)
+            if head == "retry_after":
+                return _Fault("retry_after", delay_s=number)
+            return _Fault("huge", status=int(number))
     elif name.isdigit() and 400 <= int(name) <= 599:
         return _Fault("error", int(name))
     return _Fault("bad_trigger", detail=value)
@@ -942,7 +992,59 @@ class FakeProvider:
         if kind == "slow":
             _bump(self._counters.by_fault, "slow")
             await asyncio.sleep(fault.delay_s)
+        if kind in ("retry_after", "stall", "error_200", "redirect", "echo_key"):
+            return await self._hostile(request, anthropic, fault)
         return None
+
+    async def _hostile(
+        self, request: web.Request, anthropic: bool, fault: _Fault
+    ) -> web.StreamResponse:
+        """A provider misbehaving: see the hostile triggers in the module docstring."""
+        kind = fault.kind
+        _bump(self._counters.by_fault, kind)
+        if kind == "retry_after":
+            status = 529 if anthropic else 429
+            self._count_status(str(status))
+            body = _anthropic_error_body(status) if anthropic else _openai_error_body(status)
+            return _json_response(body, status, {"retry-after": f"{fault.delay_s:g}"})
+        if kind == "redirect":
+            self._count_status("307")
+            return web.Response(status=307, headers={"Location": str(request.url)})
+        if kind == "echo_key":
+            key = request.headers.get("x-api-key") or request.headers.get("authorization") or ""
+            key = key.removeprefix("Bearer ")  # the bare key: no "Bearer" label to give it away
+            return self._error(anthropic, 401, f"invalid credential {key!r} for this endpoint")
+        if kind == "error_200":
+            self._count_status("200")
+            error = {"type": fault.detail, "message": "an error with a success status"}
+            payload = {"type": "error", "error": error} if anthropic else {"error": error}
+            return _json_response(_encode(payload))
+        return await self._stall(request, anthropic)
+
+    async def _stall(self, request: web.Request, anthropic: bool) -> web.StreamResponse:
+        """Status 200, then never the end of the body, until the client goes away."""
+        self._count_status("200")
+        stream = request.headers.get("accept", "") == "text/event-stream" or (
+            b'"stream":true' in (await request.read()).replace(b" ", b"")
+        )
+        response = web.StreamResponse(status=200)
+        if stream:
+            response.content_type = "text/event-stream"
+        else:
+            response.content_type = _JSON
+            response.content_length = 1 << 20
+        try:
+            await response.prepare(request)
+            while True:
+                if stream:  # Anthropic's ping event; an SSE comment for OpenAI
+                    await response.write(_PING if anthropic else b": keepalive\n\n")
+                    await asyncio.sleep(0.1)
+                else:
+                    await response.write(b" ")
+                    await asyncio.sleep(1.0)
+        except ConnectionError:
+            pass  # the client hung up: that is the point
+        return response
 
     # ---- inference handlers
 
@@ -978,6 +1080,7 @@ class FakeProvider:
             await asyncio.sleep(self._latency_s())
 
         text, out_tokens, cut = _echo(_last_user_text(req.messages), req.max_tokens)
+        text += _padding(fault)
         in_tokens = _count_words([m.content for m in req.messages] + [req.system])
         stop_reason = "max_tokens" if cut else "end_turn"
         message_id = self._next_id("msg_")
@@ -1073,6 +1176,7 @@ class FakeProvider:
         if limit is None:
             limit = req.max_tokens
         text, out_tokens, cut = _echo(_last_user_text(req.messages), limit)
+        text += _padding(fault)
         in_tokens = _count_words([m.content for m in req.messages])
         finish_reason = "length" if cut else "stop"
         completion_id = self._next_id("chatcmpl-")

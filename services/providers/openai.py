@@ -11,6 +11,7 @@ exactly one ``ProviderError``, chosen by ``TABLE``.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +26,13 @@ from services.errors import PermanentError, ProviderError, RateLimited, Transien
 from services.providers.base import Reply, sdk_params, split_known
 from services.providers.classify import (
     COMMON,
+    ErrorObject,
     MalformedResponse,
     Predicate,
     Table,
     by_status,
     classify_with,
+    redirect_loop,
 )
 
 PROBE_HEADER = "x-ridethrough-probe"
@@ -90,16 +93,22 @@ def _dropped_connection(exc: BaseException) -> bool:
 
 
 def _midstream(*names: str) -> Predicate:
-    """An error object inside a 200 stream (a plain ``APIError``), its type or code in ``names``."""
+    """An error object under status 200 (inside a stream, where the SDK raises a plain
+    ``APIError``, or as the whole JSON body), its type or code in ``names``."""
 
     def match(exc: BaseException) -> bool:
-        return type(exc) is openai.APIError and (exc.type in names or exc.code in names)
+        in_success = type(exc) is openai.APIError or isinstance(exc, ErrorObject)
+        return in_success and (
+            getattr(exc, "type", None) in names or getattr(exc, "code", None) in names
+        )
 
     return match
 
 
 TABLE: Table = (
     # when                                                     outcome         reason
+    # A client that gave up following redirects: a wrong base_url, loud and permanent.
+    (redirect_loop,                                            PermanentError, "config"),
     (_dropped_connection,                                      TransientError, "connection"),
     (openai.APITimeoutError,                                   TransientError, "timeout"),
     (openai.APIConnectionError,                                TransientError, "connection"),
@@ -238,11 +247,15 @@ class OpenAIProvider:
         api_key: str,
         base_url: str | None,
         timeout_s: float = 600.0,
+        deadline_s: float = 1200.0,
         max_connections: int = 1000,
         extra_headers: dict[str, str] | None = None,
     ) -> None:
-        """Build one client, reused by every call; ``extra_headers`` go out on every request."""
+        """Build one client, reused by every call; ``extra_headers`` go out on every request.
+
+        ``timeout_s`` bounds each read, ``deadline_s`` a whole call."""
         self.name = name
+        self.deadline_s = deadline_s
         limits = httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
@@ -261,9 +274,12 @@ class OpenAIProvider:
         """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
         headers = _PROBE_HEADERS if probe else None
         try:
-            if request.get("stream"):
-                return await self._stream(model, request, headers)
-            return await self._create(model, request, headers)
+            # `timeout_s` bounds each read; this bounds the whole call (see the Anthropic
+            # adapter).
+            async with asyncio.timeout(self.deadline_s):
+                if request.get("stream"):
+                    return await self._stream(model, request, headers)
+                return await self._create(model, request, headers)
         except Exception as exc:
             raise classify(exc) from exc
 
@@ -277,6 +293,11 @@ class OpenAIProvider:
         if not isinstance(completion, ChatCompletion):
             # The SDK hands back the raw text when the body is not JSON.
             raise MalformedResponse(f"expected a chat completion, got {type(completion).__name__}")
+        extra = completion.model_extra or {}
+        if "error" in extra or not completion.choices:
+            # A 200 whose body is {"error": {...}}: the SDK builds a completion of it without
+            # complaint. Classified by its type, like an error object inside a stream.
+            raise ErrorObject(extra.get("error"))
         return Reply(
             response=completion.to_dict(mode="json"),
             usage=_usage(completion.usage),

@@ -38,6 +38,7 @@ def build_provider(settings: Settings, name: str) -> Provider | None:
             api_key=key,
             base_url=p.base_url,
             timeout_s=p.timeout_s,
+            deadline_s=p.deadline_s,
             max_connections=p.max_connections,
         )
     from services.providers.openai import OpenAIProvider
@@ -47,6 +48,7 @@ def build_provider(settings: Settings, name: str) -> Provider | None:
         api_key=key,
         base_url=p.base_url,
         timeout_s=p.timeout_s,
+        deadline_s=p.deadline_s,
         max_connections=p.max_connections,
     )
 
