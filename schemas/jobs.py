@@ -57,8 +57,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     created_at: Timestamp = msgspec.field(default_factory=_now)
     #: Whose job this is. A job with a tenant has its result on
-    #: ``ai.results.<tenant>.<job_id>``, which NATS permissions can give to that
-    #: tenant's producers alone; without one, on ``ai.results.<job_id>``.
+    #: ``ai.results.tenant.<tenant>.<job_id>``, which NATS permissions can give to that
+    #: tenant's producers alone; without one, on ``ai.results.shared.<job_id>``. A
+    #: producer's job must be published on its tenant's subject (``schemas.subjects``).
     tenant: Token | None = None
 
 

@@ -35,8 +35,11 @@ class ParkedJob(msgspec.Struct, frozen=True, kw_only=True):
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A job that cannot succeed, kept on ``ai.dead.<provider>.<reason>`` for operators.
 
-    ``job`` is the job as decoded; when the message could not be decoded at all,
-    ``raw`` holds its bytes as text (``job_id`` then is empty) so nothing is dropped.
+    ``job`` is the job as decoded; when the message could not be decoded at all, its
+    exact bytes are kept (``job_id`` then is empty) so nothing is dropped: ``raw`` when
+    they are UTF-8 text, else ``raw_base64``. A part too large for one message (the
+    bytes, or the provider's reply for ``response_too_large``) is kept whole in the
+    object store bucket ``ai_overflow`` under the name in ``overflow``.
     """
 
     reason: str
@@ -47,6 +50,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     subject: str = ""
     attempts: int = 0
     dead_at: Timestamp = msgspec.field(default_factory=_now)
+    raw_base64: str | None = None
+    overflow: str | None = None
 
 
 _decoder = msgspec.json.Decoder(DeadLetter)

@@ -1,5 +1,5 @@
-"""The result of a job, stored once per job on ``ai.results.<job_id>``
-(``ai.results.<tenant>.<job_id>`` for a job of a tenant)."""
+"""The result of a job, stored once per job on ``ai.results.shared.<job_id>``
+(``ai.results.tenant.<tenant>.<job_id>`` for a job of a tenant)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ together with DESIGN.md.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, NamedTuple
 
 PRIORITIES: Final = ("high", "normal", "low")
 
@@ -22,6 +22,8 @@ EVENTS_STREAM: Final = "AI_EVENTS"
 HEALTH_BUCKET: Final = "ai_health"
 CONTROL_BUCKET: Final = "ai_control"
 WORKERS_BUCKET: Final = "ai_workers"
+#: Object store: parts of records too large for one message (``services/overflow.py``).
+OVERFLOW_BUCKET: Final = "ai_overflow"
 
 # Headers
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
@@ -34,20 +36,80 @@ WRONG_LAST_SEQUENCE: Final = 10071
 #: A token that is safe inside a NATS subject: no dots, wildcards or spaces.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
+#: The ``ai_control`` key holding the last AI_JOBS sequence stored before the subject
+#: layout above (``ridethrough topology`` writes it once): jobs at or below it were
+#: published under the old trust rules and are read by them.
+LEGACY_JOBS_KEY: Final = "legacy.jobs_seq"
+
 
 def is_token(value: str) -> bool:
     """Tell whether ``value`` can stand as one subject token."""
-    return _TOKEN.match(value) is not None
+    return isinstance(value, str) and _TOKEN.match(value) is not None
 
 
-def jobs_subject(provider: str, priority: str) -> str:
-    """Subject a job for ``provider`` at ``priority`` is published on."""
-    return f"ai.jobs.{provider}.{priority}"
+# Jobs. Who published a job is part of its subject, because NATS permissions match
+# subjects (never bodies or headers) and the worker believes only what they enforce:
+#
+#   ai.jobs.<provider>.<priority>                      a producer, no tenant
+#   ai.jobs.<provider>.<priority>.<tenant>             a producer of <tenant> (its user may
+#                                                      publish ai.jobs.*.*.<tenant> only)
+#   ai.jobs.<provider>.<priority>.<tenant|_>.requeued  ridethrough itself: a replay, a
+#                                                      fail-over, an operator's move
+#
+# Only a requeued job may carry the replay mark (REPLAY_HEADER), and only there does the
+# worker take the tenant from the body. A producer's job takes it from the subject.
+
+#: Last token of a job subject that only ridethrough's own services may publish on.
+REQUEUED: Final = "requeued"
+#: Tenant token of a requeued job that names no tenant.
+NO_TENANT: Final = "_"
+
+
+def jobs_subject(provider: str, priority: str, tenant: str | None = None) -> str:
+    """Subject a producer publishes a job for ``provider`` at ``priority`` on (with its
+    tenant's token when it acts for one)."""
+    base = f"ai.jobs.{provider}.{priority}"
+    return f"{base}.{tenant}" if tenant else base
+
+
+def requeue_subject(provider: str, priority: str, tenant: str | None) -> str:
+    """Subject ridethrough's own services put a job back on (replay, fail-over, moves)."""
+    return f"ai.jobs.{provider}.{priority}.{tenant or NO_TENANT}.{REQUEUED}"
 
 
 def jobs_filter(provider: str) -> str:
-    """Filter of the shared worker consumer of ``provider``."""
-    return f"ai.jobs.{provider}.*"
+    """Every job of ``provider``, whoever published it (the stream's and the workers' filter)."""
+    return f"ai.jobs.{provider}.>"
+
+
+def job_msg_id(job_id: str, tenant: str | None = None) -> str:
+    """The ``Nats-Msg-Id`` a producer's job must carry: its id, scoped by its tenant, so the
+    dedup window makes one job of one id per tenant (and two tenants' ids never collide)."""
+    return f"{tenant}:{job_id}" if tenant else job_id
+
+
+class JobOrigin(NamedTuple):
+    """Who a job subject says published the job: ``tenant`` (for a producer's job, the
+    tenant its permissions bind it to) and whether ridethrough requeued it."""
+
+    provider: str
+    tenant: str | None
+    requeued: bool
+
+
+def job_origin(subject: str) -> JobOrigin | None:
+    """Parse a job subject; ``None`` when it is none of the three forms."""
+    tokens = subject.split(".")
+    n = len(tokens)
+    if n < 4 or tokens[0] != "ai" or tokens[1] != "jobs":
+        return None
+    if n == 4:
+        return JobOrigin(tokens[2], None, False)
+    if n == 5:
+        return JobOrigin(tokens[2], tokens[4], False) if is_token(tokens[4]) else None
+    if n == 6 and tokens[5] == REQUEUED:
+        return JobOrigin(tokens[2], None if tokens[4] == NO_TENANT else tokens[4], True)
+    return None
 
 
 def parked_subject(provider: str, priority: str) -> str:
@@ -60,10 +122,25 @@ def parked_filter(provider: str) -> str:
     return f"ai.parked.{provider}.*"
 
 
+# Results. Each scope has a literal prefix no other scope shares, because a permission
+# ``X.*`` also lets a user subscribe to (or direct-get) ``X.>``, which reaches every
+# subject below X: the producers' ``ai.results.shared.*`` reaches no tenant's results.
+#
+#   ai.results.shared.<job_id>            a job without a tenant
+#   ai.results.tenant.<tenant>.<job_id>   a job of <tenant>
+
+SHARED_RESULTS: Final = "ai.results.shared"
+TENANT_RESULTS: Final = "ai.results.tenant"
+
+
 def result_subject(job_id: str, tenant: str | None = None) -> str:
-    """Subject the one result of ``job_id`` is stored on: ``ai.results.<job_id>``, or
-    ``ai.results.<tenant>.<job_id>`` for a job of a tenant (so that NATS permissions
-    on ``ai.results.<tenant>.*`` keep one tenant's results from the others)."""
+    """Subject the one result of ``job_id`` (of ``tenant``, if any) is stored on."""
+    return f"{TENANT_RESULTS}.{tenant}.{job_id}" if tenant else f"{SHARED_RESULTS}.{job_id}"
+
+
+def legacy_result_subject(job_id: str, tenant: str | None = None) -> str:
+    """Where results were stored before the scoped layout (``ridethrough topology`` moves
+    them): ``ai.results.<job_id>``, ``ai.results.<tenant>.<job_id>``."""
     return f"ai.results.{tenant}.{job_id}" if tenant else f"ai.results.{job_id}"
 
 
@@ -83,7 +160,8 @@ OPS_EVENTS_SUBJECT: Final = "ai.events.ops"
 # providers (see ``jobs_filter``), so a job for an unknown provider is refused
 # at the producer instead of waiting forever for a consumer.
 PARKED_SUBJECTS: Final = ("ai.parked.*.*",)
-RESULTS_SUBJECTS: Final = ("ai.results.*", "ai.results.*.*")
+#: One subject for both scopes and the legacy layout (subjects of one stream may not overlap).
+RESULTS_SUBJECTS: Final = ("ai.results.>",)
 DEAD_SUBJECTS: Final = ("ai.dead.*.*",)
 EVENTS_SUBJECTS: Final = ("ai.events.health.*", OPS_EVENTS_SUBJECT)
 

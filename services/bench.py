@@ -59,6 +59,7 @@ from schemas.subjects import (
     RESULTS_STREAM,
     jobs_subject,
     parked_subject,
+    requeue_subject,
     result_subject,
     worker_consumer,
 )
@@ -598,7 +599,7 @@ async def bench_replay(
             jobs = bench_jobs(opts.jobs)
             wire = [
                 (
-                    jobs_subject(job.provider, job.priority),
+                    requeue_subject(job.provider, job.priority, job.tenant),
                     encode(job),
                     {MSG_ID_HEADER: f"{job.id}:r{seq}", REPLAY_HEADER: str(seq)},
                 )

@@ -15,6 +15,8 @@ import ssl
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
 from services.config import NatsSettings, Settings
@@ -22,6 +24,21 @@ from services.errors import ConfigError, NatsUnavailable
 from services.secrets import register_settings
 
 log = logging.getLogger("ridethrough.nats")
+
+#: What nats-py raises while NATS is away for a moment (a restart, a lost node, a
+#: JetStream leader election): expected, worth a warning and a retry, never a bug report.
+#: ``asyncio.TimeoutError`` is the builtin ``TimeoutError`` here (Python 3.11+).
+NATS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 #: Seconds a closing client waits for its subscriptions to drain. Every ridethrough
 #: client has settled its work (acks, PubAcks) before it closes; after a JetStream leader

@@ -249,7 +249,7 @@ async def _drive(
         if progress.first_replayed_result is None and ":r" in msg_id:
             progress.first_replayed_result = time.monotonic()
 
-    watch = await producer.nc.subscribe("ai.results.*", cb=on_result)
+    watch = await producer.nc.subscribe(s.result_subject("*"), cb=on_result)
     live_ctx: Any = (
         Live(_table(drill, progress), console=console, refresh_per_second=4)
         if console is not None

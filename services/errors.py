@@ -49,7 +49,10 @@ class PayloadTooLarge(JobRejected):
     """The encoded job is larger than the server accepts."""
 
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"job is {size} bytes, over the server's max_payload of {limit} bytes")
+        super().__init__(
+            f"job is {size} bytes, over the {limit} bytes a job may have on this server "
+            "(its max_payload less room for a park record or dead letter)"
+        )
         self.size = size
         self.limit = limit
 

@@ -216,6 +216,98 @@ async def _ensure_bucket(
         report.unchanged.append(bucket)
 
 
+async def _ensure_object_store(
+    js: JetStreamContext, settings: Settings, report: TopologyReport
+) -> None:
+    bucket = s.OVERFLOW_BUCKET
+    stream = f"OBJ_{bucket}"
+    max_age = settings.nats.dead_max_age_s
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        await js.create_object_store(
+            bucket,
+            api.ObjectStoreConfig(
+                ttl=max_age, replicas=settings.nats.replicas, storage=_storage(settings)
+            ),
+        )
+        report.created.append(bucket)
+        return
+    have = info.config
+    if have.num_replicas != settings.nats.replicas or (have.max_age or 0.0) != max_age:
+        have.num_replicas = settings.nats.replicas
+        have.max_age = max_age
+        await js.update_stream(have)
+        report.updated.append(bucket)
+    else:
+        report.unchanged.append(bucket)
+
+
+async def legacy_jobs_seq(js: JetStreamContext) -> int:
+    """The last AI_JOBS sequence stored under the old trust rules (0: none, or unknown)."""
+    kv = await js.key_value(s.CONTROL_BUCKET)
+    try:
+        entry = await kv.get(s.LEGACY_JOBS_KEY)
+    except NotFoundError:  # KeyNotFoundError is one
+        return 0
+    try:
+        return int(entry.value or b"0")
+    except ValueError:
+        return 0
+
+
+async def _record_legacy_jobs(js: JetStreamContext, report: TopologyReport) -> None:
+    """Once: remember the last job stored before the trusted-subject layout (see
+    ``schemas.subjects``). Jobs up to it keep the old rules (the tenant and the replay mark
+    read from the job), so an upgrade loses none of them."""
+    kv = await js.key_value(s.CONTROL_BUCKET)
+    last = (await js.stream_info(s.JOBS_STREAM)).state.last_seq or 0
+    try:
+        await kv.create(s.LEGACY_JOBS_KEY, str(last).encode())
+    except APIError:  # written by an earlier run: keep the first watermark
+        return
+    report.updated.append(f"{s.CONTROL_BUCKET}/{s.LEGACY_JOBS_KEY}={last}")
+
+
+async def migrate_results(js: JetStreamContext) -> int:
+    """Move results stored under the old layout (``ai.results.<job_id>``,
+    ``ai.results.<tenant>.<job_id>``) to their scoped subjects; how many moved.
+
+    Each is written to its new subject only if none is there (a conditional publish, so a
+    rerun after an interruption writes nothing twice), then deleted from the old one.
+    """
+    from schemas.results import decode_result
+    from services.ops.streams import iter_stream
+
+    moved = 0
+    for pattern in ("ai.results.*", "ai.results.*.*"):
+        async for msg in iter_stream(js, s.RESULTS_STREAM, pattern):
+            subject = msg.subject or ""
+            tokens = subject.split(".")
+            try:
+                tenant = decode_result(msg.data or b"").tenant or None
+            except Exception:  # not a result at all: leave it where it is
+                continue
+            if len(tokens) == 4 and tokens[2] == "shared" and tenant is None:
+                continue  # already the new layout
+            job_id = tokens[-1]
+            target = s.result_subject(job_id, tenant)
+            if target == subject:
+                continue
+            try:
+                await js.publish(
+                    target,
+                    msg.data or b"",
+                    headers={s.EXPECTED_LAST_SUBJECT_SEQ: "0"},
+                )
+            except APIError as exc:
+                if exc.err_code != s.WRONG_LAST_SEQUENCE:
+                    raise
+            await js.delete_msg(s.RESULTS_STREAM, msg.seq)
+            moved += 1
+    return moved
+
+
 async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyReport:
     """Create or update every stream, consumer and bucket; report what changed."""
     report = TopologyReport()
@@ -226,6 +318,10 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
             await _ensure_consumer(js, stream, ccfg, report)
         for bucket, history, ttl in bucket_configs(settings):
             await _ensure_bucket(js, bucket, history, ttl, settings, report)
+        await _ensure_object_store(js, settings, report)
+        await _record_legacy_jobs(js, report)
+        if moved := await migrate_results(js):
+            report.updated.append(f"{s.RESULTS_STREAM}: {moved} results moved to scoped subjects")
     except APIError as exc:
         raise TopologyError(f"cannot apply the JetStream topology: {exc}") from exc
     return report

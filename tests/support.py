@@ -214,4 +214,4 @@ async def lease_holder(js: JetStreamContext, key: str) -> str:
 
 async def result_job_ids(js: JetStreamContext) -> list[str]:
     """The job id of every result stored in AI_RESULTS (one per job: the stream keeps one)."""
-    return [m.subject.split(".", 2)[2] for m in await read_stream(js, s.RESULTS_STREAM)]
+    return [m.subject.rsplit(".", 1)[1] for m in await read_stream(js, s.RESULTS_STREAM)]

@@ -15,6 +15,7 @@ from schemas.events import decode_health_event, decode_ops_event
 from schemas.jobs import decode_job
 from schemas.parking import DeadLetter, decode_dead_letter, decode_parked
 from schemas.results import decode_result
+from services.errors import InvalidJob
 from services.ops.streams import iter_stream
 
 
@@ -76,7 +77,9 @@ async def locate_job(
     js: JetStreamContext, job_id: str, tenant: str | None = None
 ) -> dict[str, Any]:
     """Where job ``job_id`` (of ``tenant``) is now, its attempts, and its history from
-    AI_EVENTS."""
+    AI_EVENTS. ``InvalidJob`` for an id that is not a token (``>`` would read any job's)."""
+    if not s.is_token(job_id):
+        raise InvalidJob(f"{job_id!r} is not a valid job id (A-Z a-z 0-9 _ -, 1-128)")
     where: dict[str, Any] = {"job_id": job_id, "where": "unknown", "attempts": None}
     outage_ids: set[str] = set()
     try:

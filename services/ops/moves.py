@@ -75,7 +75,8 @@ async def drain(
     report = MoveReport()
     consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider))
     delivered = int(consumer.delivered.stream_seq or 0)
-    subject = s.jobs_subject(provider, priority or "*")
+    # Every job of the provider, whoever published it; the priority is the 4th token.
+    subject = s.jobs_filter(provider)
     total = sum(
         int(v)
         for v in (
@@ -85,6 +86,8 @@ async def drain(
     cutoff = datetime.now(UTC) - older_than if older_than else None
     try:
         async for msg in iter_stream(js, s.JOBS_STREAM, subject):
+            if priority and (msg.subject or "").split(".")[3:4] != [priority]:
+                continue
             report.examined += 1
             if progress:
                 progress(report.examined, total)
@@ -197,7 +200,7 @@ async def replay(
             if not dry_run:
                 tag = f"{msg.seq}" if source == "parked" else f"d{msg.seq}"
                 await js.publish(
-                    s.jobs_subject(job.provider, job.priority),
+                    s.requeue_subject(job.provider, job.priority, job.tenant),
                     encode(job),
                     headers={s.MSG_ID_HEADER: f"{job.id}:r{tag}", s.REPLAY_HEADER: tag},
                 )

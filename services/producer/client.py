@@ -2,8 +2,9 @@
 
 ``submit`` returns only after JetStream's PubAck: once it returns, the job is
 stored and will end in exactly one result or dead letter. The idempotency key
-travels as ``Nats-Msg-Id`` and also fixes the job id, so a re-submit with the
-same key returns the same job id and creates no second job.
+fixes the job id, and the job id (scoped by the tenant) travels as ``Nats-Msg-Id``,
+so a re-submit with the same key returns the same job id and creates no second job.
+A job of a tenant is published on its tenant's subject and its result read there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from nats.aio.client import Client
 
 from schemas.jobs import Job, decode_job, encode, new_job_id
 from schemas.results import JobResult, decode_result
-from schemas.subjects import MSG_ID_HEADER, RESULTS_STREAM, is_token, jobs_subject, result_subject
+from schemas.subjects import (
+    MSG_ID_HEADER,
+    RESULTS_STREAM,
+    is_token,
+    job_msg_id,
+    jobs_subject,
+    result_subject,
+)
 from services.config import Settings
 from services.connection import connect
 from services.errors import (
@@ -34,6 +42,7 @@ from services.errors import (
     RidethroughError,
     UnknownProvider,
 )
+from services.overflow import HEADROOM
 
 #: First pause before publishing again to a stream without a leader (doubling to 0.5 s).
 _LEADERLESS_RETRY_S = 0.05
@@ -112,7 +121,13 @@ def _no_responders(exc: BaseException | None) -> bool:
 
 
 def _translate_publish_error(exc: BaseException, job: Job) -> RidethroughError:
-    return _publish_error(exc, job.id, job.provider, jobs_subject(job.provider, job.priority))
+    return _publish_error(exc, job.id, job.provider, _subject(job))
+
+
+def _subject(job: Job) -> str:
+    """A producer's job goes to its tenant's subject (which that tenant's user may publish
+    to, and nobody else's), or to the shared one."""
+    return jobs_subject(job.provider, job.priority, job.tenant)
 
 
 def _publish_error(
@@ -194,10 +209,14 @@ class Producer:
                 )
             checked = msgspec.structs.replace(checked, tenant=self.tenant)
             data = encode(checked)
+        # Room is left under max_payload for what a job becomes: a park record or a dead
+        # letter with the job inside must fit in one message too (services/overflow.py).
         limit = self.nc.max_payload
-        if limit and len(data) > limit:
-            raise PayloadTooLarge(len(data), limit)
-        return checked, data, key if key is not None else checked.id
+        if limit and len(data) > limit - HEADROOM:
+            raise PayloadTooLarge(len(data), limit - HEADROOM)
+        # The key already fixed the job id; the msg id is that id in the tenant's scope, so
+        # that every copy of one job carries the same msg id (the worker checks it).
+        return checked, data, job_msg_id(checked.id, checked.tenant)
 
     def _check_connected(self) -> None:
         if not self.nc.is_connected:
@@ -212,7 +231,7 @@ class Producer:
         """
         checked, data, msg_id = self._prepare(job, idempotency_key)
         self._check_connected()
-        subject = jobs_subject(checked.provider, checked.priority)
+        subject = _subject(checked)
         deadline = time.monotonic() + self.ack_timeout_s
         delay = _LEADERLESS_RETRY_S
         stream_known = False
@@ -286,7 +305,7 @@ class Producer:
             except RidethroughError as exc:
                 outcomes[i] = SubmitOutcome(job_id=_job_id_of(job, key), error=exc)
                 continue
-            subject = jobs_subject(checked.provider, checked.priority)
+            subject = _subject(checked)
             # Bound the wait only when nats-py's window is full: on Python 3.11 a bounded
             # wait runs in a task of its own, which yields to the flusher and sends every
             # message in a syscall of its own (measured: a third of the throughput).
@@ -382,6 +401,8 @@ class Producer:
 
     async def peek_result(self, job_id: str) -> JobResult | None:
         """The stored result of ``job_id``, or ``None`` if there is none yet."""
+        if not is_token(job_id):  # `>` or `*` would read another job's result
+            raise InvalidJob(f"`job_id` {job_id!r} is not a valid job id")
         try:
             raw = await self.js.get_last_msg(
                 RESULTS_STREAM, result_subject(job_id, self.tenant), direct=True

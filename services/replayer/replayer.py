@@ -47,13 +47,14 @@ from schemas.subjects import (
     REPLAY_HEADER,
     WRONG_LAST_SEQUENCE,
     dead_subject,
-    jobs_subject,
     parked_filter,
     replayer_consumer,
+    requeue_subject,
     result_subject,
 )
 from services.breaker import LeaseKeeper, transition
 from services.config import Settings
+from services.overflow import fits, put_aside, raw_fields
 from services.recovery import LeasedPerProvider
 from services.tasks import raise_if_cancelling
 
@@ -359,7 +360,7 @@ class Replayer(LeasedPerProvider):
                 expired += 1
                 continue
             fut = await self.js.publish_async(
-                jobs_subject(job.provider, job.priority),
+                requeue_subject(job.provider, job.priority, job.tenant),
                 encode(job),
                 headers={MSG_ID_HEADER: f"{job.id}:r{seq}", REPLAY_HEADER: str(seq)},
             )
@@ -411,16 +412,21 @@ class Replayer(LeasedPerProvider):
         await msg.ack()
 
     async def _dead_invalid(self, name: str, msg: Msg, message: str) -> None:
+        seq, _ = ack_position(msg)
         letter = DeadLetter(
             reason="invalid",
-            error=ErrorInfo(type="invalid", message=message),
-            raw=msg.data.decode("utf-8", errors="replace"),
+            error=ErrorInfo(type="invalid", message=message[:500]),
             subject=msg.subject,
+            **raw_fields(msg.data),
         )
-        seq, _ = ack_position(msg)
+        data = encode(letter)
+        if not fits(data, self.js._nc.max_payload):
+            name_aside = await put_aside(self.js, f"dead.{PARKED_STREAM}.{seq}", msg.data)
+            letter = msgspec.structs.replace(letter, raw=None, raw_base64=None, overflow=name_aside)
+            data = encode(letter)
         await self.js.publish(
             dead_subject(name, "invalid"),
-            encode(letter),
+            data,
             headers={MSG_ID_HEADER: f"dead:{PARKED_STREAM}:{seq}"},
         )
         await msg.ack()

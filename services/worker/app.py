@@ -38,7 +38,7 @@ from services.config import Settings
 from services.connection import broker_options
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
-from services.topology import ensure_topology
+from services.topology import ensure_topology, legacy_jobs_seq
 from services.worker.runtime import JobRunner
 
 log = logging.getLogger("ridethrough.worker")
@@ -153,10 +153,13 @@ class Worker:
             _guard_fetch(sub)
         js = self.broker.config.connection_state.stream
         self.board = await HealthBoard(js, self.settings.providers, self.settings.breaker).start()
+        legacy = await legacy_jobs_seq(js)
         self.runner = JobRunner(
             js,
             self.providers,
             self.settings.worker,
+            max_payload=self.broker.config.connection_state.connection.max_payload,
+            legacy_seq=legacy,
             worker_id=self.worker_id,
             board=self.board,
             breaker=self.settings.breaker,

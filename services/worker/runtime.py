@@ -8,11 +8,19 @@ Every message ends in exactly one JetStream settlement, chosen here:
     permanent provider error   dead letter + ``failed`` result, then ack
     transient, attempts left   nak with exponential backoff and jitter, or the retry-after
     transient, no attempts     dead letter ``retries_exhausted`` + ``failed`` result, then ack
-    malformed message          dead letter ``invalid``, then ack
+    malformed message          dead letter ``invalid`` (its exact bytes), then ack
     provider open or paused    park (``AI_PARKED``) / fail over / fail, as the job asks, then ack
-    our own bug / shutdown     nak (the job comes back; nothing is lost)
+    reply too large to store   reply kept in ``ai_overflow``, dead letter
+                               ``response_too_large`` + ``failed`` result, then ack
+    NATS away for a moment     warning, nak with backoff (the job comes back; nothing is lost)
+    our own bug                nak with backoff; after ``max_attempts`` deliveries, dead letter
+                               ``internal_error``, then ack (never an endless loop)
+    shutdown                   nak at once
 
-"Then ack" means after the PubAck of what was published, never before.
+"Then ack" means after the PubAck of what was published, never before. Every record is
+checked against the server's ``max_payload`` before it is published (``services.overflow``).
+Once the provider has answered, storing the answer is retried in place while NATS is away
+(``store_retry_s``) rather than released: a released job would pay for a second call.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import time
 from datetime import UTC, datetime
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -39,26 +48,39 @@ from schemas.subjects import (
     RESULTS_STREAM,
     WRONG_LAST_SEQUENCE,
     dead_subject,
-    jobs_subject,
+    is_token,
+    job_msg_id,
+    job_origin,
     parked_subject,
+    requeue_subject,
     result_subject,
 )
 from services.breaker import PAUSED, HealthBoard, SlidingWindow, transition
 from services.config import BreakerSettings, ProviderKind, WorkerSettings
+from services.connection import NATS_UNAVAILABLE
 from services.errors import PermanentError, ProviderError, RateLimited
+from services.overflow import fits, put_aside, raw_fields
 from services.providers.base import Provider
+from services.providers.classify import message_of
 from services.providers.mapping import Unmappable, convert
 
 log = logging.getLogger("ridethrough.worker")
 
 
 def backoff_delay(attempt: int, settings: WorkerSettings, retry_after: float | None) -> float:
-    """Seconds before the next delivery: exponential with full jitter, never below retry-after."""
-    cap = min(settings.backoff_max_s, settings.backoff_base_s * (2 ** max(attempt - 1, 0)))
+    """Seconds before the next delivery: exponential with full jitter, at least the
+    provider's retry-after, and never more than ``backoff_max_s`` (a provider asking for
+    longer is having an outage, not giving a schedule: see ``long_retry_after``)."""
+    cap = min(settings.backoff_max_s, settings.backoff_base_s * (2 ** min(max(attempt - 1, 0), 64)))
     delay = random.uniform(cap / 2, cap)
     if retry_after is not None:
         delay = max(delay, retry_after)
-    return delay
+    return min(delay, settings.backoff_max_s)
+
+
+def long_retry_after(exc: ProviderError, settings: WorkerSettings) -> bool:
+    """Whether the provider asked to wait longer than we ever back off: a sign of an outage."""
+    return exc.retry_after is not None and exc.retry_after > settings.backoff_max_s
 
 
 class Stats:
@@ -70,12 +92,16 @@ class Stats:
         "expired",
         "failed",
         "failed_over",
+        "internal_errors",
+        "nats_errors",
         "parked",
         "retried",
         "succeeded",
     )
 
     def __init__(self) -> None:
+        self.internal_errors = 0
+        self.nats_errors = 0
         self.parked = 0
         self.failed_over = 0
         self.succeeded = 0
@@ -100,6 +126,9 @@ class JobRunner:
         settings: WorkerSettings,
         *,
         publish_timeout_s: float = 10.0,
+        max_payload: int = 0,
+        store_retry_s: float = 120.0,
+        legacy_seq: int = 0,
         worker_id: str = "",
         board: HealthBoard | None = None,
         breaker: BreakerSettings | None = None,
@@ -110,10 +139,18 @@ class JobRunner:
         self.providers = providers
         self.settings = settings
         self.publish_timeout_s = publish_timeout_s
+        #: The server's max_payload (0: unknown); every record is checked against it.
+        self.max_payload = max_payload
+        #: How long an answer the provider gave is retried in place while NATS is away.
+        self.store_retry_s = store_retry_s
+        #: The last AI_JOBS sequence stored before the trusted-subject layout (0: none).
+        self.legacy_seq = legacy_seq
         self.stats = Stats()
         self.board = board
         self.breaker = breaker or BreakerSettings()
         self.kinds = kinds or {}
+        #: Jobs (tenant, id) whose call or answer this process has under way.
+        self._calling: set[tuple[str | None, str]] = set()
         # Per provider: the local failure window, and the breaker (state, outage) it belongs to.
         self._windows: dict[str, tuple[tuple[str, str], SlidingWindow]] = {}
 
@@ -125,20 +162,54 @@ class JobRunner:
             # Shutdown past the grace period: hand the job back at once.
             await _quiet_nak(msg, 0)
             raise
-        except Exception:
-            log.exception(
-                "unexpected error handling %s; the job is released for retry", msg.subject
+        except NATS_UNAVAILABLE as exc:
+            # An expected blip (a restart, a leader election): one line, and the job back.
+            self.stats.nats_errors += 1
+            attempts = _attempts(msg)
+            log.warning(
+                "NATS did not answer while settling %s (%s); released for retry",
+                msg.subject,
+                type(exc).__name__,
             )
-            await _quiet_nak(msg, self.settings.backoff_base_s)
+            await _quiet_nak(msg, backoff_delay(attempts, self.settings, None))
+        except Exception as exc:
+            await self._unexpected(msg, exc)
+
+    async def _unexpected(self, msg: Msg, exc: Exception) -> None:
+        """Our own bug, or input we did not foresee: it counts as an attempt, and after
+        ``max_attempts`` deliveries the message becomes a dead letter, never a loop."""
+        self.stats.internal_errors += 1
+        attempts = _attempts(msg)
+        if attempts < self.settings.max_attempts:
+            log.error(
+                "unexpected error handling %s (attempt %d of %d); released for retry",
+                msg.subject,
+                attempts,
+                self.settings.max_attempts,
+                exc_info=exc,
+            )
+            await _quiet_nak(msg, backoff_delay(attempts, self.settings, None))
+            return
+        log.error("unexpected error handling %s; dead-lettered", msg.subject, exc_info=exc)
+        message = f"unexpected error after {attempts} attempts: {message_of(exc)}"
+        try:
+            await self._dead_invalid(msg, _token(msg, 2), message, attempts, "internal_error")
+        except Exception as again:  # NATS away too: the next delivery tries again
+            log.warning("could not dead-letter %s: %s", msg.subject, message_of(again))
+            await _quiet_nak(msg, backoff_delay(attempts, self.settings, None))
 
     async def _process(self, msg: Msg) -> None:
-        meta = msg.metadata
-        attempts = meta.num_delivered or 1
-        subject_provider = msg.subject.split(".")[2]
+        attempts = _attempts(msg)
+        subject_provider = _token(msg, 2)
         try:
             job = decode_job(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except Exception as exc:  # not only ValidationError: a RecursionError, say
             await self._dead_invalid(msg, subject_provider, f"malformed job: {exc}", attempts)
+            return
+        trusted, refused = self._check_origin(msg, job)
+        if refused:
+            # No `failed` result for it: its id may be someone else's job.
+            await self._dead_invalid(msg, subject_provider, refused, attempts)
             return
         provider = self.providers.get(job.provider)
         if provider is None or job.provider != subject_provider:
@@ -151,7 +222,7 @@ class JobRunner:
             await self._dead(msg, job, subject_provider, "invalid", why, attempts, retryable=False)
             return
 
-        replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
+        replay = msg.headers.get(REPLAY_HEADER) if trusted and msg.headers else None
         if (attempts > 1 or replay) and await self._has_result(job, replayed=bool(replay)):
             self.stats.duplicates_skipped += 1
             await msg.ack()
@@ -180,6 +251,20 @@ class JobRunner:
             await self._outage(msg, job, attempts, last_error="")
             return
 
+        key = (job.tenant, job.id)
+        if key in self._calling:
+            # Redelivered while this process still calls for it, or still stores the answer
+            # (NATS was away longer than ack_wait): that copy settles it; this one waits.
+            self.stats.duplicates_skipped += 1
+            await msg.nak(delay=backoff_delay(attempts, self.settings, None))
+            return
+        self._calling.add(key)
+        try:
+            await self._call(msg, job, provider, attempts)
+        finally:
+            self._calling.discard(key)
+
+    async def _call(self, msg: Msg, job: Job, provider: Provider, attempts: int) -> None:
         started = time.time()
         try:
             reply = await provider.call(job.model, job.request)
@@ -189,33 +274,106 @@ class JobRunner:
         if self.board is not None:
             self._window(job.provider).success()
         provider_s = time.time() - started
-        await self._publish_result(
+        result = JobResult(
+            job_id=job.id,
+            status="succeeded",
+            provider=job.provider,
+            model=reply.model or job.model,
+            response=reply.response,
+            usage=reply.usage,
+            attempts=attempts,
+            timings=_timings(job, started, provider_s),
+            worker=self.worker_id,
+            tenant=job.tenant or "",
+        )
+        await self._store_answer(msg, job, result)
+
+    async def _store_answer(self, msg: Msg, job: Job, result: JobResult) -> None:
+        """Store what the provider answered (paid for): kept aside when it cannot fit in a
+        message, retried in place while NATS is away, never released to be paid again."""
+        data = encode(result)
+        until = time.monotonic() + self.store_retry_s
+        delay = 0.1
+        while True:
+            try:
+                if fits(data, self.max_payload):
+                    await self._publish_result(msg, job, result, data)
+                    self.stats.succeeded += 1
+                else:
+                    await self._too_large_answer(msg, job, result, data)
+                    return  # _dead has acked
+                break
+            except NATS_UNAVAILABLE as exc:
+                if time.monotonic() + delay > until:
+                    raise
+                log.warning(
+                    "job %s: NATS did not take its answer (%s); trying again in %.1fs",
+                    job.id,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        await msg.ack()
+
+    async def _too_large_answer(self, msg: Msg, job: Job, result: JobResult, data: bytes) -> None:
+        """A reply too large for one message: kept whole in ``ai_overflow``; the job ends
+        ``failed`` (``response_too_large``) with a dead letter naming where it is."""
+        name = await put_aside(self.js, f"response.{msg.metadata.stream}.{_seq(msg)}", data)
+        message = (
+            f"the provider's reply ({len(data)} bytes as a result) is over the server's "
+            f"max_payload of {self.max_payload} bytes; it is kept whole in object store "
+            f"ai_overflow as {name!r}"
+        )
+        await self._dead(
             msg,
             job,
-            JobResult(
-                job_id=job.id,
-                status="succeeded",
-                provider=job.provider,
-                model=reply.model or job.model,
-                response=reply.response,
-                usage=reply.usage,
-                attempts=attempts,
-                timings=_timings(job, started, provider_s),
-                worker=self.worker_id,
-            ),
+            job.provider,
+            "response_too_large",
+            message,
+            _attempts(msg),
+            False,
+            overflow=name,
         )
-        self.stats.succeeded += 1
-        await msg.ack()
+
+    def _check_origin(self, msg: Msg, job: Job) -> tuple[bool, str]:
+        """(whether ridethrough itself published the job, why it is refused or "").
+
+        A producer's job is believed only as far as NATS permissions bind its subject: its
+        tenant must be the subject's, and its msg id the job id in that tenant's scope, so
+        one job id is one job per tenant (dedup) and no producer marks a replay or writes
+        into another tenant's results. Jobs stored before this layout (at or below the
+        recorded AI_JOBS sequence) keep the old rules.
+        """
+        origin = job_origin(msg.subject)
+        if origin is None:
+            return False, f"{msg.subject} is not a job subject"
+        if origin.requeued or (self.legacy_seq and _seq(msg) <= self.legacy_seq):
+            return True, ""
+        if job.tenant != origin.tenant:
+            return False, (
+                f"job names tenant {job.tenant!r} but was published "
+                + (f"for tenant {origin.tenant!r}" if origin.tenant else "without one")
+            )
+        msg_id = msg.headers.get(MSG_ID_HEADER) if msg.headers else None
+        want = job_msg_id(job.id, job.tenant)
+        if msg_id != want:
+            return False, f"Nats-Msg-Id must be {want!r} (the job id in its tenant's scope)"
+        return False, ""
 
     async def _on_provider_error(
         self, msg: Msg, job: Job, exc: ProviderError, attempts: int
     ) -> None:
         if isinstance(exc, PermanentError):
-            if self.board is not None:
+            if exc.reason == "config":  # every job will fail alike until someone fixes it
+                log.error("provider %s is misconfigured (config): %s", job.provider, exc.message)
+            elif self.board is not None:
                 self._window(job.provider).success()  # it answered: no outage
             await self._dead(msg, job, job.provider, exc.reason, exc.message, attempts, False)
             return
-        if self.board is not None and not isinstance(exc, RateLimited):
+        if self.board is not None and (
+            not isinstance(exc, RateLimited) or long_retry_after(exc, self.settings)
+        ):
             window = self._window(job.provider)
             if window.failure():
                 await self._trip(job.provider, window, exc)
@@ -300,9 +458,16 @@ class JobRunner:
                 attempts=attempts,
             ),
         )
+        data = encode(parked)
+        if not fits(data, self.max_payload):
+            # A job published past the producer's limit: it can neither wait here nor be
+            # parked. It ends now, with its bytes kept (aside, if need be).
+            message = f"the job is too large to park ({len(data)} bytes with its record)"
+            await self._dead(msg, job, job.provider, "too_large", message, attempts, False)
+            return
         await self.js.publish(
             parked_subject(job.provider, job.priority),
-            encode(parked),
+            data,
             timeout=self.publish_timeout_s,
             headers={MSG_ID_HEADER: f"park:{msg.metadata.stream}:{_seq(msg)}"},
         )
@@ -334,9 +499,13 @@ class JobRunner:
                 fallbacks=[],
                 metadata={**job.metadata, "failover_from": f"{job.provider}/{job.model}"},
             )
+            data = encode(moved)
+            if not fits(data, self.max_payload):
+                log.info("job %s cannot fail over to %s: too large", job.id, target.provider)
+                continue
             await self.js.publish(
-                jobs_subject(target.provider, job.priority),
-                encode(moved),
+                requeue_subject(target.provider, job.priority, job.tenant),
+                data,
                 timeout=self.publish_timeout_s,
                 headers={MSG_ID_HEADER: f"failover:{msg.metadata.stream}:{_seq(msg)}"},
             )
@@ -355,7 +524,9 @@ class JobRunner:
             return False
         return not replayed or decode_result(raw.data or b"").status != "failed"
 
-    async def _publish_result(self, msg: Msg, job: Job, result: JobResult) -> None:
+    async def _publish_result(
+        self, msg: Msg, job: Job, result: JobResult, data: bytes | None = None
+    ) -> None:
         """Store the job's one result. The write is conditional on the subject's last
         sequence, so when two copies of a job race (one parked and replayed, one
         redelivered), the second result is refused by the server rather than stored."""
@@ -364,8 +535,9 @@ class JobRunner:
         # that replaces the ``failed`` one of an earlier attempt.
         msg_id = f"{job.id}:r{replay}" if replay else job.id
         subject = result_subject(job.id, job.tenant)
-        if job.tenant:
+        if job.tenant and result.tenant != job.tenant:
             result = msgspec.structs.replace(result, tenant=job.tenant)
+            data = None
         expect = 0
         if replay and replay.startswith("d"):  # from the dead letters: may replace `failed`
             with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -374,7 +546,7 @@ class JobRunner:
         try:
             await self.js.publish(
                 subject,
-                encode(result),
+                data if data is not None else encode(result),
                 timeout=self.publish_timeout_s,
                 headers={MSG_ID_HEADER: msg_id, EXPECTED_LAST_SUBJECT_SEQ: str(expect)},
             )
@@ -395,6 +567,8 @@ class JobRunner:
         message: str,
         attempts: int,
         retryable: bool,
+        *,
+        overflow: str | None = None,
     ) -> None:
         error = ErrorInfo(type=reason, message=message, retryable=retryable)
         letter = DeadLetter(
@@ -404,6 +578,7 @@ class JobRunner:
             job=msgspec.to_builtins(job),
             subject=msg.subject,
             attempts=attempts,
+            overflow=overflow,
         )
         await self._publish_dead(msg, provider, reason, letter)
         # The producer waiting on the result learns of the failure too.
@@ -425,15 +600,18 @@ class JobRunner:
         log.info("job %s dead-lettered (%s): %s", job.id, reason, message)
         await msg.ack()
 
-    async def _dead_invalid(self, msg: Msg, provider: str, message: str, attempts: int) -> None:
+    async def _dead_invalid(
+        self, msg: Msg, provider: str, message: str, attempts: int, reason: str = "invalid"
+    ) -> None:
+        """Dead-letter a message that is not a job we can read, keeping its exact bytes."""
         letter = DeadLetter(
-            reason="invalid",
-            error=ErrorInfo(type="invalid", message=message),
-            raw=msg.data.decode("utf-8", errors="replace"),
+            reason=reason,
+            error=ErrorInfo(type=reason, message=message[:500]),
             subject=msg.subject,
             attempts=attempts,
+            **raw_fields(msg.data),
         )
-        await self._publish_dead(msg, provider, "invalid", letter)
+        await self._publish_dead(msg, provider, reason, letter)
         self.stats.dead += 1
         log.info("message %s on %s dead-lettered: %s", _seq(msg), msg.subject, message)
         await msg.ack()
@@ -441,16 +619,36 @@ class JobRunner:
     async def _publish_dead(self, msg: Msg, provider: str, reason: str, letter: DeadLetter) -> None:
         # The id is stable across redeliveries of this stored message, so a crash
         # between the dead-letter publish and the ack cannot write it twice.
+        stored = f"{msg.metadata.stream}:{_seq(msg)}"
+        data = encode(letter)
+        if not fits(data, self.max_payload):
+            # The message's own bytes (exact) go aside; the letter names them.
+            name = await put_aside(self.js, f"dead.{stored.replace(':', '.')}", msg.data)
+            letter = msgspec.structs.replace(
+                letter, job=None, raw=None, raw_base64=None, overflow=name
+            )
+            data = encode(letter)
         await self.js.publish(
-            dead_subject(provider, reason),
-            encode(letter),
+            dead_subject(provider if is_token(provider) else "unknown", reason),
+            data,
             timeout=self.publish_timeout_s,
-            headers={MSG_ID_HEADER: f"dead:{msg.metadata.stream}:{_seq(msg)}"},
+            headers={MSG_ID_HEADER: f"dead:{stored}"},
         )
 
 
 def _seq(msg: Msg) -> int:
     return msg.metadata.sequence.stream
+
+
+def _attempts(msg: Msg) -> int:
+    """How many times this message has been delivered, this time included."""
+    return msg.metadata.num_delivered or 1
+
+
+def _token(msg: Msg, index: int) -> str:
+    """Token ``index`` of the message's subject ("" when it has fewer)."""
+    tokens = msg.subject.split(".")
+    return tokens[index] if len(tokens) > index else ""
 
 
 def _timings(job: Job, started: float, provider_s: float) -> Timings:

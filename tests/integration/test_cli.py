@@ -108,6 +108,10 @@ async def test_failed_job_and_missing_result_exit_1(settings: Settings, js: Any)
         (["demo", "--jobs", "0"], "--jobs"),
         (["submit", "--provider", "nosuch", "--model", "m", "--prompt", "x"], "nosuch"),
         (["result", "abc", "--tenant", "acme.corp"], "tenant"),
+        (["result", ">"], "not a valid job id"),
+        (["result", "*"], "not a valid job id"),
+        (["jobs", "show", ">"], "not a valid job id"),
+        (["jobs", "show", "a.b"], "not a valid job id"),
     ],
 )
 async def test_misuse_gives_one_line_and_exit_2(

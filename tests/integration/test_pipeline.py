@@ -152,14 +152,35 @@ async def test_producer_errors_are_clear(settings: Settings, js: Any) -> None:
             "ai.jobs.anthropic.normal",
             "arrived on",
         ),
+        (
+            b'{"id":"other","provider":"anthropic","model":"m","request":{}}',
+            "ai.jobs.anthropic.normal",
+            "Nats-Msg-Id must be 'other'",
+        ),
+        (
+            b'{"id":"j2","provider":"anthropic","model":"m","request":{},"tenant":"acme"}',
+            "ai.jobs.anthropic.normal",
+            "names tenant 'acme' but was published without one",
+        ),
+        (
+            b'{"id":"j2","provider":"anthropic","model":"m","request":{}}',
+            "ai.jobs.anthropic.normal.acme",
+            "names tenant None but was published for tenant 'acme'",
+        ),
+        (
+            b'{"id":"j2","provider":"anthropic","model":"m","request":{}}',
+            "ai.jobs.anthropic.normal.x.y.z",
+            "is not a job subject",
+        ),
     ],
 )
 async def test_malformed_message_becomes_dead_letter_with_reason(
     settings: Settings, js: Any, body: bytes, subject: str, why: str
 ) -> None:
     """Bad JSON, a wrong schema or a wrong provider end as dead letters `invalid`; the
-    worker carries on with the next job."""
-    await js.publish(subject, body)
+    worker carries on with the next job. A producer's job must carry its id as Nats-Msg-Id
+    and the tenant its subject names, or it is refused the same way (no result written)."""
+    await js.publish(subject, body, headers={s.MSG_ID_HEADER: "j2"})
     async with running_worker(settings), await Producer.connect(settings) as producer:
         after = await producer.submit(make_job("anthropic", "m", prompt="after the bad one"))
         assert (await producer.result(after, timeout=30)).status == "succeeded"
@@ -169,6 +190,8 @@ async def test_malformed_message_becomes_dead_letter_with_reason(
     letter = decode_dead_letter(dead[0].data)
     assert letter.reason == "invalid" and why in letter.error.message
     assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 0
+    if why != "arrived on":  # an unknown or refused job gets no `failed` result
+        assert (await js.stream_info(s.RESULTS_STREAM)).state.messages == 1
 
 
 async def test_permanent_error_dead_letters_and_tells_the_producer(

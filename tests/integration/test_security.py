@@ -27,6 +27,9 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from schemas import subjects as s
+from schemas.jobs import encode
+from schemas.parking import decode_dead_letter
+from schemas.results import decode_result, response_text
 from services.config import NatsSettings, ProviderSettings, Settings
 from services.connection import connect
 from services.devstack import NatsServer
@@ -36,7 +39,7 @@ from services.stack import ServiceProcess
 from services.topology import ensure_topology
 from tests.conftest import make_settings
 from tests.support import count_outcomes, read_stream, wait_until
-from tests.unit.test_deploy_files import password_variable
+from tests.unit.test_deploy_files import auth_users, password_variable
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_CONF = ROOT / "deploy" / "nats" / "auth.conf"
@@ -255,8 +258,18 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             ),
             (
                 "forge a result",
-                "ai.results.someone-elses-job",
-                lambda c: c.js.publish("ai.results.someone-elses-job", b"{}"),
+                s.result_subject("someone-elses-job"),
+                lambda c: c.js.publish(s.result_subject("someone-elses-job"), b"{}"),
+            ),
+            (
+                "mark a replay (a requeued job)",
+                s.requeue_subject("anthropic", "normal", None),
+                lambda c: c.js.publish(s.requeue_subject("anthropic", "normal", None), b"{}"),
+            ),
+            (
+                "submit as tenant acme",
+                s.jobs_subject("anthropic", "normal", "acme"),
+                lambda c: c.js.publish(s.jobs_subject("anthropic", "normal", "acme"), b"{}"),
             ),
             (
                 "read the replies delivered to workers",
@@ -297,8 +310,8 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             ),
             (
                 "write a result",
-                "ai.results.x",
-                lambda c: c.js.publish("ai.results.x", b"{}"),
+                s.result_subject("x"),
+                lambda c: c.js.publish(s.result_subject("x"), b"{}"),
             ),
             pause,
             (
@@ -356,7 +369,7 @@ async def test_a_role_cannot_do_the_work_of_others(secured: SecuredNats, role: s
         for stream in (s.JOBS_STREAM, s.PARKED_STREAM, s.RESULTS_STREAM, s.DEAD_STREAM):
             await js.stream_info(stream)
         control = await js.key_value(s.CONTROL_BUCKET)
-        assert await _keys(control) == []
+        assert await _keys(control) == [s.LEGACY_JOBS_KEY]  # written by the topology step
         assert (await js.stream_info(s.RESULTS_STREAM)).state.messages == 0
         assert job_id
     finally:
@@ -368,7 +381,7 @@ async def test_a_tenant_reads_its_own_results_and_no_one_elses(
     secured: SecuredNats, fake_provider: Any, tmp_path: Path
 ) -> None:
     """acme's producers (user tenant-acme, RIDETHROUGH_TENANT=acme) submit jobs and read
-    their results, stored on ai.results.acme.<job_id>; they are refused the results of
+    their results, stored on ai.results.tenant.acme.<job_id>; they are refused the results of
     tenant globex and of jobs without a tenant, to look up and to wait on, and the
     `producer` user is refused acme's. Every job ends in one result."""
     base = make_settings(secured.url, fake_provider.url)
@@ -398,7 +411,7 @@ async def test_a_tenant_reads_its_own_results_and_no_one_elses(
                 await acme.submit(job("sneaky", tenant="globex"))
         assert {r.status for r in got.values()} == {"succeeded"}
         assert {r.tenant for r in got.values()} == {"acme"}
-        stored = await js.get_last_msg(s.RESULTS_STREAM, f"ai.results.acme.{mine[0]}")
+        stored = await js.get_last_msg(s.RESULTS_STREAM, s.result_subject(mine[0], "acme"))
         assert stored.data and b'"tenant":"acme"' in stored.data
 
         acme_client = await RoleClient.connect(secured, "tenant-acme")
@@ -417,10 +430,17 @@ async def test_a_tenant_reads_its_own_results_and_no_one_elses(
                         s.RESULTS_STREAM, subj, direct=True
                     ),
                 )
-            for wait_on in ("ai.results.globex.*", "ai.results.*", "ai.results.>"):
+            for wait_on in (
+                s.result_subject("*", "globex"),
+                s.result_subject("*"),
+                "ai.results.>",
+                "ai.results.tenant.>",
+                "ai.results.tenant.*.*",
+            ):
                 await acme_client.refused(wait_on, lambda w=wait_on: acme_client.nc.subscribe(w))  # type: ignore[misc]
+            acme_results = s.result_subject("*", "acme")
             await plain_client.refused(
-                "ai.results.acme.*", lambda: plain_client.nc.subscribe("ai.results.acme.*")
+                acme_results, lambda: plain_client.nc.subscribe(acme_results)
             )
             await acme_client.refused(
                 f"$JS.API.STREAM.MSG.GET.{s.RESULTS_STREAM}",
@@ -825,3 +845,218 @@ def test_unreadable_credential_files_are_a_config_error(tmp_path: Path) -> None:
         settings = Settings(nats_url="nats://127.0.0.1:4222", nats=NatsSettings(**fields))
         with pytest.raises(ConfigError, match="nope"):
             connect_options(settings)
+
+
+# --------------------------------------------------------------------------- wildcard forms
+
+
+def nats_match(pattern: str, subject: str) -> bool:
+    """Whether ``subject`` falls in ``pattern`` with NATS wildcards read as wildcards (a
+    ``*`` is one token, ``>`` the rest); a literal ``*`` or ``>`` in the subject is just
+    a token here, so a subject a wildcard form reached counts only if it is in scope."""
+    p, t = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(t) > i
+        if i >= len(t) or (token != "*" and token != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+def wildcard_forms(pattern: str) -> list[str]:
+    """A concrete subject of ``pattern`` and every form of it with one token replaced by a
+    literal ``*``, or cut with a ``>`` (the forms a user may send where a subject goes)."""
+    concrete = [
+        ("acme" if i == len(pattern.split(".")) - 1 else "anthropic") if tok in "*>" else tok
+        for i, tok in enumerate(pattern.split("."))
+    ]
+    forms = {".".join(concrete)}
+    for i in range(1, len(concrete)):
+        forms.add(".".join([*concrete[:i], "*", *concrete[i + 1 :]]))
+        forms.add(".".join([*concrete[:i], ">"]))
+    return sorted(forms)
+
+
+#: One subject of every scope, published by the operator while each role listens.
+_BAIT = (
+    "ai.results.shared.bait",
+    "ai.results.tenant.acme.bait",
+    "ai.results.tenant.globex.bait",
+)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", ["producer", "tenant-acme", "worker", "prober", "replayer"])
+async def test_every_wildcard_form_of_a_roles_subjects_stays_in_its_scope(
+    secured: SecuredNats, role: str
+) -> None:
+    """Every subject a role may subscribe to or direct-get, tried with each token as a
+    literal `*` or cut with `>`: whatever the server lets through is in the role's scope.
+    (A permission X.* lets a user subscribe to X.>; the layout gives no scope anything below
+    another's prefix, so that reaches nothing more.)"""
+    from nats.js.errors import NotFoundError
+
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    ojs = operator.jetstream()
+    await ensure_topology(ojs, base)
+    for subject in _BAIT:  # stored results, for direct gets
+        await ojs.publish(subject, b'{"bait": "' + subject.encode() + b'"}')
+    perms = auth_users()[role]
+    subscribe_scope = perms["subscribe"]
+    direct = f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}."
+    read_scope = [p.removeprefix(direct) for p in perms["publish"] if p.startswith(direct)]
+    client = await RoleClient.connect(secured, role)
+    got: dict[str, list[str]] = {}
+    tried = 0
+    try:
+        subs = []
+        for allowed in subscribe_scope:
+            for form in wildcard_forms(allowed):
+                tried += 1
+
+                async def keep(msg: Any, form: str = form) -> None:
+                    got.setdefault(form, []).append(msg.subject)
+
+                with contextlib.suppress(Exception):
+                    subs.append(await client.nc.subscribe(form, cb=keep))
+        await client.nc.flush()
+        for subject in _BAIT:
+            await operator.publish(subject, b"bait")
+        await operator.flush()
+        for allowed in read_scope:
+            for form in wildcard_forms(allowed):
+                tried += 1
+                try:
+                    msg = await client.js.get_last_msg(s.RESULTS_STREAM, form, direct=True)
+                except (NotFoundError, TimeoutError, nats.errors.TimeoutError):
+                    continue  # refused (no answer) or nothing there
+                got.setdefault(f"direct {form}", []).append(msg.subject)
+
+        async def delivered() -> bool:
+            # The server routed the bait before the operator's flush returned; after the
+            # role's own flush it is in the subscriptions' queues, and then handled.
+            await client.nc.flush()
+            return all(sub.pending_msgs == 0 for sub in subs)
+
+        await wait_until(delivered, timeout=10)
+    finally:
+        await client.close()
+        await operator.close()
+    assert tried >= 4
+    for form, subjects in got.items():
+        scope = read_scope if form.startswith("direct ") else subscribe_scope
+        for subject in subjects:
+            assert any(nats_match(p, subject) for p in scope), (role, form, subject)
+    if role in ("producer", "tenant-acme"):  # each reads its own scope, and no other
+        own = "ai.results.shared.bait" if role == "producer" else "ai.results.tenant.acme.bait"
+        assert any(own in subjects for subjects in got.values()), got
+
+
+@pytest.mark.integration
+async def test_no_producer_can_forge_a_replay_a_tenant_or_claim_anothers_job(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """Under deploy/nats/auth.conf, with a worker running as `worker`:
+    - the same idempotency key in two scopes (no tenant, tenant acme) makes two jobs, each
+      with its own answer (msg ids and results are scoped by tenant);
+    - a producer re-publishing a `failed` job's id with the replay mark (the old attack that
+      replaced it with a forged `succeeded`) and one naming tenant acme are dead letters,
+      with no provider call and no result touched;
+    - every wildcard form of each producer's job subject that the server accepts ends in
+      one terminal state, its result (if any) inside that producer's own scope."""
+    base = make_settings(secured.url, fake_provider.url)
+    by_role = {role: secured.settings(base, role) for role in ROLES}
+    nc = await connect(by_role["operator"], name="operator")
+    js = nc.jetstream()
+    await ensure_topology(js, by_role["operator"])
+    procs = _services(by_role, tmp_path, ("worker", "--no-topology"))
+    try:
+        async with (
+            await Producer.connect(by_role["tenant-acme"].with_changes(tenant="acme")) as acme,
+            await Producer.connect(by_role["producer"]) as plain,
+        ):
+            a = await acme.submit(
+                make_job("anthropic", "m", prompt="acme asks"), idempotency_key="order-42"
+            )
+            p = await plain.submit(
+                make_job("anthropic", "m", prompt="plain asks"), idempotency_key="order-42"
+            )
+            assert a == p == "order-42"
+            got_a, got_p = await acme.result(a, timeout=60), await plain.result(p, timeout=60)
+            assert response_text(got_a.response) == "echo: acme asks"
+            assert response_text(got_p.response) == "echo: plain asks"
+            failing = make_job("anthropic", "m", request=_faulty("anthropic", "fault:400"))
+            victim = await plain.submit(failing)
+            assert (await plain.result(victim, timeout=60)).status == "failed"
+        calls = fake_provider.counters()["by_path"]["/v1/messages"]
+
+        attacker = await RoleClient.connect(secured, "producer")
+        try:
+            forged = make_job("anthropic", "m", prompt="forged", id=victim)
+            await attacker.js.publish(
+                s.jobs_subject("anthropic", "normal"),
+                encode(forged),
+                headers={s.MSG_ID_HEADER: f"{victim}:rd1", s.REPLAY_HEADER: "d1"},
+            )
+            as_acme = make_job("anthropic", "m", prompt="forged", id="order-42", tenant="acme")
+            await attacker.js.publish(
+                s.jobs_subject("anthropic", "normal"),
+                encode(as_acme),
+                headers={s.MSG_ID_HEADER: "acme:order-43"},
+            )
+            forms = await _publish_job_forms(attacker, "ai.jobs.*.*", None)
+        finally:
+            await attacker.close()
+        tenant_client = await RoleClient.connect(secured, "tenant-acme")
+        try:
+            forms += await _publish_job_forms(tenant_client, "ai.jobs.*.*.acme", "acme")
+        finally:
+            await tenant_client.close()
+
+        async def all_settled() -> bool:
+            return (await js.stream_info(s.JOBS_STREAM)).state.messages == 0
+
+        await wait_until(all_settled, timeout=60)
+        results = {
+            m.subject: decode_result(m.data) for m in await read_stream(js, s.RESULTS_STREAM)
+        }
+        letters = [decode_dead_letter(m.data) for m in await read_stream(js, s.DEAD_STREAM)]
+    finally:
+        for proc in procs:
+            proc.terminate(timeout=30)
+        await nc.close()
+    assert len(forms) >= 5, forms  # the concrete subjects, and literal `*` and `>` tokens
+    victim_result = results[s.result_subject(victim)]
+    assert victim_result.status == "failed"  # not replaced by the forged replay
+    assert results[s.result_subject("order-42", "acme")].status == "succeeded"
+    refused = [d for d in letters if d.reason == "invalid"]
+    assert any("Nats-Msg-Id must be" in d.error.message for d in refused)
+    assert any("names tenant 'acme'" in d.error.message for d in refused)
+    # Each accepted wildcard form: a result in its publisher's scope, or a dead letter.
+    for job_id, tenant in forms:
+        own = s.result_subject(job_id, tenant)
+        elsewhere = [k for k, r in results.items() if r.job_id == job_id and k != own]
+        assert not elsewhere, (job_id, tenant, elsewhere)
+        assert own in results or any(job_id in (d.raw or "") for d in letters), job_id
+    assert fake_provider.counters()["by_path"]["/v1/messages"] == calls + sum(
+        1 for job_id, tenant in forms if s.result_subject(job_id, tenant) in results
+    )
+
+
+async def _publish_job_forms(
+    client: RoleClient, allowed: str, tenant: str | None
+) -> list[tuple[str, str | None]]:
+    """Publish a well-formed job (canonical msg id, its own tenant) on every wildcard form
+    of ``allowed``; return (job id, tenant) of those the server stored."""
+    stored = []
+    for i, form in enumerate(wildcard_forms(allowed)):
+        job = make_job("anthropic", "m", prompt=f"form {i}", id=f"form-{tenant}-{i}", tenant=tenant)
+        try:
+            await client.js.publish(
+                form, encode(job), headers={s.MSG_ID_HEADER: s.job_msg_id(job.id, tenant)}
+            )
+        except Exception:  # refused, or no stream listens there
+            continue
+        stored.append((job.id, tenant))
+    return stored

@@ -17,7 +17,7 @@ async def test_second_run_changes_nothing(settings: Settings, js: Any) -> None:
     """Running the topology step again (the fixture ran it once) creates and updates nothing."""
     report = await ensure_topology(js, settings)
     assert not report.changed
-    assert len(report.unchanged) == 5 + 4 * len(settings.providers) + 3
+    assert len(report.unchanged) == 5 + 4 * len(settings.providers) + 3 + 1  # + ai_overflow
 
 
 async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> None:
@@ -25,18 +25,19 @@ async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> N
     jobs = await js.stream_info(s.JOBS_STREAM)
     assert jobs.config.retention == "workqueue"
     assert jobs.config.duplicate_window >= 3600
-    assert sorted(jobs.config.subjects) == ["ai.jobs.anthropic.*", "ai.jobs.openai.*"]
+    assert sorted(jobs.config.subjects) == ["ai.jobs.anthropic.>", "ai.jobs.openai.>"]
     results = await js.stream_info(s.RESULTS_STREAM)
     assert results.config.max_msgs_per_subject == 1
     for p in ("anthropic", "openai"):
         w = await js.consumer_info(s.JOBS_STREAM, f"workers-{p}")
-        assert w.config.filter_subject == f"ai.jobs.{p}.*"
+        assert w.config.filter_subject == f"ai.jobs.{p}.>"
         assert w.config.max_deliver == -1
         for prio in ("high", "normal", "low"):
             r = await js.consumer_info(s.PARKED_STREAM, f"replayer-{p}-{prio}")
             assert r.config.filter_subject == f"ai.parked.{p}.{prio}"
     for bucket in (s.HEALTH_BUCKET, s.CONTROL_BUCKET, s.WORKERS_BUCKET):
         await js.key_value(bucket)
+    await js.object_store(s.OVERFLOW_BUCKET)
 
 
 async def test_changed_settings_are_applied_to_existing_objects(
@@ -71,3 +72,75 @@ async def test_new_provider_is_added_to_the_jobs_stream(settings: Settings, js: 
     report = await ensure_topology(js, more)
     assert s.JOBS_STREAM in report.updated
     assert "AI_JOBS/workers-vllm" in report.created
+
+
+async def test_an_upgrade_moves_results_and_keeps_jobs_stored_under_the_old_layout(
+    settings: Settings, nats_server: Any, fake_provider: Any
+) -> None:
+    """Results and jobs stored by the previous release (results on ai.results.<id> and
+    ai.results.<tenant>.<id>; jobs of a tenant on ai.jobs.<p>.<prio>, a replay marked by its
+    header) all reach their terminal state after the upgrade: the results are moved to the
+    scoped subjects once, the old jobs are run under the old rules, new forgeries are not."""
+    import msgspec
+
+    from schemas.jobs import encode
+    from schemas.results import JobResult, decode_result
+    from services.connection import connect
+    from services.producer import Producer, make_job
+    from services.stack import running_worker
+
+    nc = await connect(settings, name="old-release")
+    js = nc.jetstream()
+    # The previous release's topology: results on two legacy shapes, jobs on <p>.<prio>.
+    await js.add_stream(
+        name=s.RESULTS_STREAM, subjects=["ai.results.*", "ai.results.*.*"], allow_direct=True
+    )
+    await js.add_stream(
+        name=s.JOBS_STREAM,
+        subjects=["ai.jobs.anthropic.*", "ai.jobs.openai.*"],
+        retention="workqueue",
+        allow_direct=True,
+    )
+    old = {
+        "ai.results.plain1": JobResult(
+            job_id="plain1", status="succeeded", provider="a", model="m"
+        ),
+        "ai.results.shared.x1": JobResult(
+            job_id="x1", status="succeeded", provider="a", model="m", tenant="shared"
+        ),
+        "ai.results.acme.a1": JobResult(
+            job_id="a1", status="failed", provider="a", model="m", tenant="acme"
+        ),
+    }
+    for subject, result in old.items():
+        await js.publish(subject, encode(result))
+    legacy_job = make_job("anthropic", "m", prompt="from before", tenant="acme")
+    await js.publish(
+        "ai.jobs.anthropic.normal", encode(legacy_job), headers={s.MSG_ID_HEADER: "key-1"}
+    )
+
+    report = await ensure_topology(js, settings)
+    assert any("3 results moved" in u for u in report.updated), report.updated
+    assert not any("moved" in u for u in (await ensure_topology(js, settings)).updated)
+    for job_id, tenant in (("plain1", None), ("x1", "shared"), ("a1", "acme")):
+        raw = await js.get_last_msg(s.RESULTS_STREAM, s.result_subject(job_id, tenant))
+        assert decode_result(raw.data).job_id == job_id
+
+    # After the upgrade, the same forgery a producer could make before is refused.
+    forged = msgspec.structs.replace(legacy_job, id="forged")
+    await js.publish(
+        "ai.jobs.anthropic.normal", encode(forged), headers={s.MSG_ID_HEADER: "forged"}
+    )
+    async with running_worker(settings), Producer(nc, tenant="acme") as producer:
+        done = await producer.result(legacy_job.id, timeout=30)
+        assert done.status == "succeeded" and done.tenant == "acme"
+    assert fake_provider.counters()["by_path"]["/v1/messages"] == 1
+    letters = [m.subject for m in await _read(js, s.DEAD_STREAM)]
+    assert letters == ["ai.dead.anthropic.invalid"]
+    await nc.close()
+
+
+async def _read(js: Any, stream: str) -> list[Any]:
+    from tests.support import read_stream
+
+    return await read_stream(js, stream)

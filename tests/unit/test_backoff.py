@@ -1,4 +1,4 @@
-"""Retry delays: exponential with jitter, capped, never shorter than retry-after."""
+"""Retry delays: exponential with jitter, never shorter than retry-after, never past the cap."""
 
 from __future__ import annotations
 
@@ -18,7 +18,17 @@ def test_delay_is_within_the_jittered_exponential_window(attempt: int) -> None:
     assert cap / 2 <= backoff_delay(attempt, SETTINGS, None) <= cap
 
 
-@given(st.integers(min_value=1, max_value=20), st.floats(min_value=0, max_value=600))
+@given(st.integers(min_value=1, max_value=20), st.floats(min_value=0, max_value=60))
 def test_retry_after_is_a_floor(attempt: int, retry_after: float) -> None:
-    """The provider's retry-after is honoured even above the backoff cap."""
+    """The provider's retry-after is honoured up to the backoff cap."""
     assert backoff_delay(attempt, SETTINGS, retry_after) >= retry_after
+
+
+@given(
+    st.integers(min_value=1, max_value=10**6),
+    st.none() | st.floats(min_value=0, max_value=1e300),
+)
+def test_no_delay_exceeds_the_cap(attempt: int, retry_after: float | None) -> None:
+    """Whatever the attempt count or the retry-after (10^9 s included), at most backoff_max_s:
+    a provider asking for more is having an outage, and the breaker hears of it instead."""
+    assert 0 <= backoff_delay(attempt, SETTINGS, retry_after) <= 60.0

@@ -287,19 +287,31 @@ def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
 
 
 def test_producers_read_their_own_results_only() -> None:
-    """Result lookups and waits are scoped: `producer` to results of jobs without a tenant
-    (one token after ai.results), a tenant's user to ai.results.<tenant>.*; no producer
-    may use the JetStream API whose subject does not name the result (besides listing
-    stream names, to tell an unknown provider from a stream between leaders)."""
+    """Result lookups and waits are scoped: `producer` to ai.results.shared.*, a tenant's
+    user to ai.results.tenant.<tenant>.*; jobs are published on ai.jobs.*.* and
+    ai.jobs.*.*.<tenant>; no producer may use the JetStream API whose subject does not name
+    the result (besides listing stream names, to tell an unknown provider from a stream
+    between leaders)."""
     lookup = f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}."
+    scopes = []
     for name, perms in auth_users().items():
         if not (name == "producer" or name.startswith("tenant-")):
             continue
-        scope = "ai.results.*" if name == "producer" else f"ai.results.{name[7:]}.*"
+        tenant = None if name == "producer" else name[7:]
+        scope = s.result_subject("*", tenant)
+        scopes.append(scope)
         reads = [p for p in perms["publish"] if p.startswith("$JS.")]
         assert reads == [lookup + scope, "$JS.API.STREAM.NAMES"], (name, reads)
         results = [p for p in perms["subscribe"] if p.startswith("ai.")]
         assert results == [scope], (name, results)
+        jobs = [p for p in perms["publish"] if p.startswith("ai.")]
+        assert jobs == [s.jobs_subject("*", "*", tenant)], (name, jobs)
+    # A `*` also matches a literal `>`: a scope X.* reaches everything below X, so no
+    # scope's literal prefix may be the beginning of another's.
+    prefixes = [scope.removesuffix("*") for scope in scopes]
+    for a in prefixes:
+        for b in prefixes:
+            assert a == b or not b.startswith(a), (a, b)
 
 
 # --------------------------------------------------------------------------- Kubernetes
