@@ -47,6 +47,7 @@ from schemas.subjects import (
     REPLAY_HEADER,
     WRONG_LAST_SEQUENCE,
     dead_subject,
+    job_msg_id,
     parked_filter,
     replayer_consumer,
     requeue_subject,
@@ -404,7 +405,10 @@ class Replayer(LeasedPerProvider):
             await self.js.publish(
                 result_subject(job.id, job.tenant),
                 encode(result),
-                headers={MSG_ID_HEADER: job.id, EXPECTED_LAST_SUBJECT_SEQ: "0"},
+                headers={
+                    MSG_ID_HEADER: job_msg_id(job.id, job.tenant),
+                    EXPECTED_LAST_SUBJECT_SEQ: "0",
+                },
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code != WRONG_LAST_SEQUENCE:

@@ -533,7 +533,10 @@ class JobRunner:
         replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
         # A replay gets its own dedup id, or the dedup window would swallow a result
         # that replaces the ``failed`` one of an earlier attempt.
-        msg_id = f"{job.id}:r{replay}" if replay else job.id
+        # Scoped by tenant like the job's own msg id: two tenants' jobs may share an id, and
+        # AI_RESULTS has one dedup window for all (a second tenant's result would be dropped).
+        scoped = job_msg_id(job.id, job.tenant)
+        msg_id = f"{scoped}:r{replay}" if replay else scoped
         subject = result_subject(job.id, job.tenant)
         if job.tenant and result.tenant != job.tenant:
             result = msgspec.structs.replace(result, tenant=job.tenant)

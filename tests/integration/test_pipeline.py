@@ -260,3 +260,28 @@ async def test_steady_trickle_is_never_redelivered(
             await asyncio.sleep(0.01)
         results = await producer.results(ids, timeout=60)
     assert {r.attempts for r in results.values()} == {1}
+
+
+async def test_result_returns_the_stored_result_not_one_the_stream_refused(
+    settings: Settings, js: Any
+) -> None:
+    """A result the stream refuses (a second copy's, or one dropped as a duplicate) still
+    reaches subscribers; result() waits for, and returns, the one the stream stored."""
+    import asyncio
+
+    import nats.js.errors
+
+    from schemas.jobs import encode
+    from schemas.results import JobResult
+
+    subject = s.result_subject("racing")
+    refused = JobResult(job_id="racing", status="failed", provider="anthropic", model="m")
+    stored = JobResult(job_id="racing", status="succeeded", provider="anthropic", model="m")
+    async with await Producer.connect(settings) as producer:
+        waiting = asyncio.create_task(producer.result("racing", timeout=30))
+        await asyncio.sleep(0.2)  # let it subscribe; the refused copy must reach it first
+        with pytest.raises(nats.js.errors.APIError):
+            await js.publish(subject, encode(refused), headers={s.EXPECTED_LAST_SUBJECT_SEQ: "999"})
+        await js.publish(subject, encode(stored), headers={s.EXPECTED_LAST_SUBJECT_SEQ: "0"})
+        got = await waiting
+    assert got.status == "succeeded"
