@@ -200,20 +200,29 @@ async def _ensure_bucket(
         )
         report.created.append(bucket)
         return
-    have = info.config
-    max_age = ttl or 0.0
-    if (
-        have.max_msgs_per_subject != history
-        or have.num_replicas != settings.nats.replicas
-        or (have.max_age or 0.0) != max_age
-    ):
-        have.max_msgs_per_subject = history
-        have.num_replicas = settings.nats.replicas
-        have.max_age = max_age
+    wanted = {
+        "max_msgs_per_subject": history,
+        "num_replicas": settings.nats.replicas,
+        "max_age": ttl or 0.0,
+    }
+    await _update_backing_stream(js, info.config, wanted, bucket, report)
+
+
+async def _update_backing_stream(
+    js: JetStreamContext,
+    have: api.StreamConfig,
+    wanted: dict[str, Any],
+    name: str,
+    report: TopologyReport,
+) -> None:
+    """Bring a bucket's stream to ``wanted`` (field: value) where it differs."""
+    if any((getattr(have, k) or 0) != (v or 0) for k, v in wanted.items()):
+        for k, v in wanted.items():
+            setattr(have, k, v)
         await js.update_stream(have)
-        report.updated.append(bucket)
+        report.updated.append(name)
     else:
-        report.unchanged.append(bucket)
+        report.unchanged.append(name)
 
 
 async def _ensure_object_store(
@@ -233,14 +242,8 @@ async def _ensure_object_store(
         )
         report.created.append(bucket)
         return
-    have = info.config
-    if have.num_replicas != settings.nats.replicas or (have.max_age or 0.0) != max_age:
-        have.num_replicas = settings.nats.replicas
-        have.max_age = max_age
-        await js.update_stream(have)
-        report.updated.append(bucket)
-    else:
-        report.unchanged.append(bucket)
+    wanted = {"num_replicas": settings.nats.replicas, "max_age": max_age}
+    await _update_backing_stream(js, info.config, wanted, bucket, report)
 
 
 async def legacy_jobs_seq(js: JetStreamContext) -> int:

@@ -279,7 +279,7 @@ async def _account(
     assert counts["dead"] == counts["failed"] == 0, counts
     assert counts["succeeded"] + counts["dead"] + counts["expired"] == len(submitted), counts
     statuses = {
-        m.subject.split(".", 2)[2]: decode_result(m.data).status
+        decode_result(m.data).job_id: decode_result(m.data).status
         for m in await read_stream(js, s.RESULTS_STREAM)
     }
     assert {j for j, st in statuses.items() if st == "expired"} == set(expired)

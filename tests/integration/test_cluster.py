@@ -22,7 +22,7 @@ from services.stack import ServiceProcess
 from services.topology import ensure_topology
 from tests.cluster import NatsCluster, gather_leaders
 from tests.conftest import make_settings
-from tests.support import count_outcomes, read_stream, wait_until
+from tests.support import count_outcomes, read_stream, result_job_ids, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -276,11 +276,6 @@ async def health_events(js: Any, provider: str = "anthropic") -> list[Any]:
 
     msgs = await read_stream(js, s.EVENTS_STREAM, s.health_event_subject(provider))
     return [decode_health_event(m.data) for m in msgs]
-
-
-async def result_job_ids(js: Any) -> list[str]:
-    """The job id of every result stored in AI_RESULTS."""
-    return [m.subject.split(".", 2)[2] for m in await read_stream(js, s.RESULTS_STREAM)]
 
 
 async def _breaker_state(js: Any, provider: str = "anthropic") -> str:

@@ -101,6 +101,19 @@ def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Secured
     server.cleanup()
 
 
+async def _stack_with_a_worker(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> tuple[dict[str, Settings], Any, Any, list[Any]]:
+    """Settings per role, the operator's connection and JetStream context (topology
+    applied), and a worker process running as `worker`."""
+    base = make_settings(secured.url, fake_provider.url)
+    by_role = {role: secured.settings(base, role) for role in ROLES}
+    nc = await connect(by_role["operator"], name="operator")
+    js = nc.jetstream()
+    await ensure_topology(js, by_role["operator"])
+    return by_role, nc, js, _services(by_role, tmp_path, ("worker", "--no-topology"))
+
+
 def _services(by_role: dict[str, Settings], tmp_path: Path, *specs: tuple[str, ...]) -> list[Any]:
     """``ridethrough <role> ...`` processes, each connecting as its own user."""
     return [
@@ -384,12 +397,7 @@ async def test_a_tenant_reads_its_own_results_and_no_one_elses(
     their results, stored on ai.results.tenant.acme.<job_id>; they are refused the results of
     tenant globex and of jobs without a tenant, to look up and to wait on, and the
     `producer` user is refused acme's. Every job ends in one result."""
-    base = make_settings(secured.url, fake_provider.url)
-    by_role = {role: secured.settings(base, role) for role in ROLES}
-    nc = await connect(by_role["operator"], name="operator")
-    js = nc.jetstream()
-    await ensure_topology(js, by_role["operator"])
-    procs = _services(by_role, tmp_path, ("worker", "--no-topology"))
+    by_role, nc, js, procs = await _stack_with_a_worker(secured, fake_provider, tmp_path)
 
     def job(text: str, **fields: Any) -> Any:
         return make_job("anthropic", "m", prompt=text, max_tokens=8, **fields)
@@ -965,12 +973,7 @@ async def test_no_producer_can_forge_a_replay_a_tenant_or_claim_anothers_job(
       with no provider call and no result touched;
     - every wildcard form of each producer's job subject that the server accepts ends in
       one terminal state, its result (if any) inside that producer's own scope."""
-    base = make_settings(secured.url, fake_provider.url)
-    by_role = {role: secured.settings(base, role) for role in ROLES}
-    nc = await connect(by_role["operator"], name="operator")
-    js = nc.jetstream()
-    await ensure_topology(js, by_role["operator"])
-    procs = _services(by_role, tmp_path, ("worker", "--no-topology"))
+    by_role, nc, js, procs = await _stack_with_a_worker(secured, fake_provider, tmp_path)
     try:
         async with (
             await Producer.connect(by_role["tenant-acme"].with_changes(tenant="acme")) as acme,
