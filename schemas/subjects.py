@@ -117,9 +117,9 @@ def parked_subject(provider: str, priority: str) -> str:
     return f"ai.parked.{provider}.{priority}"
 
 
-def parked_filter(provider: str) -> str:
-    """Every parked job of ``provider``."""
-    return f"ai.parked.{provider}.*"
+def parked_filter(provider: str | None = None) -> str:
+    """Every parked job of ``provider`` (of every provider when ``None``)."""
+    return f"ai.parked.{provider or '*'}.*"
 
 
 # Results. Each scope has a literal prefix no other scope shares, because a permission
@@ -147,6 +147,11 @@ def legacy_result_subject(job_id: str, tenant: str | None = None) -> str:
 def dead_subject(provider: str, reason: str) -> str:
     """Subject a dead letter of ``provider`` for ``reason`` is stored on."""
     return f"ai.dead.{provider}.{reason}"
+
+
+def dead_filter(provider: str | None = None, reason: str | None = None) -> str:
+    """Dead letters of ``provider`` and ``reason`` (``None``: any)."""
+    return dead_subject(provider or "*", reason or "*")
 
 
 def health_event_subject(provider: str) -> str:

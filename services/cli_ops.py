@@ -21,8 +21,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from schemas import subjects as s
+from schemas.codec import encode
 from schemas.health import Pause
-from schemas.jobs import encode
 from services.breaker import paused_key
 from services.cli import (
     EXIT_JOB_FAILED,
@@ -436,7 +436,7 @@ def dead_purge(
     """Delete dead letters for good (asks first unless --yes)."""
     settings = settings_for(nats_url)
     _check_provider(settings, provider)
-    subject = f"ai.dead.{provider or '*'}.{reason or '*'}"
+    subject = s.dead_filter(provider, reason)
 
     async def count(js: JetStreamContext) -> int:
         info = await js.stream_info(s.DEAD_STREAM, subjects_filter=subject)

@@ -283,7 +283,7 @@ async def migrate_results(js: JetStreamContext) -> int:
     from services.ops.streams import iter_stream
 
     moved = 0
-    for pattern in ("ai.results.*", "ai.results.*.*"):
+    for pattern in (s.legacy_result_subject("*"), s.legacy_result_subject("*", "*")):
         async for msg in iter_stream(js, s.RESULTS_STREAM, pattern):
             subject = msg.subject or ""
             tokens = subject.split(".")

@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from schemas import subjects as s
-from schemas.jobs import encode
+from schemas.codec import encode
 from schemas.results import JobResult, decode_result
 from services.ops.streams import audit, iter_stream
 

@@ -36,7 +36,7 @@ async def dead_letters(
 ) -> list[HeldLetter]:
     """Dead letters, oldest first, optionally of one provider and reason."""
     out: list[HeldLetter] = []
-    subject = f"ai.dead.{provider or '*'}.{reason or '*'}"
+    subject = s.dead_filter(provider, reason)
     async for msg in iter_stream(js, s.DEAD_STREAM, subject):
         try:
             letter = decode_dead_letter(msg.data or b"")
@@ -65,7 +65,7 @@ async def find_dead(js: JetStreamContext, key: str) -> HeldLetter | None:
 
 async def purge_dead(js: JetStreamContext, provider: str | None, reason: str | None) -> int:
     """Delete dead letters (all, or of one provider and/or reason); return how many."""
-    subject = f"ai.dead.{provider or '*'}.{reason or '*'}"
+    subject = s.dead_filter(provider, reason)
     info = await js.stream_info(s.DEAD_STREAM, subjects_filter=subject)
     count = sum(int(v) for v in (info.state.subjects or {}).values())
     if count:
@@ -166,7 +166,7 @@ async def _history(js: JetStreamContext, job_id: str, outage_ids: set[str]) -> l
 async def outage_timeline(js: JetStreamContext, last: int | None = None) -> list[dict[str, Any]]:
     """Outages from the health events: provider, start, end, duration, parked, replayed."""
     outages: dict[str, dict[str, Any]] = {}
-    async for msg in iter_stream(js, s.EVENTS_STREAM, "ai.events.health.*"):
+    async for msg in iter_stream(js, s.EVENTS_STREAM, s.health_event_subject("*")):
         e = decode_health_event(msg.data or b"")
         if not e.outage_id:
             continue

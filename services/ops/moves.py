@@ -21,12 +21,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from schemas import subjects as s
-from schemas.jobs import Job, decode_job, encode
+from schemas.codec import encode
+from schemas.jobs import Job, decode_job
 from schemas.parking import ParkedJob, ParkRecord, decode_dead_letter, decode_parked
 from services.config import Settings
-from services.errors import RidethroughError
+from services.errors import RidethroughError, Unmappable
 from services.ops.streams import audit, iter_stream
-from services.providers.mapping import Unmappable, convert
+from services.providers.mapping import convert
 
 Progress = Callable[[int, int], None]
 
@@ -171,8 +172,7 @@ async def replay(
         raise RidethroughError(f"--from must be parked or dead, not {source!r}")
     report = MoveReport()
     stream = s.PARKED_STREAM if source == "parked" else s.DEAD_STREAM
-    p = provider or "*"
-    subject = f"ai.parked.{p}.*" if source == "parked" else f"ai.dead.{p}.{reason or '*'}"
+    subject = s.parked_filter(provider) if source == "parked" else s.dead_filter(provider, reason)
     info = await js.stream_info(stream, subjects_filter=subject)
     total = sum(int(v) for v in (info.state.subjects or {}).values())
     gap = 1.0 / rate if rate else 0.0

@@ -52,8 +52,8 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             beats.append(beat)
         elif raw:
             _unreadable(f"{s.WORKERS_BUCKET}/{key}", raw)
-    parked = await subject_counts(js, s.PARKED_STREAM, "ai.parked.>")
-    dead = await subject_counts(js, s.DEAD_STREAM, "ai.dead.>")
+    parked = await subject_counts(js, s.PARKED_STREAM, s.parked_filter())
+    dead = await subject_counts(js, s.DEAD_STREAM, s.dead_filter())
     providers: dict[str, Any] = {}
     for name in sorted(settings.providers):
         unreadable: list[str] = []

@@ -11,8 +11,8 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from schemas.codec import encode
 from schemas.events import OpsEvent
-from schemas.jobs import encode
 from schemas.subjects import OPS_EVENTS_SUBJECT
 
 #: How many job ids one audit event carries at most.

@@ -36,7 +36,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from schemas.jobs import encode
+from schemas.codec import encode
 from schemas.parking import DeadLetter, decode_parked
 from schemas.results import ErrorInfo, JobResult
 from schemas.subjects import (
@@ -49,6 +49,7 @@ from schemas.subjects import (
     dead_subject,
     job_msg_id,
     parked_filter,
+    parked_subject,
     replayer_consumer,
     requeue_subject,
     result_subject,
@@ -322,7 +323,7 @@ class Replayer(LeasedPerProvider):
         """Parked jobs of ``name`` per priority (including ones being replayed now)."""
         info = await self.js.stream_info(PARKED_STREAM, subjects_filter=parked_filter(name))
         subjects = info.state.subjects or {}
-        return {prio: int(subjects.get(f"ai.parked.{name}.{prio}", 0)) for prio in PRIORITIES}
+        return {prio: int(subjects.get(parked_subject(name, prio), 0)) for prio in PRIORITIES}
 
     async def _fetch(self, subs: dict[str, Any], free: dict[str, int], want: int) -> list[Msg]:
         """Up to ``want`` parked jobs, high priority first, oldest first within one;
