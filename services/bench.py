@@ -48,7 +48,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import SecretStr
 
-from schemas.jobs import Job, decode_job, encode, new_job_id
+from schemas.codec import encode
+from schemas.jobs import Job, decode_job, new_job_id
 from schemas.parking import ParkedJob, ParkRecord
 from schemas.results import JobResult, Usage
 from schemas.subjects import (
@@ -66,7 +67,7 @@ from schemas.subjects import (
 from services.config import NatsSettings, ProviderSettings, Settings
 from services.connection import connect
 from services.devstack import NatsServer
-from services.errors import RidethroughError
+from services.errors import BenchError
 from services.producer import Producer, make_job
 from services.providers.base import Reply
 from services.stack import ServiceProcess
@@ -93,10 +94,6 @@ RSS_TARGET_MB: Final = 300.0
 RAW_BATCH: Final = 500
 _POLL_S: Final = 0.005
 _READY_TIMEOUT_S: Final = 60.0
-
-
-class BenchError(RidethroughError):
-    """A benchmark could not run (a child process died, jobs went missing)."""
 
 
 # --------------------------------------------------------------------------- the instant provider

@@ -9,10 +9,18 @@
     │   ├── PayloadTooLarge      the encoded job exceeds the server's max_payload
     │   └── UnknownProvider      no stream accepts jobs for this provider
     ├── ResultTimeout            no result arrived within the timeout
+    ├── Unmappable               a request cannot be translated faithfully to another API
+    │                            (also a ValueError); the job is parked, never mangled
+    ├── BenchError               a benchmark could not run (a child died, jobs went missing)
     └── ProviderError            a provider call failed (raised by adapters only)
         ├── TransientError       worth retrying: overloaded, 5xx, timeouts, connection errors
         │   └── RateLimited      429 with a retry-after: slow down, not an outage
-        └── PermanentError       retrying cannot help: 4xx, quota, refused before sending
+        └── PermanentError       retrying cannot help: 4xx, quota, refused before sending,
+                                 a wrong base_url (config)
+
+Inside the adapters only (never raised past them, always classified into a ProviderError):
+``classify.MalformedResponse`` (a success reply with no complete message) and
+``classify.ErrorObject`` (a success status whose body is an error object).
 
 Adapters translate SDK exceptions into ``ProviderError`` once, at the boundary,
 with ``raise ... from exc``; nothing above an adapter sees SDK classes.
@@ -63,6 +71,26 @@ class UnknownProvider(JobRejected):
 
 class ResultTimeout(RidethroughError):
     """No result arrived within the timeout."""
+
+
+class Unmappable(RidethroughError, ValueError):
+    """The request cannot be translated faithfully; ``field`` names the offending part.
+
+    ``field`` is a path into the source request (``messages[2].content[0].type``,
+    ``temperature``); the job is parked, never sent in a mangled form.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field, reason)
+        self.field = field
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+class BenchError(RidethroughError):
+    """A benchmark could not run (a child process died, jobs went missing)."""
 
 
 class ProviderError(RidethroughError):

@@ -81,29 +81,13 @@ from collections.abc import Callable, Mapping
 from itertools import pairwise
 from typing import Any, Final, Literal, TypeAlias
 
-from services.errors import RidethroughError
+from services.errors import Unmappable
 
 Kind: TypeAlias = Literal["anthropic", "openai"]
 Content: TypeAlias = str | list[dict[str, Any]]
 
 _KINDS: Final = ("anthropic", "openai")
 _MAX_OPENAI_STOP: Final = 4
-
-
-class Unmappable(RidethroughError, ValueError):
-    """The request cannot be translated faithfully; ``field`` names the offending part.
-
-    ``field`` is a path into the source request (``messages[2].content[0].type``,
-    ``temperature``); the job is parked, never sent in a mangled form.
-    """
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(field, reason)
-        self.field = field
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.reason}"
 
 
 # Top-level keys each direction understands.

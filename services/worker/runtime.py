@@ -38,7 +38,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from schemas.jobs import Job, decode_job, encode
+from schemas.codec import encode
+from schemas.jobs import Job, decode_job
 from schemas.parking import DeadLetter, ParkedJob, ParkRecord
 from schemas.results import ErrorInfo, JobResult, Timings, decode_result
 from schemas.subjects import (
@@ -58,11 +59,11 @@ from schemas.subjects import (
 from services.breaker import PAUSED, HealthBoard, SlidingWindow, transition
 from services.config import BreakerSettings, ProviderKind, WorkerSettings
 from services.connection import NATS_UNAVAILABLE
-from services.errors import PermanentError, ProviderError, RateLimited
+from services.errors import PermanentError, ProviderError, RateLimited, Unmappable
 from services.overflow import fits, put_aside, raw_fields
 from services.providers.base import Provider
 from services.providers.classify import message_of
-from services.providers.mapping import Unmappable, convert
+from services.providers.mapping import convert
 
 log = logging.getLogger("ridethrough.worker")
 

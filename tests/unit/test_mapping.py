@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.errors import RidethroughError
-from services.providers.mapping import Unmappable, convert, to_anthropic, to_openai
+from services.errors import RidethroughError, Unmappable
+from services.providers.mapping import convert, to_anthropic, to_openai
 
 OPENAI_OUT_KEYS = {
     "messages",
