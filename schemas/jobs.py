@@ -64,14 +64,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 _decoder = msgspec.json.Decoder(Job)
-_encoder = msgspec.json.Encoder()
 
 
 def decode_job(data: bytes) -> Job:
     """Decode and validate a job; raises ``msgspec.ValidationError`` or ``DecodeError``."""
     return _decoder.decode(data)
-
-
-def encode(obj: msgspec.Struct) -> bytes:
-    """Encode any wire Struct to JSON bytes."""
-    return _encoder.encode(obj)

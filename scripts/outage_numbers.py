@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas import subjects as s
-from schemas.jobs import encode
+from schemas.codec import encode
 from schemas.parking import ParkedJob, ParkRecord
 from services.breaker import transition
 from services.config import load_settings

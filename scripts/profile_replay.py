@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from schemas.jobs import encode
+from schemas.codec import encode
 from schemas.parking import ParkedJob, ParkRecord
 from schemas.subjects import JOBS_STREAM, MSG_ID_HEADER, parked_subject
 from services import bench

@@ -35,9 +35,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from schemas.codec import encode
 from schemas.events import HealthEvent
 from schemas.health import BreakerState, Pause, State, try_decode_pause, try_decode_state
-from schemas.jobs import encode
 from schemas.subjects import CONTROL_BUCKET, HEALTH_BUCKET, MSG_ID_HEADER, health_event_subject
 from services.config import BreakerSettings
 from services.tasks import raise_if_cancelling

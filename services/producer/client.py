@@ -20,7 +20,8 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 
-from schemas.jobs import Job, decode_job, encode, new_job_id
+from schemas.codec import encode
+from schemas.jobs import Job, decode_job, new_job_id
 from schemas.results import JobResult, decode_result
 from schemas.subjects import (
     MSG_ID_HEADER,

@@ -30,8 +30,8 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.aio.msg import Msg
 
+from schemas.codec import encode
 from schemas.health import WorkerBeat
-from schemas.jobs import encode
 from schemas.subjects import JOBS_STREAM, WORKERS_BUCKET, jobs_filter, worker_consumer
 from services.breaker import HealthBoard
 from services.config import Settings

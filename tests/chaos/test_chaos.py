@@ -20,7 +20,7 @@ import nats.errors
 import pytest
 
 from schemas import subjects as s
-from schemas.jobs import encode
+from schemas.codec import encode
 from schemas.parking import ParkedJob, ParkRecord
 from schemas.results import decode_result
 from services.breaker import transition

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from schemas import subjects as s
+from schemas.codec import encode
 from schemas.health import BreakerState, Pause, decode_state
-from schemas.jobs import encode
 from services.breaker import HealthBoard, LeaseKeeper, paused_key, transition
 from services.config import Settings
 from services.ops.status import collect_status

@@ -16,7 +16,8 @@ import msgspec
 import pytest
 
 from schemas import subjects as s
-from schemas.jobs import Job, encode
+from schemas.codec import encode
+from schemas.jobs import Job
 from schemas.parking import decode_dead_letter
 from schemas.results import response_text
 from services.breaker import paused_key

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from schemas import subjects as s
+from schemas.codec import encode
 from schemas.events import decode_health_event
-from schemas.jobs import Target, decode_job, encode
+from schemas.jobs import Target, decode_job
 from schemas.parking import ParkedJob, ParkRecord
 from services.breaker import HealthBoard, transition
 from services.config import Settings

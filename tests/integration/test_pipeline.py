@@ -271,7 +271,7 @@ async def test_result_returns_the_stored_result_not_one_the_stream_refused(
 
     import nats.js.errors
 
-    from schemas.jobs import encode
+    from schemas.codec import encode
     from schemas.results import JobResult
 
     subject = s.result_subject("racing")

@@ -19,6 +19,9 @@ from services.providers.base import Provider, Reply
 from services.providers.fake import FakeProviderThread, FaultConfig, run_in_thread
 from services.providers.openai import OpenAIProvider
 
+# No NATS here, but real HTTP between the real SDKs and the fake provider's server.
+pytestmark = pytest.mark.integration
+
 KEY = "sk-test-adapters-0123456789"
 PROMPT = "hello there"
 ECHO = "echo: hello there"

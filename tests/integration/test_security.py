@@ -27,7 +27,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from schemas import subjects as s
-from schemas.jobs import encode
+from schemas.codec import encode
 from schemas.parking import decode_dead_letter
 from schemas.results import decode_result, response_text
 from services.config import NatsSettings, ProviderSettings, Settings

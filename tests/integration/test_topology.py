@@ -83,7 +83,7 @@ async def test_an_upgrade_moves_results_and_keeps_jobs_stored_under_the_old_layo
     scoped subjects once, the old jobs are run under the old rules, new forgeries are not."""
     import msgspec
 
-    from schemas.jobs import encode
+    from schemas.codec import encode
     from schemas.results import JobResult, decode_result
     from services.connection import connect
     from services.producer import Producer, make_job

@@ -8,8 +8,8 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.codec import encode
 from schemas.health import BreakerState, Pause, try_decode_pause, try_decode_state
-from schemas.jobs import encode
 from services.breaker import Lease, try_decode_lease
 
 _json: Any = st.recursive(

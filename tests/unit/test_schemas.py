@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.codec import encode
 from schemas.generate import OUT, SCHEMAS, render
-from schemas.jobs import Job, decode_job, encode
+from schemas.jobs import Job, decode_job
 from schemas.results import JobResult, decode_result, response_text
 from services.errors import InvalidJob
 from services.producer import job_id_for_key, make_job
