@@ -41,7 +41,7 @@ Tenant = Annotated[
     typer.Option(
         "--tenant",
         envvar="RIDETHROUGH_TENANT",
-        help="The tenant the job belongs to (its result is on ai.results.<tenant>.<job_id>).",
+        help="The tenant the job belongs to (its result is on ai.results.tenant.<tenant>.<id>).",
     ),
 ]
 
