@@ -30,20 +30,12 @@ def build_provider(settings: Settings, name: str) -> Provider | None:
             key = "unused"
         else:
             return None
+    adapter: type[Provider]
     if p.kind == "anthropic":
-        from services.providers.anthropic import AnthropicProvider
-
-        return AnthropicProvider(
-            name,
-            api_key=key,
-            base_url=p.base_url,
-            timeout_s=p.timeout_s,
-            deadline_s=p.deadline_s,
-            max_connections=p.max_connections,
-        )
-    from services.providers.openai import OpenAIProvider
-
-    return OpenAIProvider(
+        from services.providers.anthropic import AnthropicProvider as adapter
+    else:
+        from services.providers.openai import OpenAIProvider as adapter
+    return adapter(  # type: ignore[call-arg]  # both adapters take these keywords
         name,
         api_key=key,
         base_url=p.base_url,
