@@ -345,3 +345,29 @@ async def test_a_second_copy_of_a_job_under_another_msg_id_never_calls_again(
     assert counts["result_writes"] == 1 and counts["waiting"] == 0
     assert fake_provider.counters()["by_path"]["/v1/messages"] == 1
     assert {d.reason for d in await _dead_letters(js)} == {"invalid"}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"Nats-Rollup": "all"},
+        {"Nats-Rollup": "sub"},
+        {"Nats-TTL": "1s"},
+        {"Nats-Schedule": "@at 2000-01-01T00:00:00Z"},
+    ],
+)
+async def test_a_producer_header_cannot_purge_expire_or_schedule_accepted_jobs(
+    js: Any, header: dict[str, str]
+) -> None:
+    """Headers a producer can set that would purge the queue (rollup), expire a job before a
+    worker sees it (per-message TTL) or hold it back (schedules) are refused by AI_JOBS'
+    configuration: the publish fails, and the job already stored stays."""
+    import nats.js.errors
+
+    first = make_job("anthropic", "m", prompt="stored first")
+    subject = s.jobs_subject("anthropic", "normal")
+    await js.publish(subject, encode(first), headers={s.MSG_ID_HEADER: first.id})
+    hostile = make_job("anthropic", "m", prompt="with a header")
+    with pytest.raises(nats.js.errors.APIError):
+        await js.publish(subject, encode(hostile), headers={s.MSG_ID_HEADER: hostile.id, **header})
+    assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 1
