@@ -217,6 +217,22 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait(30)
 
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def worker_id(self) -> str:
+        """The id a worker child writes into its results and beats (``Worker.worker_id``)."""
+        return f"{socket.gethostname()}-{self.pid}"
+
 
 def service_owner(role: str) -> str:
     """An id for a prober or replayer replica: role, host and process."""

@@ -1,11 +1,10 @@
-"""Helpers shared by the test suites: worker subprocesses, settings, stream counts."""
+"""Helpers shared by the test suites: settings for child processes, waits, stream counts.
+
+Service processes are the product's own ``services.stack.ServiceProcess``."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from nats.js import JetStreamContext
 
 from schemas import subjects as s
 from services.config import Settings
+from services.stack import ServiceProcess as ServiceProcess  # the product's, reused here
 from services.stack import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,44 +24,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """Environment variables that rebuild ``settings`` in a child process (keys included),
     with this checkout on the import path."""
     return child_env(settings) | {"PYTHONPATH": str(ROOT)}
-
-
-class WorkerProcess:
-    """A ``ridethrough worker`` in its own process, for kill and shutdown tests."""
-
-    def __init__(self, settings: Settings, *args: str, log_path: Path | None = None) -> None:
-        self.settings = settings
-        self.args = args
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "worker", *self.args],
-            env=settings_env(self.settings),
-            stdout=out,
-            stderr=out,
-            cwd=ROOT,
-        )
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to settle anything."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM, then wait for a clean exit; returns the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
 
 
 async def wait_until(
@@ -126,52 +88,6 @@ async def count_outcomes(js: JetStreamContext) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- chaos helpers
-
-
-def service_env(settings: Settings) -> dict[str, str]:
-    """The environment of every test child process (``settings_env``: the breaker and
-    replay settings are included, so all processes trip, probe and replay alike)."""
-    return settings_env(settings)
-
-
-class ServiceProcess(WorkerProcess):
-    """A ``ridethrough worker|prober|replayer`` in its own process, started with
-    ``service_env`` (breaker and replay settings included), for kill and restart tests."""
-
-    def __init__(
-        self, settings: Settings, role: str, *args: str, log_path: Path | None = None
-    ) -> None:
-        super().__init__(settings, *args, log_path=log_path)
-        self.role = role
-
-    def start(self) -> ServiceProcess:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services", self.role, *self.args],
-            env=service_env(self.settings),
-            stdout=out,
-            stderr=out,
-            cwd=ROOT,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        """The child's process id."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        """Whether the child is still running."""
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def worker_id(self) -> str:
-        """The id a worker process writes into its results (``Worker.worker_id``)."""
-        import socket
-
-        return f"{socket.gethostname()}-{self.pid}"
 
 
 async def breaker_state(js: JetStreamContext, provider: str = "anthropic") -> str:

@@ -11,7 +11,7 @@ import pytest
 from services.config import Settings
 from services.producer import Producer, make_job
 from tests.conftest import make_settings
-from tests.support import WorkerProcess, count_outcomes, wait_until
+from tests.support import ServiceProcess, count_outcomes, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +34,14 @@ async def test_worker_killed_mid_call_gives_exactly_one_result(
     fake_provider.set_config(FaultConfig(latency_ms=1500))
     settings = make_settings(nats_server.url, fake_provider.url, ack_wait_s=2.0)
     [job_id] = await _submit(settings, 1)
-    first = WorkerProcess(settings, log_path=tmp_path / "w1.log").start()
+    first = ServiceProcess(settings, "worker", log_path=tmp_path / "w1.log").start()
     try:
         await wait_until(lambda: _calls(fake_provider, 1), timeout=30)
         first.kill()
     finally:
         first.stop()
     fake_provider.set_config(FaultConfig())
-    second = WorkerProcess(settings, log_path=tmp_path / "w2.log").start()
+    second = ServiceProcess(settings, "worker", log_path=tmp_path / "w2.log").start()
     try:
         async with await Producer.connect(settings) as producer:
             result = await producer.result(job_id, timeout=60)
@@ -67,7 +67,7 @@ async def test_sigterm_mid_load_loses_nothing(
         nats_server.url, fake_provider.url, shutdown_grace_s=0.1, concurrency=40
     )
     ids = await _submit(settings, 300)
-    first = WorkerProcess(settings, log_path=tmp_path / "w1.log").start()
+    first = ServiceProcess(settings, "worker", log_path=tmp_path / "w1.log").start()
     try:
         await wait_until(lambda: _calls(fake_provider, 60), timeout=60)
         assert first.terminate() == 0
@@ -75,7 +75,7 @@ async def test_sigterm_mid_load_loses_nothing(
         first.stop()
     done_by_first = (await count_outcomes(js))["results"]
     assert 0 < done_by_first < 300
-    second = WorkerProcess(settings, log_path=tmp_path / "w2.log").start()
+    second = ServiceProcess(settings, "worker", log_path=tmp_path / "w2.log").start()
     try:
         async with await Producer.connect(settings) as producer:
             results = await producer.results(ids, timeout=120)
@@ -92,7 +92,10 @@ async def test_two_workers_share_one_consumer_without_double_results(
 ) -> None:
     """Two processes on workers-anthropic split the jobs: each job is called and written once."""
     settings = make_settings(nats_server.url, fake_provider.url, concurrency=16, batch_size=8)
-    workers = [WorkerProcess(settings, log_path=tmp_path / f"w{i}.log").start() for i in range(2)]
+    workers = [
+        ServiceProcess(settings, "worker", log_path=tmp_path / f"w{i}.log").start()
+        for i in range(2)
+    ]
     try:
         ids = await _submit(settings, 500)
         async with await Producer.connect(settings) as producer:
