@@ -21,7 +21,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from services.breaker import LeaseKeeper, transition
+from services.breaker import LeaseKeeper
 from services.config import Settings
 from services.errors import ProviderError
 from services.providers.base import Provider
@@ -104,15 +104,10 @@ class Prober(LeasedPerProvider):
         return True
 
     async def _half_open(self, name: str, successes: int) -> None:
-        assert self.board.health_kv is not None
-        new = await transition(
-            self.js,
-            self.board.health_kv,
+        await self.board.move(
             name,
             to="half_open",
             allowed_from=("open",),
             by=self.owner,
             reason=f"{successes} probes in a row succeeded",
         )
-        if new is not None:
-            self.board.note(name, new)

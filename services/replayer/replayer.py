@@ -54,7 +54,7 @@ from schemas.subjects import (
     requeue_subject,
     result_subject,
 )
-from services.breaker import LeaseKeeper, transition
+from services.breaker import LeaseKeeper
 from services.config import Settings
 from services.overflow import fits, put_aside, raw_fields
 from services.recovery import LeasedPerProvider
@@ -437,11 +437,8 @@ class Replayer(LeasedPerProvider):
         await msg.ack()
 
     async def _close(self, name: str, prog: ProviderReplay, reason: str) -> None:
-        assert self.board.health_kv is not None
         backlog = sum((await self._backlog(name)).values())
-        new = await transition(
-            self.js,
-            self.board.health_kv,
+        await self.board.move(
             name,
             to="closed",
             allowed_from=("half_open",),
@@ -450,5 +447,3 @@ class Replayer(LeasedPerProvider):
             parked=prog.replayed + backlog,
             replayed=prog.replayed,
         )
-        if new is not None:
-            self.board.note(name, new)

@@ -56,7 +56,7 @@ from schemas.subjects import (
     requeue_subject,
     result_subject,
 )
-from services.breaker import PAUSED, HealthBoard, SlidingWindow, transition
+from services.breaker import PAUSED, HealthBoard, SlidingWindow
 from services.config import BreakerSettings, ProviderKind, WorkerSettings
 from services.connection import NATS_UNAVAILABLE
 from services.errors import PermanentError, ProviderError, RateLimited, Unmappable
@@ -412,11 +412,9 @@ class JobRunner:
         return held[1]
 
     async def _trip(self, provider: str, window: SlidingWindow, exc: ProviderError) -> None:
-        assert self.board is not None and self.board.health_kv is not None
+        assert self.board is not None
         calls, failures = window.counts()
-        new = await transition(
-            self.js,
-            self.board.health_kv,
+        await self.board.move(
             provider,
             to="open",
             allowed_from=("closed", "half_open"),
@@ -426,10 +424,6 @@ class JobRunner:
             calls=calls,
             failures=failures,
         )
-        if new is not None:
-            self.board.note(provider, new)
-        else:  # another worker tripped it first: learn its state now
-            await self.board.refresh()
 
     async def _outage(self, msg: Msg, job: Job, attempts: int, *, last_error: str) -> None:
         """The provider is open or paused: do what the job asked for an outage."""

@@ -1,23 +1,5 @@
-"""The fleet-wide breaker: local failure windows, the shared board, CAS transitions, leases.
-
-    SlidingWindow   one per provider in each worker: decides *when* to trip
-    HealthBoard     every process's view of KV ai_health + ai_control, re-read every
-                    ``board_poll_s`` (so a worker stops calling an open provider within it)
-    transition()    the only way a breaker changes state: compare-and-set on the KV
-                    revision (two workers tripping at once make one transition), then
-                    one event on ``ai.events.health.<provider>``
-    Lease           one active prober / replayer per provider among replicas
-
-States: ``closed`` → ``open`` (trip) → ``half_open`` (prober: M probe successes) →
-``closed`` (replayer: slow start reached its cap or the backlog is empty); any
-trip in ``half_open`` re-opens. An operator pause (``paused.<provider>`` in
-ai_control) behaves like ``open`` and no probe can end it.
-
-An entry nobody can decode (any role that may write the board can write garbage) is
-unknown, never fatal: the board keeps its last known view of it (closed if it has
-none), ``transition()`` reads it as ``closed`` (so a trip overwrites it by CAS and
-nothing else does), and a lease is free. Each is logged as one warning line.
-"""
+"""The breaker board: KV ai_health (state per provider) and ai_control (operator pauses) as
+every process sees them, and ``transition()``, the one way a breaker changes state."""
 
 from __future__ import annotations
 
@@ -25,10 +7,9 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
@@ -58,57 +39,7 @@ def new_outage_id(provider: str) -> str:
     return f"{provider}-{stamp}-{secrets.token_hex(2)}"
 
 
-class SlidingWindow:
-    """Transient failures of one provider as seen by one process.
-
-    Trips on ``consecutive_failures`` in a row, or on a failure rate at or above
-    ``failure_rate`` over at least ``min_calls`` calls in the last ``window_s``.
-    Rate-limit answers are not recorded at all: they slow us down, they are no outage.
-    """
-
-    __slots__ = ("_buckets", "consecutive", "settings")
-
-    def __init__(self, settings: BreakerSettings) -> None:
-        self.settings = settings
-        self._buckets: deque[list[int]] = deque()  # [second, calls, failures]
-        self.consecutive = 0
-
-    def _bucket(self, now: float) -> list[int]:
-        second = int(now)
-        if not self._buckets or self._buckets[-1][0] != second:
-            self._buckets.append([second, 0, 0])
-            horizon = second - self.settings.window_s
-            while self._buckets and self._buckets[0][0] <= horizon:
-                self._buckets.popleft()
-        return self._buckets[-1]
-
-    def success(self, now: float | None = None) -> None:
-        """Record a call the provider answered (including permanent errors: it is up)."""
-        self._bucket(time.monotonic() if now is None else now)[1] += 1
-        self.consecutive = 0
-
-    def failure(self, now: float | None = None) -> bool:
-        """Record a transient failure; return whether the breaker should trip."""
-        b = self._bucket(time.monotonic() if now is None else now)
-        b[1] += 1
-        b[2] += 1
-        self.consecutive += 1
-        if self.consecutive >= self.settings.consecutive_failures:
-            return True
-        calls, failures = self.counts()
-        return calls >= self.settings.min_calls and failures >= self.settings.failure_rate * calls
-
-    def counts(self) -> tuple[int, int]:
-        """(calls, failures) in the window."""
-        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
-
-    def reset(self) -> None:
-        """Forget everything (after a state change)."""
-        self._buckets.clear()
-        self.consecutive = 0
-
-
-async def _get(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
+async def read_entry(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
     try:
         entry = await kv.get(key)
     except (KeyNotFoundError, NotFoundError):
@@ -118,7 +49,7 @@ async def _get(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
     return entry.value, entry.revision or 0
 
 
-def _warn_unreadable(bucket: str, key: str, revision: int, raw: bytes, read_as: str) -> None:
+def warn_unreadable(bucket: str, key: str, revision: int, raw: bytes, read_as: str) -> None:
     # The length, not the bytes: a stray value may hold anything, a secret included.
     log.warning(
         "%s/%s revision %d is unreadable (%d bytes): read as %s",
@@ -130,7 +61,7 @@ def _warn_unreadable(bucket: str, key: str, revision: int, raw: bytes, read_as: 
     )
 
 
-async def _cas(kv: KeyValue, key: str, value: bytes, revision: int) -> int | None:
+async def compare_and_set(kv: KeyValue, key: str, value: bytes, revision: int) -> int | None:
     """Write ``value`` if the key is still at ``revision`` (0: absent); new revision or None."""
     try:
         if revision == 0:
@@ -182,11 +113,11 @@ async def transition(
     """
     allowed = set(allowed_from)
     for _ in range(10):
-        raw, revision = await _get(kv, provider)
+        raw, revision = await read_entry(kv, provider)
         current = try_decode_state(raw) if raw else BreakerState()
         if current is None:  # garbage: as if closed, so only a trip repairs it
             assert raw is not None
-            _warn_unreadable(HEALTH_BUCKET, provider, revision, raw, "closed")
+            warn_unreadable(HEALTH_BUCKET, provider, revision, raw, "closed")
             current = BreakerState()
         if current.state not in allowed:
             return None
@@ -203,7 +134,7 @@ async def transition(
             failures=failures,
             updated_by=by,
         )
-        new_revision = await _cas(kv, provider, encode(new), revision)
+        new_revision = await compare_and_set(kv, provider, encode(new), revision)
         if new_revision is None:
             continue
         event = HealthEvent(
@@ -253,7 +184,7 @@ class HealthBoard:
             return
         self._unreadable_seen[bucket, key] = revision
         self.unreadable += 1
-        _warn_unreadable(bucket, key, revision, raw, "unknown (keeping the last known value)")
+        warn_unreadable(bucket, key, revision, raw, "unknown (keeping the last known value)")
 
     async def start(self) -> HealthBoard:
         """Bind the buckets, read once, and keep polling in the background."""
@@ -284,7 +215,7 @@ class HealthBoard:
         assert self.health_kv is not None and self.control_kv is not None
         changed = False
         for p in self.providers:
-            raw, revision = await _get(self.health_kv, p)
+            raw, revision = await read_entry(self.health_kv, p)
             state = try_decode_state(raw) if raw else BreakerState()
             if state is None:
                 assert raw is not None
@@ -294,7 +225,7 @@ class HealthBoard:
                 changed = True
             self.states[p] = state
             key = paused_key(p)
-            raw, revision = await _get(self.control_kv, key)
+            raw, revision = await read_entry(self.control_kv, key)
             pause = try_decode_pause(raw) if raw else None
             if pause is None and raw:
                 self._unreadable(CONTROL_BUCKET, key, revision, raw)
@@ -309,6 +240,28 @@ class HealthBoard:
     def note(self, provider: str, state: BreakerState) -> None:
         """Record a transition this process just made (no need to wait for the poll)."""
         self.states[provider] = state
+
+    async def move(
+        self,
+        provider: str,
+        *,
+        to: State,
+        allowed_from: Iterable[State],
+        by: str,
+        **details: Any,
+    ) -> BreakerState | None:
+        """``transition()`` on this board's bucket (``details``: reason, last_error and the
+        counts of the event), and this process's view follows at once: the new state when
+        this call made the move; when someone else moved the breaker first, a fresh read."""
+        assert self.health_kv is not None, "start() the board first"
+        new = await transition(
+            self.js, self.health_kv, provider, to=to, allowed_from=allowed_from, by=by, **details
+        )
+        if new is not None:
+            self.note(provider, new)
+        else:
+            await self.refresh()
+        return new
 
     def state(self, provider: str) -> str:
         """``paused``, ``open``, ``half_open`` or ``closed``."""
@@ -327,103 +280,3 @@ class HealthBoard:
         """The current (or last) outage id of ``provider``."""
         st = self.states.get(provider)
         return st.outage_id if st is not None else ""
-
-
-class Lease(msgspec.Struct, frozen=True, kw_only=True):
-    """Who holds a role for a provider, until when (epoch seconds), and its progress."""
-
-    owner: str
-    until: float
-    info: dict[str, object] = msgspec.field(default_factory=dict)
-
-
-_lease_decoder = msgspec.json.Decoder(Lease)
-
-
-def decode_lease(data: bytes) -> Lease:
-    """Decode a stored lease."""
-    return _lease_decoder.decode(data)
-
-
-def try_decode_lease(data: bytes) -> Lease | None:
-    """``decode_lease``, or ``None`` when ``data`` is not a lease (readers: a free one)."""
-    try:
-        return _lease_decoder.decode(data)
-    except msgspec.DecodeError:
-        return None
-
-
-class LeaseKeeper:
-    """Holds ``key`` in ai_control for ``owner`` among competing replicas.
-
-    A holder renews well before ``ttl_s`` runs out; a replica that dies (even by
-    SIGKILL) loses the lease when it expires, and another takes it over. An unreadable
-    lease is a free one (taken over by CAS); ``unreadable`` counts those met.
-    """
-
-    def __init__(self, kv: KeyValue, key: str, owner: str, ttl_s: float) -> None:
-        self.kv = kv
-        self.key = key
-        self.owner = owner
-        self.ttl_s = ttl_s
-        self.info: dict[str, object] = {}
-        self.unreadable = 0
-        self._held_until = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def held(self) -> bool:
-        """Whether this replica holds the lease now (with a safety margin)."""
-        return time.time() < self._held_until - self.ttl_s / 4
-
-    async def try_acquire(self) -> bool:
-        """Take or renew the lease if it is free, expired or ours; return whether we hold it."""
-        raw, revision = await _get(self.kv, self.key)
-        now = time.time()
-        current = try_decode_lease(raw) if raw else None
-        if raw and current is None:
-            self.unreadable += 1
-            _warn_unreadable(CONTROL_BUCKET, self.key, revision, raw, "a free lease")
-        if current is not None and current.owner != self.owner and current.until > now:
-            self._held_until = 0.0
-            return False
-        until = now + self.ttl_s
-        lease = Lease(owner=self.owner, until=until, info=self.info)
-        if await _cas(self.kv, self.key, encode(lease), revision):
-            self._held_until = until
-            return True
-        self._held_until = 0.0
-        return False
-
-    def start(self) -> LeaseKeeper:
-        """Keep trying to take, and then renew, the lease in the background."""
-        self._task = asyncio.create_task(self._keep())
-        return self
-
-    async def _keep(self) -> None:
-        while True:
-            try:
-                await self.try_acquire()
-            except Exception as exc:  # NATS away for a moment: the lease lapses by itself
-                log.debug("lease %s: %s", self.key, exc)
-                self._held_until = 0.0
-            raise_if_cancelling()
-            await asyncio.sleep(self.ttl_s / 4)
-
-    async def stop(self) -> None:
-        """Stop renewing and give the lease up."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(Exception):
-            await self.release()
-
-    async def release(self) -> None:
-        """Give the lease up at once (clean shutdown)."""
-        raw, revision = await _get(self.kv, self.key)
-        current = try_decode_lease(raw) if raw else None
-        if current is not None and current.owner == self.owner:
-            with contextlib.suppress(Exception):
-                await _cas(self.kv, self.key, encode(Lease(owner="", until=0.0)), revision)
-        self._held_until = 0.0

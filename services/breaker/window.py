@@ -1,0 +1,58 @@
+"""The sliding window of one provider's calls in one process: when to trip its breaker."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from services.config import BreakerSettings
+
+
+class SlidingWindow:
+    """Transient failures of one provider as seen by one process.
+
+    Trips on ``consecutive_failures`` in a row, or on a failure rate at or above
+    ``failure_rate`` over at least ``min_calls`` calls in the last ``window_s``.
+    Rate-limit answers are not recorded at all: they slow us down, they are no outage.
+    """
+
+    __slots__ = ("_buckets", "consecutive", "settings")
+
+    def __init__(self, settings: BreakerSettings) -> None:
+        self.settings = settings
+        self._buckets: deque[list[int]] = deque()  # [second, calls, failures]
+        self.consecutive = 0
+
+    def _bucket(self, now: float) -> list[int]:
+        second = int(now)
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append([second, 0, 0])
+            horizon = second - self.settings.window_s
+            while self._buckets and self._buckets[0][0] <= horizon:
+                self._buckets.popleft()
+        return self._buckets[-1]
+
+    def success(self, now: float | None = None) -> None:
+        """Record a call the provider answered (including permanent errors: it is up)."""
+        self._bucket(time.monotonic() if now is None else now)[1] += 1
+        self.consecutive = 0
+
+    def failure(self, now: float | None = None) -> bool:
+        """Record a transient failure; return whether the breaker should trip."""
+        b = self._bucket(time.monotonic() if now is None else now)
+        b[1] += 1
+        b[2] += 1
+        self.consecutive += 1
+        if self.consecutive >= self.settings.consecutive_failures:
+            return True
+        calls, failures = self.counts()
+        return calls >= self.settings.min_calls and failures >= self.settings.failure_rate * calls
+
+    def counts(self) -> tuple[int, int]:
+        """(calls, failures) in the window."""
+        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+
+    def reset(self) -> None:
+        """Forget everything (after a state change)."""
+        self._buckets.clear()
+        self.consecutive = 0
