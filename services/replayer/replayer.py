@@ -56,7 +56,7 @@ from schemas.subjects import (
 )
 from services.breaker import LeaseKeeper
 from services.config import Settings
-from services.overflow import fits, put_aside, raw_fields
+from services.overflow import dead_letter_bytes, raw_fields
 from services.recovery import LeasedPerProvider
 from services.tasks import raise_if_cancelling
 
@@ -424,11 +424,7 @@ class Replayer(LeasedPerProvider):
             subject=msg.subject,
             **raw_fields(msg.data),
         )
-        data = encode(letter)
-        if not fits(data, self.js._nc.max_payload):
-            name_aside = await put_aside(self.js, f"dead.{PARKED_STREAM}.{seq}", msg.data)
-            letter = msgspec.structs.replace(letter, raw=None, raw_base64=None, overflow=name_aside)
-            data = encode(letter)
+        data = await dead_letter_bytes(self.js, letter, msg.data, PARKED_STREAM, seq)
         await self.js.publish(
             dead_subject(name, "invalid"),
             data,

@@ -48,6 +48,7 @@ from schemas.subjects import (
     REPLAY_HEADER,
     RESULTS_STREAM,
     WRONG_LAST_SEQUENCE,
+    JobOrigin,
     dead_subject,
     is_token,
     job_msg_id,
@@ -60,7 +61,7 @@ from services.breaker import PAUSED, HealthBoard, SlidingWindow
 from services.config import BreakerSettings, ProviderKind, WorkerSettings
 from services.connection import NATS_UNAVAILABLE
 from services.errors import PermanentError, ProviderError, RateLimited, Unmappable
-from services.overflow import fits, put_aside, raw_fields
+from services.overflow import dead_letter_bytes, fits, put_aside, raw_fields
 from services.providers.base import Provider
 from services.providers.classify import message_of
 from services.providers.mapping import convert
@@ -201,13 +202,14 @@ class JobRunner:
 
     async def _process(self, msg: Msg) -> None:
         attempts = _attempts(msg)
-        subject_provider = _token(msg, 2)
+        origin = job_origin(msg.subject)  # the subject is parsed once per job
+        subject_provider = origin.provider if origin is not None else _token(msg, 2)
         try:
             job = decode_job(msg.data)
         except Exception as exc:  # not only ValidationError: a RecursionError, say
             await self._dead_invalid(msg, subject_provider, f"malformed job: {exc}", attempts)
             return
-        trusted, refused = self._check_origin(msg, job)
+        trusted, refused = self._check_origin(msg, job, origin)
         if refused:
             # No `failed` result for it: its id may be someone else's job.
             await self._dead_invalid(msg, subject_provider, refused, attempts)
@@ -337,7 +339,7 @@ class JobRunner:
             overflow=name,
         )
 
-    def _check_origin(self, msg: Msg, job: Job) -> tuple[bool, str]:
+    def _check_origin(self, msg: Msg, job: Job, origin: JobOrigin | None) -> tuple[bool, str]:
         """(whether ridethrough itself published the job, why it is refused or "").
 
         A producer's job is believed only as far as NATS permissions bind its subject: its
@@ -346,7 +348,6 @@ class JobRunner:
         into another tenant's results. Jobs stored before this layout (at or below the
         recorded AI_JOBS sequence) keep the old rules.
         """
-        origin = job_origin(msg.subject)
         if origin is None:
             return False, f"{msg.subject} is not a job subject"
         if origin.requeued or (self.legacy_seq and _seq(msg) <= self.legacy_seq):
@@ -617,20 +618,13 @@ class JobRunner:
     async def _publish_dead(self, msg: Msg, provider: str, reason: str, letter: DeadLetter) -> None:
         # The id is stable across redeliveries of this stored message, so a crash
         # between the dead-letter publish and the ack cannot write it twice.
-        stored = f"{msg.metadata.stream}:{_seq(msg)}"
-        data = encode(letter)
-        if not fits(data, self.max_payload):
-            # The message's own bytes (exact) go aside; the letter names them.
-            name = await put_aside(self.js, f"dead.{stored.replace(':', '.')}", msg.data)
-            letter = msgspec.structs.replace(
-                letter, job=None, raw=None, raw_base64=None, overflow=name
-            )
-            data = encode(letter)
+        stream, seq = msg.metadata.stream, _seq(msg)
+        data = await dead_letter_bytes(self.js, letter, msg.data, stream, seq)
         await self.js.publish(
             dead_subject(provider if is_token(provider) else "unknown", reason),
             data,
             timeout=self.publish_timeout_s,
-            headers={MSG_ID_HEADER: f"dead:{stored}"},
+            headers={MSG_ID_HEADER: f"dead:{stream}:{seq}"},
         )
 
 
