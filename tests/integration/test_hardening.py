@@ -371,3 +371,25 @@ async def test_a_producer_header_cannot_purge_expire_or_schedule_accepted_jobs(
     with pytest.raises(nats.js.errors.APIError):
         await js.publish(subject, encode(hostile), headers={s.MSG_ID_HEADER: hostile.id, **header})
     assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 1
+
+
+async def test_an_unreadable_parked_message_is_a_dead_letter_with_its_exact_bytes(
+    settings: Settings, js: Any
+) -> None:
+    """The replayer meets a parked message it cannot read (not UTF-8, not a park record):
+    it is dead-lettered `invalid` once, its bytes kept exactly, and nothing is replayed."""
+    from services.stack import running_recovery
+
+    body = b"\xff\x00 not a park record"
+    await js.publish(s.parked_subject("anthropic", "normal"), body)
+    async with running_recovery(settings):
+        await wait_until(lambda: _count_dead(js, 1), timeout=30)
+
+        async def parked_empty() -> bool:
+            return (await js.stream_info(s.PARKED_STREAM)).state.messages == 0
+
+        await wait_until(parked_empty, timeout=30)
+    (letter,) = await _dead_letters(js)
+    assert letter.reason == "invalid" and letter.raw is None
+    assert base64.b64decode(letter.raw_base64 or "") == body
+    assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 0
