@@ -42,6 +42,58 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 LEGACY_JOBS_KEY: Final = "legacy.jobs_seq"
 
 
+# Msg ids (``Nats-Msg-Id``): the stream's dedup window drops a second publish with the
+# same id, so each write a crash may repeat carries an id that depends only on what it
+# came from. ``services/lifecycle/settle.py`` is the one writer that uses them.
+#
+#   <job_id> / <tenant>:<job_id>   a producer's job; its one result   (job_msg_id)
+#   <scoped>:r<tag>                the result of a replayed job        (result_msg_id)
+#   <job_id>:r<tag>                a replay of parked/dead message     (replay_msg_id)
+#   park:<stream>:<seq>            the parked copy of a stored message (park_msg_id)
+#   dead:<stream>:<seq>            the dead letter of a stored message (dead_msg_id)
+#   failover:<stream>:<seq>        the fail-over copy of a stored job  (failover_msg_id)
+#
+# A replay's tag (REPLAY_HEADER) is the parked message's sequence, or ``d<seq>`` for a
+# dead letter's: a job replayed from the dead letters may replace its ``failed`` result.
+
+
+def park_msg_id(stream: str, seq: int) -> str:
+    """Msg id of the parked copy of message ``seq`` of ``stream``."""
+    return f"park:{stream}:{seq}"
+
+
+def dead_msg_id(stream: str, seq: int) -> str:
+    """Msg id of the dead letter of message ``seq`` of ``stream``."""
+    return f"dead:{stream}:{seq}"
+
+
+def failover_msg_id(stream: str, seq: int) -> str:
+    """Msg id of the copy of job ``seq`` of ``stream`` sent to a fallback provider."""
+    return f"failover:{stream}:{seq}"
+
+
+def replay_tag(seq: int, *, from_dead: bool = False) -> str:
+    """The REPLAY_HEADER value of a job replayed from AI_PARKED (or AI_DEAD) ``seq``."""
+    return f"d{seq}" if from_dead else str(seq)
+
+
+def replaces_failed(tag: str) -> bool:
+    """Whether a replay with ``tag`` came from the dead letters (and may replace ``failed``)."""
+    return tag.startswith("d")
+
+
+def replay_msg_id(job_id: str, tag: str) -> str:
+    """Msg id of a replayed job."""
+    return f"{job_id}:r{tag}"
+
+
+def result_msg_id(job_id: str, tenant: str | None, tag: str | None = None) -> str:
+    """Msg id of a job's result: its scoped id, and the replay's tag (a replay gets its own,
+    or the dedup window would swallow a result replacing an earlier ``failed`` one)."""
+    scoped = job_msg_id(job_id, tenant)
+    return f"{scoped}:r{tag}" if tag else scoped
+
+
 def is_token(value: str) -> bool:
     """Tell whether ``value`` can stand as one subject token."""
     return isinstance(value, str) and _TOKEN.match(value) is not None

@@ -19,9 +19,9 @@ from services.cli import (
     run,
     settings_for,
 )
-from services.connection import connect
+from services.jetstream.connection import connect
+from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
-from services.topology import ensure_topology
 
 
 def _show(result: JobResult, as_json: bool) -> int:

@@ -37,8 +37,8 @@ from services.cli import (
     settings_for,
 )
 from services.config import Settings
-from services.connection import connect
 from services.errors import RidethroughError
+from services.jetstream.connection import connect
 from services.ops.backup import export_results, import_results
 from services.ops.inspect import dead_letters, find_dead, locate_job, outage_timeline, purge_dead
 from services.ops.moves import MoveReport, drain, replay

@@ -110,7 +110,7 @@ async def _serve_worker(
 async def _run_recovery_service(
     settings: Settings, role: str, health_path: Path | None = None
 ) -> None:
-    from services.connection import connect
+    from services.jetstream.connection import connect
     from services.stack import service_owner
 
     nc = await connect(settings, name=f"ridethrough-{role}")

@@ -165,7 +165,7 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
         ]
         try:
             async with await Producer.connect(st) as producer:
-                from services.topology import ensure_topology
+                from services.jetstream.topology import ensure_topology
 
                 await ensure_topology(producer.js, st)
                 for proc in procs:

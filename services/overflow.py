@@ -17,13 +17,10 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
-from schemas.codec import encode
-from schemas.parking import DeadLetter
 from schemas.subjects import OVERFLOW_BUCKET
+from services.jetstream.errors import NOT_FOUND
 
 #: Bytes kept free under ``max_payload`` for the headers a record is published with
 #: (msg id, conditional-publish sequence, replay mark) and for the envelope a parked or
@@ -55,24 +52,9 @@ async def put_aside(js: JetStreamContext, name: str, data: bytes) -> str:
     store = await js.object_store(OVERFLOW_BUCKET)
     try:
         await store.get_info(name)
-    except NotFoundError:  # ObjectNotFoundError is one; a deleted object counts as absent
+    except NOT_FOUND:  # ObjectNotFoundError is one; a deleted object counts as absent
         await store.put(name, data)
     return name
-
-
-async def dead_letter_bytes(
-    js: JetStreamContext, letter: DeadLetter, original: bytes, stream: str, seq: int
-) -> bytes:
-    """The encoded dead letter of stored message ``stream``/``seq``: as it is when it fits,
-    else with the message's exact bytes put aside (object ``dead.<stream>.<seq>``) and named
-    in ``overflow`` instead of carried inline."""
-    data = encode(letter)
-    if fits(data, js._nc.max_payload):
-        return data
-    name = await put_aside(js, f"dead.{stream}.{seq}", original)
-    return encode(
-        msgspec.structs.replace(letter, job=None, raw=None, raw_base64=None, overflow=name)
-    )
 
 
 async def take(js: JetStreamContext, name: str) -> bytes:

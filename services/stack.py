@@ -24,9 +24,9 @@ from faststream import FastStream
 from pydantic import SecretStr
 
 from services.config import ProviderSettings, Settings
-from services.connection import connect
 from services.devstack import NatsServer, port_in_use
 from services.errors import ConfigError
+from services.jetstream.connection import connect
 from services.prober import Prober
 from services.providers.registry import build_providers
 from services.replayer import Replayer

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
 
 from schemas import subjects as s
-from schemas.codec import encode
 from schemas.results import JobResult, decode_result
+from services.jetstream.connection import max_payload
+from services.lifecycle.settle import Settler
 from services.ops.streams import audit, iter_stream
 
 Progress = Callable[[int, int], None]
@@ -65,6 +65,7 @@ async def import_results(
     lines = (await asyncio.to_thread(path.read_bytes)).splitlines()
     decoder = msgspec.json.Decoder(JobResult)
     counts = {"imported": 0, "already_present": 0, "invalid": 0}
+    settler = Settler(js, max_payload=max_payload(js))
     for i, line in enumerate(lines, 1):
         if progress:
             progress(i, len(lines))
@@ -78,18 +79,10 @@ async def import_results(
         if not s.is_token(result.job_id):  # it would land on another job's subject
             counts["invalid"] += 1
             continue
-        try:
-            # Only if the job has no result yet: an import never overwrites.
-            await js.publish(
-                s.result_subject(result.job_id, result.tenant),
-                encode(result),
-                headers={s.EXPECTED_LAST_SUBJECT_SEQ: "0"},
-            )
-        except APIError as exc:
-            if exc.err_code == s.WRONG_LAST_SEQUENCE:
-                counts["already_present"] += 1
-                continue
-            raise
-        counts["imported"] += 1
+        # Only if the job has no result yet: an import never overwrites.
+        if await settler.store_result(result, tenant=result.tenant, dedup=False):
+            counts["imported"] += 1
+        else:
+            counts["already_present"] += 1
     await audit(js, "import", filters={"file": str(path)}, counts=counts)
     return counts

@@ -18,14 +18,15 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from schemas import subjects as s
-from schemas.codec import encode
 from schemas.jobs import Job, decode_job
-from schemas.parking import ParkedJob, ParkRecord, decode_dead_letter, decode_parked
+from schemas.parking import ParkRecord, decode_dead_letter, decode_parked
 from services.config import Settings
 from services.errors import RidethroughError, Unmappable
+from services.jetstream.connection import max_payload
+from services.jetstream.publish import delete
+from services.lifecycle.settle import Settler
 from services.ops.streams import audit, iter_stream
 from services.providers.mapping import convert
 
@@ -53,11 +54,6 @@ class MoveReport:
         }
 
 
-async def _delete(js: JetStreamContext, stream: str, seq: int) -> None:
-    with contextlib.suppress(NotFoundError):  # already gone: a worker or replayer took it
-        await js.delete_msg(stream, seq)
-
-
 async def drain(
     js: JetStreamContext,
     provider: str,
@@ -74,6 +70,7 @@ async def drain(
     delivered sequence); in-flight and retrying jobs are counted as skipped.
     """
     report = MoveReport()
+    settler = Settler(js, max_payload=max_payload(js))
     consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider))
     delivered = int(consumer.delivered.stream_seq or 0)
     # Every job of the provider, whoever published it; the priority is the 4th token.
@@ -106,13 +103,14 @@ async def drain(
             if dry_run:
                 report.job_ids.append(job.id)
             else:
-                parked = ParkedJob(job=job, park=ParkRecord(reason="drained"))
-                await js.publish(
-                    s.parked_subject(job.provider, job.priority),
-                    encode(parked),
-                    headers={s.MSG_ID_HEADER: f"park:{s.JOBS_STREAM}:{msg.seq}"},
-                )
-                await _delete(js, s.JOBS_STREAM, msg.seq)
+                record = ParkRecord(reason="drained")
+                if not await settler.park(job, record, stream=s.JOBS_STREAM, seq=msg.seq):
+                    report.skipped += 1
+                    report.notes.append(f"{job.id}: too large to park; left waiting")
+                    continue
+                # Already gone (a worker took it meanwhile): the parked copy is then a
+                # second one, and its result check keeps it from a second call.
+                await delete(js, s.JOBS_STREAM, msg.seq)
                 report.moved += 1
                 report.job_ids.append(job.id)
             if limit is not None and report.matched >= limit:
@@ -171,6 +169,7 @@ async def replay(
     if source not in ("parked", "dead"):
         raise RidethroughError(f"--from must be parked or dead, not {source!r}")
     report = MoveReport()
+    settler = Settler(js, max_payload=max_payload(js))
     stream = s.PARKED_STREAM if source == "parked" else s.DEAD_STREAM
     subject = s.parked_filter(provider) if source == "parked" else s.dead_filter(provider, reason)
     info = await js.stream_info(stream, subjects_filter=subject)
@@ -198,13 +197,9 @@ async def replay(
             report.matched += 1
             report.job_ids.append(job.id)
             if not dry_run:
-                tag = f"{msg.seq}" if source == "parked" else f"d{msg.seq}"
-                await js.publish(
-                    s.requeue_subject(job.provider, job.priority, job.tenant),
-                    encode(job),
-                    headers={s.MSG_ID_HEADER: f"{job.id}:r{tag}", s.REPLAY_HEADER: tag},
-                )
-                await _delete(js, stream, msg.seq)
+                tag = s.replay_tag(msg.seq, from_dead=source == "dead")
+                await settler.republish(job, replay=tag)
+                await delete(js, stream, msg.seq)  # already gone: a replayer took it
                 report.moved += 1
                 if gap:
                     await asyncio.sleep(gap)

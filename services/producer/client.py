@@ -32,7 +32,6 @@ from schemas.subjects import (
     result_subject,
 )
 from services.config import Settings
-from services.connection import connect
 from services.errors import (
     ConfigError,
     InvalidJob,
@@ -43,6 +42,7 @@ from services.errors import (
     RidethroughError,
     UnknownProvider,
 )
+from services.jetstream.connection import connect
 from services.overflow import HEADROOM
 
 #: First pause before publishing again to a stream without a leader (doubling to 0.5 s).

@@ -10,10 +10,10 @@ Order: high before normal before low (one consumer per priority), oldest first
 within a priority. A job whose deadline passed while parked ends as an
 ``expired`` result, never as a late provider call.
 
-Each parked job is republished under a fresh msg id ``<job_id>:r<seq>`` (``seq``
-its sequence in AI_PARKED, stable across redeliveries) and acked in AI_PARKED
-only after the PubAck: a replayer killed between the two leaves the parked job
-to be replayed again, and the dedup window drops the second copy.
+Each parked job is republished by ``services.lifecycle.settle`` (a replay: its msg id
+and REPLAY_HEADER come from its sequence in AI_PARKED, stable across redeliveries)
+and acked in AI_PARKED only after the PubAck: a replayer killed between the two leaves
+the parked job to be replayed again, and the dedup window drops the second copy.
 
 One replayer per provider is active among replicas (lease ``replay.<provider>``
 in ai_control, which also carries the replay progress for ``status``).
@@ -23,172 +23,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
-from schemas.codec import encode
+from schemas.jobs import Job
 from schemas.parking import DeadLetter, decode_parked
 from schemas.results import ErrorInfo, JobResult
 from schemas.subjects import (
-    EXPECTED_LAST_SUBJECT_SEQ,
-    MSG_ID_HEADER,
     PARKED_STREAM,
     PRIORITIES,
-    REPLAY_HEADER,
-    WRONG_LAST_SEQUENCE,
-    dead_subject,
-    job_msg_id,
     parked_filter,
     parked_subject,
+    replay_tag,
     replayer_consumer,
-    requeue_subject,
-    result_subject,
 )
 from services.breaker import LeaseKeeper
 from services.config import Settings
-from services.overflow import dead_letter_bytes, raw_fields
+from services.jetstream.connection import max_payload
+from services.jetstream.errors import FETCH_TIMEOUT
+from services.jetstream.pull import Puller, ack_position
+from services.lifecycle.settle import Settler
+from services.overflow import raw_fields
 from services.recovery import LeasedPerProvider
 from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.replayer")
-
-
-def ack_position(msg: Msg) -> tuple[int, int]:
-    """The stream sequence of a delivered JetStream message and how many messages its
-    consumer still had undelivered, read from the ack subject. ``msg.metadata`` parses
-    every field into dataclasses and a datetime: measured, 6% of the replayer's time."""
-    tokens = (msg.reply or "").split(".")
-    if tokens[:2] == ["$JS", "ACK"]:
-        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-            return int(tokens[5]), int(tokens[8])
-        if len(tokens) >= 11:  # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>...
-            return int(tokens[7]), int(tokens[10])
-    meta = msg.metadata  # raises NotJSMessageError with nats-py's own message
-    return meta.sequence.stream, meta.num_pending
-
-
-class Puller:
-    """Fetches batches from one durable pull consumer, collecting them in a callback.
-
-    It stands in for nats-py's ``PullSubscription`` (``fetch``, ``unsubscribe``) with
-    the same requests: a ``no_wait`` pull first, then one that waits until ``timeout``.
-    nats-py's ``fetch`` waits for each message in a task of its own (two on Python
-    3.11) and draws a uuid4 for each: measured, a third of the replayer's time.
-    Messages of a pull that arrive after its ``fetch`` gave up are kept for the next.
-    """
-
-    def __init__(self, nc: Client, stream: str, consumer: str) -> None:
-        self._nc = nc
-        self._subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = nc.new_inbox()
-        self._sub: Any = None
-        self._got: list[Msg] = []
-        self._wanted = 0
-        self._expect = 0  # messages the open pull can still deliver; 0: no pull open
-        self._last: Msg | None = None  # the last message received
-        self._ended: Msg | None = None  # the status that ended the last pull
-        self._wake = asyncio.Event()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        status = msg.headers.get(api.Header.STATUS) if msg.headers else None
-        if not status:
-            self._got.append(msg)
-            self._last = msg
-            self._expect -= 1
-            if len(self._got) >= self._wanted or self._expect <= 0:
-                self._wake.set()
-        elif status != api.StatusCode.CONTROL_MESSAGE:  # 404 none, 408 expired, 409, ...
-            self._ended, self._expect = msg, 0
-            self._wake.set()
-
-    async def _wait(self, until: float) -> None:
-        """Wait until ``_wanted`` messages are in, the open pull ends, or ``until``."""
-        self._wake.clear()
-        if len(self._got) >= self._wanted or self._expect <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(until - time.monotonic()):
-                await self._wake.wait()
-
-    async def _pull(self, batch: int, expires: float | None) -> None:
-        pull: dict[str, Any] = {"batch": batch}
-        if expires is None:
-            pull["no_wait"] = True
-        else:
-            pull["expires"] = max(int(expires * 1e9) - 100_000, 1)
-        self._expect, self._ended = batch, None
-        await self._nc.publish(self._subject, json.dumps(pull).encode(), reply=self._inbox)
-
-    async def fetch(self, batch: int, timeout: float, *, prefetch: bool = False) -> list[Msg]:
-        """Up to ``batch`` messages; ``nats.errors.TimeoutError`` if none came in time.
-
-        With ``prefetch``, a full batch is followed at once by a ``no_wait`` pull for
-        the next, so its messages arrive while this one is being worked on (the replayer
-        otherwise sat idle for each round trip)."""
-        if self._sub is None:
-            self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
-        deadline = time.monotonic() + timeout
-        self._wanted = batch
-        if self._expect > 0:  # a prefetch (or a pull a fetch gave up on) is still open
-            await self._wait(deadline)
-            if self._expect > 0 and len(self._got) < batch:
-                self._expect = 0  # it went quiet: stop waiting for it
-        for expires in (None, timeout):
-            if self._got:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            await self._pull(batch, None if expires is None else left)
-            await self._wait(deadline)
-            ended = self._ended
-            if ended is not None and not self._got:
-                status = ended.headers.get(api.Header.STATUS) if ended.headers else None
-                if status not in (
-                    api.StatusCode.NO_MESSAGES,
-                    api.StatusCode.REQUEST_TIMEOUT,
-                    api.StatusCode.CONFLICT,
-                ):
-                    raise nats.js.errors.APIError.from_msg(ended)
-        if not self._got:
-            raise nats.errors.TimeoutError
-        msgs, self._got = self._got[:batch], self._got[batch:]
-        if prefetch and len(msgs) == batch and self._expect <= 0 and not self._got:
-            await self._pull(batch, None)
-        return msgs
-
-    @property
-    def left(self) -> int:
-        """Messages of the consumer not yet returned by ``fetch``: those received and
-        kept, and those the server had not delivered when the last one came."""
-        pending = ack_position(self._last)[1] if self._last is not None else 0
-        return len(self._got) + pending
-
-    async def unsubscribe(self) -> None:
-        """Stop receiving, and hand back (nak) what was received and not yet returned,
-        so another replica gets it now rather than after ack_wait."""
-        if self._sub is not None:
-            # A drain, not a plain unsubscribe: messages already in the subscription's
-            # queue reach _got first, and are handed back with the rest.
-            try:
-                await asyncio.wait_for(self._sub.drain(), 1)
-            except Exception:  # NATS away or slow: drop the subscription all the same
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
-        kept, self._got = self._got, []
-        for msg in kept:
-            with contextlib.suppress(Exception):
-                await msg.nak()
 
 
 class ProviderReplay:
@@ -213,10 +78,11 @@ class Replayer(LeasedPerProvider):
         self.progress: dict[str, ProviderReplay] = {
             p: ProviderReplay(settings.replay.initial_rate) for p in settings.providers
         }
+        self.settler = Settler(js, max_payload=max_payload(js), worker_id=owner)
         # Per provider, a puller per priority: bound once, kept across restarts of _run.
         self._subs: dict[str, dict[str, Puller]] = {
             name: {
-                prio: Puller(js._nc, PARKED_STREAM, replayer_consumer(name, prio))
+                prio: Puller(js, PARKED_STREAM, replayer_consumer(name, prio))
                 for prio in PRIORITIES
             }
             for name in settings.providers
@@ -301,7 +167,7 @@ class Replayer(LeasedPerProvider):
                 pending = await self._republish(name, msgs)
                 await settled()
                 if pending:
-                    settling = asyncio.create_task(self._settle(pending))
+                    settling = asyncio.create_task(self._ack_republished(pending))
                 lease.info = self._info(name, prog, sum(free.values()) + len(pending))
         finally:
             if settling is not None:
@@ -337,7 +203,7 @@ class Replayer(LeasedPerProvider):
                 continue
             try:
                 got += await subs[prio].fetch(min(need, free[prio]), timeout=0.5, prefetch=True)
-            except nats.errors.TimeoutError:
+            except FETCH_TIMEOUT:
                 free[prio] = 0  # until the next count
                 continue
             free[prio] = subs[prio].left
@@ -361,16 +227,12 @@ class Replayer(LeasedPerProvider):
                 await self._expire(msg, job, parked.park.attempts)
                 expired += 1
                 continue
-            fut = await self.js.publish_async(
-                requeue_subject(job.provider, job.priority, job.tenant),
-                encode(job),
-                headers={MSG_ID_HEADER: f"{job.id}:r{seq}", REPLAY_HEADER: str(seq)},
-            )
+            fut = await self.settler.republish_async(job, replay=replay_tag(seq))
             pending.append((msg, fut))
         self.progress[name].expired += expired
         return pending
 
-    async def _settle(self, pending: list[tuple[Msg, asyncio.Future[Any]]]) -> int:
+    async def _ack_republished(self, pending: list[tuple[Msg, asyncio.Future[Any]]]) -> int:
         """Ack each republished job after its PubAck (nak it if none came); how many went."""
         if pending:
             # One wait for the whole batch: a wait_for per PubAck costs a loop turn each.
@@ -389,7 +251,7 @@ class Replayer(LeasedPerProvider):
             done += 1
         return done
 
-    async def _expire(self, msg: Msg, job: Any, attempts: int) -> None:
+    async def _expire(self, msg: Msg, job: Job, attempts: int) -> None:
         """End a job whose deadline passed while parked with an ``expired`` result, unless
         it has a result already (a copy of it ran): the write is conditional, as a worker's."""
         result = JobResult(
@@ -402,18 +264,7 @@ class Replayer(LeasedPerProvider):
             worker=self.owner,
             tenant=job.tenant or "",
         )
-        try:
-            await self.js.publish(
-                result_subject(job.id, job.tenant),
-                encode(result),
-                headers={
-                    MSG_ID_HEADER: job_msg_id(job.id, job.tenant),
-                    EXPECTED_LAST_SUBJECT_SEQ: "0",
-                },
-            )
-        except nats.js.errors.APIError as exc:
-            if exc.err_code != WRONG_LAST_SEQUENCE:
-                raise
+        await self.settler.store_result(result, tenant=job.tenant)
         await msg.ack()
 
     async def _dead_invalid(self, name: str, msg: Msg, message: str) -> None:
@@ -424,11 +275,8 @@ class Replayer(LeasedPerProvider):
             subject=msg.subject,
             **raw_fields(msg.data),
         )
-        data = await dead_letter_bytes(self.js, letter, msg.data, PARKED_STREAM, seq)
-        await self.js.publish(
-            dead_subject(name, "invalid"),
-            data,
-            headers={MSG_ID_HEADER: f"dead:{PARKED_STREAM}:{seq}"},
+        await self.settler.dead_letter(
+            letter, provider=name, original=msg.data, stream=PARKED_STREAM, seq=seq
         )
         await msg.ack()
 

@@ -24,7 +24,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import nats.errors
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
@@ -35,10 +34,11 @@ from schemas.health import WorkerBeat
 from schemas.subjects import JOBS_STREAM, WORKERS_BUCKET, jobs_filter, worker_consumer
 from services.breaker import HealthBoard
 from services.config import Settings
-from services.connection import broker_options
+from services.jetstream.connection import broker_options
+from services.jetstream.pull import guard_fetch
+from services.jetstream.topology import ensure_topology, legacy_jobs_seq
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
-from services.topology import ensure_topology, legacy_jobs_seq
 from services.worker.runtime import JobRunner
 
 log = logging.getLogger("ridethrough.worker")
@@ -150,7 +150,7 @@ class Worker:
     async def start(self) -> None:
         """Called once the broker is connected: prepare the runner and heartbeats."""
         for sub in self._subscribers:
-            _guard_fetch(sub)
+            guard_fetch(sub)
         js = self.broker.config.connection_state.stream
         self.board = await HealthBoard(js, self.settings.providers, self.settings.breaker).start()
         legacy = await legacy_jobs_seq(js)
@@ -204,32 +204,6 @@ class Worker:
                 await provider.aclose()
 
 
-def _guard_fetch(subscriber: Any) -> None:
-    """Make the batch loop's fetch raise only the timeout FastStream expects.
-
-    FastStream's batch pull loop collects a batch over several ``fetch`` calls and
-    catches ``nats.errors.TimeoutError``; nats-py also raises the builtin
-    ``TimeoutError`` when the time left is used up. That one escapes the loop and
-    drops the messages collected so far, which then wait out ``ack_wait`` (measured:
-    11 of 300 jobs delayed by 30 s at 50 jobs/s). Translating it keeps them.
-    """
-    pull = subscriber.subscription
-    if pull is None or getattr(pull, "_ridethrough_guarded", False):
-        return
-    fetch = pull.fetch
-
-    async def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fetch(*args, **kwargs)
-        except nats.errors.TimeoutError:
-            raise
-        except TimeoutError as exc:
-            raise nats.errors.TimeoutError from exc
-
-    pull.fetch = guarded
-    pull._ridethrough_guarded = True
-
-
 def _broker_options(settings: Settings) -> dict[str, Any]:
     # Credentials and TLS reach FastStream as its ``security=`` object.
     return broker_options(settings)
@@ -246,7 +220,7 @@ def build_app(
 
     async def on_startup() -> None:
         if apply_topology:
-            from services.connection import connect
+            from services.jetstream.connection import connect
 
             nc = await connect(settings, name="ridethrough-topology")
             try:

@@ -25,9 +25,9 @@ from schemas.parking import ParkedJob, ParkRecord
 from schemas.results import decode_result
 from services.breaker import transition
 from services.config import Settings
+from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
 from services.providers.fake import FaultConfig
-from services.topology import ensure_topology
 from tests.conftest import make_settings
 from tests.support import (
     ServiceProcess,

@@ -15,11 +15,11 @@ import pytest
 
 from schemas import subjects as s
 from services.config import Settings
-from services.connection import connect
 from services.errors import InvalidJob, JobRejected, NatsUnavailable, UnknownProvider
+from services.jetstream.connection import connect
+from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
 from services.stack import ServiceProcess
-from services.topology import ensure_topology
 from tests.cluster import NatsCluster, gather_leaders
 from tests.conftest import make_settings
 from tests.support import count_outcomes, read_stream, result_job_ids, wait_until

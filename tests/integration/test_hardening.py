@@ -22,10 +22,10 @@ from schemas.parking import decode_dead_letter
 from schemas.results import response_text
 from services.breaker import paused_key
 from services.config import ProviderSettings, Settings
+from services.lifecycle import decide, settle
 from services.overflow import HEADROOM, take
 from services.producer import Producer, make_job
 from services.stack import running_worker
-from services.worker import runtime
 from tests.support import count_outcomes, read_stream, wait_until
 
 pytestmark = pytest.mark.integration
@@ -100,14 +100,14 @@ async def test_an_unexpected_error_counts_towards_the_attempts_and_ends_in_a_dea
     from tests.conftest import make_settings
 
     settings = make_settings(nats_server.url, fake_provider.url, max_attempts=3)
-    real = runtime._timings
+    real = settle.timings
 
     def buggy(job: Job, started: float, provider_s: float) -> Any:
         if job.metadata.get("bug"):
             raise KeyError("a bug we did not foresee")
         return real(job, started, provider_s)
 
-    monkeypatch.setattr(runtime, "_timings", buggy)
+    monkeypatch.setattr(settle, "timings", buggy)
     async with (
         running_worker(settings) as (_, worker),
         await Producer.connect(settings) as producer,
@@ -208,9 +208,9 @@ def test_backoff_never_exceeds_its_cap_whatever_the_provider_asks() -> None:
     from services.config import WorkerSettings
 
     w = WorkerSettings(backoff_base_s=1, backoff_max_s=60)
-    assert runtime.backoff_delay(1, w, 1e9) == 60
-    assert runtime.backoff_delay(1, w, 30.0) == 30.0
-    assert runtime.backoff_delay(10_000, w, None) <= 60
+    assert decide.backoff_delay(1, w, 1e9) == 60
+    assert decide.backoff_delay(1, w, 30.0) == 30.0
+    assert decide.backoff_delay(10_000, w, None) <= 60
 
 
 async def test_a_call_that_never_finishes_hits_its_deadline(

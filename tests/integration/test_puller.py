@@ -11,7 +11,7 @@ import nats.errors
 import pytest
 
 from schemas import subjects as s
-from services.replayer.replayer import Puller, ack_position
+from services.jetstream.pull import Puller, ack_position
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -26,7 +26,7 @@ async def _ack_pending(js: Any) -> int:
 async def test_prefetch_keeps_order_and_stop_hands_back_what_it_holds(js: Any) -> None:
     for i in range(10):
         await js.publish(s.parked_subject("anthropic", "normal"), f"job {i}".encode())
-    puller = Puller(js._nc, s.PARKED_STREAM, CONSUMER)
+    puller = Puller(js, s.PARKED_STREAM, CONSUMER)
 
     first = await puller.fetch(3, timeout=2, prefetch=True)
     assert [ack_position(m)[0] for m in first] == [1, 2, 3]
@@ -44,7 +44,7 @@ async def test_prefetch_keeps_order_and_stop_hands_back_what_it_holds(js: Any) -
     await puller.unsubscribe()
     # 7-9 were received but never handed out: the next pull gets them now (they were
     # nakked), not after the consumer's ack_wait of 10 s.
-    again = Puller(js._nc, s.PARKED_STREAM, CONSUMER)
+    again = Puller(js, s.PARKED_STREAM, CONSUMER)
     rest: list[Any] = []
     for _ in range(4):  # the server handles naks apart from pulls: give it a few
         with contextlib.suppress(nats.errors.TimeoutError):

@@ -31,12 +31,12 @@ from schemas.codec import encode
 from schemas.parking import decode_dead_letter
 from schemas.results import decode_result, response_text
 from services.config import NatsSettings, ProviderSettings, Settings
-from services.connection import connect
 from services.devstack import NatsServer
 from services.errors import InvalidJob
+from services.jetstream.connection import connect
+from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
 from services.stack import ServiceProcess
-from services.topology import ensure_topology
 from tests.conftest import make_settings
 from tests.support import count_outcomes, read_stream, wait_until
 from tests.unit.test_deploy_files import auth_users, password_variable
@@ -783,7 +783,7 @@ def test_settings_never_print_their_secrets() -> None:
 
 def test_redact_url_hides_passwords_and_tokens() -> None:
     """Credentials inside server URLs are replaced by *** before they are printed."""
-    from services.connection import redact_url
+    from services.jetstream.connection import redact_url
 
     assert redact_url("nats://u:secret@h:4222") == "nats://u:***@h:4222"
     assert redact_url("tls://tok@h:4222,nats://h2:4222") == "tls://***@h:4222,nats://h2:4222"
@@ -804,7 +804,7 @@ def test_connect_and_broker_options_carry_every_credential_kind(tmp_path: Path) 
         NatsUserPassword,
     )
 
-    from services.connection import broker_options, connect_options
+    from services.jetstream.connection import broker_options, connect_options
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make the test certificates")
@@ -840,8 +840,8 @@ def test_connect_and_broker_options_carry_every_credential_kind(tmp_path: Path) 
 
 def test_unreadable_credential_files_are_a_config_error(tmp_path: Path) -> None:
     """A missing seed, creds or CA file is a ConfigError naming the file (never its content)."""
-    from services.connection import connect_options
     from services.errors import ConfigError
+    from services.jetstream.connection import connect_options
 
     missing = tmp_path / "nope"
     for fields in (

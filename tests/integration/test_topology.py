@@ -8,7 +8,7 @@ import pytest
 
 from schemas import subjects as s
 from services.config import Settings
-from services.topology import ensure_topology
+from services.jetstream.topology import ensure_topology
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ async def test_an_upgrade_moves_results_and_keeps_jobs_stored_under_the_old_layo
 
     from schemas.codec import encode
     from schemas.results import JobResult, decode_result
-    from services.connection import connect
+    from services.jetstream.connection import connect
     from services.producer import Producer, make_job
     from services.stack import running_worker
 

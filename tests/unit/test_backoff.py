@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.config import WorkerSettings
-from services.worker.runtime import backoff_delay
+from services.lifecycle.decide import backoff_delay
 
 SETTINGS = WorkerSettings(backoff_base_s=1.0, backoff_max_s=60.0)
 

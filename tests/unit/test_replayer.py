@@ -7,7 +7,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 
-from services.replayer.replayer import ack_position
+from services.jetstream.pull import ack_position
 
 V1 = "$JS.ACK.AI_PARKED.replayer-anthropic-high.3.1042.17.1732870000000000000.4711"
 V2_NO_TOKEN = "$JS.ACK._.ACCHASH.AI_PARKED.c.3.1042.17.1732870000000000000.4711"

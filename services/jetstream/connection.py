@@ -15,9 +15,8 @@ import ssl
 from typing import Any
 
 import nats
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from services.config import NatsSettings, Settings
 from services.errors import ConfigError, NatsUnavailable
@@ -25,20 +24,6 @@ from services.secrets import register_settings
 
 log = logging.getLogger("ridethrough.nats")
 
-#: What nats-py raises while NATS is away for a moment (a restart, a lost node, a
-#: JetStream leader election): expected, worth a warning and a retry, never a bug report.
-#: ``asyncio.TimeoutError`` is the builtin ``TimeoutError`` here (Python 3.11+).
-NATS_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.StaleConnectionError,
-    nats.errors.OutboundBufferLimitError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-)
 
 #: Seconds a closing client waits for its subscriptions to drain. Every ridethrough
 #: client has settled its work (acks, PubAcks) before it closes; after a JetStream leader
@@ -199,3 +184,14 @@ async def connect(settings: Settings, *, name: str = "ridethrough", **extra: Any
             f"cannot connect to NATS at {servers}: {exc or type(exc).__name__}"
         ) from exc
     return nc
+
+
+def client(js: JetStreamContext) -> Client:
+    """The connection a JetStream context publishes on (nats-py keeps it private)."""
+    nc: Client = js._nc
+    return nc
+
+
+def max_payload(js: JetStreamContext) -> int:
+    """The largest message the server ``js`` is connected to accepts (0: unknown)."""
+    return int(client(js).max_payload or 0)

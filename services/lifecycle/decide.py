@@ -1,0 +1,285 @@
+"""``decide()``: what happens to a job next, as a pure function of what is known.
+
+    (job, attempt, provider outcome, breaker view, now)  ->  one Outcome
+
+No I/O here: the worker gathers the facts (a result already stored? the board's view
+after counting this call), asks ``decide``, and hands the outcome to
+``services.lifecycle.settle``, which performs it. The whole policy reads as one table
+(tested as one in ``tests/unit/test_decide.py``):
+
+    before the call (``outcome`` is None)
+      refused at decoding (unknown provider) Dead invalid (not retryable)
+      a result is stored already            Duplicate (ack, the provider is not paid twice)
+      deadline passed                       Expired
+      provider open or paused               the job's ``on_outage``: Dead provider_outage
+                                            (fail) · FailOver to the first closed fallback
+                                            that can take it faithfully · Park
+      otherwise                             Call
+    after the call
+      a reply                               Succeeded
+      permanent error                       Dead <its reason> (not retryable)
+      transient, provider now blocked       as "provider open or paused" above
+      transient, attempts used up           Dead retries_exhausted (retryable)
+      transient, attempts left              Retry after backoff (at least the retry-after,
+                                            at most ``backoff_max_s``)
+
+A 429 has its own attempt budget (``rate_limited_max_attempts``): it asks us to slow
+down, not to give up. ``breaker_signal`` says what a call tells the breaker.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+import msgspec
+
+from schemas.codec import encode
+from schemas.jobs import Job
+from services.breaker.board import PAUSED
+from services.config import ProviderKind, WorkerSettings
+from services.errors import PermanentError, ProviderError, RateLimited, Unmappable
+from services.overflow import fits
+from services.providers.base import Reply
+from services.providers.mapping import convert
+
+
+class BreakerView(Protocol):
+    """What ``decide`` reads of the breakers (``services.breaker.HealthBoard`` is one)."""
+
+    def state(self, provider: str) -> str:
+        """``paused``, ``open``, ``half_open`` or ``closed``."""
+        ...
+
+    def blocked(self, provider: str) -> bool:
+        """Whether calls to ``provider`` must stop (open or paused)."""
+        ...
+
+    def outage_id(self, provider: str) -> str:
+        """The current (or last) outage id of ``provider``."""
+        ...
+
+
+class AllClosed:
+    """The view of a worker run without a board: every provider closed."""
+
+    def state(self, provider: str) -> str:
+        return "closed"
+
+    def blocked(self, provider: str) -> bool:
+        return False
+
+    def outage_id(self, provider: str) -> str:
+        return ""
+
+
+# -- outcomes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Call the provider."""
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """The job has its result already: settle the message without a call."""
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    """The provider answered: store its answer as the job's one result."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The deadline passed before the call: an ``expired`` result."""
+
+    message: str = "deadline passed before the call"
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Hand the job back to be delivered again after ``delay`` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """Hold the job in AI_PARKED until the provider recovers."""
+
+    reason: str  # provider_open, paused
+    last_error: str = ""
+    outage_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FailOver:
+    """Send ``job`` (already rewritten for its fallback provider) back to AI_JOBS."""
+
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """End the job as a dead letter with ``reason``.
+
+    ``answered``: the letter names the job and its producer gets a ``failed`` result;
+    otherwise (a message that is not a job we may believe) the letter keeps the
+    message's exact bytes and no result is written: its id may be someone else's job.
+    """
+
+    reason: str
+    message: str
+    retryable: bool = False
+    answered: bool = True
+
+
+Outcome = Call | Duplicate | Succeeded | Expired | Retry | Park | FailOver | Dead
+
+
+# -- the facts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The settings ``decide`` reads."""
+
+    worker: WorkerSettings
+    #: The server's max_payload (0: unknown): a fail-over copy must fit in one message.
+    max_payload: int = 0
+    #: The API kind of each provider, for fail-over between kinds.
+    kinds: Mapping[str, ProviderKind] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Situation:
+    """What is known of one delivery of a job."""
+
+    job: Job
+    attempts: int  # deliveries so far, this one included
+    now: datetime
+    #: The provider's answer to this delivery's call; None: not called yet.
+    outcome: Reply | ProviderError | None = None
+    #: Why the job cannot be served here at all ("": it can).
+    refused: str = ""
+    #: A result is already stored for the job (looked up only on a redelivery or replay).
+    has_result: bool = False
+
+
+def decide(
+    s: Situation,
+    policy: Policy,
+    view: BreakerView,
+    rng: random.Random | None = None,
+) -> Outcome:
+    """The one outcome of ``s`` (see the module's table)."""
+    job = s.job
+    if s.refused:
+        return Dead("invalid", s.refused)
+    outcome = s.outcome
+    if isinstance(outcome, Reply):
+        return Succeeded(outcome)
+    if isinstance(outcome, PermanentError):
+        return Dead(outcome.reason, outcome.message)
+    if isinstance(outcome, ProviderError):
+        last_error = f"{outcome.reason}: {outcome.message}"
+        if breaker_signal(outcome, policy.worker) == "failure" and view.blocked(job.provider):
+            return on_outage(job, view, policy, last_error=last_error)
+        limit = (
+            policy.worker.rate_limited_max_attempts
+            if isinstance(outcome, RateLimited)
+            else policy.worker.max_attempts
+        )
+        if s.attempts >= limit:
+            message = f"gave up after {s.attempts} attempts; last error ({last_error})"
+            return Dead("retries_exhausted", message, retryable=True)
+        return Retry(backoff_delay(s.attempts, policy.worker, outcome.retry_after, rng))
+    if s.has_result:
+        return Duplicate()
+    if job.deadline is not None and job.deadline <= s.now:
+        return Expired()
+    if view.blocked(job.provider):
+        return on_outage(job, view, policy, last_error="")
+    return Call()
+
+
+def on_outage(job: Job, view: BreakerView, policy: Policy, *, last_error: str) -> Outcome:
+    """The provider is open or paused: what the job asked for an outage."""
+    state = view.state(job.provider)
+    if job.on_outage == "fail":
+        message = f"provider {job.provider} is {state}" + (f"; {last_error}" if last_error else "")
+        return Dead("provider_outage", message, retryable=True)
+    if job.on_outage == "failover":
+        moved = failover_copy(job, view, policy)
+        if moved is not None:
+            return FailOver(moved)
+    reason = "paused" if state == PAUSED else "provider_open"
+    return Park(reason, last_error, view.outage_id(job.provider))
+
+
+def failover_copy(job: Job, view: BreakerView, policy: Policy) -> Job | None:
+    """The job rewritten for its first closed fallback that can take it faithfully (the
+    request maps to the fallback's API, and the copy fits in a message); None if none."""
+    src_kind = policy.kinds.get(job.provider)
+    for target in job.fallbacks:
+        dst_kind = policy.kinds.get(target.provider)
+        if src_kind is None or dst_kind is None or view.state(target.provider) != "closed":
+            continue
+        try:
+            request = convert(job.request, src_kind=src_kind, dst_kind=dst_kind)
+        except Unmappable:
+            continue
+        moved = msgspec.structs.replace(
+            job,
+            provider=target.provider,
+            model=target.model,
+            request=request,
+            fallbacks=[],
+            metadata={**job.metadata, "failover_from": f"{job.provider}/{job.model}"},
+        )
+        if fits(encode(moved), policy.max_payload):
+            return moved
+    return None
+
+
+def backoff_delay(
+    attempt: int,
+    settings: WorkerSettings,
+    retry_after: float | None,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds before the next delivery: exponential with full jitter, at least the
+    provider's retry-after, and never more than ``backoff_max_s`` (a provider asking for
+    longer is having an outage, not giving a schedule: see ``breaker_signal``)."""
+    cap = min(settings.backoff_max_s, settings.backoff_base_s * (2 ** min(max(attempt - 1, 0), 64)))
+    delay = (rng or random).uniform(cap / 2, cap)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, settings.backoff_max_s)
+
+
+def breaker_signal(
+    outcome: Reply | ProviderError, settings: WorkerSettings
+) -> Literal["success", "failure"] | None:
+    """What a call tells the provider's breaker: it answered (``success``), it is failing
+    (``failure``), or nothing (a misconfiguration, or a 429 that only asks us to slow
+    down; a 429 asking for longer than we ever back off is an outage sign)."""
+    if isinstance(outcome, Reply):
+        return "success"
+    if isinstance(outcome, PermanentError):
+        return None if outcome.reason == "config" else "success"
+    if isinstance(outcome, RateLimited) and not long_retry_after(outcome, settings):
+        return None
+    return "failure"
+
+
+def long_retry_after(exc: ProviderError, settings: WorkerSettings) -> bool:
+    """Whether the provider asked to wait longer than we ever back off: a sign of an outage."""
+    return exc.retry_after is not None and exc.retry_after > settings.backoff_max_s
