@@ -54,12 +54,15 @@ def _logging(verbose: bool) -> None:
     scrub_logs()
 
 
-async def _until_signalled() -> None:
+def _signalled() -> asyncio.Event:
+    """An event set on SIGINT or SIGTERM. Installed before a service says it is ready: a
+    signal sent the moment it does must stop it cleanly, not kill it (and orphan the
+    embedded nats-server)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 @app.command()
@@ -121,12 +124,13 @@ async def _run_recovery_service(
         )
     else:
         service = Replayer(nc.jetstream(), settings, owner=service_owner(role))
+    stop = _signalled()
     await service.start()
     _freeze_heap()
     logging.getLogger(f"ridethrough.{role}").info("%s running", role)
     try:
         async with health_file_beating(health_path, lambda: nats_connected(nc)):
-            await _until_signalled()
+            await stop.wait()
     finally:
         try:
             # Bounded: whatever is left unacked is redelivered to the next replica after
@@ -229,6 +233,7 @@ def dev(
         log.info("NATS_URL ignored: --port/--data-dir start the embedded server")
 
     async def go(stack_settings: Settings) -> None:
+        stop = _signalled()
         async with running_worker(stack_settings), running_recovery(stack_settings):
             where = stack_settings.nats_servers[0]
             log.info(
@@ -236,7 +241,7 @@ def dev(
                 "--prompt hi --wait --nats-url %s`",
                 where,
             )
-            await _until_signalled()
+            await stop.wait()
         log.info("stopped")
 
     try:
