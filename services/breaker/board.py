@@ -11,9 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from schemas.codec import encode
@@ -21,6 +19,7 @@ from schemas.events import HealthEvent
 from schemas.health import BreakerState, Pause, State, try_decode_pause, try_decode_state
 from schemas.subjects import CONTROL_BUCKET, HEALTH_BUCKET, MSG_ID_HEADER, health_event_subject
 from services.config import BreakerSettings
+from services.jetstream.kv import compare_and_set, read_entry
 from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.breaker")
@@ -39,16 +38,6 @@ def new_outage_id(provider: str) -> str:
     return f"{provider}-{stamp}-{secrets.token_hex(2)}"
 
 
-async def read_entry(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
-    try:
-        entry = await kv.get(key)
-    except (KeyNotFoundError, NotFoundError):
-        return None, 0
-    if entry.value is None or entry.operation in ("DEL", "PURGE"):
-        return None, entry.revision or 0
-    return entry.value, entry.revision or 0
-
-
 def warn_unreadable(bucket: str, key: str, revision: int, raw: bytes, read_as: str) -> None:
     # The length, not the bytes: a stray value may hold anything, a secret included.
     log.warning(
@@ -59,20 +48,6 @@ def warn_unreadable(bucket: str, key: str, revision: int, raw: bytes, read_as: s
         len(raw),
         read_as,
     )
-
-
-async def compare_and_set(kv: KeyValue, key: str, value: bytes, revision: int) -> int | None:
-    """Write ``value`` if the key is still at ``revision`` (0: absent); new revision or None."""
-    try:
-        if revision == 0:
-            return await kv.create(key, value)
-        return await kv.update(key, value, last=revision)
-    except (KeyWrongLastSequenceError, msgspec.ValidationError):
-        return None
-    except Exception as exc:  # nats-py raises a plain APIError for "key exists"
-        if "wrong last sequence" in str(exc) or "key exists" in str(exc):
-            return None
-        raise
 
 
 async def _publish_event(js: JetStreamContext, provider: str, body: bytes, msg_id: str) -> None:

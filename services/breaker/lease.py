@@ -12,7 +12,8 @@ from nats.js.kv import KeyValue
 
 from schemas.codec import encode
 from schemas.subjects import CONTROL_BUCKET
-from services.breaker.board import compare_and_set, log, read_entry, warn_unreadable
+from services.breaker.board import log, warn_unreadable
+from services.jetstream.kv import compare_and_set, read_entry
 from services.tasks import raise_if_cancelling
 
 

@@ -37,8 +37,18 @@ NOT_FOUND: Final[tuple[type[BaseException], ...]] = (
     nats.js.errors.NoKeysError,
 )
 
-#: A fetch that got no message in time (nats-py also raises the builtin TimeoutError).
-FETCH_TIMEOUT: Final[tuple[type[BaseException], ...]] = (nats.errors.TimeoutError, TimeoutError)
+#: JetStream's "no responders": no stream listens on the subject, or the stream that does
+#: has no leader for a moment (an election in a cluster).
+NO_RESPONDERS: Final[tuple[type[BaseException], ...]] = (
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.NoRespondersError,
+)
+
+#: A message larger than the server's max_payload, refused before it was sent.
+TOO_LARGE: Final[tuple[type[BaseException], ...]] = (nats.errors.MaxPayloadError,)
+
+#: No answer in time: nats-py's TimeoutError, or the builtin one it also raises.
+TIMEOUT: Final[tuple[type[BaseException], ...]] = (nats.errors.TimeoutError, TimeoutError)
 
 #: JetStream's error codes for a failed ``Nats-Expected-Last-Subject-Sequence`` (and
 #: ``-Sequence``) condition: "wrong last sequence: N", and its constant form.

@@ -280,7 +280,7 @@ async def migrate_results(js: JetStreamContext) -> int:
     rerun after an interruption writes nothing twice), then deleted from the old one.
     """
     from schemas.results import decode_result
-    from services.ops.streams import iter_stream
+    from services.jetstream.streams import delete, iter_stream, publish_if_last
 
     moved = 0
     for pattern in (s.legacy_result_subject("*"), s.legacy_result_subject("*", "*")):
@@ -297,16 +297,10 @@ async def migrate_results(js: JetStreamContext) -> int:
             target = s.result_subject(job_id, tenant)
             if target == subject:
                 continue
-            try:
-                await js.publish(
-                    target,
-                    msg.data or b"",
-                    headers={s.EXPECTED_LAST_SUBJECT_SEQ: "0"},
-                )
-            except APIError as exc:
-                if exc.err_code != s.WRONG_LAST_SEQUENCE:
-                    raise
-            await js.delete_msg(s.RESULTS_STREAM, msg.seq)
+            # A result already there wins (the conditional write is refused): the old
+            # copy goes either way.
+            await publish_if_last(js, target, msg.data or b"", 0)
+            await delete(js, s.RESULTS_STREAM, msg.seq)
             moved += 1
     return moved
 

@@ -57,7 +57,7 @@ from schemas.subjects import (
     result_subject,
 )
 from services.jetstream.errors import NATS_UNAVAILABLE
-from services.jetstream.publish import last_seq, publish, publish_if_last
+from services.jetstream.streams import last_msg, publish, publish_if_last
 from services.lifecycle.decide import (
     Call,
     Dead,
@@ -145,7 +145,7 @@ class Settler:
     async def has_result(self, job: Job, *, replayed: bool) -> bool:
         """Whether the job already has its result. A replayed job (say, from the dead
         letters after a key rotation) may replace a ``failed`` result, nothing else."""
-        found = await last_seq(self.js, RESULTS_STREAM, result_subject(job.id, job.tenant))
+        found = await last_msg(self.js, RESULTS_STREAM, result_subject(job.id, job.tenant))
         if found is None:
             return False
         return not replayed or decode_result(found[1]).status != "failed"
@@ -174,7 +174,7 @@ class Settler:
         subject = result_subject(result.job_id, tenant)
         expect = 0
         if replay and replaces_failed(replay):
-            found = await last_seq(self.js, RESULTS_STREAM, subject)
+            found = await last_msg(self.js, RESULTS_STREAM, subject)
             expect = found[0] if found is not None else 0
         stored = await publish_if_last(
             self.js,

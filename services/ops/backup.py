@@ -13,8 +13,9 @@ from nats.js import JetStreamContext
 from schemas import subjects as s
 from schemas.results import JobResult, decode_result
 from services.jetstream.connection import max_payload
+from services.jetstream.streams import iter_stream
 from services.lifecycle.settle import Settler
-from services.ops.streams import audit, iter_stream
+from services.ops.streams import audit
 
 Progress = Callable[[int, int], None]
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from schemas import subjects as s
 from schemas.events import decode_health_event, decode_ops_event
@@ -16,7 +15,8 @@ from schemas.jobs import decode_job
 from schemas.parking import DeadLetter, decode_dead_letter, decode_parked
 from schemas.results import decode_result
 from services.errors import InvalidJob
-from services.ops.streams import iter_stream
+from services.jetstream.errors import NOT_FOUND
+from services.jetstream.streams import iter_stream
 
 
 @dataclass
@@ -53,7 +53,7 @@ async def find_dead(js: JetStreamContext, key: str) -> HeldLetter | None:
     if key.isdigit():
         try:
             msg = await js.get_msg(s.DEAD_STREAM, seq=int(key), direct=True)
-        except NotFoundError:
+        except NOT_FOUND:
             return None
         return HeldLetter(int(key), msg.subject or "", decode_dead_letter(msg.data or b""))
     found = None
@@ -88,7 +88,7 @@ async def locate_job(
         result = decode_result(raw.data or b"")
         where.update(where="done", status=result.status, attempts=result.attempts)
         where["result"] = msgspec.to_builtins(result)
-    except NotFoundError:
+    except NOT_FOUND:
         pass
     held = await find_dead(js, job_id)
     if held is not None:
@@ -130,7 +130,7 @@ async def _worker_consumers(js: JetStreamContext) -> list[tuple[str, Any]]:
             out.append(
                 (provider, await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider)))
             )
-        except NotFoundError:
+        except NOT_FOUND:
             continue
     return out
 

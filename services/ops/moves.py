@@ -25,9 +25,9 @@ from schemas.parking import ParkRecord, decode_dead_letter, decode_parked
 from services.config import Settings
 from services.errors import RidethroughError, Unmappable
 from services.jetstream.connection import max_payload
-from services.jetstream.publish import delete
+from services.jetstream.streams import delete, iter_stream
 from services.lifecycle.settle import Settler
-from services.ops.streams import audit, iter_stream
+from services.ops.streams import audit
 from services.providers.mapping import convert
 
 Progress = Callable[[int, int], None]

@@ -12,13 +12,13 @@ import time
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NoKeysError, NotFoundError
 
 from schemas import subjects as s
 from schemas.health import try_decode_beat, try_decode_pause, try_decode_state
 from services.breaker import paused_key, try_decode_lease
 from services.config import Settings
-from services.ops.streams import subject_counts
+from services.jetstream.errors import NOT_FOUND
+from services.jetstream.streams import subject_counts
 
 log = logging.getLogger("ridethrough.status")
 
@@ -43,7 +43,7 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
     beats = []
     try:
         keys = await workers_kv.keys()
-    except (NotFoundError, NoKeysError):  # no worker has beaten yet
+    except NOT_FOUND:  # no worker has beaten yet
         keys = []
     for key in keys:
         raw = await _kv_value(workers_kv, key)
@@ -71,7 +71,7 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
         try:
             consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(name))
             waiting, in_flight = int(consumer.num_pending or 0), int(consumer.num_ack_pending or 0)
-        except NotFoundError:
+        except NOT_FOUND:
             waiting = in_flight = 0
         calls = sum(b.windows.get(name, (0, 0))[0] for b in beats)
         failures = sum(b.windows.get(name, (0, 0))[1] for b in beats)

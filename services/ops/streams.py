@@ -1,15 +1,12 @@
-"""Reading streams without consuming them, and removing one message once it is safe."""
+"""The operators' audit trail: who did what, in AI_EVENTS."""
 
 from __future__ import annotations
 
 import getpass
 import os
 import socket
-from collections.abc import AsyncIterator
-from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from schemas.codec import encode
 from schemas.events import OpsEvent
@@ -17,27 +14,6 @@ from schemas.subjects import OPS_EVENTS_SUBJECT
 
 #: How many job ids one audit event carries at most.
 IDS_PER_EVENT = 500
-
-
-async def iter_stream(
-    js: JetStreamContext, stream: str, subject: str = ">", *, start_seq: int = 1
-) -> AsyncIterator[Any]:
-    """Every stored message of ``stream`` matching ``subject``, oldest first (direct get:
-    nothing is delivered, acked or consumed)."""
-    seq = start_seq
-    while True:
-        try:
-            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True, direct=True)
-        except NotFoundError:
-            return
-        yield msg
-        seq = int(msg.seq or seq) + 1
-
-
-async def subject_counts(js: JetStreamContext, stream: str, subject: str) -> dict[str, int]:
-    """Messages per subject of ``stream`` under the filter ``subject``."""
-    info = await js.stream_info(stream, subjects_filter=subject)
-    return {k: int(v) for k, v in (info.state.subjects or {}).items()}
 
 
 def operator() -> str:

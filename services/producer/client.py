@@ -16,8 +16,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 
 from schemas.codec import encode
@@ -43,6 +41,14 @@ from services.errors import (
     UnknownProvider,
 )
 from services.jetstream.connection import connect
+from services.jetstream.errors import (
+    NO_RESPONDERS,
+    NOT_FOUND,
+    TIMEOUT,
+    TOO_LARGE,
+    APIError,
+)
+from services.jetstream.streams import last_msg
 from services.overflow import HEADROOM
 
 #: First pause before publishing again to a stream without a leader (doubling to 0.5 s).
@@ -118,7 +124,7 @@ class SubmitOutcome(msgspec.Struct, frozen=True):
 def _no_responders(exc: BaseException | None) -> bool:
     """JetStream's "no responders": no stream listens on the subject, or the stream that
     does has no leader for a moment (an election in a cluster)."""
-    return isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError)
+    return isinstance(exc, NO_RESPONDERS)
 
 
 def _translate_publish_error(exc: BaseException, job: Job) -> RidethroughError:
@@ -139,11 +145,11 @@ def _publish_error(
             f"no stream accepts {subject}: provider {provider!r} is not configured "
             "(or the topology was never created: run `ridethrough topology`)"
         )
-    if isinstance(exc, nats.errors.MaxPayloadError):
+    if isinstance(exc, TOO_LARGE):
         return JobRejected(f"job refused by the server: {exc}")
-    if isinstance(exc, nats.js.errors.APIError):
+    if isinstance(exc, APIError):
         return JobRejected(f"JetStream refused the job on {subject}: {exc}")
-    if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
+    if isinstance(exc, TIMEOUT):
         return NatsUnavailable(f"no PubAck for job {job_id} on {subject}: NATS did not answer")
     return NatsUnavailable(f"cannot publish job {job_id}: {exc or type(exc).__name__}")
 
@@ -267,7 +273,7 @@ class Producer:
         try:
             left = max(deadline - time.monotonic(), 0.1)
             await asyncio.wait_for(self.js.find_stream_name_by_subject(subject), min(left, 1.0))
-        except nats.js.errors.NotFoundError:
+        except NOT_FOUND:
             return False
         except Exception:  # timeouts, a refused request: cannot say
             return True
@@ -393,7 +399,7 @@ class Producer:
                     raise ResultTimeout(f"no result for job {job_id} within {timeout}s")
                 try:
                     await sub.next_msg(timeout=wait)
-                except nats.errors.TimeoutError:
+                except TIMEOUT:
                     continue
                 # Only the stream's copy counts: a result the stream refused (a second
                 # copy's, after the first was stored) still reaches subscribers.
@@ -419,14 +425,10 @@ class Producer:
         if not is_token(job_id):  # `>` or `*` would read another job's result
             raise InvalidJob(f"`job_id` {job_id!r} is not a valid job id")
         try:
-            raw = await self.js.get_last_msg(
-                RESULTS_STREAM, result_subject(job_id, self.tenant), direct=True
-            )
-        except nats.js.errors.NotFoundError:
-            return None
-        except nats.errors.TimeoutError as exc:
+            found = await last_msg(self.js, RESULTS_STREAM, result_subject(job_id, self.tenant))
+        except TIMEOUT as exc:
             raise NatsUnavailable("NATS did not answer a result lookup") from exc
-        return decode_result(raw.data or b"")
+        return decode_result(found[1]) if found is not None else None
 
     async def results(
         self, job_ids: Iterable[str], timeout: float | None = 30.0, *, concurrency: int = 256

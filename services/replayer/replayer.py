@@ -46,7 +46,7 @@ from schemas.subjects import (
 from services.breaker import LeaseKeeper
 from services.config import Settings
 from services.jetstream.connection import max_payload
-from services.jetstream.errors import FETCH_TIMEOUT
+from services.jetstream.errors import TIMEOUT
 from services.jetstream.pull import Puller, ack_position
 from services.lifecycle.settle import Settler
 from services.overflow import raw_fields
@@ -203,7 +203,7 @@ class Replayer(LeasedPerProvider):
                 continue
             try:
                 got += await subs[prio].fetch(min(need, free[prio]), timeout=0.5, prefetch=True)
-            except FETCH_TIMEOUT:
+            except TIMEOUT:
                 free[prio] = 0  # until the next count
                 continue
             free[prio] = subs[prio].left
