@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Annotated, Any, NoReturn, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import msgspec
 import typer
@@ -20,6 +20,7 @@ from services.config import Settings, load_settings
 from services.errors import ConfigError, ResultTimeout, RidethroughError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 app = typer.Typer(
     name="ridethrough",
@@ -58,6 +59,15 @@ def settings_for(nats_url: str | None, tenant: str | None = None) -> Settings:
     try:
         return load_settings(**overrides)
     except ConfigError as exc:
+        fail(str(exc))
+
+
+def check(validate: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call ``validate`` (a check made before anything connects), turning its error
+    into a one-line exit 2."""
+    try:
+        return validate(*args, **kwargs)
+    except RidethroughError as exc:
         fail(str(exc))
 
 

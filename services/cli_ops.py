@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,9 +20,6 @@ from rich.progress import Progress
 from rich.table import Table
 
 from schemas import subjects as s
-from schemas.codec import encode
-from schemas.health import Pause
-from services.breaker import paused_key
 from services.cli import (
     EXIT_JOB_FAILED,
     EXIT_OK,
@@ -31,19 +27,26 @@ from services.cli import (
     NatsUrl,
     Tenant,
     app,
+    check,
     fail,
     print_json,
     run,
     settings_for,
 )
 from services.config import Settings
-from services.connection import connect
-from services.errors import RidethroughError
+from services.connection import jetstream
+from services.ops import control
 from services.ops.backup import export_results, import_results
-from services.ops.inspect import dead_letters, find_dead, locate_job, outage_timeline, purge_dead
+from services.ops.inspect import (
+    count_dead,
+    dead_letters,
+    find_dead,
+    locate_job,
+    outage_timeline,
+    purge_dead,
+)
 from services.ops.moves import MoveReport, drain, replay
 from services.ops.status import collect_status
-from services.ops.streams import audit, operator
 
 T = TypeVar("T")
 
@@ -83,22 +86,12 @@ def _console() -> Console:
 
 
 def _check_provider(settings: Settings, provider: str | None) -> None:
-    if provider is not None and provider not in settings.providers:
-        fail(f"unknown provider {provider!r}; configured: {', '.join(sorted(settings.providers))}")
-
-
-@asynccontextmanager
-async def _js(settings: Settings) -> AsyncIterator[JetStreamContext]:
-    nc = await connect(settings, name="ridethrough-ops")
-    try:
-        yield nc.jetstream()
-    finally:
-        await nc.close()
+    check(control.check_provider, settings, provider)
 
 
 def _with_js(settings: Settings, work: Callable[[JetStreamContext], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with _js(settings) as js:
+        async with jetstream(settings, name="ridethrough-ops") as js:
             return await work(js)
 
     return run(go())
@@ -199,12 +192,7 @@ def pause(
     settings = settings_for(nats_url)
     _check_provider(settings, provider)
 
-    async def go(js: JetStreamContext) -> None:
-        kv = await js.key_value(s.CONTROL_BUCKET)
-        await kv.put(paused_key(provider), encode(Pause(reason=reason, by=operator())))
-        await audit(js, "pause", provider=provider, filters={"reason": reason})
-
-    _with_js(settings, go)
+    _with_js(settings, lambda js: control.pause(js, provider, reason))
     if as_json:
         print_json({"provider": provider, "paused": True, "reason": reason})
     else:
@@ -221,19 +209,7 @@ def resume(
     settings = settings_for(nats_url)
     _check_provider(settings, provider)
 
-    async def go(js: JetStreamContext) -> bool:
-        kv = await js.key_value(s.CONTROL_BUCKET)
-        try:
-            entry = await kv.get(paused_key(provider))
-            was = bool(entry.value)
-        except Exception:
-            was = False
-        if was:
-            await kv.delete(paused_key(provider))
-        await audit(js, "resume", provider=provider, counts={"was_paused": int(was)})
-        return was
-
-    was = _with_js(settings, go)
+    was = _with_js(settings, lambda js: control.resume(js, provider))
     if as_json:
         print_json({"provider": provider, "paused": False, "was_paused": was})
     else:
@@ -309,12 +285,7 @@ def drain_cmd(
 
     async def go(js: JetStreamContext) -> MoveReport:
         if not dry_run:
-            state = (await collect_status(js, settings))["providers"][provider]["state"]
-            if state not in ("paused", "open"):
-                raise RidethroughError(
-                    f"{provider} is {state}: drained jobs would be replayed at once; "
-                    f"run `ridethrough pause {provider}` first"
-                )
+            await control.check_holding(js, settings, provider)
             if not as_json:
                 typer.echo(
                     f"parking waiting jobs of {provider} (priority {priority or 'any'}, "
@@ -393,9 +364,7 @@ def dead_list(
     settings = settings_for(nats_url)
     letters = _with_js(settings, lambda js: dead_letters(js, provider, reason, limit))
     if as_json:
-        print_json(
-            [{"seq": h.seq, "subject": h.subject, **msgspec.to_builtins(h.letter)} for h in letters]
-        )
+        print_json([h.to_builtins() for h in letters])
         return
     t = Table(title=f"dead letters ({len(letters)} shown)")
     for col in ("seq", "job", "reason", "attempts", "dead at", "last error"):
@@ -418,11 +387,10 @@ def dead_show(
     held = _with_js(settings, lambda js: find_dead(js, key))
     if held is None:
         fail(f"no dead letter for {key}", EXIT_JOB_FAILED)
-    body = {"seq": held.seq, "subject": held.subject, **msgspec.to_builtins(held.letter)}
     if as_json:
-        print_json(body)
+        print_json(held.to_builtins())
     else:
-        Console().print_json(msgspec.json.encode(body).decode())
+        Console().print_json(msgspec.json.encode(held.to_builtins()).decode())
 
 
 @dead_app.command("purge")
@@ -438,24 +406,14 @@ def dead_purge(
     _check_provider(settings, provider)
     subject = s.dead_filter(provider, reason)
 
-    async def count(js: JetStreamContext) -> int:
-        info = await js.stream_info(s.DEAD_STREAM, subjects_filter=subject)
-        return sum(int(v) for v in (info.state.subjects or {}).values())
-
-    n = _with_js(settings, count)
+    n = _with_js(settings, lambda js: count_dead(js, provider, reason))
     if not yes and not sys.stdin.isatty():
         fail(f"refusing to delete {n} dead letter(s) without confirmation: pass --yes")
     question = f"delete {n} dead letter(s) on {subject} for good?"
     if not yes and not typer.confirm(question, default=False):
         fail("purge cancelled; nothing deleted", EXIT_JOB_FAILED)
 
-    async def go(js: JetStreamContext) -> int:
-        purged = await purge_dead(js, provider, reason)
-        await audit(js, "dead.purge", provider=provider or "", filters={"reason": reason or ""},
-                    counts={"purged": purged})  # fmt: skip
-        return purged
-
-    purged = _with_js(settings, go)
+    purged = _with_js(settings, lambda js: purge_dead(js, provider, reason))
     if as_json:
         print_json({"purged": purged})
     else:

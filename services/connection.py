@@ -12,12 +12,15 @@ import asyncio
 import logging
 import re
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from services.config import NatsSettings, Settings
 from services.errors import ConfigError, NatsUnavailable
@@ -199,3 +202,14 @@ async def connect(settings: Settings, *, name: str = "ridethrough", **extra: Any
             f"cannot connect to NATS at {servers}: {exc or type(exc).__name__}"
         ) from exc
     return nc
+
+
+@asynccontextmanager
+async def jetstream(settings: Settings, *, name: str) -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on a connection of its own (named ``name``), closed on exit:
+    for one short piece of work, such as an operator command."""
+    nc = await connect(settings, name=name)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
