@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import logging
-import signal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -17,22 +14,16 @@ from services.cli import (
     JsonFlag,
     NatsUrl,
     app,
+    check,
     fail,
     print_json,
     run,
     settings_for,
 )
-from services.config import Settings
 from services.errors import RidethroughError
-from services.health import health_file as health_file_beating
-from services.health import nats_connected
-from services.prober import Prober
-from services.providers.base import Provider
 from services.providers.registry import build_providers
-from services.replayer import Replayer
-from services.secrets import scrub_logs
-from services.stack import dev_nats_url, local_stack, running_recovery, running_worker
-from services.worker.app import build_app
+from services.runner import configure_logging, dev_stack, serve_dev, serve_recovery, serve_worker
+from services.stack import dev_nats_url
 
 HealthFile = Annotated[
     Path | None,
@@ -41,25 +32,6 @@ HealthFile = Annotated[
         help="Rewrite this file every 5 s (`ready` / `not-ready`) for container probes.",
     ),
 ]
-
-
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("nats", "faststream", "httpx", "httpx2", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Records of every logger (the SDKs' debug lines too) reach these handlers: scrub there.
-    scrub_logs()
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 @app.command()
@@ -76,75 +48,14 @@ def worker(
     health_file: HealthFile = None,
 ) -> None:
     """Run one worker process until SIGTERM (in-flight jobs finish or are released)."""
-    _logging(verbose)
+    configure_logging(verbose)
     settings = settings_for(nats_url)
     if concurrency is not None:
         settings = settings.with_changes(
             worker=settings.worker.model_copy(update={"concurrency": concurrency})
         )
-    try:
-        providers = build_providers(settings, provider)
-    except RidethroughError as exc:
-        fail(str(exc))
-    run(_serve_worker(settings, providers, topology, health_file))
-
-
-def _freeze_heap() -> None:
-    """Keep what a long-running service allocated to start (modules, settings, SDK
-    clients: hundreds of thousands of objects) out of the cyclic GC's scans. Measured
-    with ``ridethrough bench -s replay``: 0.51-0.53 of the baseline before, 0.56-0.57
-    after."""
-    gc.freeze()
-
-
-async def _serve_worker(
-    settings: Settings, providers: dict[str, Provider], topology: bool, health_path: Path | None
-) -> None:
-    """The worker's FastStream app, beating the health file while its broker is connected."""
-    app, w = build_app(settings, providers, apply_topology=topology)
-    _freeze_heap()
-    async with health_file_beating(health_path, lambda: nats_connected(w.broker)):
-        await app.run()
-
-
-async def _run_recovery_service(
-    settings: Settings, role: str, health_path: Path | None = None
-) -> None:
-    from services.connection import connect
-    from services.stack import service_owner
-
-    nc = await connect(settings, name=f"ridethrough-{role}")
-    service: Prober | Replayer
-    if role == "prober":
-        service = Prober(
-            nc.jetstream(), build_providers(settings), settings, owner=service_owner(role)
-        )
-    else:
-        service = Replayer(nc.jetstream(), settings, owner=service_owner(role))
-    await service.start()
-    _freeze_heap()
-    logging.getLogger(f"ridethrough.{role}").info("%s running", role)
-    try:
-        async with health_file_beating(health_path, lambda: nats_connected(nc)):
-            await _until_signalled()
-    finally:
-        try:
-            # Bounded: whatever is left unacked is redelivered to the next replica after
-            # ack_wait, and the lease lapses by itself, so a stuck stop loses nothing.
-            await asyncio.wait_for(_stop(service, nc), _STOP_BUDGET_S)
-        except TimeoutError:
-            logging.getLogger(f"ridethrough.{role}").warning(
-                "%s did not stop within %.0fs; exiting anyway", role, _STOP_BUDGET_S
-            )
-
-
-#: Longest a prober or replayer may take to stop before it exits regardless.
-_STOP_BUDGET_S = 15.0
-
-
-async def _stop(service: Prober | Replayer, nc: Any) -> None:
-    await service.stop()
-    await nc.drain()
+    providers = check(build_providers, settings, provider)
+    run(serve_worker(settings, providers, topology, health_file))
 
 
 @app.command()
@@ -154,8 +65,8 @@ def prober(
     health_file: HealthFile = None,
 ) -> None:
     """Run the health prober alone (probes providers that are not closed; half-opens them)."""
-    _logging(verbose)
-    run(_run_recovery_service(settings_for(nats_url), "prober", health_file))
+    configure_logging(verbose)
+    run(serve_recovery(settings_for(nats_url), "prober", health_file))
 
 
 @app.command()
@@ -165,8 +76,8 @@ def replayer(
     health_file: HealthFile = None,
 ) -> None:
     """Run the replayer alone (parked jobs back to the queue, slow start, priority order)."""
-    _logging(verbose)
-    run(_run_recovery_service(settings_for(nats_url), "replayer", health_file))
+    configure_logging(verbose)
+    run(serve_recovery(settings_for(nats_url), "replayer", health_file))
 
 
 @app.command("fake-provider")
@@ -213,46 +124,22 @@ def dev(
     NATS: --port or --data-dir starts the embedded server; otherwise --nats-url or
     NATS_URL names a running one; with none of them, the embedded server on 4222."""
     from_env = _source(ctx, "nats_url") == "ENVIRONMENT"
-    try:
-        url = dev_nats_url(
-            None if from_env else nats_url,
-            nats_url if from_env else None,
-            port_given=_source(ctx, "port") == "COMMANDLINE",
-            data_dir_given=_source(ctx, "data_dir") == "COMMANDLINE",
-        )
-    except RidethroughError as exc:
-        fail(str(exc))
-    _logging(verbose)
+    url = check(
+        dev_nats_url,
+        None if from_env else nats_url,
+        nats_url if from_env else None,
+        port_given=_source(ctx, "port") == "COMMANDLINE",
+        data_dir_given=_source(ctx, "data_dir") == "COMMANDLINE",
+    )
+    configure_logging(verbose)
     settings = settings_for(None)
-    log = logging.getLogger("ridethrough.dev")
     if url is None and from_env:
-        log.info("NATS_URL ignored: --port/--data-dir start the embedded server")
-
-    async def go(stack_settings: Settings) -> None:
-        async with running_worker(stack_settings), running_recovery(stack_settings):
-            where = stack_settings.nats_servers[0]
-            log.info(
-                "ready: try `ridethrough submit --provider anthropic --model claude-x "
-                "--prompt hi --wait --nats-url %s`",
-                where,
-            )
-            await _until_signalled()
-        log.info("stopped")
-
+        logging.getLogger("ridethrough.dev").info(
+            "NATS_URL ignored: --port/--data-dir start the embedded server"
+        )
     try:
-        with local_stack(
-            settings,
-            nats_url=url,
-            port=port if url is None else None,
-            data_dir=data_dir if url is None else None,
-        ) as stack:
-            where = stack.settings.nats_servers[0]
-            log.info("NATS at %s%s", where, "" if url else " (embedded)")
-            if stack.fake is not None:
-                log.info(
-                    "fake provider at %s for %s", stack.fake.url, ", ".join(stack.fake_providers)
-                )
-            run(go(stack.settings))
+        with dev_stack(settings, nats_url=url, port=port, data_dir=data_dir) as stack_settings:
+            run(serve_dev(stack_settings))
     except RidethroughError as exc:
         fail(str(exc))
 
