@@ -19,8 +19,8 @@ from services.cli import (
     run,
     settings_for,
 )
-from services.connection import connect
-from services.producer import Producer, make_job
+from services.connection import jetstream
+from services.producer import Producer, make_job, prompt_request
 from services.topology import ensure_topology
 
 
@@ -62,17 +62,9 @@ def submit(
 ) -> None:
     """Submit one job (a single user message); print its id, or with --wait its result."""
     settings = settings_for(nats_url, tenant)
-    request: dict[str, object] = {
-        "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": prompt}],
-    }
-    if system:
-        if settings.providers.get(provider) and settings.providers[provider].kind == "openai":
-            request["messages"] = [{"role": "system", "content": system}, *request["messages"]]  # type: ignore[misc]
-        else:
-            request["system"] = system
-    if stream:
-        request["stream"] = True
+    request = prompt_request(
+        settings, provider, prompt, max_tokens=max_tokens, system=system, stream=stream
+    )
 
     async def go() -> int:
         job = make_job(provider, model, request=request, priority=priority, on_outage=on_outage)
@@ -120,11 +112,8 @@ def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
     settings = settings_for(nats_url)
 
     async def go() -> None:
-        nc = await connect(settings, name="ridethrough-topology")
-        try:
-            report = await ensure_topology(nc.jetstream(), settings)
-        finally:
-            await nc.close()
+        async with jetstream(settings, name="ridethrough-topology") as js:
+            report = await ensure_topology(js, settings)
         if as_json:
             print_json(
                 {
