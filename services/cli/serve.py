@@ -1,4 +1,5 @@
-"""``ridethrough dev``, ``worker``, ``fake-provider`` and ``demo``: running the services."""
+"""``ridethrough topology``, ``worker``, ``prober``, ``replayer``, ``fake-provider``,
+``dev`` and ``demo``: setting up and running the services."""
 
 from __future__ import annotations
 
@@ -8,22 +9,23 @@ from typing import Annotated
 
 import typer
 
-from services.cli import (
+from services.cli.common import (
     EXIT_JOB_FAILED,
     EXIT_OK,
     JsonFlag,
     NatsUrl,
-    app,
     check,
     fail,
     print_json,
     run,
     settings_for,
+    with_js,
 )
 from services.errors import RidethroughError
 from services.providers.registry import build_providers
 from services.runner import configure_logging, dev_stack, serve_dev, serve_recovery, serve_worker
 from services.stack import dev_nats_url
+from services.topology import ensure_topology
 
 HealthFile = Annotated[
     Path | None,
@@ -34,7 +36,27 @@ HealthFile = Annotated[
 ]
 
 
-@app.command()
+def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
+    """Create or update every stream, consumer and bucket (idempotent)."""
+    settings = settings_for(nats_url)
+    report = with_js(
+        settings, lambda js: ensure_topology(js, settings), name="ridethrough-topology"
+    )
+    if as_json:
+        print_json(
+            {
+                "created": report.created,
+                "updated": report.updated,
+                "unchanged": report.unchanged,
+            }
+        )
+    else:
+        for word, names in (("created", report.created), ("updated", report.updated)):
+            for name in names:
+                typer.echo(f"{word} {name}")
+        typer.echo(f"{len(report.unchanged)} unchanged")
+
+
 def worker(
     provider: Annotated[
         list[str] | None, typer.Option(help="Serve only these providers (repeatable).")
@@ -58,7 +80,6 @@ def worker(
     run(serve_worker(settings, providers, topology, health_file))
 
 
-@app.command()
 def prober(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
@@ -69,7 +90,6 @@ def prober(
     run(serve_recovery(settings_for(nats_url), "prober", health_file))
 
 
-@app.command()
 def replayer(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
@@ -80,7 +100,6 @@ def replayer(
     run(serve_recovery(settings_for(nats_url), "replayer", health_file))
 
 
-@app.command("fake-provider")
 def fake_provider(
     host: str = "127.0.0.1",
     port: int = 8787,
@@ -104,7 +123,6 @@ def _source(ctx: typer.Context, name: str) -> str:
     return source.name if source is not None else "DEFAULT"
 
 
-@app.command()
 def dev(
     ctx: typer.Context,
     port: Annotated[
@@ -144,7 +162,6 @@ def dev(
         fail(str(exc))
 
 
-@app.command()
 def demo(
     jobs: Annotated[int, typer.Option(min=1, help="How many jobs to submit.")] = 600,
     rate: Annotated[float, typer.Option(min=0.1, help="Jobs submitted per second.")] = 50.0,

@@ -1,34 +1,32 @@
-"""The ``ridethrough`` command line.
+"""What every ``ridethrough`` command shares: exit codes, option types, one-line errors,
+settings, running a coroutine (on a JetStream connection), printing JSON and tables,
+durations and times.
 
-Exit codes: 0 ok; 1 the job failed, expired or timed out; 2 usage, settings or
-connection error. Every error is one line on stderr, never a traceback.
+Nothing here knows the app or any command: the command modules import this module,
+never the other way round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import msgspec
 import typer
-from typer.exceptions import TyperException
+from nats.js import JetStreamContext
+from rich.console import Console
 
 from services.config import Settings, load_settings
+from services.connection import jetstream
 from services.errors import ConfigError, ResultTimeout, RidethroughError
 
 T = TypeVar("T")
 P = ParamSpec("P")
-
-app = typer.Typer(
-    name="ridethrough",
-    help="A durable queue for AI jobs on NATS JetStream that rides through provider outages.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -84,40 +82,49 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         fail(str(exc))
 
 
+def with_js(
+    settings: Settings,
+    work: Callable[[JetStreamContext], Awaitable[T]],
+    *,
+    name: str = "ridethrough-ops",
+) -> T:
+    """``run`` ``work`` on a JetStream connection of its own, closed after."""
+
+    async def go() -> T:
+        async with jetstream(settings, name=name) as js:
+            return await work(js)
+
+    return run(go())
+
+
 def print_json(obj: Any) -> None:
     """Print ``obj`` (a Struct, dict or list) as one line of JSON."""
     typer.echo(msgspec.json.encode(obj).decode())
 
 
-# Sub-command modules register themselves on ``app``.
-from services import cli_bench as _cli_bench  # noqa: E402, F401
-from services import cli_jobs as _cli_jobs  # noqa: E402, F401
-from services import cli_ops as _cli_ops  # noqa: E402, F401
-from services import cli_services as _cli_services  # noqa: E402, F401
+def console() -> Console:
+    """A console as wide as the terminal, and wide enough for the tables when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90``, ``45s``, ``30m``, ``2h``, ``7d`` → a timedelta (one-line error otherwise)."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        fail(f"invalid duration {text!r}: use e.g. 90s, 30m, 2h or 7d")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time, or a duration meaning that long ago."""
+    if _DURATION.match(text.strip()):
+        return datetime.now(UTC) - parse_duration(text)
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="ridethrough")
-    except typer.Abort:
-        typer.echo("ridethrough: aborted", err=True)
-        return 130
-    except TyperException as exc:  # usage errors: bad option, missing argument, bad value
-        text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        if not text.strip():  # no arguments at all: the help was printed
-            return int(getattr(exc, "exit_code", EXIT_USAGE))
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        typer.echo(f"ridethrough: {text}{hint}", err=True)
-        return int(getattr(exc, "exit_code", EXIT_USAGE))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # last resort: still one line, and say it is a bug
-        typer.echo(f"ridethrough: internal error: {type(exc).__name__}: {exc}", err=True)
-        return EXIT_USAGE
-    return rv if isinstance(rv, int) else EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"invalid time {text!r}: use RFC 3339 (2026-03-02T09:00:00Z) or a duration (2h)")
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
