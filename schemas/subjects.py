@@ -30,8 +30,6 @@ MSG_ID_HEADER: Final = "Nats-Msg-Id"
 REPLAY_HEADER: Final = "Ridethrough-Replay"
 #: Conditional publish: store only if the subject's last sequence is this (0: empty).
 EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
-#: JetStream's error code when that condition fails.
-WRONG_LAST_SEQUENCE: Final = 10071
 
 #: A token that is safe inside a NATS subject: no dots, wildcards or spaces.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

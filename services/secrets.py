@@ -16,7 +16,7 @@ that short is not kept secret by scrubbing anyway.
 
 ``ScrubFilter`` applies ``scrub`` to log records (message, exception and stack
 text); ``scrub_logs`` installs it on the root logger's handlers, which the
-services' logging setup (``services/cli_services.py``) does.
+services' logging setup (``services/runner.py``) does.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import asyncio
 import logging
 import re
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
@@ -195,3 +197,14 @@ def client(js: JetStreamContext) -> Client:
 def max_payload(js: JetStreamContext) -> int:
     """The largest message the server ``js`` is connected to accepts (0: unknown)."""
     return int(client(js).max_payload or 0)
+
+
+@asynccontextmanager
+async def jetstream(settings: Settings, *, name: str) -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on a connection of its own (named ``name``), closed on exit:
+    for one short piece of work, such as an operator command."""
+    nc = await connect(settings, name=name)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()

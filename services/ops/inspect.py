@@ -1,4 +1,4 @@
-"""Looking things up: dead letters, where a job is, the outage timeline."""
+"""Looking things up: dead letters (and purging them), where a job is, the outage timeline."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from schemas.results import decode_result
 from services.errors import InvalidJob
 from services.jetstream.errors import NOT_FOUND
 from services.jetstream.streams import iter_stream
+from services.ops.streams import audit
 
 
 @dataclass
@@ -26,6 +27,10 @@ class HeldLetter:
     seq: int
     subject: str
     letter: DeadLetter
+
+    def to_builtins(self) -> dict[str, Any]:
+        """The letter's fields with its sequence and subject, for ``--json`` and ``dead show``."""
+        return {"seq": self.seq, "subject": self.subject, **msgspec.to_builtins(self.letter)}
 
 
 async def dead_letters(
@@ -63,13 +68,25 @@ async def find_dead(js: JetStreamContext, key: str) -> HeldLetter | None:
     return found
 
 
+async def count_dead(js: JetStreamContext, provider: str | None, reason: str | None) -> int:
+    """How many dead letters there are (all, or of one provider and/or reason)."""
+    info = await js.stream_info(s.DEAD_STREAM, subjects_filter=s.dead_filter(provider, reason))
+    return sum(int(v) for v in (info.state.subjects or {}).values())
+
+
 async def purge_dead(js: JetStreamContext, provider: str | None, reason: str | None) -> int:
-    """Delete dead letters (all, or of one provider and/or reason); return how many."""
-    subject = s.dead_filter(provider, reason)
-    info = await js.stream_info(s.DEAD_STREAM, subjects_filter=subject)
-    count = sum(int(v) for v in (info.state.subjects or {}).values())
+    """Delete dead letters (all, or of one provider and/or reason); return how many.
+    The purge is written to ``ai.events.ops``."""
+    count = await count_dead(js, provider, reason)
     if count:
-        await js.purge_stream(s.DEAD_STREAM, subject=subject)
+        await js.purge_stream(s.DEAD_STREAM, subject=s.dead_filter(provider, reason))
+    await audit(
+        js,
+        "dead.purge",
+        provider=provider or "",
+        filters={"reason": reason or ""},
+        counts={"purged": count},
+    )
     return count
 
 

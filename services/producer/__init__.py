@@ -1,5 +1,11 @@
 """The client library backend services use to submit AI jobs and read their results."""
 
-from services.producer.client import Producer, SubmitOutcome, job_id_for_key, make_job
+from services.producer.client import (
+    Producer,
+    SubmitOutcome,
+    job_id_for_key,
+    make_job,
+    prompt_request,
+)
 
-__all__ = ["Producer", "SubmitOutcome", "job_id_for_key", "make_job"]
+__all__ = ["Producer", "SubmitOutcome", "job_id_for_key", "make_job", "prompt_request"]

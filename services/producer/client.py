@@ -98,6 +98,32 @@ def make_job(
     return validate_job({"provider": provider, "model": model, "request": body, **fields})
 
 
+def prompt_request(
+    settings: Settings,
+    provider: str,
+    prompt: str,
+    *,
+    max_tokens: int = 1024,
+    system: str | None = None,
+    stream: bool = False,
+) -> dict[str, object]:
+    """A one-message request body for ``provider``: ``system`` goes where that provider's
+    API wants it (a system message for an OpenAI-kind provider, else the ``system``
+    field), and ``stream`` asks the provider to stream (the result holds the whole message).
+    """
+    messages: list[dict[str, str]] = [{"role": "user", "content": prompt}]
+    request: dict[str, object] = {"max_tokens": max_tokens, "messages": messages}
+    if system:
+        known = settings.providers.get(provider)
+        if known and known.kind == "openai":
+            messages.insert(0, {"role": "system", "content": system})
+        else:
+            request["system"] = system
+    if stream:
+        request["stream"] = True
+    return request
+
+
 def validate_job(job: Job | Mapping[str, Any]) -> Job:
     """Check a job against the schema; ``InvalidJob`` names the offending field."""
     try:

@@ -193,7 +193,7 @@ def test_a_record_with_bad_arguments_is_still_scrubbed_and_emitted(
 def test_the_services_logging_setup_installs_the_filter() -> None:
     """The logging setup every service runs (worker, prober, replayer, dev) puts a
     ScrubFilter on the root handlers."""
-    from services.cli_services import _logging
+    from services.runner import configure_logging
 
     root = logging.getLogger()
     before = list(root.handlers)
@@ -202,7 +202,7 @@ def test_the_services_logging_setup_installs_the_filter() -> None:
     levels = {n: logging.getLogger(n).level for n in ("nats", "faststream", "httpx", "httpx2")}
     levels["aiohttp.access"] = logging.getLogger("aiohttp.access").level
     try:
-        _logging(verbose=False)
+        configure_logging(verbose=False)
         assert all(any(isinstance(f, ScrubFilter) for f in h.filters) for h in root.handlers)
     finally:
         for h in root.handlers:

@@ -1,4 +1,4 @@
-"""``ridethrough submit``, ``result`` and ``topology``: the producer's view from a shell."""
+"""``ridethrough submit``, ``result`` and ``jobs show``: one job from a shell."""
 
 from __future__ import annotations
 
@@ -7,21 +7,20 @@ from typing import Annotated
 import typer
 
 from schemas.results import JobResult, response_text
-from services.cli import (
+from services.cli.common import (
     EXIT_JOB_FAILED,
     EXIT_OK,
     JsonFlag,
     NatsUrl,
     Tenant,
-    app,
     fail,
     print_json,
     run,
     settings_for,
+    with_js,
 )
-from services.jetstream.connection import connect
-from services.jetstream.topology import ensure_topology
-from services.producer import Producer, make_job
+from services.ops.inspect import locate_job
+from services.producer import Producer, make_job, prompt_request
 
 
 def _show(result: JobResult, as_json: bool) -> int:
@@ -39,7 +38,6 @@ def _show(result: JobResult, as_json: bool) -> int:
     return EXIT_OK if result.status == "succeeded" else EXIT_JOB_FAILED
 
 
-@app.command()
 def submit(
     provider: Annotated[str, typer.Option(help="Provider name, e.g. anthropic or openai.")],
     model: Annotated[str, typer.Option(help="Model name as the provider knows it.")],
@@ -62,17 +60,9 @@ def submit(
 ) -> None:
     """Submit one job (a single user message); print its id, or with --wait its result."""
     settings = settings_for(nats_url, tenant)
-    request: dict[str, object] = {
-        "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": prompt}],
-    }
-    if system:
-        if settings.providers.get(provider) and settings.providers[provider].kind == "openai":
-            request["messages"] = [{"role": "system", "content": system}, *request["messages"]]  # type: ignore[misc]
-        else:
-            request["system"] = system
-    if stream:
-        request["stream"] = True
+    request = prompt_request(
+        settings, provider, prompt, max_tokens=max_tokens, system=system, stream=stream
+    )
 
     async def go() -> int:
         job = make_job(provider, model, request=request, priority=priority, on_outage=on_outage)
@@ -89,7 +79,6 @@ def submit(
     raise typer.Exit(run(go()))
 
 
-@app.command()
 def result(
     job_id: Annotated[str, typer.Argument(help="The job id submit printed.")],
     wait: Annotated[
@@ -114,29 +103,24 @@ def result(
     raise typer.Exit(run(go()))
 
 
-@app.command()
-def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
-    """Create or update every stream, consumer and bucket (idempotent)."""
-    settings = settings_for(nats_url)
-
-    async def go() -> None:
-        nc = await connect(settings, name="ridethrough-topology")
-        try:
-            report = await ensure_topology(nc.jetstream(), settings)
-        finally:
-            await nc.close()
-        if as_json:
-            print_json(
-                {
-                    "created": report.created,
-                    "updated": report.updated,
-                    "unchanged": report.unchanged,
-                }
-            )
-        else:
-            for word, names in (("created", report.created), ("updated", report.updated)):
-                for name in names:
-                    typer.echo(f"{word} {name}")
-            typer.echo(f"{len(report.unchanged)} unchanged")
-
-    run(go())
+def show(
+    job_id: Annotated[str, typer.Argument(help="The job id.")],
+    tenant: Tenant = None,
+    as_json: JsonFlag = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Where a job is now (waiting, in flight, parked, dead, done), its attempts and history."""
+    settings = settings_for(nats_url, tenant)
+    found = with_js(settings, lambda js: locate_job(js, job_id, settings.tenant))
+    if as_json:
+        print_json(found)
+    else:
+        typer.echo(
+            f"job {job_id}: {found['where']}"
+                   + (f" ({found['status']})" if "status" in found else "")
+                   + (f", attempts {found['attempts']}" if found.get("attempts") else "")
+        )  # fmt: skip
+        for e in found["history"]:
+            typer.echo(f"  {e['at'][:19]}  {e['event']}" + (f"  by {e['by']}" if "by" in e else ""))
+    if found["where"] == "unknown":
+        raise typer.Exit(EXIT_JOB_FAILED)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli import JsonFlag, app, fail, print_json, run, settings_for
+from services.cli.common import JsonFlag, fail, print_json, run, settings_for
 
 
 class ScenarioName(StrEnum):
@@ -30,7 +30,6 @@ class ChildKind(StrEnum):
     sdk = "sdk"
 
 
-@app.command()
 def bench(
     scenario: Annotated[
         list[ScenarioName] | None,
@@ -99,7 +98,6 @@ def bench(
         b.plot(figures, plot)
 
 
-@app.command("bench-child", hidden=True)
 def bench_child(
     kind: ChildKind,
     batch: Annotated[int, typer.Option(min=1)] = 64,

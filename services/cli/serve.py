@@ -1,0 +1,196 @@
+"""``ridethrough topology``, ``worker``, ``prober``, ``replayer``, ``fake-provider``,
+``dev`` and ``demo``: setting up and running the services."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services.cli.common import (
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    JsonFlag,
+    NatsUrl,
+    check,
+    fail,
+    print_json,
+    run,
+    settings_for,
+    with_js,
+)
+from services.errors import RidethroughError
+from services.jetstream.topology import ensure_topology
+from services.providers.registry import build_providers
+from services.runner import configure_logging, dev_stack, serve_dev, serve_recovery, serve_worker
+from services.stack import dev_nats_url
+
+HealthFile = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="RIDETHROUGH_HEALTH_FILE",
+        help="Rewrite this file every 5 s (`ready` / `not-ready`) for container probes.",
+    ),
+]
+
+
+def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
+    """Create or update every stream, consumer and bucket (idempotent)."""
+    settings = settings_for(nats_url)
+    report = with_js(
+        settings, lambda js: ensure_topology(js, settings), name="ridethrough-topology"
+    )
+    if as_json:
+        print_json(
+            {
+                "created": report.created,
+                "updated": report.updated,
+                "unchanged": report.unchanged,
+            }
+        )
+    else:
+        for word, names in (("created", report.created), ("updated", report.updated)):
+            for name in names:
+                typer.echo(f"{word} {name}")
+        typer.echo(f"{len(report.unchanged)} unchanged")
+
+
+def worker(
+    provider: Annotated[
+        list[str] | None, typer.Option(help="Serve only these providers (repeatable).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Provider calls in flight.")
+    ] = None,
+    topology: Annotated[bool, typer.Option(help="Create or update the topology at start.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+    health_file: HealthFile = None,
+) -> None:
+    """Run one worker process until SIGTERM (in-flight jobs finish or are released)."""
+    configure_logging(verbose)
+    settings = settings_for(nats_url)
+    if concurrency is not None:
+        settings = settings.with_changes(
+            worker=settings.worker.model_copy(update={"concurrency": concurrency})
+        )
+    providers = check(build_providers, settings, provider)
+    run(serve_worker(settings, providers, topology, health_file))
+
+
+def prober(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+    health_file: HealthFile = None,
+) -> None:
+    """Run the health prober alone (probes providers that are not closed; half-opens them)."""
+    configure_logging(verbose)
+    run(serve_recovery(settings_for(nats_url), "prober", health_file))
+
+
+def replayer(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+    health_file: HealthFile = None,
+) -> None:
+    """Run the replayer alone (parked jobs back to the queue, slow start, priority order)."""
+    configure_logging(verbose)
+    run(serve_recovery(settings_for(nats_url), "replayer", health_file))
+
+
+def fake_provider(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    latency_ms: Annotated[float, typer.Option(help="Mean latency of each answer.")] = 0.0,
+    error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of calls that fail.")
+    ] = 0.0,
+    seed: int | None = None,
+) -> None:
+    """Serve the Anthropic and OpenAI wire protocols with scripted faults (for drills and tests)."""
+    from services.providers import fake
+
+    config = fake.FaultConfig(latency_ms=latency_ms, error_rate=error_rate, seed=seed)
+    fake.serve(host, port, config)
+
+
+def _source(ctx: typer.Context, name: str) -> str:
+    """Where option ``name`` came from: ``COMMANDLINE``, ``ENVIRONMENT``, ``DEFAULT``...
+    (by name: typer ships its own copy of click's ``ParameterSource``)."""
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else "DEFAULT"
+
+
+def dev(
+    ctx: typer.Context,
+    port: Annotated[
+        int,
+        typer.Option(help="Port of the embedded NATS server (starts it, even if NATS_URL is set)."),
+    ] = 4222,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="JetStream store (default: a temp dir); starts the embedded server."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Run everything locally: embedded NATS, topology, a worker, the prober, the replayer,
+    and the fake provider for providers without an API key. Ctrl-C stops it all.
+
+    NATS: --port or --data-dir starts the embedded server; otherwise --nats-url or
+    NATS_URL names a running one; with none of them, the embedded server on 4222."""
+    from_env = _source(ctx, "nats_url") == "ENVIRONMENT"
+    url = check(
+        dev_nats_url,
+        None if from_env else nats_url,
+        nats_url if from_env else None,
+        port_given=_source(ctx, "port") == "COMMANDLINE",
+        data_dir_given=_source(ctx, "data_dir") == "COMMANDLINE",
+    )
+    configure_logging(verbose)
+    settings = settings_for(None)
+    if url is None and from_env:
+        logging.getLogger("ridethrough.dev").info(
+            "NATS_URL ignored: --port/--data-dir start the embedded server"
+        )
+    try:
+        with dev_stack(settings, nats_url=url, port=port, data_dir=data_dir) as stack_settings:
+            run(serve_dev(stack_settings))
+    except RidethroughError as exc:
+        fail(str(exc))
+
+
+def demo(
+    jobs: Annotated[int, typer.Option(min=1, help="How many jobs to submit.")] = 600,
+    rate: Annotated[float, typer.Option(min=0.1, help="Jobs submitted per second.")] = 50.0,
+    outage: Annotated[float, typer.Option(min=0.0, help="Seconds the 529 storm lasts.")] = 8.0,
+    outage_at: Annotated[float, typer.Option(min=0.0, help="Seconds of load before it.")] = 3.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fake provider's latencies.")] = 1,
+    as_json: JsonFlag = False,
+) -> None:
+    """The outage drill: a fleet on this machine rides through a 529 storm.
+
+    Starts embedded NATS, the fake provider, two workers, the prober and the
+    replayer; submits jobs steadily; turns a 529 storm on and off; reports.
+    Exits 1 if any job was lost or duplicated.
+    """
+    from rich.console import Console
+
+    from services.demo import REPORT_KEYS, Drill, report_lines, run_drill
+
+    logging.basicConfig(level=logging.WARNING)
+    drill = Drill(jobs=jobs, rate=rate, outage_s=outage, outage_at_s=outage_at, seed=seed)
+    console = None if as_json else Console()
+    try:
+        report = run(run_drill(drill, settings_for(None), console=console))
+    except RidethroughError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({key: report[key] for key in REPORT_KEYS})
+    else:
+        for line in report_lines(report):
+            typer.echo(line)
+    ok = report["lost"] == 0 and report["duplicates"] == 0
+    raise typer.Exit(EXIT_OK if ok else EXIT_JOB_FAILED)

@@ -1,0 +1,130 @@
+"""``ridethrough status``, ``watch`` and ``outages``: what is happening, and what happened."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+from nats.js import JetStreamContext
+from rich.live import Live
+from rich.table import Table
+
+from services.cli.common import (
+    EXIT_OK,
+    JsonFlag,
+    NatsUrl,
+    console,
+    print_json,
+    settings_for,
+    with_js,
+)
+from services.ops.inspect import outage_timeline
+from services.ops.status import collect_status
+
+
+def _status_table(status: dict[str, Any]) -> Table:
+    t = Table(title="ridethrough status")
+    for col in (
+        "provider",
+        "state",
+        "since",
+        "fail rate",
+        "waiting",
+        "in flight",
+        "parked",
+        "dead",
+        "replay",
+        "reason",
+    ):
+        t.add_column(col)
+    for name, p in status["providers"].items():
+        rate = (
+            "-"
+            if p["failure_rate"] is None
+            else f"{p['failure_rate']:.0%} of {p['calls_in_window']}"
+        )
+        replay = "-"
+        if p["replay"]:
+            r = p["replay"]
+            replay = (
+                f"{r.get('rate', 0)}/s, {r.get('replayed', 0)} done, {r.get('backlog', 0)} left"
+            )
+        t.add_row(
+            name,
+            p["state"],
+            (p["since"] or "-")[:19],
+            rate,
+            str(p["waiting"]),
+            str(p["in_flight"]),
+            str(p["parked"]),
+            str(p["dead"]),
+            replay,
+            (p["reason"] or "")[:60],
+        )
+    t.caption = f"{len(status['workers'])} worker(s) online: " + ", ".join(
+        w["id"] for w in status["workers"]
+    )
+    return t
+
+
+def status(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
+    """Per provider: breaker state and since when, failure rate, jobs waiting, in flight,
+    parked and dead, replay progress; and the workers online."""
+    settings = settings_for(nats_url)
+    snapshot = with_js(settings, lambda js: collect_status(js, settings))
+    if as_json:
+        print_json(snapshot)
+    else:
+        console().print(_status_table(snapshot))
+
+
+def watch(
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 1.0,
+    nats_url: NatsUrl = None,
+) -> None:
+    """The status as a live dashboard (Ctrl-C to leave)."""
+    settings = settings_for(nats_url)
+
+    async def go(js: JetStreamContext) -> None:
+        first = _status_table(await collect_status(js, settings))
+        with Live(first, console=console(), refresh_per_second=4) as live:
+            while True:
+                await asyncio.sleep(interval)
+                live.update(_status_table(await collect_status(js, settings)))
+
+    try:
+        with_js(settings, go)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK) from None
+
+
+def outages(
+    last: Annotated[int | None, typer.Option(min=1, help="Only the last N outages.")] = None,
+    as_json: JsonFlag = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """The outage timeline: provider, start, end, duration, jobs parked and replayed."""
+    settings = settings_for(nats_url)
+    rows = with_js(settings, lambda js: outage_timeline(js, last))
+    if as_json:
+        print_json(rows)
+        return
+    t = Table(title="outages")
+    for col in (
+        "provider",
+        "start",
+        "end",
+        "duration",
+        "re-opened",
+        "parked",
+        "replayed",
+        "calls saved ≥",
+    ):
+        t.add_column(col)
+    for o in rows:
+        t.add_row(o["provider"], (o["start"] or "-")[:19], (o["end"] or "ongoing")[:19],
+                  "-" if o["duration_s"] is None else f"{o['duration_s']:.1f}s",
+                  str(o["reopened"]), str(o["parked"]), str(o["replayed"]),
+                  str(o["calls_saved"]))  # fmt: skip
+    console().print(t)

@@ -1,0 +1,113 @@
+"""The command line is a package whose imports go one way: ``app`` → the command
+modules → ``common``. Nothing imports ``app`` back except the package's ``main``."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT
+
+PACKAGE = "services.cli"
+CLI_DIR = ROOT / "services" / "cli"
+
+
+def _module_name(path: Path) -> str:
+    return PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}"
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The modules of the package that ``path`` imports, anywhere in it (a function's
+    lazy import too). ``from services.cli import x`` is ``services.cli.x`` when ``x`` is
+    a submodule, else the package itself (its ``__init__``)."""
+    package = PACKAGE.split(".")
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: every module here is directly in the package
+                parent = package[: len(package) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            if base != PACKAGE:
+                found.add(base)
+                continue
+            for alias in node.names:
+                is_submodule = (CLI_DIR / f"{alias.name}.py").exists()
+                found.add(f"{PACKAGE}.{alias.name}" if is_submodule else PACKAGE)
+    return {m for m in found if m == PACKAGE or m.startswith(PACKAGE + ".")}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = sorted(p for p in CLI_DIR.glob("*.py") if p.stem != "__main__")
+    return {_module_name(p): _package_imports(p) - {_module_name(p)} for p in modules}
+
+
+def test_the_package_has_the_modules_the_walk_expects() -> None:
+    """A sanity check of the walk itself: it sees the app importing the command modules."""
+    graph = _graph()
+    assert {"services.cli.app", "services.cli.common", "services.cli.jobs"} <= set(graph)
+    assert {"services.cli.jobs", "services.cli.queues", "services.cli.common"} <= graph[
+        "services.cli.app"
+    ]
+    assert graph[PACKAGE] == {"services.cli.app"}  # main's lazy import
+
+
+def test_only_the_package_main_imports_the_app() -> None:
+    """No command module (nor common) imports the module that assembles the app, or the
+    package itself (whose main imports the app)."""
+    for module, imports in _graph().items():
+        if module == PACKAGE:
+            continue
+        assert not imports & {"services.cli.app", PACKAGE}, f"{module} imports the app back"
+
+
+def test_common_imports_no_other_module_of_the_package() -> None:
+    assert _graph()["services.cli.common"] == set()
+
+
+def test_the_imports_have_no_cycle() -> None:
+    graph = _graph()
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, "import cycle: " + " -> ".join([*path, module])
+        if module in done:
+            return
+        for dep in sorted(graph.get(module, set())):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
+def test_each_module_imports_first_in_a_clean_interpreter() -> None:
+    """Each module imported before any other of the package, then the app built: with a
+    cycle, whichever module is first would meet a partially initialised one."""
+    names = [_module_name(p) for p in sorted(CLI_DIR.glob("*.py")) if p.stem != "__main__"]
+    script = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    for m in [m for m in sys.modules if m == 'services.cli'"
+        " or m.startswith('services.cli.')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module(name)\n"
+        "    if name == 'services.cli.common':\n"
+        "        assert 'services.cli.app' not in sys.modules, 'common built the app'\n"
+        "from services.cli.app import app\n"
+        "import typer.main\n"
+        "assert 'submit' in typer.main.get_command(app).commands\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *names],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
