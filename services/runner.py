@@ -1,7 +1,7 @@
 """Running a service in this process until SIGTERM: the worker, the prober, the replayer,
 or all of them on one machine (``ridethrough dev``).
 
-Each beats its health file (``services/health.py``) while its NATS connection is up,
+Each beats its alive file (``services/liveness.py``) while its NATS connection is up,
 and keeps the objects it allocated to start out of the cyclic GC's scans.
 """
 
@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from services.config import Settings
-from services.health import health_file as health_file_beating
-from services.health import nats_connected
+from services.liveness import alive_file, nats_connected
 from services.prober import Prober
 from services.providers.base import Provider
 from services.providers.registry import build_providers
@@ -64,17 +63,17 @@ def freeze_heap() -> None:
 
 
 async def serve_worker(
-    settings: Settings, providers: dict[str, Provider], topology: bool, health_path: Path | None
+    settings: Settings, providers: dict[str, Provider], topology: bool, alive_path: Path | None
 ) -> None:
-    """The worker's FastStream app, beating the health file while its broker is connected."""
+    """The worker's FastStream app, beating the alive file while its broker is connected."""
     app, w = build_app(settings, providers, apply_topology=topology)
     freeze_heap()
-    async with health_file_beating(health_path, lambda: nats_connected(w.broker)):
+    async with alive_file(alive_path, lambda: nats_connected(w.broker)):
         await app.run()
 
 
-async def serve_recovery(settings: Settings, role: str, health_path: Path | None = None) -> None:
-    """The prober or the replayer (``role``) until signalled, beating the health file
+async def serve_recovery(settings: Settings, role: str, alive_path: Path | None = None) -> None:
+    """The prober or the replayer (``role``) until signalled, beating the alive file
     while connected; then a stop bounded by ``STOP_BUDGET_S``."""
     from services.jetstream.connection import connect
     from services.stack import service_owner
@@ -92,7 +91,7 @@ async def serve_recovery(settings: Settings, role: str, health_path: Path | None
     freeze_heap()
     logging.getLogger(f"ridethrough.{role}").info("%s running", role)
     try:
-        async with health_file_beating(health_path, lambda: nats_connected(nc)):
+        async with alive_file(alive_path, lambda: nats_connected(nc)):
             await stop.wait()
     finally:
         try:

@@ -27,10 +27,12 @@ from services.providers.registry import build_providers
 from services.runner import configure_logging, dev_stack, serve_dev, serve_recovery, serve_worker
 from services.stack import dev_nats_url
 
-HealthFile = Annotated[
+AliveFile = Annotated[
     Path | None,
     typer.Option(
-        envvar="RIDETHROUGH_HEALTH_FILE",
+        "--alive-file",
+        "--health-file",  # its name before 0.2, kept for existing manifests
+        envvar=["RIDETHROUGH_ALIVE_FILE", "RIDETHROUGH_HEALTH_FILE"],
         help="Rewrite this file every 5 s (`ready` / `not-ready`) for container probes.",
     ),
 ]
@@ -67,7 +69,7 @@ def worker(
     topology: Annotated[bool, typer.Option(help="Create or update the topology at start.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
-    health_file: HealthFile = None,
+    alive_file: AliveFile = None,
 ) -> None:
     """Run one worker process until SIGTERM (in-flight jobs finish or are released)."""
     configure_logging(verbose)
@@ -77,27 +79,27 @@ def worker(
             worker=settings.worker.model_copy(update={"concurrency": concurrency})
         )
     providers = check(build_providers, settings, provider)
-    run(serve_worker(settings, providers, topology, health_file))
+    run(serve_worker(settings, providers, topology, alive_file))
 
 
 def prober(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
-    health_file: HealthFile = None,
+    alive_file: AliveFile = None,
 ) -> None:
     """Run the health prober alone (probes providers that are not closed; half-opens them)."""
     configure_logging(verbose)
-    run(serve_recovery(settings_for(nats_url), "prober", health_file))
+    run(serve_recovery(settings_for(nats_url), "prober", alive_file))
 
 
 def replayer(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
-    health_file: HealthFile = None,
+    alive_file: AliveFile = None,
 ) -> None:
     """Run the replayer alone (parked jobs back to the queue, slow start, priority order)."""
     configure_logging(verbose)
-    run(serve_recovery(settings_for(nats_url), "replayer", health_file))
+    run(serve_recovery(settings_for(nats_url), "replayer", alive_file))
 
 
 def fake_provider(

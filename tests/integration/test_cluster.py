@@ -105,7 +105,7 @@ async def test_workers_on_different_nodes_share_the_consumer(
     async with jetstream(base) as js:
         health = tmp_path / "w1.health"
         w1 = ServiceProcess(
-            on_n1, "worker", "--no-topology", "--health-file", str(health),
+            on_n1, "worker", "--no-topology", "--alive-file", str(health),
             log_path=tmp_path / "w1.log",
         )  # fmt: skip
         w2 = ServiceProcess(on_n2, "worker", "--no-topology", log_path=tmp_path / "w2.log")

@@ -6,7 +6,7 @@ Kubernetes manifests against the Kubernetes schemas (kubernetes-validate, offlin
 KEDA ScaledObject and kustomization files against schemas in deploy/kubernetes/schemas,
 the NATS configs by nats-server itself (``-t``). The example overlay is rendered by a
 small kustomize subset below and validated as rendered. The probe commands run for real
-against a health file written by ``services.health``.
+against a alive file written by ``services.liveness``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import yaml
 from schemas import subjects as s
 from services.config import Settings, WorkerSettings
 from services.devstack import find_nats_server
-from services.health import health_file, write_status
+from services.liveness import alive_file, write_status
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -464,18 +464,18 @@ def _run_probe(command: str, health: Path) -> int:
     if shutil.which("sh") is None or shutil.which("stat") is None:
         pytest.skip("needs sh and coreutils' stat, as the image has")
     return subprocess.run(
-        ["sh", "-c", command.replace("/tmp/health", str(health))], timeout=10, check=False
+        ["sh", "-c", command.replace("/tmp/alive", str(health))], timeout=10, check=False
     ).returncode
 
 
 def test_probes_tell_ready_not_ready_stale_and_missing_apart(tmp_path: Path) -> None:
-    """Run the manifests' probe commands against a health file written by services.health:
+    """Run the manifests' probe commands against a alive file written by services.liveness:
     fresh "ready" passes all; "not-ready" fails readiness only; a stale or missing file
     fails liveness too (the event loop is stuck or the service is gone)."""
     commands = _probe_commands()
-    assert "/tmp/health" in json.dumps(commands)
+    assert "/tmp/alive" in json.dumps(commands)
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "RIDETHROUGH_HEALTH_FILE=/tmp/health" in dockerfile
+    assert "RIDETHROUGH_ALIVE_FILE=/tmp/alive" in dockerfile
     health = tmp_path / "health"
 
     def results() -> dict[str, int]:
@@ -496,15 +496,15 @@ def test_probes_tell_ready_not_ready_stale_and_missing_apart(tmp_path: Path) -> 
     assert 0 not in results().values()
 
 
-def test_health_file_beats_while_the_service_runs(tmp_path: Path) -> None:
-    """health_file writes "ready" or "not-ready" as the connection goes, and removes the
+def test_alive_file_beats_while_the_service_runs(tmp_path: Path) -> None:
+    """alive_file writes "ready" or "not-ready" as the connection goes, and removes the
     file when the service stops."""
     health = tmp_path / "sub" / "health"
     connected = [True]
 
     async def scenario() -> list[str]:
         seen = []
-        async with health_file(health, lambda: connected[0], interval_s=0.01):
+        async with alive_file(health, lambda: connected[0], interval_s=0.01):
             for want in ("ready", "not-ready"):
                 connected[0] = want == "ready"
                 for _ in range(500):  # bounded: 5 s at most
@@ -561,3 +561,17 @@ def test_helm_values_make_a_three_node_jetstream_cluster_with_our_accounts() -> 
     scaled = by_kind(render(BASE), "ScaledObject")["ridethrough-worker"]
     endpoints = {t["metadata"]["natsServerMonitoringEndpoint"] for t in scaled["spec"]["triggers"]}
     assert endpoints == {f"nats-headless.nats.svc.cluster.local:{config['monitor']['port']}"}
+
+
+@pytest.mark.parametrize("command", ["worker", "prober", "replayer"])
+def test_the_alive_file_keeps_its_old_option_and_variable_names(command: str) -> None:
+    """`--health-file` / RIDETHROUGH_HEALTH_FILE (the names before `--alive-file`) still
+    reach the same option: manifests written for them keep working."""
+    import typer.main
+
+    from services.cli.app import app
+
+    click_cmd = typer.main.get_command(app)
+    param = next(p for p in click_cmd.commands[command].params if p.name == "alive_file")  # type: ignore[attr-defined]
+    assert {"--alive-file", "--health-file"} <= set(param.opts)
+    assert param.envvar == ["RIDETHROUGH_ALIVE_FILE", "RIDETHROUGH_HEALTH_FILE"]

@@ -1,10 +1,12 @@
-"""A heartbeat file for container probes (``deploy/``): liveness and readiness, no port.
+"""The alive file: a heartbeat file for container probes (``deploy/``), liveness and
+readiness with no port. ("Health" in ridethrough is the providers': the breaker board.)
 
-While a service's event loop runs, ``health_file`` rewrites one small file every
+While a service's event loop runs, ``alive_file`` rewrites one small file every
 ``interval_s`` seconds: ``ready`` while its NATS connection is up, ``not-ready``
 while it is not. A probe reads the file's age (liveness: the event loop is not
 stuck) and its content (readiness: connected to NATS). The file is removed when
-the service stops. Enabled with ``--health-file PATH`` or ``RIDETHROUGH_HEALTH_FILE``.
+the service stops. Enabled with ``--alive-file PATH`` or ``RIDETHROUGH_ALIVE_FILE``
+(``--health-file`` and ``RIDETHROUGH_HEALTH_FILE``, the names before, still work).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ async def _beat(path: Path, connected: Callable[[], bool], interval_s: float) ->
 
 
 @contextlib.asynccontextmanager
-async def health_file(
+async def alive_file(
     path: Path | None, connected: Callable[[], bool], interval_s: float = 5.0
 ) -> AsyncIterator[None]:
     """Keep ``path`` beating while the block runs (nothing at all when ``path`` is None)."""
