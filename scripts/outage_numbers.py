@@ -28,10 +28,10 @@ from schemas.codec import encode
 from schemas.parking import ParkedJob, ParkRecord
 from services.breaker import transition
 from services.config import load_settings
-from services.demo import Drill, drill_settings, run_drill
 from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
-from services.stack import ServiceProcess, local_stack
+from services.tools.demo import Drill, drill_settings, run_drill
+from services.tools.stack import ServiceProcess, local_stack
 
 
 async def storm(outage_s: float) -> dict[str, object]:

@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.subjects import JOBS_STREAM
-from services import bench
 from services.config import load_settings
 from services.producer import Producer
+from services.tools import bench
 
 #: functions whose inclusive share of the producer's samples is reported
 WATCHED = (

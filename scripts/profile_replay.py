@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from schemas.codec import encode
 from schemas.parking import ParkedJob, ParkRecord
 from schemas.subjects import JOBS_STREAM, MSG_ID_HEADER, parked_subject
-from services import bench
 from services.config import load_settings
+from services.tools import bench
 
 
 def cpu_seconds(pid: int) -> float:

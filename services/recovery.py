@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Iterable
 from typing import ClassVar, Self
 
@@ -22,6 +25,11 @@ from schemas.subjects import CONTROL_BUCKET
 from services.breaker import HealthBoard, LeaseKeeper
 from services.config import Settings
 from services.tasks import raise_if_cancelling
+
+
+def service_owner(role: str) -> str:
+    """An id for a prober or replayer replica: role, host and process."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 class LeasedPerProvider:

@@ -23,7 +23,6 @@ from services.providers.base import Provider
 from services.providers.registry import build_providers
 from services.replayer import Replayer
 from services.secrets import scrub_logs
-from services.stack import local_stack, running_recovery, running_worker
 from services.worker.app import build_app
 
 #: Longest a prober or replayer may take to stop before it exits regardless.
@@ -76,7 +75,7 @@ async def serve_recovery(settings: Settings, role: str, alive_path: Path | None 
     """The prober or the replayer (``role``) until signalled, beating the alive file
     while connected; then a stop bounded by ``STOP_BUDGET_S``."""
     from services.jetstream.connection import connect
-    from services.stack import service_owner
+    from services.recovery import service_owner
 
     nc = await connect(settings, name=f"ridethrough-{role}")
     service: Prober | Replayer
@@ -118,6 +117,8 @@ def dev_stack(
 ) -> Iterator[Settings]:
     """Embedded NATS (on ``port``, storing in ``data_dir``) unless ``nats_url``, and the
     fake provider for providers without a key; yield settings pointing at them."""
+    from services.tools.stack import local_stack
+
     with local_stack(
         settings,
         nats_url=nats_url,
@@ -135,6 +136,8 @@ def dev_stack(
 
 async def serve_dev(settings: Settings) -> None:
     """A worker, the prober and the replayer in this event loop until signalled."""
+    from services.tools.stack import running_recovery, running_worker
+
     stop = signalled()
     async with running_worker(settings), running_recovery(settings):
         where = settings.nats_servers[0]

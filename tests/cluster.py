@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from services.devstack import NatsServer, free_port
+from services.tools.devstack import NatsServer, free_port
 
 CLUSTER_NAME = "ridethrough-test"
 

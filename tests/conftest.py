@@ -20,10 +20,10 @@ from services.config import (
     Settings,
     WorkerSettings,
 )
-from services.devstack import NatsServer
 from services.jetstream.connection import connect
 from services.jetstream.topology import ensure_topology
 from services.providers import fake as fake_mod
+from services.tools.devstack import NatsServer
 
 FAKE_KEY = "sk-test-fake"
 

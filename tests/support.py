@@ -1,6 +1,7 @@
 """Helpers shared by the test suites: settings for child processes, waits, stream counts.
 
-Service processes are the product's own ``services.stack.ServiceProcess``."""
+Service processes are ``services.tools.stack.ServiceProcess``, the one ``ridethrough bench``
+and ``ridethrough demo`` start too."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from nats.js import JetStreamContext
 
 from schemas import subjects as s
 from services.config import Settings
-from services.stack import ServiceProcess as ServiceProcess  # the product's, reused here
-from services.stack import child_env
+from services.tools.stack import ServiceProcess as ServiceProcess  # the tools' own, reused
+from services.tools.stack import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

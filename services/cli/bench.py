@@ -13,7 +13,7 @@ from services.cli.common import JsonFlag, fail, print_json, run, settings_for
 
 
 class ScenarioName(StrEnum):
-    """The scenarios of ``ridethrough bench`` (see ``services.bench``)."""
+    """The scenarios of ``ridethrough bench`` (see ``services.tools.bench``)."""
 
     publish = "publish"
     worker = "worker"
@@ -65,7 +65,7 @@ def bench(
     (no existing NATS is touched), and prints a table; with --json, one object
     {scenario: {"ours", "baseline", "ratio", "unit", ...}}.
     """
-    from services import bench as b
+    from services.tools import bench as b
 
     if plot is not None:
         try:
@@ -107,7 +107,7 @@ def bench_child(
 ) -> None:
     """A process ``ridethrough bench`` starts: a worker with the instant provider, the raw
     nats-py loop, or the bare SDK loop. Settings come from the environment."""
-    from services import bench as b
+    from services.tools import bench as b
 
     logging.basicConfig(level=logging.WARNING)
     settings = settings_for(None)

@@ -25,7 +25,6 @@ from services.errors import RidethroughError
 from services.jetstream.topology import ensure_topology
 from services.providers.registry import build_providers
 from services.runner import configure_logging, dev_stack, serve_dev, serve_recovery, serve_worker
-from services.stack import dev_nats_url
 
 AliveFile = Annotated[
     Path | None,
@@ -143,6 +142,8 @@ def dev(
 
     NATS: --port or --data-dir starts the embedded server; otherwise --nats-url or
     NATS_URL names a running one; with none of them, the embedded server on 4222."""
+    from services.tools.stack import dev_nats_url
+
     from_env = _source(ctx, "nats_url") == "ENVIRONMENT"
     url = check(
         dev_nats_url,
@@ -180,7 +181,7 @@ def demo(
     """
     from rich.console import Console
 
-    from services.demo import REPORT_KEYS, Drill, report_lines, run_drill
+    from services.tools.demo import REPORT_KEYS, Drill, report_lines, run_drill
 
     logging.basicConfig(level=logging.WARNING)
     drill = Drill(jobs=jobs, rate=rate, outage_s=outage, outage_at_s=outage_at, seed=seed)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services.bench import SCENARIOS, Figure, InstantProvider
+from services.tools.bench import SCENARIOS, Figure, InstantProvider
 from tests.support import ROOT
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from services.breaker import HealthBoard, LeaseKeeper, paused_key, transition
 from services.config import Settings
 from services.ops.status import collect_status
 from services.producer import Producer, make_job
-from services.stack import running_recovery, running_worker
+from services.tools.stack import running_recovery, running_worker
 from tests.support import lease_holder, wait_until
 
 pytestmark = pytest.mark.integration

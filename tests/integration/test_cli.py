@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from services.config import Settings
-from services.stack import running_worker
+from services.tools.stack import running_worker
 from tests.support import ROOT, settings_env
 
 pytestmark = pytest.mark.integration
@@ -126,7 +126,7 @@ async def test_misuse_gives_one_line_and_exit_2(
 
 async def test_no_nats_is_a_one_line_connection_error() -> None:
     """With no server at --nats-url, commands exit 2 with one line naming the URL."""
-    from services.devstack import free_port
+    from services.tools.devstack import free_port
 
     url = f"nats://127.0.0.1:{free_port()}"
     code, _, err = await cli(None, "result", "abc", "--nats-url", url)
@@ -136,7 +136,7 @@ async def test_no_nats_is_a_one_line_connection_error() -> None:
 async def test_demo_drill_reports_an_outage_with_nothing_lost() -> None:
     """`ridethrough demo --json` runs the outage drill on its own stack: the report has
     exactly the documented keys, the breaker opened, and no job was lost or duplicated."""
-    from services.demo import REPORT_KEYS
+    from services.tools.demo import REPORT_KEYS
 
     code, out, err = await cli(
         None,

@@ -13,7 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from services.devstack import free_port, port_in_use
+from services.tools.devstack import free_port, port_in_use
 from tests.support import ROOT
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from services.errors import InvalidJob, JobRejected, NatsUnavailable, UnknownPro
 from services.jetstream.connection import connect
 from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
-from services.stack import ServiceProcess
+from services.tools.stack import ServiceProcess
 from tests.cluster import NatsCluster, gather_leaders
 from tests.conftest import make_settings
 from tests.support import count_outcomes, read_stream, result_job_ids, wait_until

@@ -25,7 +25,7 @@ from services.config import ProviderSettings, Settings
 from services.lifecycle import decide, settle
 from services.overflow import HEADROOM, take
 from services.producer import Producer, make_job
-from services.stack import running_worker
+from services.tools.stack import running_worker
 from tests.support import count_outcomes, read_stream, wait_until
 
 pytestmark = pytest.mark.integration
@@ -378,7 +378,7 @@ async def test_an_unreadable_parked_message_is_a_dead_letter_with_its_exact_byte
 ) -> None:
     """The replayer meets a parked message it cannot read (not UTF-8, not a park record):
     it is dead-lettered `invalid` once, its bytes kept exactly, and nothing is replayed."""
-    from services.stack import running_recovery
+    from services.tools.stack import running_recovery
 
     body = b"\xff\x00 not a park record"
     await js.publish(s.parked_subject("anthropic", "normal"), body)

@@ -22,7 +22,7 @@ from schemas.codec import encode
 from schemas.results import decode_result
 from services.config import Settings
 from services.producer import Producer, make_job
-from services.stack import running_worker
+from services.tools.stack import running_worker
 from tests.conftest import make_settings
 from tests.support import read_stream, wait_until
 

@@ -16,7 +16,7 @@ from schemas.parking import ParkedJob, ParkRecord
 from services.breaker import HealthBoard, transition
 from services.config import Settings
 from services.producer import Producer, make_job
-from services.stack import running_recovery, running_worker
+from services.tools.stack import running_recovery, running_worker
 from tests.support import count_outcomes, read_stream, wait_until
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from schemas.results import response_text
 from services.config import Settings
 from services.errors import InvalidJob, PayloadTooLarge, ResultTimeout, UnknownProvider
 from services.producer import Producer, make_job
-from services.stack import running_worker
+from services.tools.stack import running_worker
 from tests.support import count_outcomes, read_stream
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from schemas.parking import decode_dead_letter
 from services.config import ProviderSettings, Settings
 from services.producer import Producer, make_job
 from services.secrets import ScrubFilter, scrub_logs
-from services.stack import running_worker
+from services.tools.stack import running_worker
 from tests.support import read_stream
 
 pytestmark = pytest.mark.integration

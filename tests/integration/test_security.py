@@ -31,12 +31,12 @@ from schemas.codec import encode
 from schemas.parking import decode_dead_letter
 from schemas.results import decode_result, response_text
 from services.config import NatsSettings, ProviderSettings, Settings
-from services.devstack import NatsServer
 from services.errors import InvalidJob
 from services.jetstream.connection import connect
 from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
-from services.stack import ServiceProcess
+from services.tools.devstack import NatsServer
+from services.tools.stack import ServiceProcess
 from tests.conftest import make_settings
 from tests.support import count_outcomes, read_stream, wait_until
 from tests.unit.test_deploy_files import auth_users, password_variable
@@ -533,7 +533,7 @@ def make_nkey(d: Path) -> tuple[str, Path]:
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """``ridethrough <args>`` in a child process configured only through the environment."""
-    from services.stack import child_env
+    from services.tools.stack import child_env
 
     env = child_env(settings)
     env["PYTHONPATH"] = str(ROOT)

@@ -87,7 +87,7 @@ async def test_an_upgrade_moves_results_and_keeps_jobs_stored_under_the_old_layo
     from schemas.results import JobResult, decode_result
     from services.jetstream.connection import connect
     from services.producer import Producer, make_job
-    from services.stack import running_worker
+    from services.tools.stack import running_worker
 
     nc = await connect(settings, name="old-release")
     js = nc.jetstream()

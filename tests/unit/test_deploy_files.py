@@ -29,8 +29,8 @@ import yaml
 
 from schemas import subjects as s
 from services.config import Settings, WorkerSettings
-from services.devstack import find_nats_server
 from services.liveness import alive_file, write_status
+from services.tools.devstack import find_nats_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -6,7 +6,7 @@ import pytest
 
 from services.config import Settings
 from services.errors import ConfigError
-from services.stack import dev_nats_url, local_stack
+from services.tools.stack import dev_nats_url, local_stack
 
 FLAG, ENV = "nats://flag:4222", "nats://env:4222"
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -24,12 +23,13 @@ from faststream import FastStream
 from pydantic import SecretStr
 
 from services.config import ProviderSettings, Settings
-from services.devstack import NatsServer, port_in_use
 from services.errors import ConfigError
 from services.jetstream.connection import connect
 from services.prober import Prober
 from services.providers.registry import build_providers
+from services.recovery import service_owner
 from services.replayer import Replayer
+from services.tools.devstack import NatsServer, port_in_use
 from services.worker.app import Worker, build_app
 
 log = logging.getLogger("ridethrough.stack")
@@ -184,7 +184,7 @@ class ServiceProcess:
         """Start the child (its output goes to ``log_path``, or nowhere)."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = child_env(self.settings)
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])  # the checkout, above services/
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services", self.role, *self.args],
@@ -232,11 +232,6 @@ class ServiceProcess:
     def worker_id(self) -> str:
         """The id a worker child writes into its results and beats (``Worker.worker_id``)."""
         return f"{socket.gethostname()}-{self.pid}"
-
-
-def service_owner(role: str) -> str:
-    """An id for a prober or replayer replica: role, host and process."""
-    return f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 @contextlib.asynccontextmanager

@@ -65,13 +65,13 @@ from schemas.subjects import (
     worker_consumer,
 )
 from services.config import NatsSettings, ProviderSettings, Settings
-from services.devstack import NatsServer
 from services.errors import BenchError
 from services.jetstream.connection import connect
 from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
 from services.providers.base import Reply
-from services.stack import ServiceProcess
+from services.tools.devstack import NatsServer
+from services.tools.stack import ServiceProcess
 
 PROVIDER: Final = "anthropic"
 MODEL: Final = "claude-bench"

@@ -28,7 +28,7 @@ from services.breaker import HealthBoard, decode_lease
 from services.config import Settings
 from services.producer import Producer, make_job
 from services.providers.fake import FaultConfig
-from services.stack import ServiceProcess, local_stack
+from services.tools.stack import ServiceProcess, local_stack
 
 log = logging.getLogger("ridethrough.demo")
 
