@@ -1,6 +1,6 @@
 """Throughput of the fake provider on one core.
 
-Starts ``python -m services.providers.fake --port 0`` in a child process pinned to one CPU
+Starts ``ridethrough fake-provider --port 0`` in a child process pinned to one CPU
 (``os.sched_setaffinity``), drives it from this process (pinned to the other CPUs) over
 keep-alive connections, and prints one JSON document with requests/s per driver:
 
@@ -57,7 +57,7 @@ def _cpu_seconds(pid: int) -> float:
 def _start_server(cpu: int) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.providers.fake", "--port", "0"],
+        [sys.executable, "-m", "services", "fake-provider", "--port", "0"],  # ridethrough ...
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

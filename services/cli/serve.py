@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -103,18 +103,74 @@ def replayer(
 
 def fake_provider(
     host: str = "127.0.0.1",
-    port: int = 8787,
-    latency_ms: Annotated[float, typer.Option(help="Mean latency of each answer.")] = 0.0,
+    port: Annotated[int, typer.Option(help="0 picks a free port.")] = 8787,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="JSON file with a FaultConfig; the options below override it."),
+    ] = None,
+    latency_ms: Annotated[float | None, typer.Option(help="Base latency of each answer.")] = None,
+    latency_jitter_ms: Annotated[
+        float | None, typer.Option(help="Spread of the latency (see --latency-distribution).")
+    ] = None,
+    latency_distribution: Annotated[
+        Literal["uniform", "exponential"] | None,
+        typer.Option(help="uniform: latency ± jitter; exponential: a tail of mean jitter."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random draws.")] = None,
     error_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of calls that fail.")
-    ] = 0.0,
-    seed: int | None = None,
+        float | None, typer.Option(min=0.0, max=1.0, help="Share of calls that fail.")
+    ] = None,
+    error_mix: Annotated[
+        str | None,
+        typer.Option(
+            metavar="STATUS:WEIGHT,...", help="Statuses of those failures, e.g. 500:1,529:2."
+        ),
+    ] = None,
+    retry_after_s: Annotated[
+        float | None, typer.Option(help="retry-after of a 429 answer.")
+    ] = None,
+    reset_rate: Annotated[
+        float | None, typer.Option(help="Share of calls answered with a connection reset.")
+    ] = None,
+    midstream_rate: Annotated[
+        float | None, typer.Option(help="Share of streaming calls cut by a mid-stream error.")
+    ] = None,
+    stream_chunk_delay_ms: Annotated[
+        float | None, typer.Option(help="Pause between two events of a stream.")
+    ] = None,
+    outage: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="START_S:DURATION_S:STATUS",
+            help="Scheduled outage (repeatable); STATUS is a code, reset or midstream.",
+        ),
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option(help="A listed model (repeatable).")] = None,
 ) -> None:
-    """Serve the Anthropic and OpenAI wire protocols with scripted faults (for drills and tests)."""
+    """Serve the Anthropic and OpenAI wire protocols with scripted faults (for drills and tests).
+
+    Prints `fake provider listening on URL` and serves until SIGINT or SIGTERM."""
     from services.providers import fake
 
-    config = fake.FaultConfig(latency_ms=latency_ms, error_rate=error_rate, seed=seed)
-    fake.serve(host, port, config)
+    try:
+        faults = fake.config_from_options(
+            config,
+            latency_ms=latency_ms,
+            latency_jitter_ms=latency_jitter_ms,
+            latency_distribution=latency_distribution,
+            seed=seed,
+            error_rate=error_rate,
+            error_mix=None if error_mix is None else fake.parse_error_mix(error_mix),
+            retry_after_s=retry_after_s,
+            reset_rate=reset_rate,
+            midstream_rate=midstream_rate,
+            stream_chunk_delay_ms=stream_chunk_delay_ms,
+            outages=None if outage is None else [fake.parse_outage(o) for o in outage],
+            models=model,
+        )
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    fake.serve(host, port, faults)
 
 
 def _source(ctx: typer.Context, name: str) -> str:

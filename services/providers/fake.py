@@ -105,14 +105,13 @@ Admin API (JSON)
 Counters cover every request except ``/admin/*`` and ``/healthz``. A request with the
 header ``x-ridethrough-probe: 1`` is counted as a probe, any other as normal.
 
-Run it with ``python -m services.providers.fake --port 8787 [--latency-ms X] ...``, with
+Run it with ``ridethrough fake-provider --port 8787 [--latency-ms X] ...``, with
 ``serve()``, with ``FakeProvider`` inside an event loop, or with ``run_in_thread()`` from
 synchronous code such as tests.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import contextlib
@@ -123,7 +122,6 @@ import random
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -141,7 +139,9 @@ __all__ = [
     "FaultConfig",
     "OutageStatus",
     "build_app",
-    "main",
+    "config_from_options",
+    "parse_error_mix",
+    "parse_outage",
     "run_in_thread",
     "serve",
 ]
@@ -1518,7 +1518,9 @@ def serve(
     asyncio.run(_serve(host, port, config))
 
 
-def _parse_outage(text: str) -> tuple[float, float, OutageStatus]:
+def parse_outage(text: str) -> tuple[float, float, OutageStatus]:
+    """``START_S:DURATION_S:STATUS`` (STATUS a code, ``reset`` or ``midstream``) as an
+    entry of ``FaultConfig.outages``; ``ValueError`` if it is not that."""
     try:
         start, duration, status_text = text.split(":")
         status: OutageStatus
@@ -1530,75 +1532,38 @@ def _parse_outage(text: str) -> tuple[float, float, OutageStatus]:
             status = int(status_text)
         return float(start), float(duration), status
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"outage {text!r} is not START_S:DURATION_S:STATUS"
-        ) from None
+        raise ValueError(f"outage {text!r} is not START_S:DURATION_S:STATUS") from None
 
 
-def _parse_mix(text: str) -> dict[int, float]:
+def parse_error_mix(text: str) -> dict[int, float]:
+    """``STATUS:WEIGHT,...`` as a ``FaultConfig.error_mix``; ``ValueError`` if it is not that."""
     try:
         return {
             int(status): float(weight)
             for status, weight in (item.split(":") for item in text.split(",") if item)
         }
     except ValueError:
-        raise argparse.ArgumentTypeError(f"error mix {text!r} is not STATUS:WEIGHT,...") from None
+        raise ValueError(f"error mix {text!r} is not STATUS:WEIGHT,...") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.providers.fake",
-        description="Fake Anthropic/OpenAI provider with scripted faults.",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
-    parser.add_argument("--config", help="JSON file with a FaultConfig; flags override it")
-    parser.add_argument("--latency-ms", type=float)
-    parser.add_argument("--latency-jitter-ms", type=float)
-    parser.add_argument("--latency-distribution", choices=["uniform", "exponential"])
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--error-rate", type=float)
-    parser.add_argument("--error-mix", type=_parse_mix, help="e.g. 500:1,503:1,529:2,429:1")
-    parser.add_argument("--retry-after-s", type=float)
-    parser.add_argument("--reset-rate", type=float)
-    parser.add_argument("--midstream-rate", type=float)
-    parser.add_argument("--stream-chunk-delay-ms", type=float)
-    parser.add_argument(
-        "--outage",
-        action="append",
-        type=_parse_outage,
-        dest="outages",
-        metavar="START_S:DURATION_S:STATUS",
-        help="scheduled outage (repeatable); STATUS is a code, reset or midstream",
-    )
-    parser.add_argument("--model", action="append", dest="models", help="listed model (repeatable)")
-    return parser
+def config_from_options(
+    config_file: str | os.PathLike[str] | None = None, **options: Any
+) -> FaultConfig:
+    """The ``FaultConfig`` of ``ridethrough fake-provider``: the JSON ``config_file`` (if
+    any) with every option that is not ``None`` laid over it (options are its fields).
 
-
-def config_from_args(args: argparse.Namespace) -> FaultConfig:
-    """Build a ``FaultConfig`` from parsed ``main()`` arguments (``--config`` file first)."""
+    Raises ``ValueError`` for a value or file that is not a valid config, ``OSError`` for
+    a file that cannot be read.
+    """
+    unknown = options.keys() - set(FaultConfig.__struct_fields__)
+    if unknown:
+        raise TypeError(f"not FaultConfig fields: {', '.join(sorted(unknown))}")
     fields: dict[str, Any] = {}
-    if args.config:
-        with open(args.config, "rb") as handle:
-            fields = msgspec.structs.asdict(_config_decoder.decode(handle.read()))
-    for name in FaultConfig.__struct_fields__:
-        value = getattr(args, name, None)
-        if value is not None:
-            fields[name] = value
-    return msgspec.convert(fields, FaultConfig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: parse flags and ``serve()``; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
-    except (msgspec.ValidationError, msgspec.DecodeError, OSError) as exc:
-        parser.error(str(exc))
-    serve(args.host, args.port, config)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        if config_file is not None:
+            with open(config_file, "rb") as handle:
+                fields = msgspec.structs.asdict(_config_decoder.decode(handle.read()))
+        fields.update((name, value) for name, value in options.items() if value is not None)
+        return msgspec.convert(fields, FaultConfig)
+    except msgspec.DecodeError as exc:  # a ValidationError too
+        raise ValueError(str(exc)) from None

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from services.providers.fake import (
     FakeProvider,
     FakeProviderThread,
     FaultConfig,
-    config_from_args,
+    config_from_options,
+    parse_error_mix,
+    parse_outage,
     run_in_thread,
 )
 
@@ -584,43 +587,80 @@ async def test_in_loop_provider_start_stop() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_config_from_flags(tmp_path: Path) -> None:
-    """main()'s flags and --config file build the FaultConfig, flags winning."""
-    from services.providers.fake import _parser
-
+def test_config_from_options_lays_flags_over_the_config_file(tmp_path: Path) -> None:
+    """`ridethrough fake-provider`'s --config file and flags build the FaultConfig, flags
+    winning, flags not given leaving the file's values."""
     config_file = tmp_path / "faults.json"
     config_file.write_bytes(msgspec.json.encode({"latency_ms": 5, "reset_rate": 0.1}))
-    args = _parser().parse_args(
-        [
-            "--config",
-            str(config_file),
-            "--latency-ms",
-            "9",
-            "--error-mix",
-            "529:2,500:1",
-            "--outage",
-            "10:5:reset",
-            "--outage",
-            "0:1:503",
-        ]
+    config = config_from_options(
+        config_file,
+        latency_ms=9,
+        error_mix=parse_error_mix("529:2,500:1"),
+        outages=[parse_outage("10:5:reset"), parse_outage("0:1:503")],
+        reset_rate=None,
     )
-    config = config_from_args(args)
     assert config.latency_ms == 9
     assert config.reset_rate == 0.1
     assert config.error_mix == {529: 2.0, 500: 1.0}
     assert config.outages == [(10.0, 5.0, "reset"), (0.0, 1.0, 503)]
+    assert config_from_options() == FaultConfig()
 
 
-def test_module_entry_point_serves_until_sigterm() -> None:
-    """python -m services.providers.fake prints its URL, serves, and exits 0 on SIGTERM."""
+@pytest.mark.parametrize(
+    ("parse", "text"), [(parse_outage, "1:2"), (parse_outage, "a:1:503"), (parse_error_mix, "5x")]
+)
+def test_option_text_that_does_not_parse_is_a_value_error(
+    parse: Callable[[str], object], text: str
+) -> None:
+    with pytest.raises(ValueError, match=repr(text)):
+        parse(text)
+
+
+def test_config_from_options_turns_bad_values_into_value_errors(tmp_path: Path) -> None:
+    """A bad flag value or config file is a ValueError (the CLI's one-line usage error)."""
+    with pytest.raises(ValueError, match="must be <= 1"):
+        config_from_options(error_rate=0.7, reset_rate=0.5)
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"latency_ms": "slow"}')
+    with pytest.raises(ValueError, match="latency_ms"):
+        config_from_options(bad)
+
+
+def test_cli_serves_with_every_option_until_sigterm(tmp_path: Path) -> None:
+    """`ridethrough fake-provider` prints its URL, serves the FaultConfig its options build
+    (each option of the former module CLI is there), and exits 0 on SIGTERM."""
+    config_file = tmp_path / "faults.json"
+    config_file.write_bytes(msgspec.json.encode({"midstream_after_events": 2, "retry_after_s": 4}))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "services.providers.fake", "--port", "0", "--error-rate", "0"]
+    command = [
+        sys.executable, "-m", "services", "fake-provider", "--port", "0",
+        "--config", str(config_file),
+        "--latency-ms", "1", "--latency-jitter-ms", "0.5",
+        "--latency-distribution", "exponential", "--seed", "3",
+        "--error-rate", "0", "--error-mix", "529:2,500:1", "--retry-after-s", "2",
+        "--reset-rate", "0", "--midstream-rate", "0", "--stream-chunk-delay-ms", "0",
+        "--outage", "100:5:reset", "--outage", "200:1:503",
+        "--model", MODEL, "--model", "claude-other",
+    ]  # fmt: skip
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) as process:
         try:
             assert process.stdout is not None
             line = process.stdout.readline()
             assert line.startswith("fake provider listening on http://127.0.0.1:")
             url = line.rsplit(" ", 1)[1].strip()
+            with urllib.request.urlopen(url + "/admin/config", timeout=10) as response:
+                served = msgspec.json.decode(response.read(), type=FaultConfig)
+            assert served == FaultConfig(
+                latency_ms=1,
+                latency_jitter_ms=0.5,
+                latency_distribution="exponential",
+                seed=3,
+                error_mix={529: 2, 500: 1},
+                retry_after_s=2,
+                midstream_after_events=2,
+                outages=[(100, 5, "reset"), (200, 1, 503)],
+                models=[MODEL, "claude-other"],
+            )
             with anthropic.Anthropic(base_url=url, api_key="t", max_retries=0) as client:
                 reply = client.messages.create(
                     model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "cli"}]
