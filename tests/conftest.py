@@ -22,7 +22,7 @@ from services.config import (
 )
 from services.jetstream.connection import connect
 from services.jetstream.topology import ensure_topology
-from services.providers import fake as fake_mod
+from services.tools import fake as fake_mod
 from services.tools.devstack import NatsServer
 
 FAKE_KEY = "sk-test-fake"

@@ -150,7 +150,7 @@ def fake_provider(
     """Serve the Anthropic and OpenAI wire protocols with scripted faults (for drills and tests).
 
     Prints `fake provider listening on URL` and serves until SIGINT or SIGTERM."""
-    from services.providers import fake
+    from services.tools import fake
 
     try:
         faults = fake.config_from_options(

@@ -502,7 +502,7 @@ async def bench_provider(
 ) -> Figure:
     """One worker process calling the fake provider through the anthropic SDK, against a
     bare SDK loop in a process, both with ``in_flight`` calls at ``latency_ms``."""
-    from services.providers import fake
+    from services.tools import fake
 
     handle = fake.run_in_thread(fake.FaultConfig(latency_ms=opts.latency_ms))
     ours: list[float] = []

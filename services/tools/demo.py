@@ -27,7 +27,7 @@ from schemas import subjects as s
 from services.breaker import HealthBoard, decode_lease
 from services.config import Settings
 from services.producer import Producer, make_job
-from services.providers.fake import FaultConfig
+from services.tools.fake import FaultConfig
 from services.tools.stack import ServiceProcess, local_stack
 
 log = logging.getLogger("ridethrough.demo")

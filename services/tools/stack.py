@@ -119,7 +119,7 @@ def local_stack(
             settings = settings.with_changes(nats_url=nats_url)
         missing = providers_without_keys(settings)
         if missing:
-            from services.providers import fake as fake_mod
+            from services.tools import fake as fake_mod
 
             fake = fake_mod.run_in_thread(fake_config or fake_mod.FaultConfig())
             settings = pointed_at_fake(settings, fake.url, missing)

@@ -27,7 +27,7 @@ from services.breaker import transition
 from services.config import Settings
 from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
-from services.providers.fake import FaultConfig
+from services.tools.fake import FaultConfig
 from tests.conftest import make_settings
 from tests.support import (
     ServiceProcess,

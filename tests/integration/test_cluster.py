@@ -188,7 +188,7 @@ async def test_losing_the_stream_leader_node_under_load_loses_no_job(
     outage ends while that node is down (prober half-opens, replayer
     replays); the node comes back. Workers, producer, prober and replayer reconnect and
     carry on: every job ends in exactly one result, none twice."""
-    from services.providers.fake import FaultConfig
+    from services.tools.fake import FaultConfig
 
     fake_provider.set_config(FaultConfig(latency_ms=20, seed=3))
     settings = r3(

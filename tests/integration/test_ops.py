@@ -17,7 +17,7 @@ from schemas.events import decode_ops_event
 from services.breaker import transition
 from services.config import Settings
 from services.producer import Producer, make_job
-from services.providers.fake import FaultConfig
+from services.tools.fake import FaultConfig
 from services.tools.stack import child_env, running_recovery, running_worker
 from tests.integration.test_cli import cli
 from tests.support import ROOT, count_outcomes, read_stream, wait_until

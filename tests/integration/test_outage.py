@@ -101,7 +101,7 @@ async def test_rate_limit_storm_slows_down_without_opening(
     settings: Settings, js: Any, fake_provider: Any
 ) -> None:
     """429s with retry-after are retried after the delay; the breaker stays closed."""
-    from services.providers.fake import FaultConfig
+    from services.tools.fake import FaultConfig
 
     fake_provider.set_config(
         FaultConfig(error_rate=0.6, error_mix={429: 1}, retry_after_s=0.2, seed=3)

@@ -1,6 +1,6 @@
 """Both provider adapters, over real HTTP, against the fake provider server.
 
-The real SDKs (on their aiohttp transport) talk to ``services.providers.fake``;
+The real SDKs (on their aiohttp transport) talk to ``services.tools.fake``;
 each forced fault (header ``x-fake-fault``) must come out of the adapter as
 exactly one ``ProviderError`` with the documented class and reason.
 """
@@ -16,8 +16,8 @@ import pytest
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
 from services.providers.anthropic import AnthropicProvider
 from services.providers.base import Provider, Reply
-from services.providers.fake import FakeProviderThread, FaultConfig, run_in_thread
 from services.providers.openai import OpenAIProvider
+from services.tools.fake import FakeProviderThread, FaultConfig, run_in_thread
 
 # No NATS here, but real HTTP between the real SDKs and the fake provider's server.
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ async def test_worker_killed_mid_call_gives_exactly_one_result(
     nats_server: Any, fake_provider: Any, js: Any, tmp_path: Path
 ) -> None:
     """SIGKILL while a call is in flight: the job is redelivered and ends in one result."""
-    from services.providers.fake import FaultConfig
+    from services.tools.fake import FaultConfig
 
     fake_provider.set_config(FaultConfig(latency_ms=1500))
     settings = make_settings(nats_server.url, fake_provider.url, ack_wait_s=2.0)
@@ -59,7 +59,7 @@ async def test_sigterm_mid_load_loses_nothing(
 ) -> None:
     """SIGTERM under load: the worker finishes or releases its jobs, exits 0, and a new
     worker completes the rest; every job has exactly one result."""
-    from services.providers.fake import FaultConfig
+    from services.tools.fake import FaultConfig
 
     fake_provider.set_config(FaultConfig(latency_ms=300))
     # A grace shorter than the calls forces the release path as well as the finish path.

@@ -18,7 +18,7 @@ import msgspec
 import openai
 import pytest
 
-from services.providers.fake import (
+from services.tools.fake import (
     FakeProvider,
     FakeProviderThread,
     FaultConfig,
