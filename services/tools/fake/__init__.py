@@ -1,20 +1,50 @@
-"""The fake LLM provider: a real HTTP server speaking the Anthropic and OpenAI wire protocols
-(``server.py``), for drills (``ridethrough fake-provider``) and tests."""
+"""A fake LLM provider: a real HTTP server speaking the Anthropic and OpenAI wire protocols.
 
-from services.tools.fake.server import (
+Operators run it (``ridethrough fake-provider``) to rehearse outages; the test suite uses
+it as the far end of every provider adapter. The official SDKs (``anthropic`` and
+``openai``) work against it unchanged through ``base_url``.
+
+Endpoints
+---------
+``POST /v1/messages``
+    Anthropic Messages API, JSON or SSE (``"stream": true``).
+``POST /v1/chat/completions``
+    OpenAI Chat Completions, JSON or SSE (``chat.completion.chunk`` ... ``data: [DONE]``;
+    a final usage chunk when ``stream_options.include_usage`` is true).
+``GET /v1/models`` and ``GET /v1/models/{id}``
+    The configured model list, in Anthropic shape when the request carries an
+    ``anthropic-version`` header and in OpenAI shape otherwise.
+``GET /healthz``
+    ``{"ok": true}``.
+``/admin/...``
+    Runtime outages, counters and the fault configuration (see ``server``).
+Any other path
+    404 in the wire format of the caller.
+
+Modules
+-------
+``echo``            the reply text (an echo of the last user message) and token counts
+``anthropic_wire``  the Messages API: request shape, reply, stream events, errors, models
+``openai_wire``     the Chat Completions API: the same for OpenAI
+``faults``          ``FaultConfig``, the ``fault:...`` triggers, and which fault a request gets
+``server``          ``FakeProvider``: the aiohttp server, counters, admin API, ``serve()``
+``harness``         ``run_in_thread()``: a server on its own loop, for synchronous tests
+
+Run it with ``ridethrough fake-provider --port 8787 [--latency-ms X] ...``, with
+``serve()``, with ``FakeProvider`` inside an event loop, or with ``run_in_thread()`` from
+synchronous code such as tests.
+"""
+
+from services.tools.fake.faults import (
     DEFAULT_MODELS,
-    PROVIDER_KEY,
-    FakeProvider,
-    FakeProviderThread,
     FaultConfig,
     OutageStatus,
-    build_app,
     config_from_options,
     parse_error_mix,
     parse_outage,
-    run_in_thread,
-    serve,
 )
+from services.tools.fake.harness import FakeProviderThread, run_in_thread
+from services.tools.fake.server import PROVIDER_KEY, FakeProvider, build_app, serve
 
 __all__ = [
     "DEFAULT_MODELS",
