@@ -59,7 +59,10 @@ from schemas.subjects import (
     REPLAY_HEADER,
     RESULTS_STREAM,
     jobs_subject,
+    park_msg_id,
     parked_subject,
+    replay_msg_id,
+    replay_tag,
     requeue_subject,
     result_subject,
     worker_consumer,
@@ -579,9 +582,9 @@ async def bench_replay(
                 (
                     parked_subject(j.provider, j.priority),
                     encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
-                    {MSG_ID_HEADER: f"park:bench:{j.id}"},
+                    {MSG_ID_HEADER: park_msg_id("bench", seq)},
                 )
-                for j in jobs
+                for seq, j in enumerate(jobs, start=1)
             ]
             await _publish_raw(st.js, parked)
             with st.running(settings, "replayer") as child:
@@ -598,7 +601,10 @@ async def bench_replay(
                 (
                     requeue_subject(job.provider, job.priority, job.tenant),
                     encode(job),
-                    {MSG_ID_HEADER: f"{job.id}:r{seq}", REPLAY_HEADER: str(seq)},
+                    {
+                        MSG_ID_HEADER: replay_msg_id(job.id, replay_tag(seq)),
+                        REPLAY_HEADER: replay_tag(seq),
+                    },
                 )
                 for seq, job in enumerate(jobs, start=1)
             ]
