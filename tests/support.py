@@ -132,3 +132,13 @@ async def lease_holder(js: JetStreamContext, key: str) -> str:
 async def result_job_ids(js: JetStreamContext) -> list[str]:
     """The job id of every result stored in AI_RESULTS (one per job: the stream keeps one)."""
     return [m.subject.rsplit(".", 1)[1] for m in await read_stream(js, s.RESULTS_STREAM)]
+
+
+def fault_request(trigger: str, text: str = "x", max_tokens: int = 8) -> dict[str, Any]:
+    """An Anthropic Messages request the fake provider answers with fault ``trigger``
+    (``fault:529``, ``fault:400``...: see ``services/tools/fake/faults.py``)."""
+    return {
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": text}],
+        "metadata": {"user_id": trigger},
+    }

@@ -59,7 +59,6 @@ from schemas.subjects import (
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.jetstream.streams import last_msg, publish, publish_if_last
 from services.lifecycle.decide import (
-    Call,
     Dead,
     Duplicate,
     Expired,
@@ -272,8 +271,8 @@ class Settler:
             return
         if isinstance(outcome, Dead):
             await self._dead(d, outcome)
-        elif isinstance(outcome, Call) or job is None:
-            raise TypeError(f"{outcome!r} is not an outcome to settle for {msg.subject}")
+        elif job is None:
+            raise TypeError(f"{outcome!r} needs a job; {msg.subject} has none")
         elif isinstance(outcome, Duplicate):
             self.stats.duplicates_skipped += 1
         elif isinstance(outcome, Succeeded):
@@ -301,6 +300,8 @@ class Settler:
         elif isinstance(outcome, FailOver):
             await self.republish(outcome.job, failover_of=(d.stream, d.seq))
             self.stats.failed_over += 1
+        else:  # Call: the caller's to perform, never to ack
+            raise TypeError(f"{outcome!r} is not an outcome to settle")
         await msg.ack()
 
     async def _store_answer(self, d: Delivery, job: Job, outcome: Succeeded) -> None:

@@ -15,7 +15,7 @@ from schemas.results import JobResult, decode_result
 from services.jetstream.connection import max_payload
 from services.jetstream.streams import iter_stream
 from services.lifecycle.settle import Settler
-from services.ops.streams import audit
+from services.ops.audit import audit
 
 Progress = Callable[[int, int], None]
 

@@ -15,8 +15,8 @@ from schemas.health import Pause
 from services.breaker import paused_key
 from services.config import Settings
 from services.errors import ConfigError, RidethroughError
+from services.ops.audit import audit, operator
 from services.ops.status import collect_status
-from services.ops.streams import audit, operator
 
 #: The breaker states in which a provider's jobs stay parked once drained.
 HOLDING_STATES = ("paused", "open")

@@ -17,7 +17,7 @@ from schemas.results import decode_result
 from services.errors import InvalidJob
 from services.jetstream.errors import NOT_FOUND
 from services.jetstream.streams import iter_stream
-from services.ops.streams import audit
+from services.ops.audit import audit
 
 
 @dataclass

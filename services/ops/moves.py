@@ -27,7 +27,7 @@ from services.errors import RidethroughError, Unmappable
 from services.jetstream.connection import max_payload
 from services.jetstream.streams import delete, iter_stream
 from services.lifecycle.settle import Settler
-from services.ops.streams import audit
+from services.ops.audit import audit
 from services.providers.mapping import convert
 
 Progress = Callable[[int, int], None]

@@ -20,7 +20,7 @@ from services.producer import Producer, make_job
 from services.tools.fake import FaultConfig
 from services.tools.stack import child_env, running_recovery, running_worker
 from tests.integration.test_cli import cli
-from tests.support import ROOT, count_outcomes, read_stream, wait_until
+from tests.support import ROOT, count_outcomes, fault_request, read_stream, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -209,11 +209,7 @@ async def test_replay_dead_letters_after_a_key_rotation(
 
 async def test_dead_list_show_purge(settings: Settings, js: Any) -> None:
     """dead list shows reasons, show finds by job id, purge asks unless --yes."""
-    request = {
-        "max_tokens": 4,
-        "messages": [{"role": "user", "content": "x"}],
-        "metadata": {"user_id": "fault:404"},
-    }
+    request = fault_request("fault:404", "x", max_tokens=4)
     async with running_worker(settings), await Producer.connect(settings) as producer:
         job_id = await producer.submit(make_job("anthropic", "m", request=request))
         await producer.result(job_id, timeout=30)

@@ -13,7 +13,7 @@ from services.config import Settings
 from services.errors import InvalidJob, PayloadTooLarge, ResultTimeout, UnknownProvider
 from services.producer import Producer, make_job
 from services.tools.stack import running_worker
-from tests.support import count_outcomes, read_stream
+from tests.support import count_outcomes, fault_request, read_stream
 
 pytestmark = pytest.mark.integration
 
@@ -198,11 +198,7 @@ async def test_permanent_error_dead_letters_and_tells_the_producer(
     settings: Settings, js: Any
 ) -> None:
     """A 400 from the provider gives a dead letter and a failed result, with no retry."""
-    request = {
-        "max_tokens": 8,
-        "messages": [{"role": "user", "content": "bad"}],
-        "metadata": {"user_id": "fault:400"},
-    }
+    request = fault_request("fault:400", "bad", max_tokens=8)
     async with running_worker(settings), await Producer.connect(settings) as producer:
         job_id = await producer.submit(make_job("anthropic", "m", request=request))
         result = await producer.result(job_id, timeout=30)
@@ -225,11 +221,7 @@ async def test_transient_errors_retry_until_attempts_run_out(
     settings = make_settings(
         nats_server.url, fake_provider.url, breaker={"consecutive_failures": 100, "min_calls": 100}
     )
-    request = {
-        "max_tokens": 8,
-        "messages": [{"role": "user", "content": "busy"}],
-        "metadata": {"user_id": "fault:529"},
-    }
+    request = fault_request("fault:529", "busy", max_tokens=8)
     async with running_worker(settings), await Producer.connect(settings) as producer:
         job_id = await producer.submit(make_job("anthropic", "m", request=request))
         result = await producer.result(job_id, timeout=60)

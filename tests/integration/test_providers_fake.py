@@ -151,41 +151,27 @@ async def test_unknown_request_keys_pass_through(
     assert text_of(kind, reply) == ECHO
 
 
+#: The classification both SDKs must give each trigger (a spend limit is a 400 from the
+#: Anthropic API, a 429 from OpenAI's).
+_FAULTS: dict[str, Expected] = {
+    "fault:529": (TransientError, "overloaded", 529, None),
+    "fault:500": (TransientError, "server_error", 500, None),
+    "fault:503": (TransientError, "server_error", 503, None),
+    "fault:408": (TransientError, "timeout", 408, None),
+    "fault:409": (TransientError, "conflict", 409, None),
+    "fault:429": (RateLimited, "rate_limited", 429, RETRY_AFTER_S),
+    "fault:400": (PermanentError, "invalid_request", 400, None),
+    "fault:401": (PermanentError, "auth", 401, None),
+    "fault:402": (PermanentError, "quota", 402, None),
+    "fault:403": (PermanentError, "auth", 403, None),
+    "fault:404": (PermanentError, "not_found", 404, None),
+    "fault:413": (PermanentError, "too_large", 413, None),
+    "fault:reset": (TransientError, "connection", None, None),
+    "fault:spend_limit_429": (PermanentError, "quota", 429, None),
+}
 FAULTS: dict[str, dict[str, Expected]] = {
-    "anthropic": {
-        "fault:529": (TransientError, "overloaded", 529, None),
-        "fault:500": (TransientError, "server_error", 500, None),
-        "fault:503": (TransientError, "server_error", 503, None),
-        "fault:408": (TransientError, "timeout", 408, None),
-        "fault:409": (TransientError, "conflict", 409, None),
-        "fault:429": (RateLimited, "rate_limited", 429, RETRY_AFTER_S),
-        "fault:400": (PermanentError, "invalid_request", 400, None),
-        "fault:401": (PermanentError, "auth", 401, None),
-        "fault:402": (PermanentError, "quota", 402, None),
-        "fault:403": (PermanentError, "auth", 403, None),
-        "fault:404": (PermanentError, "not_found", 404, None),
-        "fault:413": (PermanentError, "too_large", 413, None),
-        "fault:reset": (TransientError, "connection", None, None),
-        "fault:spend_limit": (PermanentError, "quota", 400, None),
-        "fault:spend_limit_429": (PermanentError, "quota", 429, None),
-    },
-    "openai": {
-        "fault:529": (TransientError, "overloaded", 529, None),
-        "fault:500": (TransientError, "server_error", 500, None),
-        "fault:503": (TransientError, "server_error", 503, None),
-        "fault:408": (TransientError, "timeout", 408, None),
-        "fault:409": (TransientError, "conflict", 409, None),
-        "fault:429": (RateLimited, "rate_limited", 429, RETRY_AFTER_S),
-        "fault:400": (PermanentError, "invalid_request", 400, None),
-        "fault:401": (PermanentError, "auth", 401, None),
-        "fault:402": (PermanentError, "quota", 402, None),
-        "fault:403": (PermanentError, "auth", 403, None),
-        "fault:404": (PermanentError, "not_found", 404, None),
-        "fault:413": (PermanentError, "too_large", 413, None),
-        "fault:reset": (TransientError, "connection", None, None),
-        "fault:spend_limit": (PermanentError, "quota", 429, None),
-        "fault:spend_limit_429": (PermanentError, "quota", 429, None),
-    },
+    "anthropic": {**_FAULTS, "fault:spend_limit": (PermanentError, "quota", 400, None)},
+    "openai": {**_FAULTS, "fault:spend_limit": (PermanentError, "quota", 429, None)},
 }
 FAULT_CASES = [(k, f, expected) for k, table in FAULTS.items() for f, expected in table.items()]
 

@@ -25,7 +25,6 @@ from services.lifecycle.decide import (
     Duplicate,
     Expired,
     FailOver,
-    Outcome,
     Park,
     Policy,
     Retry,
@@ -84,7 +83,7 @@ SOON = NOW + timedelta(hours=1)
 FAILOVER = {"on_outage": "failover", "fallbacks": [Target(provider="b", model="m2")]}
 
 # (name, situation, view, expected). ``Retry`` rows are compared by type and delay bounds.
-ROWS: list[tuple[str, Situation, Any, Outcome | type]] = [
+ROWS: list[tuple[str, Situation, Any, object]] = [
     # before the call
     ("a fresh job is called", Situation(job(), 1, NOW), View(), Call()),
     (
@@ -231,7 +230,7 @@ ROWS: list[tuple[str, Situation, Any, Outcome | type]] = [
 @pytest.mark.parametrize(
     ("situation", "view", "expected"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS]
 )
-def test_decide(situation: Situation, view: Any, expected: Outcome | type) -> None:
+def test_decide(situation: Situation, view: Any, expected: object) -> None:
     got = decide(situation, POLICY, view, random.Random(7))
     if isinstance(expected, type):
         assert isinstance(got, expected)

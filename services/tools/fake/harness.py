@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from services.tools.fake.faults import FaultConfig, OutageStatus
+from services.tools.fake.faults import FaultConfig
 from services.tools.fake.server import FakeProvider
 
 _T = TypeVar("_T")
@@ -54,14 +54,9 @@ class FakeProviderThread:
         """Zero every counter."""
         self._call(self.provider.reset_counters)
 
-    def start_outage(
-        self,
-        status: OutageStatus = 529,
-        duration_s: float | None = None,
-        models: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
-        """Start a runtime outage (see ``FakeProvider.start_outage``)."""
-        return self._call(lambda: self.provider.start_outage(status, duration_s, models))
+    def start_outage(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Start a runtime outage (arguments of ``Faults.start_outage``)."""
+        return self._call(lambda: self.provider.start_outage(*args, **kwargs))
 
     def stop_outage(self) -> None:
         """End the runtime outage, if any."""

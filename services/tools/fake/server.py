@@ -33,7 +33,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
 import msgspec
@@ -157,6 +157,11 @@ class FakeProvider:
         self._url: str | None = None
         self._waiters: list[_Waiter] = []
         self._faults = Faults(config or FaultConfig())
+        # The runtime outage (see ``Faults.start_outage``): admin endpoints, tests and the
+        # demo drill start and end it here.
+        self.start_outage = self._faults.start_outage
+        self.stop_outage = self._faults.stop_outage
+        self.outage_state = self._faults.outage_state
         self._error_cache: dict[tuple[bool, int], bytes] = {}
         self.app = self._build_app()
 
@@ -194,26 +199,6 @@ class FakeProvider:
         """Replace the fault configuration; scheduled outages restart from now."""
         self._faults.configure(config)
         self._error_cache = {}
-
-    def start_outage(
-        self,
-        status: OutageStatus = 529,
-        duration_s: float | None = None,
-        models: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
-        """Answer every inference request (of ``models``, if given) with ``status``.
-
-        Lasts until ``stop_outage()`` or ``duration_s`` seconds. Returns the outage state.
-        """
-        return self._faults.start_outage(status, duration_s, models)
-
-    def stop_outage(self) -> None:
-        """End the runtime outage, if any."""
-        self._faults.stop_outage()
-
-    def outage_state(self) -> dict[str, Any]:
-        """The runtime outage: ``{"active": false}`` or its status, models and time left."""
-        return self._faults.outage_state()
 
     async def wait_for_counters(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
