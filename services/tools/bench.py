@@ -582,7 +582,9 @@ async def bench_replay(
                 (
                     parked_subject(j.provider, j.priority),
                     encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
-                    {MSG_ID_HEADER: park_msg_id("bench", seq)},
+                    # As if parked from AI_JOBS: sequences go on across runs (the same
+                    # msg ids would meet the dedup window and park nothing).
+                    {MSG_ID_HEADER: park_msg_id(JOBS_STREAM, i * opts.jobs + seq)},
                 )
                 for seq, j in enumerate(jobs, start=1)
             ]

@@ -54,6 +54,18 @@ def test_bench_json_reports_every_scenario() -> None:
     assert report["provider"]["peak_rss_mb"] > 0
 
 
+def test_bench_replay_repeats_on_fresh_parked_jobs() -> None:
+    """Every run of the replay scenario parks jobs anew: a second run whose parked copies
+    reused the first run's msg ids met the dedup window, parked nothing and timed out."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "services", "bench", "--json", "-s", "replay", "--jobs", "200",
+         "--repeat", "2"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["replay"]["ours"] > 0
+
+
 def test_bench_rejects_an_unknown_scenario() -> None:
     """An unknown --scenario is a usage error: exit 2 and one line on stderr."""
     proc = subprocess.run(
