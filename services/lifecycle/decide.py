@@ -32,8 +32,8 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Literal, Protocol
+from datetime import UTC, datetime
+from typing import Final, Literal, Protocol
 
 import msgspec
 
@@ -143,6 +143,9 @@ class Dead:
 
 Outcome = Call | Duplicate | Succeeded | Expired | Retry | Park | FailOver | Dead
 
+#: The outcome of most deliveries, made once.
+CALL: Final = Call()
+
 
 # -- the facts ---------------------------------------------------------------------------
 
@@ -158,13 +161,15 @@ class Policy:
     kinds: Mapping[str, ProviderKind] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Situation:
     """What is known of one delivery of a job."""
 
     job: Job
     attempts: int  # deliveries so far, this one included
-    now: datetime
+    #: The time to hold the deadline against (None: the current time, read only when the
+    #: job has a deadline: the worker asks twice per job, and most jobs have none).
+    now: datetime | None = None
     #: The provider's answer to this delivery's call; None: not called yet.
     outcome: Reply | ProviderError | None = None
     #: Why the job cannot be served here at all ("": it can).
@@ -203,11 +208,11 @@ def decide(
         return Retry(backoff_delay(s.attempts, policy.worker, outcome.retry_after, rng))
     if s.has_result:
         return Duplicate()
-    if job.deadline is not None and job.deadline <= s.now:
+    if job.deadline is not None and job.deadline <= (s.now or datetime.now(UTC)):
         return Expired()
     if view.blocked(job.provider):
         return on_outage(job, view, policy, last_error="")
-    return Call()
+    return CALL
 
 
 def on_outage(job: Job, view: BreakerView, policy: Policy, *, last_error: str) -> Outcome:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -142,10 +141,10 @@ class JobRunner:
         if job is None:  # not a job we can read or believe: its exact bytes are kept
             await self.settler.settle(d, Dead("invalid", refused, answered=False))
             return
-        s = Situation(job, d.attempts, datetime.now(UTC), refused=refused)
+        has = False
         if not refused and (d.attempts > 1 or d.replay):
             has = await self.settler.has_result(job, replayed=bool(d.replay))
-            s = Situation(job, d.attempts, s.now, has_result=has)
+        s = Situation(job, d.attempts, refused=refused, has_result=has)
         outcome = decide(s, self.policy, self.view)
         if not isinstance(outcome, Call):
             await self.settler.settle(d, outcome)
@@ -160,7 +159,7 @@ class JobRunner:
         self._calling.add(key)
         try:
             answer = await self._call(d, job)
-            after = Situation(job, d.attempts, datetime.now(UTC), outcome=answer)
+            after = Situation(job, d.attempts, outcome=answer)
             await self.settler.settle(d, decide(after, self.policy, self.view))
         finally:
             self._calling.discard(key)
