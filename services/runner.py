@@ -74,8 +74,8 @@ async def serve_worker(
 async def serve_recovery(settings: Settings, role: str, alive_path: Path | None = None) -> None:
     """The prober or the replayer (``role``) until signalled, beating the alive file
     while connected; then a stop bounded by ``STOP_BUDGET_S``."""
+    from services.breaker.recovery import service_owner
     from services.jetstream.connection import connect
-    from services.recovery import service_owner
 
     nc = await connect(settings, name=f"ridethrough-{role}")
     service: Prober | Replayer

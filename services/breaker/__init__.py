@@ -8,7 +8,9 @@
                 one event on ``ai.events.health.<provider>``; ``HealthBoard.move()`` is
                 that plus this process's view, for the worker, prober and replayer alike
     lease.py    Lease, LeaseKeeper: one active prober / replayer per provider among
-                replicas (``services/recovery.py`` is the leased-service base)
+                replicas
+    recovery.py LeasedPerProvider, the base of the prober and the replayer: one task per
+                provider, acting only while its replica holds the lease
 
 States: ``closed`` → ``open`` (trip) → ``half_open`` (prober: M probe successes) →
 ``closed`` (replayer: slow start reached its cap or the backlog is empty); any

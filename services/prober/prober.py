@@ -22,10 +22,10 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from services.breaker import LeaseKeeper
+from services.breaker.recovery import LeasedPerProvider
 from services.config import Settings
 from services.errors import ProviderError
 from services.providers.base import Provider
-from services.recovery import LeasedPerProvider
 from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.prober")

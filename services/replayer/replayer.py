@@ -44,13 +44,13 @@ from schemas.subjects import (
     replayer_consumer,
 )
 from services.breaker import LeaseKeeper
+from services.breaker.recovery import LeasedPerProvider
 from services.config import Settings
 from services.jetstream.connection import max_payload
 from services.jetstream.errors import TIMEOUT
 from services.jetstream.pull import Puller, ack_position
 from services.lifecycle.settle import Settler
 from services.overflow import raw_fields
-from services.recovery import LeasedPerProvider
 from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.replayer")

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -70,6 +69,7 @@ from schemas.subjects import (
 from services.config import NatsSettings, ProviderSettings, Settings
 from services.errors import BenchError
 from services.jetstream.connection import connect
+from services.jetstream.errors import TIMEOUT
 from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
 from services.providers.base import Reply
@@ -743,7 +743,7 @@ async def raw_worker_loop(settings: Settings, batch: int) -> None:
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=settings.worker.fetch_timeout_s)
-            except (nats.errors.TimeoutError, TimeoutError):
+            except TIMEOUT:
                 continue
             futures = []
             for msg in msgs:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -26,6 +25,7 @@ from rich.table import Table
 from schemas import subjects as s
 from services.breaker import HealthBoard, decode_lease
 from services.config import Settings
+from services.jetstream.errors import NOT_FOUND
 from services.producer import Producer, make_job
 from services.tools.fake import FaultConfig
 from services.tools.stack import ServiceProcess, local_stack
@@ -132,7 +132,7 @@ async def _final_counts(js: JetStreamContext, ids: list[str]) -> dict[str, int]:
     for job_id in ids:
         try:
             raw = await js.get_last_msg(s.RESULTS_STREAM, s.result_subject(job_id), direct=True)
-        except NotFoundError:
+        except NOT_FOUND:
             continue
         found += 1
         if b'"status":"succeeded"' in (raw.data or b""):

@@ -22,12 +22,12 @@ from typing import Any
 from faststream import FastStream
 from pydantic import SecretStr
 
+from services.breaker.recovery import service_owner
 from services.config import ProviderSettings, Settings
 from services.errors import ConfigError
 from services.jetstream.connection import connect
 from services.prober import Prober
 from services.providers.registry import build_providers
-from services.recovery import service_owner
 from services.replayer import Replayer
 from services.tools.devstack import NatsServer, port_in_use
 from services.worker.app import Worker, build_app

@@ -22,7 +22,8 @@ from typing import ClassVar, Self
 from nats.js import JetStreamContext
 
 from schemas.subjects import CONTROL_BUCKET
-from services.breaker import HealthBoard, LeaseKeeper
+from services.breaker.board import HealthBoard
+from services.breaker.lease import LeaseKeeper
 from services.config import Settings
 from services.tasks import raise_if_cancelling
 
