@@ -46,8 +46,21 @@ class ProviderSettings(BaseModel):
         1200.0, gt=0, description="longest a whole call may take (a stalled stream included)"
     )
     max_connections: int = Field(1000, gt=0)
+    latency_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="a call slower than this counts towards the breaker like a failure "
+        "(it still succeeds); off when unset",
+    )
+    model_latency_budget_s: dict[str, float] = Field(
+        default_factory=dict, description="latency_budget_s of single models (model: seconds)"
+    )
     probe_model: str | None = Field(None, description="model of the health probe")
     probe_request: dict[str, Any] | None = Field(None, description="body of the health probe")
+
+    def latency_budget(self, model: str) -> float | None:
+        """Seconds a call of ``model`` may take before it counts as slow (None: no budget)."""
+        return self.model_latency_budget_s.get(model, self.latency_budget_s)
 
     def key(self) -> str | None:
         """The API key, read from ``api_key`` or from the mounted secret file."""
@@ -164,6 +177,9 @@ class BreakerSettings(BaseModel):
     min_calls: int = Field(10, gt=0, description="calls in the window before the rate counts")
     failure_rate: float = Field(0.5, gt=0, le=1)
     consecutive_failures: int = Field(5, gt=0)
+    timeouts_count: bool = Field(
+        True, description="a call that timed out counts towards the breaker (slow is down too)"
+    )
     probe_successes: int = Field(2, gt=0, description="consecutive probe successes to half_open")
     probe_interval_s: float = Field(1.0, gt=0, description="first probe delay; after a success")
     probe_max_interval_s: float = Field(5.0, gt=0, description="cap of the probe backoff")

@@ -159,6 +159,8 @@ class Policy:
     max_payload: int = 0
     #: The API kind of each provider, for fail-over between kinds.
     kinds: Mapping[str, ProviderKind] = field(default_factory=dict)
+    #: Whether a timed-out call counts towards the breaker (``BreakerSettings``).
+    timeouts_count: bool = True
 
 
 @dataclass(slots=True)
@@ -195,7 +197,8 @@ def decide(
         return Dead(outcome.reason, outcome.message)
     if isinstance(outcome, ProviderError):
         last_error = f"{outcome.reason}: {outcome.message}"
-        if breaker_signal(outcome, policy.worker) == "failure" and view.blocked(job.provider):
+        counts = breaker_signal(outcome, policy.worker, timeouts_count=policy.timeouts_count)
+        if counts == "failure" and view.blocked(job.provider):
             return on_outage(job, view, policy, last_error=last_error)
         limit = (
             policy.worker.rate_limited_max_attempts
@@ -271,16 +274,26 @@ def backoff_delay(
 
 
 def breaker_signal(
-    outcome: Reply | ProviderError, settings: WorkerSettings
+    outcome: Reply | ProviderError,
+    settings: WorkerSettings,
+    *,
+    slow: bool = False,
+    timeouts_count: bool = True,
 ) -> Literal["success", "failure"] | None:
     """What a call tells the provider's breaker: it answered (``success``), it is failing
     (``failure``), or nothing (a misconfiguration, or a 429 that only asks us to slow
-    down; a 429 asking for longer than we ever back off is an outage sign)."""
-    if isinstance(outcome, Reply):
-        return "success"
-    if isinstance(outcome, PermanentError):
-        return None if outcome.reason == "config" else "success"
+    down; a 429 asking for longer than we ever back off is an outage sign).
+
+    Slow is down too: an answer that took longer than its latency budget (``slow``) is a
+    failure for the breaker, though the job has its answer; a timeout is a failure unless
+    ``timeouts_count`` is off."""
+    if isinstance(outcome, PermanentError) and outcome.reason == "config":
+        return None
+    if isinstance(outcome, Reply | PermanentError):
+        return "failure" if slow else "success"
     if isinstance(outcome, RateLimited) and not long_retry_after(outcome, settings):
+        return None
+    if outcome.reason == "timeout" and not timeouts_count:
         return None
     return "failure"
 

@@ -164,6 +164,7 @@ class Worker:
             board=self.board,
             breaker=self.settings.breaker,
             kinds={name: p.kind for name, p in self.settings.providers.items()},
+            provider_settings=self.settings.providers,
         )
         self._heartbeat = asyncio.create_task(self._heartbeats())
         self._beat = asyncio.create_task(self._beats(js))

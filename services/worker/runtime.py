@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -29,7 +30,7 @@ from nats.js import JetStreamContext
 from schemas.jobs import Job, decode_job
 from schemas.subjects import MSG_ID_HEADER, REPLAY_HEADER, JobOrigin, job_msg_id, job_origin
 from services.breaker import HealthBoard, SlidingWindow
-from services.config import BreakerSettings, ProviderKind, WorkerSettings
+from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
 from services.errors import ProviderError
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.lifecycle.decide import (
@@ -67,6 +68,7 @@ class JobRunner:
         board: HealthBoard | None = None,
         breaker: BreakerSettings | None = None,
         kinds: dict[str, ProviderKind] | None = None,
+        provider_settings: Mapping[str, ProviderSettings] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.providers = providers
@@ -84,8 +86,15 @@ class JobRunner:
         )
         self.board = board
         self.view: BreakerView = board if board is not None else AllClosed()
-        self.policy = Policy(worker=settings, max_payload=max_payload, kinds=kinds or {})
         self.breaker = breaker or BreakerSettings()
+        #: Per provider: its latency budgets (slow is down too).
+        self.provider_settings = provider_settings or {}
+        self.policy = Policy(
+            worker=settings,
+            max_payload=max_payload,
+            kinds=kinds or {},
+            timeouts_count=self.breaker.timeouts_count,
+        )
         #: Jobs (tenant, id) whose call or answer this process has under way.
         self._calling: set[tuple[str | None, str]] = set()
         # Per provider: the local failure window, and the breaker (state, outage) it belongs to.
@@ -223,19 +232,28 @@ class JobRunner:
             if exc.reason == "config":  # every job will fail alike until someone fixes it
                 log.error("provider %s is misconfigured (config): %s", job.provider, exc.message)
         d.provider_s = time.time() - d.started
-        await self._count(job.provider, answer)
+        await self._count(job, answer, d.provider_s)
         return answer
 
-    async def _count(self, provider: str, answer: Reply | ProviderError) -> None:
+    async def _count(self, job: Job, answer: Reply | ProviderError, took_s: float) -> None:
         """Count the call in the provider's window; trip the breaker when it fails."""
         if self.board is None:
             return
-        signal = breaker_signal(answer, self.settings)
+        provider = job.provider
+        cfg = self.provider_settings.get(provider)
+        budget = cfg.latency_budget(job.model) if cfg is not None else None
+        slow = budget is not None and took_s > budget
+        signal = breaker_signal(
+            answer, self.settings, slow=slow, timeouts_count=self.breaker.timeouts_count
+        )
         window = self._window(provider)
         if signal == "success":
             window.success()
         elif signal == "failure" and window.failure():
-            assert isinstance(answer, ProviderError)
+            if isinstance(answer, ProviderError):
+                last_error = f"{answer.reason}: {answer.message}"
+            else:
+                last_error = f"slow: {took_s:.1f}s over the {budget:g}s budget of {job.model}"
             calls, failures = window.counts()
             await self.board.move(
                 provider,
@@ -243,7 +261,7 @@ class JobRunner:
                 allowed_from=("closed", "half_open"),
                 by=self.worker_id,
                 reason=f"{window.consecutive} consecutive / {failures} of {calls} calls failed",
-                last_error=f"{answer.reason}: {answer.message}",
+                last_error=last_error,
                 calls=calls,
                 failures=failures,
             )

@@ -299,3 +299,42 @@ def test_a_retry_waits_at_least_the_retry_after_and_at_most_the_cap(
 )
 def test_breaker_signal(answer: Reply | ProviderError, signal: str | None) -> None:
     assert breaker_signal(answer, WORKER) == signal
+
+
+def timeout() -> ProviderError:
+    return TransientError("read timed out", reason="timeout")
+
+
+@pytest.mark.parametrize(
+    ("answer", "kw", "signal"),
+    [
+        (REPLY, {"slow": True}, "failure"),  # answered, but over its latency budget
+        (permanent(), {"slow": True}, "failure"),
+        (permanent("config"), {"slow": True}, None),
+        (timeout(), {}, "failure"),  # timeouts count by default
+        (timeout(), {"timeouts_count": False}, None),
+        (transient(), {"timeouts_count": False}, "failure"),  # only timeouts are exempt
+    ],
+)
+def test_slow_is_down_too(answer: Reply | ProviderError, kw: dict[str, Any], signal: str) -> None:
+    assert breaker_signal(answer, WORKER, **kw) == signal
+
+
+def test_a_timeout_that_does_not_count_retries_though_the_breaker_is_open() -> None:
+    """With timeouts exempt, a timed-out call says nothing of the breaker: it retries
+    rather than parking on a breaker other calls opened (a 529 would park)."""
+    exempt = Policy(worker=WORKER, timeouts_count=False)
+    assert isinstance(
+        decide(Situation(job(), 1, NOW, outcome=timeout()), exempt, View(a="open")), Retry
+    )
+    assert isinstance(
+        decide(Situation(job(), 1, NOW, outcome=timeout()), POLICY, View(a="open")), Park
+    )
+
+
+def test_a_model_budget_overrides_the_providers() -> None:
+    from services.config import ProviderSettings
+
+    cfg = ProviderSettings(kind="anthropic", latency_budget_s=2.0, model_latency_budget_s={"o": 9})
+    assert (cfg.latency_budget("o"), cfg.latency_budget("s")) == (9, 2.0)
+    assert ProviderSettings(kind="anthropic").latency_budget("s") is None
