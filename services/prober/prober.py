@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -95,11 +96,19 @@ class Prober(LeasedPerProvider):
             await asyncio.sleep(random.uniform(interval / 2, interval))
 
     async def _probe(self, name: str, model: str, request: dict[str, Any]) -> bool:
+        """One probe; it succeeds when the provider answers within the model's latency
+        budget (slow is down too: a slow answer must not half-open a slow provider)."""
         self.probes[name] += 1
+        started = time.monotonic()
         try:
             await self.providers[name].call(model, request, probe=True)
         except ProviderError as exc:
             log.info("probe of %s failed: %s (%s)", name, exc.reason, exc.message[:120])
+            return False
+        took = time.monotonic() - started
+        budget = self.settings.providers[name].latency_budget(model)
+        if budget is not None and took > budget:
+            log.info("probe of %s answered in %.2fs, over its %gs budget", name, took, budget)
             return False
         return True
 

@@ -9,9 +9,10 @@ import pytest
 
 from schemas import subjects as s
 from schemas.events import decode_health_event
+from services.breaker import transition
 from services.config import Settings
 from services.producer import Producer, make_job
-from services.tools.stack import running_worker
+from services.tools.stack import running_recovery, running_worker
 from tests.conftest import make_settings
 from tests.support import count_outcomes, fault_request, read_stream, wait_until
 
@@ -81,3 +82,29 @@ async def _open(js: Any) -> bool:
     except Exception:
         return False
     return b'"open"' in (entry.value or b"")
+
+
+@pytest.mark.parametrize(("budget", "half_opens"), [(0.05, False), (5.0, True)])
+async def test_a_probe_over_its_budget_does_not_half_open(
+    nats_server: Any, js: Any, fake_provider: Any, budget: float, half_opens: bool
+) -> None:
+    """Probes of an open provider answer in 300 ms: over a 50 ms budget they are failed
+    probes and the breaker stays open; under a 5 s budget two of them half-open it."""
+    settings = _budgeted(
+        nats_server.url,
+        fake_provider.url,
+        model_latency_budget_s={"sick": budget},
+        probe_model="sick",
+        probe_request=fault_request("fault:slow:300", "ping", max_tokens=1),
+    )
+    await transition(
+        js, await js.key_value(s.HEALTH_BUCKET), "anthropic", to="open",
+        allowed_from=("closed",), by="test",
+    )  # fmt: skip
+    async with running_recovery(settings) as (prober, _):
+
+        async def settled() -> bool:  # half-opened, or four probes without it
+            return not await _open(js) or prober.probes["anthropic"] >= 4
+
+        await wait_until(settled, timeout=30)
+    assert await _open(js) is not half_opens
