@@ -162,6 +162,53 @@ def job_origin(subject: str) -> JobOrigin | None:
     return None
 
 
+# Model names hold characters a subject token may not (``claude-3.5-sonnet``,
+# ``anthropic.claude-sonnet-4-5-v1:0``, ``org/model@rev``). ``model_token`` writes one as a
+# token, reversibly: letters, digits and ``-`` stand as they are; every other byte of its
+# UTF-8 (``_`` included) is ``_`` and two hex digits. So ``claude-3.5`` is ``claude-3_2E5``.
+_MODEL_KEEP = re.compile(r"[A-Za-z0-9-]")
+
+
+def model_token(model: str) -> str:
+    """``model`` as one subject token; ``ValueError`` if empty or over 128 characters."""
+    out = []
+    for ch in model:
+        if _MODEL_KEEP.fullmatch(ch):
+            out.append(ch)
+        else:
+            out.extend(f"_{b:02X}" for b in ch.encode("utf-8"))
+    token = "".join(out)
+    if not is_token(token):
+        raise ValueError(f"model {model!r} cannot stand as a subject token ({len(token)} chars)")
+    return token
+
+
+def model_from_token(token: str) -> str:
+    """The model name ``model_token`` wrote as ``token``; ``ValueError`` if it wrote none."""
+    raw = bytearray()
+    i = 0
+    while i < len(token):
+        ch = token[i]
+        if ch == "_":
+            pair = token[i + 1 : i + 3]
+            if len(pair) != 2 or not re.fullmatch(r"[0-9A-F]{2}", pair):
+                raise ValueError(f"{token!r} is not a model token")
+            raw.append(int(pair, 16))
+            i += 3
+        elif _MODEL_KEEP.fullmatch(ch):
+            raw.extend(ch.encode("ascii"))
+            i += 1
+        else:
+            raise ValueError(f"{token!r} is not a model token")
+    try:
+        model = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{token!r} is not a model token") from None
+    if model_token(model) != token:  # one spelling per model (upper-case hex, no escaped keeper)
+        raise ValueError(f"{token!r} is not a model token")
+    return model
+
+
 def parked_subject(provider: str, priority: str) -> str:
     """Subject a parked job of ``provider`` at ``priority`` is held on."""
     return f"ai.parked.{provider}.{priority}"

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas import subjects as s
 from schemas.codec import encode
 from schemas.generate import OUT, SCHEMAS, render
 from schemas.jobs import Job, decode_job
@@ -93,3 +94,29 @@ def test_make_job_needs_exactly_one_of_prompt_or_request() -> None:
     with pytest.raises(InvalidJob):
         make_job("p", "m", prompt="a", request={})
     assert isinstance(make_job("p", "m", request={"messages": []}), Job)
+
+
+@given(st.text(min_size=1, max_size=10))  # 10 four-byte characters: 120 of the 128
+def test_a_model_token_is_a_subject_token_and_gives_its_model_back(model: str) -> None:
+    token = s.model_token(model)
+    assert s.is_token(token) and "." not in token
+    assert s.model_from_token(token) == model
+
+
+@pytest.mark.parametrize(
+    ("model", "token"),
+    [
+        ("claude-sonnet-4-5", "claude-sonnet-4-5"),
+        ("claude-3.5-sonnet", "claude-3_2E5-sonnet"),
+        ("anthropic.claude-v1:0", "anthropic_2Eclaude-v1_3A0"),
+        ("a_b", "a_5Fb"),
+    ],
+)
+def test_model_tokens_read_as_expected(model: str, token: str) -> None:
+    assert s.model_token(model) == token
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "a_2e", "a_5", "a_ZZ", "a_41", "x" * 129, "a_FF"])
+def test_what_model_token_never_writes_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="token"):
+        s.model_from_token(bad)
