@@ -153,7 +153,6 @@ class Settler:
         self,
         result: JobResult,
         *,
-        tenant: str | None,
         replay: str | None = None,
         data: bytes | None = None,
         dedup: bool = True,
@@ -167,9 +166,7 @@ class Settler:
         jobs may share an id, and AI_RESULTS has one dedup window for all); ``dedup=False``
         (an import) sends none.
         """
-        if tenant and result.tenant != tenant:
-            result = msgspec.structs.replace(result, tenant=tenant)
-            data = None
+        tenant = result.tenant or None  # the job's: results are scoped as their jobs
         subject = result_subject(result.job_id, tenant)
         expect = 0
         if replay and replaces_failed(replay):
@@ -281,9 +278,7 @@ class Settler:
         elif isinstance(outcome, Expired):
             self.stats.expired += 1
             error = ErrorInfo(type="expired", message=outcome.message)
-            await self.store_result(
-                self._result(d, job, "expired", error=error), tenant=job.tenant, replay=d.replay
-            )
+            await self.store_result(self._result(d, job, "expired", error=error), replay=d.replay)
         elif isinstance(outcome, Park):
             record = ParkRecord(
                 reason=outcome.reason,
@@ -317,7 +312,7 @@ class Settler:
         while True:
             try:
                 if fits(data, self.max_payload):
-                    await self.store_result(result, tenant=job.tenant, replay=d.replay, data=data)
+                    await self.store_result(result, replay=d.replay, data=data)
                     self.stats.succeeded += 1
                     break
                 name = await put_aside(self.js, f"response.{d.stream}.{d.seq}", data)
@@ -374,7 +369,6 @@ class Settler:
         # The producer waiting on the result learns of the failure too.
         await self.store_result(
             self._result(d, job, "failed", error=error, calling=False),
-            tenant=job.tenant,
             replay=d.replay,
         )
         log.info("job %s dead-lettered (%s): %s", job.id, dead.reason, dead.message)

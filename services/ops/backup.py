@@ -81,7 +81,7 @@ async def import_results(
             counts["invalid"] += 1
             continue
         # Only if the job has no result yet: an import never overwrites.
-        if await settler.store_result(result, tenant=result.tenant, dedup=False):
+        if await settler.store_result(result, dedup=False):
             counts["imported"] += 1
         else:
             counts["already_present"] += 1

@@ -264,7 +264,7 @@ class Replayer(LeasedPerProvider):
             worker=self.owner,
             tenant=job.tenant or "",
         )
-        await self.settler.store_result(result, tenant=job.tenant)
+        await self.settler.store_result(result)
         await msg.ack()
 
     async def _dead_invalid(self, name: str, msg: Msg, message: str) -> None:
