@@ -15,7 +15,8 @@ def _now() -> datetime:
 
 
 class HealthEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One breaker transition of a provider, on ``ai.events.health.<provider>``.
+    """One breaker transition of a provider, on ``ai.events.health.<provider>``, or of one
+    of its models (``model`` set), on ``ai.events.health.<provider>.<model_token>``.
 
     ``opened`` and ``closed`` transitions mark the start and end of an outage;
     ``parked`` and ``replayed`` count the jobs of that outage so far.
@@ -33,6 +34,7 @@ class HealthEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     replayed: int = 0
     by: str = ""
     at: Timestamp = msgspec.field(default_factory=_now)
+    model: str = ""
 
 
 _decoder = msgspec.json.Decoder(HealthEvent)

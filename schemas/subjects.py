@@ -6,6 +6,7 @@ together with DESIGN.md.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final, NamedTuple
 
@@ -209,14 +210,96 @@ def model_from_token(token: str) -> str:
     return model
 
 
-def parked_subject(provider: str, priority: str) -> str:
-    """Subject a parked job of ``provider`` at ``priority`` is held on."""
+# Breaker scopes. A scope is a provider, or one model of a provider; a model whose name
+# cannot stand as a token (over 128 characters once spelled) has no scope of its own and
+# follows its provider's. The scope's key in ai_health, ai_control (``paused.<key>``) and
+# its events' subject all end in the same tokens:
+#
+#   <provider>                  the provider
+#   <provider>.<model_token>    one of its models
+
+
+def scope_model(model: str | None) -> str | None:
+    """``model`` if it can have a breaker scope of its own (its token fits), else None."""
+    if not model:
+        return None
+    try:
+        model_token(model)
+    except ValueError:
+        return None
+    return model
+
+
+@functools.lru_cache(maxsize=4096)  # asked for every job; a fleet serves a few models
+def scope_key(provider: str, model: str | None = None) -> str:
+    """Key of the breaker of ``provider`` (or of its ``model``) in ai_health."""
+    m = scope_model(model)
+    return f"{provider}.{model_token(m)}" if m else provider
+
+
+def scope_of_key(key: str) -> tuple[str, str | None] | None:
+    """(provider, model or None) of a scope key; None if ``key`` is none."""
+    provider, _, token = key.partition(".")
+    if not is_token(provider):
+        return None
+    if not token:
+        return provider, None
+    try:
+        return provider, model_from_token(token)
+    except ValueError:
+        return None
+
+
+def scope_label(provider: str, model: str | None = None) -> str:
+    """How people read a scope: ``anthropic`` or ``anthropic/claude-opus-4-1``."""
+    return f"{provider}/{model}" if model else provider
+
+
+#: Model token of a parked job whose model has no scope (its name is too long).
+NO_MODEL: Final = "_"
+
+
+def parked_subject(provider: str, priority: str, model: str | None = None) -> str:
+    """Subject a parked job of ``provider`` and ``model`` at ``priority`` is held on:
+    ``ai.parked.<provider>.<priority>.<model_token>``."""
+    m = scope_model(model)
+    return f"ai.parked.{provider}.{priority}.{model_token(m) if m else NO_MODEL}"
+
+
+def legacy_parked_subject(provider: str, priority: str) -> str:
+    """Where jobs were parked before the per-model layout (``ridethrough topology`` and the
+    replayer move them): ``ai.parked.<provider>.<priority>``."""
     return f"ai.parked.{provider}.{priority}"
 
 
 def parked_filter(provider: str | None = None) -> str:
-    """Every parked job of ``provider`` (of every provider when ``None``)."""
-    return f"ai.parked.{provider or '*'}.*"
+    """Every parked job of ``provider`` (of every provider when ``None``), both layouts."""
+    return f"ai.parked.{provider or '*'}.>"
+
+
+class ParkedPlace(NamedTuple):
+    """Where a parked subject says a job waits: ``model`` is None for the legacy layout
+    and for a model without a scope (token ``_``)."""
+
+    provider: str
+    priority: str
+    model: str | None
+    legacy: bool
+
+
+def parked_place(subject: str) -> ParkedPlace | None:
+    """Parse a parked subject of either layout; None when it is neither."""
+    tokens = subject.split(".")
+    if len(tokens) not in (4, 5) or tokens[:2] != ["ai", "parked"] or tokens[3] not in PRIORITIES:
+        return None
+    if len(tokens) == 4:
+        return ParkedPlace(tokens[2], tokens[3], None, True)
+    if tokens[4] == NO_MODEL:
+        return ParkedPlace(tokens[2], tokens[3], None, False)
+    try:
+        return ParkedPlace(tokens[2], tokens[3], model_from_token(tokens[4]), False)
+    except ValueError:
+        return None
 
 
 # Results. Each scope has a literal prefix no other scope shares, because a permission
@@ -251,9 +334,13 @@ def dead_filter(provider: str | None = None, reason: str | None = None) -> str:
     return dead_subject(provider or "*", reason or "*")
 
 
-def health_event_subject(provider: str) -> str:
-    """Subject of breaker transitions of ``provider``."""
-    return f"ai.events.health.{provider}"
+def health_event_subject(provider: str, model: str | None = None) -> str:
+    """Subject of breaker transitions of ``provider`` (or of its ``model``)."""
+    return f"ai.events.health.{scope_key(provider, model)}"
+
+
+#: Every health event, of every scope (``ai.events.health.<provider>[.<model_token>]``).
+HEALTH_EVENTS_FILTER: Final = "ai.events.health.>"
 
 
 OPS_EVENTS_SUBJECT: Final = "ai.events.ops"
@@ -261,11 +348,12 @@ OPS_EVENTS_SUBJECT: Final = "ai.events.ops"
 # Subjects each stream listens on. AI_JOBS listens only on the configured
 # providers (see ``jobs_filter``), so a job for an unknown provider is refused
 # at the producer instead of waiting forever for a consumer.
-PARKED_SUBJECTS: Final = ("ai.parked.*.*",)
+#: The per-model layout, and the legacy one (workers of the last release, mid-upgrade).
+PARKED_SUBJECTS: Final = ("ai.parked.*.*.*", "ai.parked.*.*")
 #: One subject for both scopes and the legacy layout (subjects of one stream may not overlap).
 RESULTS_SUBJECTS: Final = ("ai.results.>",)
 DEAD_SUBJECTS: Final = ("ai.dead.*.*",)
-EVENTS_SUBJECTS: Final = ("ai.events.health.*", OPS_EVENTS_SUBJECT)
+EVENTS_SUBJECTS: Final = ("ai.events.health.*", "ai.events.health.*.*", OPS_EVENTS_SUBJECT)
 
 
 def worker_consumer(provider: str) -> str:
@@ -273,10 +361,20 @@ def worker_consumer(provider: str) -> str:
     return f"workers-{provider}"
 
 
-def replayer_consumer(provider: str, priority: str) -> str:
-    """Durable pull consumer the replayer of ``provider`` drains one priority of AI_PARKED with.
+def replayer_consumer(provider: str, priority: str, model: str | None = None) -> str:
+    """Durable pull consumer the replayer drains one priority of one model of ``provider``
+    from AI_PARKED with (``replayer-<provider>-<priority>-<model_token>``).
 
-    One per priority (DESIGN.md names one per provider): JetStream delivers a consumer's
-    messages oldest first, so only separate consumers let high go before normal before low.
+    One per priority: JetStream delivers a consumer's messages oldest first, so only
+    separate consumers let high go before normal before low. One per model: a model
+    still open keeps its jobs parked while the others replay. The replayer creates them
+    when a model has parked jobs; idle ones expire (``inactive_threshold``).
     """
+    m = scope_model(model)
+    return f"replayer-{provider}-{priority}-{model_token(m) if m else NO_MODEL}"
+
+
+def legacy_replayer_consumer(provider: str, priority: str) -> str:
+    """The replayer's consumer of the legacy parked layout (``ridethrough topology``
+    deletes it once the jobs under it are moved)."""
     return f"replayer-{provider}-{priority}"

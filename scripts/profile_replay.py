@@ -61,7 +61,7 @@ async def main(jobs: int, profile: bool, most: int) -> dict[str, object]:
         )
         parked = [
             (
-                parked_subject(j.provider, j.priority),
+                parked_subject(j.provider, j.priority, j.model),
                 encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
                 {MSG_ID_HEADER: f"park:profile:{j.id}"},
             )

@@ -169,7 +169,8 @@ class WorkerSettings(BaseModel):
 
 
 class BreakerSettings(BaseModel):
-    """When a provider's breaker opens, and how the prober decides it has recovered."""
+    """When a breaker (a provider's, or one model's) opens, and how the prober decides it
+    has recovered. Each scope has its own window with these thresholds."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -177,6 +178,11 @@ class BreakerSettings(BaseModel):
     min_calls: int = Field(10, gt=0, description="calls in the window before the rate counts")
     failure_rate: float = Field(0.5, gt=0, le=1)
     consecutive_failures: int = Field(5, gt=0)
+    models_to_open_provider: int = Field(
+        2,
+        ge=0,
+        description="the provider's breaker opens when this many of its models are open (0: never)",
+    )
     timeouts_count: bool = Field(
         True, description="a call that timed out counts towards the breaker (slow is down too)"
     )

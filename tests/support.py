@@ -91,8 +91,11 @@ async def count_outcomes(js: JetStreamContext) -> dict[str, int]:
 # --------------------------------------------------------------------------- chaos helpers
 
 
-async def breaker_state(js: JetStreamContext, provider: str = "anthropic") -> str:
-    """The breaker state of ``provider`` as the fleet sees it (one HealthBoard refresh)."""
+async def breaker_state(
+    js: JetStreamContext, provider: str = "anthropic", model: str | None = None
+) -> str:
+    """The breaker state of ``provider`` (with ``model``: of the pair, the worse of the two)
+    as the fleet sees it (one HealthBoard refresh)."""
     from services.breaker import HealthBoard
     from services.config import BreakerSettings
 
@@ -100,14 +103,17 @@ async def breaker_state(js: JetStreamContext, provider: str = "anthropic") -> st
     board.health_kv = await js.key_value(s.HEALTH_BUCKET)
     board.control_kv = await js.key_value(s.CONTROL_BUCKET)
     await board.refresh()
-    return board.state(provider)
+    return board.state(provider, model)
 
 
-async def health_events(js: JetStreamContext, provider: str = "anthropic") -> list[Any]:
-    """Every breaker transition of ``provider`` on AI_EVENTS, oldest first."""
+async def health_events(
+    js: JetStreamContext, provider: str = "anthropic", model: str | None = None
+) -> list[Any]:
+    """Every breaker transition of ``provider`` (or of its ``model``) on AI_EVENTS, oldest
+    first."""
     from schemas.events import decode_health_event
 
-    msgs = await read_stream(js, s.EVENTS_STREAM, s.health_event_subject(provider))
+    msgs = await read_stream(js, s.EVENTS_STREAM, s.health_event_subject(provider, model))
     return [decode_health_event(m.data) for m in msgs]
 
 

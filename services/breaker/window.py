@@ -1,4 +1,4 @@
-"""The sliding window of one provider's calls in one process: when to trip its breaker."""
+"""The sliding window of one scope's calls in one process: when to trip its breaker."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ class SlidingWindow:
         """Record a call the provider answered (including permanent errors: it is up)."""
         self._bucket(time.monotonic() if now is None else now)[1] += 1
         self.consecutive = 0
+
+    def neutral(self, now: float | None = None) -> None:
+        """Record a call that failed for a reason this window does not judge (a model's
+        own failure, in its provider's window): it counts in the rate's denominator."""
+        self._bucket(time.monotonic() if now is None else now)[1] += 1
 
     def failure(self, now: float | None = None) -> bool:
         """Record a transient failure; return whether the breaker should trip."""

@@ -25,36 +25,50 @@ from services.cli.common import (
 from services.ops import control, moves
 from services.ops.moves import MoveReport
 
+ModelFilter = Annotated[
+    str | None, typer.Option("--model", help="Only this model of the provider.")
+]
+
 
 def pause(
     provider: Annotated[str, typer.Argument(help="The provider to stop calling.")],
     reason: Annotated[str, typer.Option(help="Why (shown by status).")] = "paused by operator",
+    model: ModelFilter = None,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
-    """Stop calling PROVIDER: its jobs park, and no probe can end the pause."""
+    """Stop calling PROVIDER (or one --model of it): its jobs park, and no probe can end
+    the pause."""
     settings = settings_for(nats_url)
     check(control.check_provider, settings, provider)
-    with_js(settings, lambda js: control.pause(js, provider, reason))
+    check(control.check_model, model)
+    with_js(settings, lambda js: control.pause(js, provider, reason, model))
     if as_json:
-        print_json({"provider": provider, "paused": True, "reason": reason})
+        print_json({"provider": provider, "model": model, "paused": True, "reason": reason})
     else:
-        typer.echo(f"{provider} paused: its jobs park until `ridethrough resume {provider}`")
+        flag = f" --model {model}" if model else ""
+        typer.echo(
+            f"{s.scope_label(provider, model)} paused: its jobs park until "
+            f"`ridethrough resume {provider}{flag}`"
+        )
 
 
 def resume(
     provider: Annotated[str, typer.Argument(help="The provider to hand back to the breaker.")],
+    model: ModelFilter = None,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
     """End a pause: the breaker decides again, and parked jobs replay at a slow start."""
     settings = settings_for(nats_url)
     check(control.check_provider, settings, provider)
-    was = with_js(settings, lambda js: control.resume(js, provider))
+    check(control.check_model, model)
+    was = with_js(settings, lambda js: control.resume(js, provider, model))
+    scope = s.scope_label(provider, model)
     if as_json:
-        print_json({"provider": provider, "paused": False, "was_paused": was})
+        print_json({"provider": provider, "model": model, "paused": False, "was_paused": was})
     else:
-        typer.echo(f"{provider} resumed" if was else f"{provider} was not paused")
+        typer.echo(f"{scope} resumed" if was else f"{scope} was not paused")
 
 
 def _progress_runner(
@@ -105,11 +119,13 @@ def drain(
         str | None, typer.Option(help="Only jobs older than this (30m, 2h).")
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many jobs.")] = None,
+    model: ModelFilter = None,
     dry_run: Annotated[bool, typer.Option(help="Count what would move; move nothing.")] = False,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
-    """Move waiting jobs of PROVIDER from AI_JOBS to AI_PARKED (pause it first).
+    """Move waiting jobs of PROVIDER (or of one --model) from AI_JOBS to AI_PARKED (pause
+    it first).
 
     Safe to interrupt: each job is removed from AI_JOBS only after its parked copy
     is stored; running it again continues where it stopped.
@@ -122,16 +138,17 @@ def drain(
 
     async def go(js: JetStreamContext) -> MoveReport:
         if not dry_run:
-            await control.check_holding(js, settings, provider)
+            await control.check_holding(js, settings, provider, model)
             if not as_json:
                 typer.echo(
-                    f"parking waiting jobs of {provider} (priority {priority or 'any'}, "
+                    f"parking waiting jobs of {s.scope_label(provider, model)} "
+                    f"(priority {priority or 'any'}, "
                     f"older than {older_than or 'any age'}, limit {limit or 'none'})"
                 )
         return await _progress_runner(
             "draining", as_json,
             lambda cb: moves.drain(js, provider, priority=priority, older_than=age, limit=limit,
-                                   dry_run=dry_run, progress=cb),
+                                   dry_run=dry_run, progress=cb, model=model),
         )  # fmt: skip
 
     _print_move(with_js(settings, go), as_json, "drain", dry_run)
@@ -151,7 +168,8 @@ def replay(
     to_provider: Annotated[
         str | None, typer.Option(help="Send them to this provider instead.")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="With this model instead.")] = None,
+    to_model: Annotated[str | None, typer.Option(help="With this model instead.")] = None,
+    model: ModelFilter = None,
     dry_run: Annotated[bool, typer.Option(help="Count what would move; move nothing.")] = False,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
@@ -172,6 +190,7 @@ def replay(
         if not dry_run and not as_json:
             typer.echo(
                 f"replaying {source} jobs of {provider or 'every provider'}"
+                + (f" (model {model})" if model else "")
                 + (f" to {to_provider}" if to_provider else "")
                 + (f" at most {rate:g}/s" if rate else "")
             )
@@ -179,7 +198,8 @@ def replay(
             "replaying", as_json,
             lambda cb: moves.replay(js, settings, provider, source=source, reason=reason,
                                     since=when, limit=limit, rate=rate, to_provider=to_provider,
-                                    model=model, dry_run=dry_run, progress=cb),
+                                    to_model=to_model, dry_run=dry_run, progress=cb,
+                                    model=model),
         )  # fmt: skip
 
     _print_move(with_js(settings, go), as_json, "replay", dry_run)

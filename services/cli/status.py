@@ -14,11 +14,13 @@ from services.cli.common import (
     EXIT_OK,
     JsonFlag,
     NatsUrl,
+    check,
     console,
     print_json,
     settings_for,
     with_js,
 )
+from services.ops.control import check_provider
 from services.ops.inspect import outage_timeline
 from services.ops.status import collect_status
 
@@ -62,6 +64,24 @@ def _status_table(status: dict[str, Any]) -> Table:
             replay,
             (p["reason"] or "")[:60],
         )
+        for model, m in p.get("models", {}).items():
+            rate = (
+                "-"
+                if m["failure_rate"] is None
+                else f"{m['failure_rate']:.0%} of {m['calls_in_window']}"
+            )
+            t.add_row(
+                f"  └ {model}",
+                m["state"],
+                (m["since"] or "-")[:19],
+                rate,
+                "",
+                "",
+                str(m["parked"]),
+                "",
+                "",
+                (m["reason"] or "")[:60],
+            )
     t.caption = f"{len(status['workers'])} worker(s) online: " + ", ".join(
         w["id"] for w in status["workers"]
     )
@@ -69,8 +89,8 @@ def _status_table(status: dict[str, Any]) -> Table:
 
 
 def status(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
-    """Per provider: breaker state and since when, failure rate, jobs waiting, in flight,
-    parked and dead, replay progress; and the workers online."""
+    """Per provider, and per model under it: breaker state and since when, failure rate,
+    jobs waiting, in flight, parked and dead, replay progress; and the workers online."""
     settings = settings_for(nats_url)
     snapshot = with_js(settings, lambda js: collect_status(js, settings))
     if as_json:
@@ -100,19 +120,25 @@ def watch(
 
 
 def outages(
+    provider: Annotated[str | None, typer.Argument(help="Only this provider's.")] = None,
     last: Annotated[int | None, typer.Option(min=1, help="Only the last N outages.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Only this model's (and its provider's).")
+    ] = None,
     as_json: JsonFlag = False,
     nats_url: NatsUrl = None,
 ) -> None:
-    """The outage timeline: provider, start, end, duration, jobs parked and replayed."""
+    """The outage timeline, per scope (a provider, or one model): start, end, duration,
+    jobs parked and replayed."""
     settings = settings_for(nats_url)
-    rows = with_js(settings, lambda js: outage_timeline(js, last))
+    check(check_provider, settings, provider)
+    rows = with_js(settings, lambda js: outage_timeline(js, last, provider=provider, model=model))
     if as_json:
         print_json(rows)
         return
     t = Table(title="outages")
     for col in (
-        "provider",
+        "scope",
         "start",
         "end",
         "duration",
@@ -123,7 +149,8 @@ def outages(
     ):
         t.add_column(col)
     for o in rows:
-        t.add_row(o["provider"], (o["start"] or "-")[:19], (o["end"] or "ongoing")[:19],
+        scope = o["provider"] + (f"/{o['model']}" if o["model"] else "")
+        t.add_row(scope, (o["start"] or "-")[:19], (o["end"] or "ongoing")[:19],
                   "-" if o["duration_s"] is None else f"{o['duration_s']:.1f}s",
                   str(o["reopened"]), str(o["parked"]), str(o["replayed"]),
                   str(o["calls_saved"]))  # fmt: skip

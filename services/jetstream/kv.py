@@ -3,6 +3,7 @@ way ridethrough changes a shared key (breaker states, leases, pauses)."""
 
 from __future__ import annotations
 
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from services.jetstream.errors import NOT_FOUND, wrong_last_sequence
@@ -30,3 +31,12 @@ async def compare_and_set(kv: KeyValue, key: str, value: bytes, revision: int) -
         if wrong_last_sequence(exc):  # someone else wrote first
             return None
         raise
+
+
+async def keys_of(js: JetStreamContext, bucket: str, prefix: str = "") -> list[str]:
+    """Keys of ``bucket`` (below ``prefix.`` when given) that have any entry, deletes
+    included: one stream-info request, where ``KeyValue.keys()`` creates a consumer."""
+    filt = f"$KV.{bucket}.{prefix}.>" if prefix else f"$KV.{bucket}.>"
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=filt)
+    head = len(f"$KV.{bucket}.")
+    return sorted(subject[head:] for subject in info.state.subjects or {})

@@ -88,43 +88,48 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
 
 
 def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]:
-    """(stream, config) of every durable consumer: per provider, the workers' one and
-    the replayer's one per priority."""
-    w, r = settings.worker, settings.replay
-    wanted: list[tuple[str, str, str, float, int]] = []
-    for p in sorted(settings.providers):
-        wanted.append(
-            (s.JOBS_STREAM, s.worker_consumer(p), s.jobs_filter(p), w.ack_wait_s, w.max_ack_pending)
-        )
-        for prio in s.PRIORITIES:
-            wanted.append(
-                (
-                    s.PARKED_STREAM,
-                    s.replayer_consumer(p, prio),
-                    s.parked_subject(p, prio),
-                    r.ack_wait_s,
-                    w.max_ack_pending,
-                )
-            )
+    """(stream, config) of every durable consumer made up front: per provider, the
+    workers' one. The replayer's, one per priority and model, are made when a model has
+    parked jobs (``replayer_consumer_config``)."""
+    w = settings.worker
     return [
         (
-            stream,
-            api.ConsumerConfig(
-                name=name,
-                durable_name=name,
-                filter_subject=filt,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_wait=ack_wait,
-                # Unlimited: the worker dead-letters after max_attempts itself. A
-                # server-side limit would leave the message stuck in the work queue.
-                max_deliver=-1,
-                max_ack_pending=max_pending,
-                num_replicas=0,  # inherit the stream's
-            ),
+            s.JOBS_STREAM,
+            _consumer(s.worker_consumer(p), s.jobs_filter(p), w.ack_wait_s, w.max_ack_pending),
         )
-        for stream, name, filt, ack_wait, max_pending in wanted
+        for p in sorted(settings.providers)
     ]
+
+
+def replayer_consumer_config(
+    settings: Settings, provider: str, priority: str, model: str | None
+) -> api.ConsumerConfig:
+    """The replayer's consumer of one priority of one model's parked jobs. It removes
+    itself after ``parked_max_age_s`` unused: by then every job it held has aged out."""
+    cfg = _consumer(
+        s.replayer_consumer(provider, priority, model),
+        s.parked_subject(provider, priority, model),
+        settings.replay.ack_wait_s,
+        settings.worker.max_ack_pending,
+    )
+    cfg.inactive_threshold = settings.nats.parked_max_age_s
+    return cfg
+
+
+def _consumer(name: str, filt: str, ack_wait: float, max_pending: int) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        name=name,
+        durable_name=name,
+        filter_subject=filt,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        # Unlimited: the worker dead-letters after max_attempts itself. A
+        # server-side limit would leave the message stuck in the work queue.
+        max_deliver=-1,
+        max_ack_pending=max_pending,
+        num_replicas=0,  # inherit the stream's
+    )
 
 
 def bucket_configs(settings: Settings) -> list[tuple[str, int, float | None]]:
@@ -305,6 +310,50 @@ async def migrate_results(js: JetStreamContext) -> int:
     return moved
 
 
+async def migrate_parked(js: JetStreamContext, provider: str | None = None) -> int:
+    """Move jobs parked under the legacy layout (``ai.parked.<provider>.<priority>``) to
+    the per-model one; how many moved. ``ridethrough topology`` runs it, and the replayer
+    whenever it finds such jobs (parked by a worker of the last release mid-upgrade).
+
+    Each is published as it is (its bytes unchanged) under a msg id of its old sequence,
+    then deleted: a rerun after an interruption stores nothing twice. A message that is
+    not a parked job moves under the ``_`` model token, where the replayer dead-letters it.
+    """
+    from schemas.parking import decode_parked
+    from services.jetstream.streams import delete, iter_stream, publish
+
+    moved = 0
+    pattern = s.legacy_parked_subject(provider or "*", "*")
+    async for msg in iter_stream(js, s.PARKED_STREAM, pattern):
+        place = s.parked_place(msg.subject or "")
+        if place is None or not place.legacy:
+            continue
+        try:
+            model: str | None = decode_parked(msg.data or b"").job.model
+        except Exception:
+            model = None
+        target = s.parked_subject(place.provider, place.priority, model)
+        seq = int(msg.seq or 0)
+        await publish(js, target, msg.data or b"", msg_id=s.park_msg_id(s.PARKED_STREAM, seq))
+        await delete(js, s.PARKED_STREAM, seq)
+        moved += 1
+    return moved
+
+
+async def _drop_legacy_replayers(
+    js: JetStreamContext, settings: Settings, report: TopologyReport
+) -> None:
+    """Delete the replayer consumers of the legacy parked layout (their jobs have moved)."""
+    for p in sorted(settings.providers):
+        for prio in s.PRIORITIES:
+            name = s.legacy_replayer_consumer(p, prio)
+            try:
+                await js.delete_consumer(s.PARKED_STREAM, name)
+            except NotFoundError:
+                continue
+            report.updated.append(f"{s.PARKED_STREAM}/{name}: deleted (legacy layout)")
+
+
 async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyReport:
     """Create or update every stream, consumer and bucket; report what changed."""
     report = TopologyReport()
@@ -319,6 +368,11 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
         await _record_legacy_jobs(js, report)
         if moved := await migrate_results(js):
             report.updated.append(f"{s.RESULTS_STREAM}: {moved} results moved to scoped subjects")
+        if moved := await migrate_parked(js):
+            report.updated.append(
+                f"{s.PARKED_STREAM}: {moved} parked jobs moved to per-model subjects"
+            )
+        await _drop_legacy_replayers(js, settings, report)
     except APIError as exc:
         raise TopologyError(f"cannot apply the JetStream topology: {exc}") from exc
     return report

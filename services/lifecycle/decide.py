@@ -11,7 +11,7 @@ after counting this call), asks ``decide``, and hands the outcome to
       refused at decoding (unknown provider) Dead invalid (not retryable)
       a result is stored already            Duplicate (ack, the provider is not paid twice)
       deadline passed                       Expired
-      provider open or paused               the job's ``on_outage``: Dead provider_outage
+      provider or model open or paused      the job's ``on_outage``: Dead provider_outage
                                             (fail) · FailOver to the first closed fallback
                                             that can take it faithfully · Park
       otherwise                             Call
@@ -48,31 +48,32 @@ from services.providers.mapping import convert
 
 
 class BreakerView(Protocol):
-    """What ``decide`` reads of the breakers (``services.breaker.HealthBoard`` is one)."""
+    """What ``decide`` reads of the breakers (``services.breaker.HealthBoard`` is one): the
+    state of a (provider, model) pair is the worse of the provider's and the model's."""
 
-    def state(self, provider: str) -> str:
+    def state(self, provider: str, model: str | None = None) -> str:
         """``paused``, ``open``, ``half_open`` or ``closed``."""
         ...
 
-    def blocked(self, provider: str) -> bool:
-        """Whether calls to ``provider`` must stop (open or paused)."""
+    def blocked(self, provider: str, model: str | None = None) -> bool:
+        """Whether calls to ``provider`` (``model``) must stop (open or paused)."""
         ...
 
-    def outage_id(self, provider: str) -> str:
-        """The current (or last) outage id of ``provider``."""
+    def outage_id(self, provider: str, model: str | None = None) -> str:
+        """The current (or last) outage id of what blocks the pair."""
         ...
 
 
 class AllClosed:
     """The view of a worker run without a board: every provider closed."""
 
-    def state(self, provider: str) -> str:
+    def state(self, provider: str, model: str | None = None) -> str:
         return "closed"
 
-    def blocked(self, provider: str) -> bool:
+    def blocked(self, provider: str, model: str | None = None) -> bool:
         return False
 
-    def outage_id(self, provider: str) -> str:
+    def outage_id(self, provider: str, model: str | None = None) -> str:
         return ""
 
 
@@ -198,7 +199,7 @@ def decide(
     if isinstance(outcome, ProviderError):
         last_error = f"{outcome.reason}: {outcome.message}"
         counts = breaker_signal(outcome, policy.worker, timeouts_count=policy.timeouts_count)
-        if counts == "failure" and view.blocked(job.provider):
+        if counts == "failure" and view.blocked(job.provider, job.model):
             return on_outage(job, view, policy, last_error=last_error)
         limit = (
             policy.worker.rate_limited_max_attempts
@@ -213,23 +214,28 @@ def decide(
         return Duplicate()
     if job.deadline is not None and job.deadline <= (s.now or datetime.now(UTC)):
         return Expired()
-    if view.blocked(job.provider):
+    if view.blocked(job.provider, job.model):
         return on_outage(job, view, policy, last_error="")
     return CALL
 
 
 def on_outage(job: Job, view: BreakerView, policy: Policy, *, last_error: str) -> Outcome:
-    """The provider is open or paused: what the job asked for an outage."""
-    state = view.state(job.provider)
+    """The provider (or the job's model) is open or paused: what the job asked for an outage."""
+    state = view.state(job.provider, job.model)
     if job.on_outage == "fail":
-        message = f"provider {job.provider} is {state}" + (f"; {last_error}" if last_error else "")
+        what = (
+            f"provider {job.provider}"
+            if view.blocked(job.provider)
+            else f"model {job.model} of {job.provider}"
+        )
+        message = f"{what} is {state}" + (f"; {last_error}" if last_error else "")
         return Dead("provider_outage", message, retryable=True)
     if job.on_outage == "failover":
         moved = failover_copy(job, view, policy)
         if moved is not None:
             return FailOver(moved)
     reason = "paused" if state == PAUSED else "provider_open"
-    return Park(reason, last_error, view.outage_id(job.provider))
+    return Park(reason, last_error, view.outage_id(job.provider, job.model))
 
 
 def failover_copy(job: Job, view: BreakerView, policy: Policy) -> Job | None:
@@ -238,7 +244,8 @@ def failover_copy(job: Job, view: BreakerView, policy: Policy) -> Job | None:
     src_kind = policy.kinds.get(job.provider)
     for target in job.fallbacks:
         dst_kind = policy.kinds.get(target.provider)
-        if src_kind is None or dst_kind is None or view.state(target.provider) != "closed":
+        closed = view.state(target.provider, target.model) == "closed"
+        if src_kind is None or dst_kind is None or not closed:
             continue
         try:
             request = convert(job.request, src_kind=src_kind, dst_kind=dst_kind)
@@ -296,6 +303,21 @@ def breaker_signal(
     if outcome.reason == "timeout" and not timeouts_count:
         return None
     return "failure"
+
+
+#: Failures that say the provider itself is unreachable (connection, DNS, TLS: the
+#: adapters classify them all as ``connection``): they count against the provider's
+#: breaker. Every other failure (overloaded, 529, 5xx, timeouts, slow answers, bad
+#: bodies) counts against the model that was called; the provider opens on those only
+#: when ``models_to_open_provider`` of its models are open.
+PROVIDER_WIDE: Final = frozenset({"connection"})
+
+
+def breaker_scope(outcome: Reply | ProviderError) -> Literal["provider", "model"]:
+    """Which breaker a failed (or slow) call counts against."""
+    if isinstance(outcome, ProviderError) and outcome.reason in PROVIDER_WIDE:
+        return "provider"
+    return "model"
 
 
 def long_retry_after(exc: ProviderError, settings: WorkerSettings) -> bool:

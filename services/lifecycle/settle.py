@@ -219,7 +219,7 @@ class Settler:
             return False
         await publish(
             self.js,
-            parked_subject(job.provider, job.priority),
+            parked_subject(job.provider, job.priority, job.model),
             data,
             msg_id=park_msg_id(stream, seq),
             timeout=self.publish_timeout_s,

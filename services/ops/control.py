@@ -30,33 +30,51 @@ def check_provider(settings: Settings, provider: str | None) -> None:
         )
 
 
-async def pause(js: JetStreamContext, provider: str, reason: str) -> None:
-    """Stop calling ``provider``: its jobs park, and no probe can end the pause."""
-    kv = await js.key_value(s.CONTROL_BUCKET)
-    await kv.put(paused_key(provider), encode(Pause(reason=reason, by=operator())))
-    await audit(js, "pause", provider=provider, filters={"reason": reason})
+def check_model(model: str | None) -> None:
+    """``ConfigError`` unless ``model`` is None or a name that can have a breaker of its own."""
+    if model is not None and s.scope_model(model) is None:
+        raise ConfigError(f"model {model!r} cannot have a breaker of its own (too long)")
 
 
-async def resume(js: JetStreamContext, provider: str) -> bool:
-    """End a pause of ``provider`` (the breaker decides again); whether it was paused."""
+async def pause(js: JetStreamContext, provider: str, reason: str, model: str | None = None) -> None:
+    """Stop calling ``provider`` (or only its ``model``): its jobs park, and no probe can
+    end the pause."""
     kv = await js.key_value(s.CONTROL_BUCKET)
+    await kv.put(paused_key(provider, model), encode(Pause(reason=reason, by=operator())))
+    filters = {"reason": reason, **({"model": model} if model else {})}
+    await audit(js, "pause", provider=provider, filters=filters)
+
+
+async def resume(js: JetStreamContext, provider: str, model: str | None = None) -> bool:
+    """End a pause of ``provider`` (or of its ``model``): the breaker decides again;
+    whether it was paused."""
+    kv = await js.key_value(s.CONTROL_BUCKET)
+    key = paused_key(provider, model)
     try:
-        entry = await kv.get(paused_key(provider))
+        entry = await kv.get(key)
         was = bool(entry.value)
     except Exception:
         was = False
     if was:
-        await kv.delete(paused_key(provider))
-    await audit(js, "resume", provider=provider, counts={"was_paused": int(was)})
+        await kv.delete(key)
+    filters = {"model": model} if model else {}
+    await audit(js, "resume", provider=provider, filters=filters, counts={"was_paused": int(was)})
     return was
 
 
-async def check_holding(js: JetStreamContext, settings: Settings, provider: str) -> None:
-    """``RidethroughError`` unless ``provider`` is paused or open: jobs drained from a
-    provider in any other state would be replayed at once."""
-    state = (await collect_status(js, settings))["providers"][provider]["state"]
+async def check_holding(
+    js: JetStreamContext, settings: Settings, provider: str, model: str | None = None
+) -> None:
+    """``RidethroughError`` unless ``provider`` (or, with ``model``, the provider or that
+    model) is paused or open: jobs drained in any other state would be replayed at once."""
+    p = (await collect_status(js, settings))["providers"][provider]
+    state = p["state"]
+    if model is not None and state not in HOLDING_STATES:
+        state = p["models"].get(model, {}).get("state", "closed")
     if state not in HOLDING_STATES:
+        scope = s.scope_label(provider, model)
+        flag = f" --model {model}" if model else ""
         raise RidethroughError(
-            f"{provider} is {state}: drained jobs would be replayed at once; "
-            f"run `ridethrough pause {provider}` first"
+            f"{scope} is {state}: drained jobs would be replayed at once; "
+            f"run `ridethrough pause {provider}{flag}` first"
         )

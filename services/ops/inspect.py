@@ -167,31 +167,45 @@ async def _history(js: JetStreamContext, job_id: str, outage_ids: set[str]) -> l
                         "dry_run": ops.dry_run,
                     }
                 )
-        elif outage_ids:
+        elif outage_ids and subject.startswith("ai.events.health."):
             health = decode_health_event(msg.data or b"")
             if health.outage_id in outage_ids:
+                scope = s.scope_label(health.provider, health.model or None)
                 events.append(
                     {
                         "at": health.at.isoformat(),
-                        "event": f"{health.provider} {health.previous} -> {health.state}",
+                        "event": f"{scope} {health.previous} -> {health.state}",
                         "outage_id": health.outage_id,
                     }
                 )
     return events
 
 
-async def outage_timeline(js: JetStreamContext, last: int | None = None) -> list[dict[str, Any]]:
-    """Outages from the health events: provider, start, end, duration, parked, replayed."""
+async def outage_timeline(
+    js: JetStreamContext,
+    last: int | None = None,
+    *,
+    provider: str | None = None,
+    model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Outages from the health events, one per scope and outage id: provider, model ("" for
+    the provider's own), start, end, duration, parked, replayed. ``model`` keeps only that
+    model's outages (and its provider's, which held its jobs too)."""
     outages: dict[str, dict[str, Any]] = {}
-    async for msg in iter_stream(js, s.EVENTS_STREAM, s.health_event_subject("*")):
+    async for msg in iter_stream(js, s.EVENTS_STREAM, s.HEALTH_EVENTS_FILTER):
         e = decode_health_event(msg.data or b"")
         if not e.outage_id:
+            continue
+        if provider is not None and e.provider != provider:
+            continue
+        if model is not None and e.model not in ("", model):
             continue
         o = outages.setdefault(
             e.outage_id,
             {
                 "outage_id": e.outage_id,
                 "provider": e.provider,
+                "model": e.model,
                 "start": None,
                 "end": None,
                 "duration_s": None,

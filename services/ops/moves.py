@@ -63,8 +63,10 @@ async def drain(
     limit: int | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    model: str | None = None,
 ) -> MoveReport:
-    """Move waiting jobs of ``provider`` from AI_JOBS to AI_PARKED.
+    """Move waiting jobs of ``provider`` (of its ``model`` only, if given) from AI_JOBS to
+    AI_PARKED.
 
     Only jobs no worker has received yet are moved (those past the consumer's
     delivered sequence); in-flight and retrying jobs are counted as skipped.
@@ -99,6 +101,8 @@ async def drain(
                 continue
             if cutoff is not None and job.created_at > cutoff:
                 continue
+            if model is not None and job.model != model:
+                continue
             report.matched += 1
             if dry_run:
                 report.job_ids.append(job.id)
@@ -120,6 +124,7 @@ async def drain(
             "priority": priority or "",
             "older_than": str(older_than or ""),
             "limit": str(limit or ""),
+            "model": model or "",
         }
         with contextlib.suppress(Exception):
             await audit(
@@ -135,6 +140,7 @@ async def drain(
 
 
 def _retarget(job: Job, settings: Settings, to_provider: str | None, model: str | None) -> Job:
+    """``job`` sent to ``to_provider`` (its request mapped if the API differs) and ``model``."""
     if to_provider is None and model is None:
         return job
     target = to_provider or job.provider
@@ -161,11 +167,13 @@ async def replay(
     limit: int | None = None,
     rate: float | None = None,
     to_provider: str | None = None,
-    model: str | None = None,
+    to_model: str | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    model: str | None = None,
 ) -> MoveReport:
-    """Put parked jobs or dead letters back on AI_JOBS, with filters and a rate cap."""
+    """Put parked jobs or dead letters back on AI_JOBS, with filters (``model``: only that
+    model's jobs) and a rate cap; ``to_provider`` / ``to_model`` send them elsewhere."""
     if source not in ("parked", "dead"):
         raise RidethroughError(f"--from must be parked or dead, not {source!r}")
     report = MoveReport()
@@ -188,8 +196,10 @@ async def replay(
                 continue
             if since and when < since:
                 continue
+            if model is not None and job.model != model:
+                continue
             try:
-                job = _retarget(job, settings, to_provider, model)
+                job = _retarget(job, settings, to_provider, to_model)
             except Unmappable as exc:
                 report.skipped += 1
                 report.notes.append(f"{job.id}: cannot be sent to {to_provider}: {exc}")
@@ -213,6 +223,7 @@ async def replay(
             "limit": str(limit or ""),
             "rate": str(rate or ""),
             "to_provider": to_provider or "",
+            "to_model": to_model or "",
             "model": model or "",
         }
         with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""What is happening, per provider: breaker, queues, workers, replay.
+"""What is happening, per provider and per model: breaker, queues, workers, replay.
 
 An entry of ai_health or ai_control nobody can decode shows its provider as
 ``unknown`` (listed under ``unreadable``); an unreadable replay lease is no replay,
@@ -18,6 +18,7 @@ from schemas.health import try_decode_beat, try_decode_pause, try_decode_state
 from services.breaker import paused_key, try_decode_lease
 from services.config import Settings
 from services.jetstream.errors import NOT_FOUND
+from services.jetstream.kv import keys_of
 from services.jetstream.streams import subject_counts
 
 log = logging.getLogger("ridethrough.status")
@@ -33,6 +34,33 @@ async def _kv_value(kv: Any, key: str) -> bytes | None:
 
 def _unreadable(where: str, raw: bytes) -> None:
     log.warning("%s is unreadable (%d bytes): shown as unknown", where, len(raw))
+
+
+async def _model_status(
+    health: Any, control: Any, beats: list[Any], provider: str, model: str, parked: int
+) -> dict[str, Any]:
+    """The breaker of one model of ``provider``, as ``status`` shows it under the provider."""
+    key = s.scope_key(provider, model)
+    raw_state = await _kv_value(health, key)
+    state = try_decode_state(raw_state) if raw_state else None
+    raw = await _kv_value(control, paused_key(provider, model))
+    pause = try_decode_pause(raw) if raw else None
+    unreadable = (raw_state is not None and state is None) or (raw is not None and pause is None)
+    breaker = state.state if state else ("unknown" if raw_state else "closed")
+    calls = sum(b.windows.get(key, (0, 0))[0] for b in beats)
+    failures = sum(b.windows.get(key, (0, 0))[1] for b in beats)
+    return {
+        "state": "paused" if pause else ("unknown" if unreadable else breaker),
+        "breaker": breaker,
+        "since": state.since.isoformat() if state else None,
+        "reason": (pause.reason if pause else (state.reason if state else "")),
+        "outage_id": state.outage_id if state else "",
+        "last_error": state.last_error if state else "",
+        "paused_by": pause.by if pause else None,
+        "failure_rate": round(failures / calls, 3) if calls else None,
+        "calls_in_window": calls,
+        "parked": parked,
+    }
 
 
 async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, Any]:
@@ -54,6 +82,20 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             _unreadable(f"{s.WORKERS_BUCKET}/{key}", raw)
     parked = await subject_counts(js, s.PARKED_STREAM, s.parked_filter())
     dead = await subject_counts(js, s.DEAD_STREAM, s.dead_filter())
+    # The models with a breaker, a pause, or parked jobs, per provider.
+    models: dict[str, set[str]] = {name: set() for name in settings.providers}
+    pause_keys = [k.removeprefix("paused.") for k in await keys_of(js, s.CONTROL_BUCKET, "paused")]
+    for key in [*await keys_of(js, s.HEALTH_BUCKET), *pause_keys]:
+        scope = s.scope_of_key(key)
+        if scope is not None and scope[1] is not None and scope[0] in models:
+            models[scope[0]].add(scope[1])
+    parked_by_model: dict[tuple[str, str], int] = {}
+    for subject, n in parked.items():
+        place = s.parked_place(subject)
+        if place is not None and place.model is not None and place.provider in models:
+            models[place.provider].add(place.model)
+            key2 = (place.provider, place.model)
+            parked_by_model[key2] = parked_by_model.get(key2, 0) + n
     providers: dict[str, Any] = {}
     for name in sorted(settings.providers):
         unreadable: list[str] = []
@@ -98,6 +140,12 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             "dead": sum(v for k, v in dead.items() if k.split(".")[2] == name),
             "replay": replay,
             "unreadable": unreadable,
+            "models": {
+                model: await _model_status(
+                    health, control, beats, name, model, parked_by_model.get((name, model), 0)
+                )
+                for model in sorted(models[name])
+            },
         }
     workers = [
         {

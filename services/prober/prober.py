@@ -1,14 +1,16 @@
-"""Probe providers that are open (or paused); after M successes in a row, half-open them.
+"""Probe breakers that are open (or paused); after M successes in a row, half-open them.
 
-Only providers that are not closed are probed, each with exponential backoff and
+A scope is a provider or one of its models. An open provider is probed with its probe
+model; while it is closed, each open model is probed with a one-token call of that
+model. Only scopes that are not closed are probed, each with exponential backoff and
 jitter between failures, so an outage costs the provider a trickle of probes
 instead of a retry storm. A probe is a real call (by default the cheapest
 request the provider accepts: one token) sent with the header
 ``x-ridethrough-probe: 1``. A paused provider is probed too (status shows
 whether it is up) but never moved: only the operator's resume ends a pause.
 
-One prober per provider is active among replicas (a lease in ai_control,
-``probe.<provider>``); when it dies, another replica takes over within the lease.
+One prober per provider (for all its scopes) is active among replicas (a lease in
+ai_control, ``probe.<provider>``); when it dies, another replica takes over within the lease.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from nats.js import JetStreamContext
 
-from services.breaker import LeaseKeeper
+from schemas.subjects import scope_label
+from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import Settings
 from services.errors import ProviderError
@@ -62,6 +67,8 @@ class Prober(LeasedPerProvider):
         super().__init__(js, settings, providers, owner=owner)
         self.providers = providers
         self.probes: dict[str, int] = dict.fromkeys(providers, 0)
+        #: Probes per scope (``scope_label``: ``provider`` or ``provider/model``).
+        self.probes_by_scope: dict[str, int] = {}
 
     async def _stopped(self) -> None:
         """Close the provider clients."""
@@ -71,52 +78,82 @@ class Prober(LeasedPerProvider):
 
     async def _run(self, name: str, lease: LeaseKeeper) -> None:
         b = self.settings.breaker
-        model, request = default_probe(self.settings, name)
-        interval = b.probe_interval_s
-        successes = 0
+        schedule: dict[str | None, _Schedule] = {}  # per scope (None: the provider)
         while True:
             raise_if_cancelling()
-            state = self.board.state(name)
-            if not lease.held or state in ("closed", "half_open"):
-                successes, interval = 0, b.probe_interval_s
-                await asyncio.sleep(b.board_poll_s)
-                continue
-            ok = await self._probe(name, model, request)
-            if ok:
-                successes += 1
-                interval = b.probe_interval_s
-                if successes >= b.probe_successes and self.board.state(name) == "open":
-                    await self._half_open(name, successes)
-                    successes = 0
+            due = self._scopes(name) if lease.held else []
+            for scope in set(schedule) - set(due):
+                del schedule[scope]  # closed, half-open, or not ours: start afresh next time
+            for model in due:
+                now = time.monotonic()
+                plan = schedule.setdefault(model, _Schedule(b.probe_interval_s, now))
+                if now < plan.next_at:
                     continue
-            else:
-                successes = 0
-                interval = min(b.probe_max_interval_s, interval * 2)
-            # Full jitter on the upper half: replicas and providers do not probe in step.
-            await asyncio.sleep(random.uniform(interval / 2, interval))
+                if await self._probe(name, model):
+                    plan.successes += 1
+                    plan.interval = b.probe_interval_s
+                    if (
+                        plan.successes >= b.probe_successes
+                        and self.board.own_state(name, model) == "open"
+                    ):
+                        await self._half_open(name, model, plan.successes)
+                        del schedule[model]
+                        continue
+                else:
+                    plan.successes = 0
+                    plan.interval = min(b.probe_max_interval_s, plan.interval * 2)
+                # Full jitter on the upper half: replicas and scopes do not probe in step.
+                plan.next_at = time.monotonic() + random.uniform(plan.interval / 2, plan.interval)
+            soonest = min((p.next_at for p in schedule.values()), default=math.inf)
+            await asyncio.sleep(max(0.0, min(b.board_poll_s, soonest - time.monotonic())))
 
-    async def _probe(self, name: str, model: str, request: dict[str, Any]) -> bool:
-        """One probe; it succeeds when the provider answers within the model's latency
-        budget (slow is down too: a slow answer must not half-open a slow provider)."""
+    def _scopes(self, name: str) -> list[str | None]:
+        """The scopes of provider ``name`` to probe: the provider itself while it is open or
+        paused (its models cannot be told apart through it), else each model that is."""
+        if self.board.own_state(name) in ("open", PAUSED):
+            return [None]
+        return [m for m in self.board.models(name) if self.board.own_state(name, m) in _PROBED]
+
+    async def _probe(self, name: str, model: str | None) -> bool:
+        """One probe of the provider (``model`` None: with its probe model) or of one model;
+        it succeeds when the provider answers within the model's latency budget (slow is
+        down too: a slow answer must not half-open a slow provider)."""
+        probe_model, request = default_probe(self.settings, name)
+        probe_model = model or probe_model
         self.probes[name] += 1
+        key = scope_label(name, model)
+        self.probes_by_scope[key] = self.probes_by_scope.get(key, 0) + 1
         started = time.monotonic()
         try:
-            await self.providers[name].call(model, request, probe=True)
+            await self.providers[name].call(probe_model, request, probe=True)
         except ProviderError as exc:
-            log.info("probe of %s failed: %s (%s)", name, exc.reason, exc.message[:120])
+            log.info("probe of %s failed: %s (%s)", key, exc.reason, exc.message[:120])
             return False
         took = time.monotonic() - started
-        budget = self.settings.providers[name].latency_budget(model)
+        budget = self.settings.providers[name].latency_budget(probe_model)
         if budget is not None and took > budget:
-            log.info("probe of %s answered in %.2fs, over its %gs budget", name, took, budget)
+            log.info("probe of %s answered in %.2fs, over its %gs budget", key, took, budget)
             return False
         return True
 
-    async def _half_open(self, name: str, successes: int) -> None:
+    async def _half_open(self, name: str, model: str | None, successes: int) -> None:
         await self.board.move(
             name,
+            model,
             to="half_open",
             allowed_from=("open",),
             by=self.owner,
             reason=f"{successes} probes in a row succeeded",
         )
+
+
+_PROBED = ("open", PAUSED)
+
+
+@dataclass(slots=True)
+class _Schedule:
+    """When a scope is probed next, and its run of successes."""
+
+    interval: float
+    next_at: float
+    successes: int = 0

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,16 +40,16 @@ from schemas.subjects import (
     PARKED_STREAM,
     PRIORITIES,
     parked_filter,
-    parked_subject,
+    parked_place,
     replay_tag,
-    replayer_consumer,
 )
-from services.breaker import LeaseKeeper
+from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
-from services.config import Settings
+from services.config import ReplaySettings, Settings
 from services.jetstream.connection import max_payload
 from services.jetstream.errors import TIMEOUT
 from services.jetstream.pull import Puller, ack_position
+from services.jetstream.topology import migrate_parked, replayer_consumer_config
 from services.lifecycle.settle import Settler
 from services.overflow import raw_fields
 from services.tasks import raise_if_cancelling
@@ -57,35 +58,52 @@ log = logging.getLogger("ridethrough.replayer")
 
 
 class ProviderReplay:
-    """Replay state of one provider: rate, counts, the outage being recovered."""
+    """Replay state of one breaker scope: its slow-start rate, counts, the outage it
+    recovers from. The provider's also paces its models while both are closed."""
 
-    def __init__(self, initial_rate: float) -> None:
+    def __init__(self, initial_rate: float, now: float = 0.0, ramp_interval_s: float = 1.0) -> None:
         self.rate = initial_rate
+        self.tokens = 0.0
+        self.last = now
+        self.ramp_at = now + ramp_interval_s
         self.replayed = 0  # in the current outage
         self.expired = 0
         self.total_replayed = 0
         self.outage_id = ""
 
+    def advance(self, now: float, r: ReplaySettings, poll: float) -> None:
+        """Ramp the rate up (every ``ramp_interval_s``, to ``max_rate``) and add tokens."""
+        if now >= self.ramp_at:
+            self.rate *= r.ramp_factor
+            if r.max_rate:
+                self.rate = min(self.rate, r.max_rate)
+            self.ramp_at = now + r.ramp_interval_s
+        self.tokens = min(self.tokens + self.rate * (now - self.last), max(self.rate * poll, 1.0))
+        self.last = now
+
+
+#: Parked jobs of one provider: per (priority, model) their count; model None stands for
+#: jobs whose model has no scope of its own.
+Backlog = dict[tuple[str, str | None], int]
+
 
 class Replayer(LeasedPerProvider):
-    """One replay task per configured provider."""
+    """One replay task per configured provider, for all its models."""
 
     lease = "replay"
     log = log
 
     def __init__(self, js: JetStreamContext, settings: Settings, *, owner: str) -> None:
         super().__init__(js, settings, settings.providers, owner=owner)
-        self.progress: dict[str, ProviderReplay] = {
-            p: ProviderReplay(settings.replay.initial_rate) for p in settings.providers
+        #: Per provider, per scope (None: the provider itself; else a model).
+        self.progress: dict[str, dict[str | None, ProviderReplay]] = {
+            p: {} for p in settings.providers
         }
         self.settler = Settler(js, max_payload=max_payload(js), worker_id=owner)
-        # Per provider, a puller per priority: bound once, kept across restarts of _run.
-        self._subs: dict[str, dict[str, Puller]] = {
-            name: {
-                prio: Puller(js, PARKED_STREAM, replayer_consumer(name, prio))
-                for prio in PRIORITIES
-            }
-            for name in settings.providers
+        # Per provider, a puller per (priority, model): made when the model has parked jobs,
+        # kept across restarts of _run.
+        self._subs: dict[str, dict[tuple[str, str | None], Puller]] = {
+            name: {} for name in settings.providers
         }
 
     async def _stopped(self) -> None:
@@ -97,116 +115,215 @@ class Replayer(LeasedPerProvider):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+    def _prog(self, name: str, model: str | None, now: float) -> ProviderReplay:
+        """The replay state of a scope, made afresh if it had none: a slow start while it
+        is half-open; at the cap once it is closed (the outage is over)."""
+        r = self.settings.replay
+        progs = self.progress[name]
+        prog = progs.get(model)
+        if prog is None:
+            closed = self.board.state(name, model) == "closed"
+            rate = r.max_rate if closed and r.max_rate else r.initial_rate
+            prog = progs[model] = ProviderReplay(rate, now, r.ramp_interval_s)
+        outage = self.board.own_outage_id(name, model)
+        if prog.outage_id != outage:
+            prog.outage_id, prog.replayed = outage, 0
+        return prog
+
+    def _pacing(self, name: str, backlog: Backlog) -> dict[str | None, list[str | None]]:
+        """Which scope paces the replay of which models' parked jobs (None: the provider).
+
+        Nothing replays while the provider is open or paused, nor a model that is. The
+        provider paces every model while it is half-open (its recovery is being tested)
+        and every closed model; a half-open model paces its own jobs."""
+        out: dict[str | None, list[str | None]] = {}
+        if self.board.own_state(name) in _HOLDING:
+            return out
+        provider_half_open = self.board.own_state(name) == "half_open"
+        for model in sorted({m for (_, m), n in backlog.items() if n > 0}, key=str):
+            own = self.board.own_state(name, model) if model is not None else "closed"
+            if own in _HOLDING:
+                continue
+            pacer = None if provider_half_open or own == "closed" else model
+            out.setdefault(pacer, []).append(model)
+        return out
+
     async def _run(self, name: str, lease: LeaseKeeper) -> None:
-        subs = self._subs[name]
         r = self.settings.replay
         poll = self.settings.breaker.board_poll_s
-        prog = self.progress[name]
-        tokens = 0.0
-        last = time.monotonic()
-        ramp_at = last + r.ramp_interval_s
+        progs = self.progress[name]
         # One batch waits for its PubAcks (``settling``) while the next is fetched and
         # republished: measured, the replayer otherwise sat idle a third of the time.
-        settling: asyncio.Task[int] | None = None
-        free: dict[str, int] = {}  # per priority: parked jobs not yet delivered to us
-        counted_at = last  # when to count the backlog on the server again
+        settling: asyncio.Task[Counter[str | None]] | None = None
+        backlog: Backlog = {}  # counted on the server
+        free: Backlog = {}  # parked jobs not yet delivered to us, per (priority, model)
+        counted_at = time.monotonic()  # when to count the backlog on the server again
 
-        async def settled() -> int:
+        async def settled() -> None:
             nonlocal settling
             task, settling = settling, None
-            done = await task if task is not None else 0
-            prog.replayed += done
-            prog.total_replayed += done
-            return done
+            done = await task if task is not None else Counter()
+            for scope, n in done.items():
+                if scope in progs:
+                    progs[scope].replayed += n
+                    progs[scope].total_replayed += n
 
         try:
             while True:
                 # A wait_for whose result came with the cancellation drops it (3.11):
                 # stop() then waited forever (seen when stopping mid-replay).
                 raise_if_cancelling()
-                state = self.board.state(name)
                 now = time.monotonic()
-                if not lease.held or state not in ("half_open", "closed"):
+                if not lease.held or self.board.own_state(name) in _HOLDING:
                     # Blocked (or not ours): the next recovery starts slow again.
-                    prog.rate, tokens, last = r.initial_rate, 0.0, now
-                    ramp_at = now + r.ramp_interval_s
+                    progs.clear()
                     await settled()
                     await asyncio.sleep(poll)
-                    continue
-                if prog.outage_id != self.board.outage_id(name):
-                    prog.outage_id, prog.replayed = self.board.outage_id(name), 0
-                if now >= ramp_at:
-                    prog.rate = prog.rate * r.ramp_factor
-                    if r.max_rate:
-                        prog.rate = min(prog.rate, r.max_rate)
-                    ramp_at = now + r.ramp_interval_s
-                tokens = min(tokens + prog.rate * (now - last), max(prog.rate * poll, 1.0))
-                last = now
-                if tokens < 1:
-                    await asyncio.sleep(min(poll, (1 - tokens) / prog.rate))
                     continue
                 if now >= counted_at or not any(free.values()):
                     # Counted on the server once per poll (new jobs may park meanwhile);
                     # between counts each delivery says how many its consumer has left.
                     await settled()
-                    counts = await self._backlog(name)
+                    backlog = await self._backlog(name)
                     counted_at = now + poll
-                    free = dict(counts)
-                    if not any(counts.values()):
-                        if state == "half_open":
-                            await self._close(name, prog, "parked backlog empty")
-                        lease.info = self._info(name, prog, 0)
-                        await asyncio.sleep(poll)
+                    free = dict(backlog)
+                await self._close_idle(name, backlog)
+                pacing = self._pacing(name, backlog)
+                for scope in set(progs) - set(pacing):
+                    del progs[scope]  # blocked again, or done: it starts afresh next time
+                if not pacing:
+                    lease.info = self._info(name, backlog)
+                    await asyncio.sleep(poll)
+                    continue
+                pending: list[tuple[Msg, asyncio.Future[Any], str | None]] = []
+                wait = poll
+                for scope, models in pacing.items():
+                    prog = self._prog(name, scope, now)
+                    prog.advance(now, r, poll)
+                    if self._half_open(name, scope) and r.max_rate and prog.rate >= r.max_rate:
+                        await settled()
+                        await self._close(name, scope, f"replay reached {r.max_rate:g} jobs/s")
+                    if prog.tokens < 1:
+                        wait = min(wait, (1 - prog.tokens) / prog.rate)
                         continue
-                if state == "half_open" and r.max_rate and prog.rate >= r.max_rate:
-                    await settled()
-                    await self._close(name, prog, f"replay reached {r.max_rate:g} jobs/s")
-                want = min(int(tokens), r.batch_size)
-                msgs = await self._fetch(subs, free, want)
-                tokens -= len(msgs)
-                pending = await self._republish(name, msgs)
+                    want = min(int(prog.tokens), r.batch_size)
+                    msgs = await self._fetch(name, models, free, want)
+                    prog.tokens -= len(msgs)
+                    pending += [(m, f, scope) for m, f in await self._republish(name, msgs)]
+                    wait = 0.0
                 await settled()
                 if pending:
                     settling = asyncio.create_task(self._ack_republished(pending))
-                lease.info = self._info(name, prog, sum(free.values()) + len(pending))
+                lease.info = self._info(name, free, len(pending))
+                if wait > 0:
+                    await asyncio.sleep(min(poll, wait))
         finally:
             if settling is not None:
                 # Stopped or interrupted: its unacked jobs stay parked and come back after
                 # ack_wait (the dedup window drops a second copy of any already republished).
                 settling.cancel()
 
-    def _info(self, name: str, prog: ProviderReplay, backlog: int) -> dict[str, Any]:
+    def _half_open(self, name: str, scope: str | None) -> bool:
+        return self.board.own_state(name, scope) == "half_open"
+
+    async def _close_idle(self, name: str, backlog: Backlog) -> None:
+        """Close each half-open scope with nothing of its own left to replay: the provider
+        when no model it may replay has parked jobs, a model when it has none."""
+        waiting = {m for (_, m), n in backlog.items() if n > 0}
+        if self._half_open(name, None):
+            replayable = {
+                m for m in waiting if m is None or self.board.own_state(name, m) not in _HOLDING
+            }
+            if not replayable:
+                await self._close(name, None, "parked backlog empty")
+        for model in self.board.models(name):
+            if model not in waiting and self._half_open(name, model):
+                await self._close(name, model, "parked backlog empty")
+
+    def _info(self, name: str, backlog: Backlog, extra: int = 0) -> dict[str, Any]:
+        """The replay progress ``status`` shows: the provider's, and its models'."""
+        progs = self.progress[name]
+        prov = progs.get(None)
+        models: dict[str, Any] = {}
+        named = {m for (_, m) in backlog if m is not None}
+        named |= {m for m in progs if m is not None}
+        for model in sorted(named):
+            prog = progs.get(model)
+            models[model] = {
+                "state": self.board.own_state(name, model),
+                "rate": round(prog.rate, 1) if prog else None,
+                "replayed": prog.replayed if prog else 0,
+                "backlog": sum(n for (_, m), n in backlog.items() if m == model),
+            }
         return {
             "state": self.board.state(name),
-            "rate": round(prog.rate, 1),
-            "replayed": prog.replayed,
-            "expired": prog.expired,
-            "backlog": backlog,
-            "outage_id": prog.outage_id,
+            "rate": round(prov.rate, 1) if prov else self.settings.replay.initial_rate,
+            "replayed": sum(p.replayed for p in progs.values()),
+            "expired": sum(p.expired for p in progs.values()),
+            "backlog": sum(backlog.values()) + extra,
+            "outage_id": self.board.own_outage_id(name),
+            "models": models,
         }
 
-    async def _backlog(self, name: str) -> dict[str, int]:
-        """Parked jobs of ``name`` per priority (including ones being replayed now)."""
+    async def _backlog(self, name: str) -> Backlog:
+        """Parked jobs of ``name`` per (priority, model), including ones being replayed now.
+        Jobs still under the legacy layout are moved to the per-model one first."""
         info = await self.js.stream_info(PARKED_STREAM, subjects_filter=parked_filter(name))
-        subjects = info.state.subjects or {}
-        return {prio: int(subjects.get(parked_subject(name, prio), 0)) for prio in PRIORITIES}
+        out: Backlog = {}
+        legacy = 0
+        for subject, n in (info.state.subjects or {}).items():
+            place = parked_place(subject)
+            if place is None:
+                continue
+            if place.legacy:
+                legacy += int(n)
+                continue
+            out[place.priority, place.model] = int(n)
+        if legacy:
+            moved = await migrate_parked(self.js, name)
+            log.info("moved %d jobs of %s parked under the legacy layout", moved, name)
+            return await self._backlog(name) if moved else out
+        return out
 
-    async def _fetch(self, subs: dict[str, Any], free: dict[str, int], want: int) -> list[Msg]:
-        """Up to ``want`` parked jobs, high priority first, oldest first within one;
-        ``free`` (jobs per priority not yet delivered) is updated from the deliveries."""
+    async def _puller(self, name: str, prio: str, model: str | None) -> Puller:
+        """The puller of one priority of one model's parked jobs (its consumer made first)."""
+        subs = self._subs[name]
+        sub = subs.get((prio, model))
+        if sub is None:
+            cfg = replayer_consumer_config(self.settings, name, prio, model)
+            await self.js.add_consumer(PARKED_STREAM, cfg)  # create-or-update: idempotent
+            assert cfg.durable_name is not None
+            sub = subs[prio, model] = Puller(self.js, PARKED_STREAM, cfg.durable_name)
+        return sub
+
+    async def _fetch(
+        self, name: str, models: list[str | None], free: Backlog, want: int
+    ) -> list[Msg]:
+        """Up to ``want`` parked jobs of ``models``, high priority before normal before low,
+        oldest first within one model; ``free`` (jobs not yet delivered) is updated from
+        the deliveries."""
         got: list[Msg] = []
         for prio in PRIORITIES:
-            need = want - len(got)
-            if need <= 0:
-                break
-            if free.get(prio, 0) <= 0:
-                continue
-            try:
-                got += await subs[prio].fetch(min(need, free[prio]), timeout=0.5, prefetch=True)
-            except TIMEOUT:
-                free[prio] = 0  # until the next count
-                continue
-            free[prio] = subs[prio].left
+            for model in models:
+                need = want - len(got)
+                if need <= 0:
+                    return got
+                if free.get((prio, model), 0) <= 0:
+                    continue
+                sub = await self._puller(name, prio, model)
+                try:
+                    got += await sub.fetch(min(need, free[prio, model]), timeout=0.5, prefetch=True)
+                except TIMEOUT:
+                    free[prio, model] = 0  # until the next count
+                    continue
+                except Exception:
+                    # Its consumer may be gone (unused past inactive_threshold): make it
+                    # again next time rather than pull from nothing for ever.
+                    del self._subs[name][prio, model]
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    raise
+                free[prio, model] = sub.left
         return got
 
     async def _republish(self, name: str, msgs: list[Msg]) -> list[tuple[Msg, asyncio.Future[Any]]]:
@@ -229,18 +346,22 @@ class Replayer(LeasedPerProvider):
                 continue
             fut = await self.settler.republish_async(job, replay=replay_tag(seq))
             pending.append((msg, fut))
-        self.progress[name].expired += expired
+        if expired:
+            self._prog(name, None, time.monotonic()).expired += expired
         return pending
 
-    async def _ack_republished(self, pending: list[tuple[Msg, asyncio.Future[Any]]]) -> int:
-        """Ack each republished job after its PubAck (nak it if none came); how many went."""
+    async def _ack_republished(
+        self, pending: list[tuple[Msg, asyncio.Future[Any], str | None]]
+    ) -> Counter[str | None]:
+        """Ack each republished job after its PubAck (nak it if none came); how many went,
+        per scope that paced them."""
         if pending:
             # One wait for the whole batch: a wait_for per PubAck costs a loop turn each.
-            _, late = await asyncio.wait([fut for _, fut in pending], timeout=10)
+            _, late = await asyncio.wait([fut for _, fut, _ in pending], timeout=10)
             for fut in late:
                 fut.cancel()
-        done = 0
-        for msg, fut in pending:
+        done: Counter[str | None] = Counter()
+        for msg, fut, scope in pending:
             failure = TimeoutError("no PubAck within 10s") if fut.cancelled() else fut.exception()
             if failure is not None:
                 log.warning("replay publish failed, job stays parked: %s", failure)
@@ -248,7 +369,7 @@ class Replayer(LeasedPerProvider):
                     await msg.nak(delay=1)
                 continue
             await msg.ack()
-            done += 1
+            done[scope] += 1
         return done
 
     async def _expire(self, msg: Msg, job: Job, attempts: int) -> None:
@@ -280,14 +401,22 @@ class Replayer(LeasedPerProvider):
         )
         await msg.ack()
 
-    async def _close(self, name: str, prog: ProviderReplay, reason: str) -> None:
-        backlog = sum((await self._backlog(name)).values())
+    async def _close(self, name: str, model: str | None, reason: str) -> None:
+        """End the outage of a half-open scope (the event counts its jobs)."""
+        backlog = await self._backlog(name)
+        left = sum(n for (_, m), n in backlog.items() if model is None or m == model)
+        prog = self.progress[name].get(model)
+        replayed = prog.replayed if prog else 0
         await self.board.move(
             name,
+            model,
             to="closed",
             allowed_from=("half_open",),
             by=self.owner,
             reason=reason,
-            parked=prog.replayed + backlog,
-            replayed=prog.replayed,
+            parked=replayed + left,
+            replayed=replayed,
         )
+
+
+_HOLDING = ("open", PAUSED)

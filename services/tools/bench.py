@@ -580,7 +580,7 @@ async def bench_replay(
             jobs = bench_jobs(opts.jobs)
             parked = [
                 (
-                    parked_subject(j.provider, j.priority),
+                    parked_subject(j.provider, j.priority, j.model),
                     encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
                     # As if parked from AI_JOBS: sequences go on across runs (the same
                     # msg ids would meet the dedup window and park nothing).

@@ -8,7 +8,8 @@
              parked copy, fail-over copy), then the message acked or nakked
 
 Around that, this module keeps what is local to one process: the breaker's failure
-window per provider (a trip moves the fleet's board), the set of jobs it is calling
+window per scope, a provider and each model (a trip moves the fleet's board), the set
+of jobs it is calling
 (a redelivered copy waits), and what happens when settling itself fails:
 
     NATS away for a moment     warning, nak with backoff (the job comes back; nothing is lost)
@@ -28,7 +29,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from schemas.jobs import Job, decode_job
-from schemas.subjects import MSG_ID_HEADER, REPLAY_HEADER, JobOrigin, job_msg_id, job_origin
+from schemas.subjects import (
+    MSG_ID_HEADER,
+    REPLAY_HEADER,
+    JobOrigin,
+    job_msg_id,
+    job_origin,
+    scope_key,
+    scope_model,
+)
 from services.breaker import HealthBoard, SlidingWindow
 from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
 from services.errors import ProviderError
@@ -41,6 +50,7 @@ from services.lifecycle.decide import (
     Policy,
     Situation,
     backoff_delay,
+    breaker_scope,
     breaker_signal,
     decide,
 )
@@ -97,7 +107,7 @@ class JobRunner:
         )
         #: Jobs (tenant, id) whose call or answer this process has under way.
         self._calling: set[tuple[str | None, str]] = set()
-        # Per provider: the local failure window, and the breaker (state, outage) it belongs to.
+        # Per scope key: the local failure window, and the breaker (state, outage) it is of.
         self._windows: dict[str, tuple[tuple[str, str], SlidingWindow]] = {}
 
     async def process(self, msg: Msg) -> None:
@@ -236,49 +246,93 @@ class JobRunner:
         return answer
 
     async def _count(self, job: Job, answer: Reply | ProviderError, took_s: float) -> None:
-        """Count the call in the provider's window; trip the breaker when it fails."""
+        """Count the call in its scopes' windows; trip a breaker when it fails.
+
+        Every call counts in its provider's window; a failure of the provider itself
+        (``breaker_scope``) is a failure there, any other is a failure of the model's
+        window only. A model's trip may open the provider too (enough models open)."""
         if self.board is None:
             return
         provider = job.provider
+        model = scope_model(job.model)
         cfg = self.provider_settings.get(provider)
         budget = cfg.latency_budget(job.model) if cfg is not None else None
         slow = budget is not None and took_s > budget
         signal = breaker_signal(
             answer, self.settings, slow=slow, timeouts_count=self.breaker.timeouts_count
         )
-        window = self._window(provider)
+        if signal is None:
+            return
+        wide = self._window(provider, None)
         if signal == "success":
-            window.success()
-        elif signal == "failure" and window.failure():
-            if isinstance(answer, ProviderError):
-                last_error = f"{answer.reason}: {answer.message}"
-            else:
-                last_error = f"slow: {took_s:.1f}s over the {budget:g}s budget of {job.model}"
-            calls, failures = window.counts()
-            await self.board.move(
-                provider,
-                to="open",
-                allowed_from=("closed", "half_open"),
-                by=self.worker_id,
-                reason=f"{window.consecutive} consecutive / {failures} of {calls} calls failed",
-                last_error=last_error,
-                calls=calls,
-                failures=failures,
-            )
+            wide.success()
+            if model is not None:
+                self._window(provider, model).success()
+            return
+        if isinstance(answer, ProviderError):
+            last_error = f"{answer.reason}: {answer.message}"
+        else:
+            last_error = f"slow: {took_s:.1f}s over the {budget:g}s budget of {job.model}"
+        if model is None or breaker_scope(answer) == "provider":
+            if wide.failure():
+                await self._trip(provider, None, wide, last_error)
+            return
+        wide.neutral()
+        window = self._window(provider, model)
+        if window.failure() and await self._trip(provider, model, window, last_error):
+            await self._open_provider_if_models_are(provider, last_error)
+
+    async def _trip(
+        self, provider: str, model: str | None, window: SlidingWindow, last_error: str
+    ) -> bool:
+        """Open the breaker of a scope whose window tripped; whether this call opened it."""
+        assert self.board is not None
+        calls, failures = window.counts()
+        new = await self.board.move(
+            provider,
+            model,
+            to="open",
+            allowed_from=("closed", "half_open"),
+            by=self.worker_id,
+            reason=f"{window.consecutive} consecutive / {failures} of {calls} calls failed",
+            last_error=last_error,
+            calls=calls,
+            failures=failures,
+        )
+        return new is not None
+
+    async def _open_provider_if_models_are(self, provider: str, last_error: str) -> None:
+        """Open the provider when ``models_to_open_provider`` of its models are open: one
+        model's trouble is its own; several models' at once is the provider's."""
+        assert self.board is not None
+        enough = self.breaker.models_to_open_provider
+        board = self.board
+        sick = [m for m in board.models(provider) if board.own_state(provider, m) == "open"]
+        if not enough or len(sick) < enough:
+            return
+        await self.board.move(
+            provider,
+            to="open",
+            allowed_from=("closed", "half_open"),
+            by=self.worker_id,
+            reason=f"{len(sick)} of its models are open: {', '.join(sick)}",
+            last_error=last_error,
+        )
 
     def window_counts(self) -> dict[str, tuple[int, int]]:
-        """(calls, transient failures) per provider in the current breaker window."""
-        return {p: held[1].counts() for p, held in self._windows.items()}
+        """(calls, transient failures) per scope key in the current breaker window."""
+        return {key: held[1].counts() for key, held in self._windows.items()}
 
-    def _window(self, provider: str) -> SlidingWindow:
-        """The failure window of ``provider``, emptied whenever its breaker changes."""
+    def _window(self, provider: str, model: str | None) -> SlidingWindow:
+        """The failure window of a scope, emptied whenever its breaker changes."""
         assert self.board is not None
-        st = self.board.states.get(provider)
+        key = scope_key(provider, model)
+        st = self.board.states.get(key)
         epoch = (st.state, st.outage_id) if st is not None else ("closed", "")
-        held = self._windows.get(provider)
+        held = self._windows.get(key)
         if held is None or held[0] != epoch:
             held = (epoch, SlidingWindow(self.breaker))
-            self._windows[provider] = held
+            self._windows[key] = held
         return held[1]
 
 

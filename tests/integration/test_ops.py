@@ -162,7 +162,7 @@ async def test_drain_filters_and_refuses_a_closed_provider(settings: Settings, j
     assert code == 0, err
     assert json.loads(out)["moved"] == 3
     parked = await read_stream(js, s.PARKED_STREAM)
-    assert {m.subject for m in parked} == {"ai.parked.anthropic.low"}
+    assert {m.subject for m in parked} == {"ai.parked.anthropic.low.m"}
     code, out, _ = await cli(settings, "drain", "anthropic", "--older-than", "1h", "--json")
     assert json.loads(out)["moved"] == 0  # nothing is an hour old
 

@@ -23,16 +23,20 @@ pytestmark = pytest.mark.integration
 
 
 async def _health_events(js: Any, provider: str = "anthropic") -> list[Any]:
-    msgs = await read_stream(js, s.EVENTS_STREAM, s.health_event_subject(provider))
-    return [decode_health_event(m.data) for m in msgs]
+    """Transitions of every scope of ``provider`` (itself and its models), oldest first."""
+    msgs = await read_stream(js, s.EVENTS_STREAM, s.HEALTH_EVENTS_FILTER)
+    events = [decode_health_event(m.data) for m in msgs]
+    return [e for e in events if e.provider == provider]
 
 
-async def _state(js: Any, provider: str = "anthropic") -> str:
+async def _state(js: Any, provider: str = "anthropic", model: str | None = "m") -> str:
+    """The state of the jobs of ``model`` (the tests' jobs use ``m``): the worse of the
+    provider's breaker and the model's."""
     board = HealthBoard(js, [provider], Settings().breaker)
     board.health_kv = await js.key_value(s.HEALTH_BUCKET)
     board.control_kv = await js.key_value(s.CONTROL_BUCKET)
     await board.refresh()
-    return board.state(provider)
+    return board.state(provider, model)
 
 
 async def test_outage_parks_jobs_and_recovery_replays_them_all(

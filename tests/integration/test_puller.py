@@ -12,20 +12,26 @@ import pytest
 
 from schemas import subjects as s
 from services.jetstream.pull import Puller, ack_position
+from services.jetstream.topology import replayer_consumer_config
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
-CONSUMER = s.replayer_consumer("anthropic", "normal")
+CONSUMER = s.replayer_consumer("anthropic", "normal", "m")
 
 
 async def _ack_pending(js: Any) -> int:
     return int((await js.consumer_info(s.PARKED_STREAM, CONSUMER)).num_ack_pending)
 
 
-async def test_prefetch_keeps_order_and_stop_hands_back_what_it_holds(js: Any) -> None:
+async def test_prefetch_keeps_order_and_stop_hands_back_what_it_holds(
+    js: Any, settings: Any
+) -> None:
+    await js.add_consumer(
+        s.PARKED_STREAM, replayer_consumer_config(settings, "anthropic", "normal", "m")
+    )
     for i in range(10):
-        await js.publish(s.parked_subject("anthropic", "normal"), f"job {i}".encode())
+        await js.publish(s.parked_subject("anthropic", "normal", "m"), f"job {i}".encode())
     puller = Puller(js, s.PARKED_STREAM, CONSUMER)
 
     first = await puller.fetch(3, timeout=2, prefetch=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.js import api
 from pydantic import SecretStr, ValidationError
 
 from schemas import subjects as s
@@ -184,7 +185,7 @@ async def test_each_role_does_its_job_with_least_privilege(
 async def _health_events(js: Any) -> list[Any]:
     from schemas.events import decode_health_event
 
-    msgs = await read_stream(js, s.EVENTS_STREAM, s.health_event_subject("anthropic"))
+    msgs = await read_stream(js, s.EVENTS_STREAM, s.HEALTH_EVENTS_FILTER)
     return [decode_health_event(m.data) for m in msgs]
 
 
@@ -350,6 +351,33 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
                 "delete its own consumer",
                 f"$JS.API.CONSUMER.DELETE.{s.PARKED_STREAM}.{parked_consumer}",
                 lambda c: c.js.delete_consumer(s.PARKED_STREAM, parked_consumer),
+            ),
+            (
+                "create an unfiltered consumer of AI_PARKED (it may make filtered ones only)",
+                f"$JS.API.CONSUMER.CREATE.{s.PARKED_STREAM}.sneaky",
+                lambda c: c.js.add_consumer(
+                    s.PARKED_STREAM, api.ConsumerConfig(name="sneaky", durable_name="sneaky")
+                ),
+            ),
+            (
+                "create a consumer of AI_JOBS",
+                f"$JS.API.CONSUMER.CREATE.{s.JOBS_STREAM}.sneaky.ai.jobs.anthropic.>",
+                lambda c: c.js.add_consumer(
+                    s.JOBS_STREAM,
+                    api.ConsumerConfig(
+                        name="sneaky", durable_name="sneaky", filter_subject="ai.jobs.anthropic.>"
+                    ),
+                ),
+            ),
+            (
+                "delete a waiting job from AI_JOBS",
+                f"$JS.API.STREAM.MSG.DELETE.{s.JOBS_STREAM}",
+                lambda c: c.js.delete_msg(s.JOBS_STREAM, 1),
+            ),
+            (
+                "park a job with no model token, outside the layout",
+                "ai.parked.anthropic.normal",
+                lambda c: c.js.publish("ai.parked.anthropic.normal", b"{}"),
             ),
         ],
     }

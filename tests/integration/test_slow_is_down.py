@@ -28,7 +28,7 @@ def _budgeted(nats_url: str, fake_url: str, **budget: Any) -> Settings:
 async def test_calls_over_the_latency_budget_open_the_breaker_and_keep_their_answers(
     nats_server: Any, js: Any, fake_provider: Any
 ) -> None:
-    """Every call of the sick model takes 300 ms against a 50 ms budget: after three the
+    """Every call of the sick model takes 300 ms against a 50 ms budget: after three its
     breaker opens (last error says slow), those three jobs succeeded, the rest park; the
     other model, under no budget of its own beyond the provider's, is not the point here."""
     settings = _budgeted(nats_server.url, fake_provider.url, model_latency_budget_s={"sick": 0.05})
@@ -38,7 +38,7 @@ async def test_calls_over_the_latency_budget_open_the_breaker_and_keep_their_ans
         for _ in range(3):  # one at a time: each is a whole slow call
             ids.append(await producer.submit(make_job("anthropic", "sick", request=slow)))
             await producer.result(ids[-1], timeout=30)
-        await wait_until(lambda: _open(js), timeout=10)
+        await wait_until(lambda: _open(js, "sick"), timeout=10)
         later = [
             await producer.submit(make_job("anthropic", "sick", request=slow)) for _ in range(5)
         ]
@@ -72,13 +72,14 @@ async def test_a_model_within_its_budget_does_not_count_as_slow(
         for _ in range(4):
             job_id = await producer.submit(make_job("anthropic", "patient", request=slow))
             assert (await producer.result(job_id, timeout=30)).status == "succeeded"
-    assert not await _open(js)
+    assert not await _open(js) and not await _open(js, "patient")
     assert (await js.stream_info(s.PARKED_STREAM)).state.messages == 0
 
 
-async def _open(js: Any) -> bool:
+async def _open(js: Any, model: str | None = None) -> bool:
+    """Whether the breaker of anthropic (or of its ``model``) is open."""
     try:
-        entry = await (await js.key_value(s.HEALTH_BUCKET)).get("anthropic")
+        entry = await (await js.key_value(s.HEALTH_BUCKET)).get(s.scope_key("anthropic", model))
     except Exception:
         return False
     return b'"open"' in (entry.value or b"")

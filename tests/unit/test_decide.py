@@ -45,19 +45,28 @@ REPLY = Reply(response={"id": "msg_1"}, usage=Usage(input_tokens=1, output_token
 
 
 class View:
-    """A breaker view from a dict: provider -> state (missing: closed)."""
+    """A breaker view from a dict: scope -> state (``a``, or ``a_m`` for model m of a;
+    missing: closed). A pair's state is the worse of its two, as the board reads it."""
+
+    ORDER = ("paused", "open", "half_open", "closed")
 
     def __init__(self, **states: str) -> None:
         self.states = states
 
-    def state(self, provider: str) -> str:
-        return self.states.get(provider, "closed")
+    def _own(self, provider: str, model: str | None) -> str:
+        return self.states.get(f"{provider}_{model}" if model else provider, "closed")
 
-    def blocked(self, provider: str) -> bool:
-        return self.state(provider) in ("open", "paused")
+    def state(self, provider: str, model: str | None = None) -> str:
+        both = (self._own(provider, None), self._own(provider, model))
+        return min(both, key=self.ORDER.index)
 
-    def outage_id(self, provider: str) -> str:
-        return f"{provider}-outage" if self.blocked(provider) else ""
+    def blocked(self, provider: str, model: str | None = None) -> bool:
+        return self.state(provider, model) in ("open", "paused")
+
+    def outage_id(self, provider: str, model: str | None = None) -> str:
+        if self.blocked(provider):
+            return f"{provider}-outage"
+        return f"{provider}/{model}-outage" if self.blocked(provider, model) else ""
 
 
 def job(**kw: Any) -> Job:
@@ -124,6 +133,48 @@ ROWS: list[tuple[str, Situation, Any, object]] = [
         Park("paused", "", "a-outage"),
     ),
     ("half-open lets calls through", Situation(job(), 1, NOW), View(a="half_open"), Call()),
+    (
+        "an open model parks its job, under the model's outage",
+        Situation(job(), 1, NOW),
+        View(a_m="open"),
+        Park("provider_open", "", "a/m-outage"),
+    ),
+    (
+        "another model open is none of this job's business",
+        Situation(job(), 1, NOW),
+        View(a_other="open"),
+        Call(),
+    ),
+    (
+        "a paused model parks its job as paused",
+        Situation(job(), 1, NOW),
+        View(a="half_open", a_m="paused"),
+        Park("paused", "", "a/m-outage"),
+    ),
+    (
+        "an open provider wins over its closed model",
+        Situation(job(), 1, NOW),
+        View(a="open", a_m="closed"),
+        Park("provider_open", "", "a-outage"),
+    ),
+    (
+        "on_outage=fail names the model that is open",
+        Situation(job(on_outage="fail"), 1, NOW),
+        View(a_m="open"),
+        Dead("provider_outage", "model m of a is open", retryable=True),
+    ),
+    (
+        "a fallback whose model is open is no way out: park",
+        Situation(job(**FAILOVER), 1, NOW),
+        View(a="open", b_m2="open"),
+        Park("provider_open", "", "a-outage"),
+    ),
+    (
+        "a sick model fails over to its fallback on the same provider's other model",
+        Situation(job(on_outage="failover", fallbacks=[Target(provider="a", model="m2")]), 1, NOW),
+        View(a_m="open"),
+        FailOver,
+    ),
     (
         "on_outage=fail ends the job, retryable",
         Situation(job(on_outage="fail"), 1, NOW),

@@ -1,0 +1,207 @@
+"""Breakers per model, and per provider: one sick model parks only its own jobs, the
+provider opens only on its own failures or when enough of its models are open, and jobs
+parked under the last release's layout still come back after an upgrade."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from schemas import subjects as s
+from schemas.codec import encode
+from schemas.parking import ParkedJob, ParkRecord, decode_parked
+from services.breaker import transition
+from services.config import Settings
+from services.jetstream.topology import ensure_topology
+from services.ops.status import collect_status
+from services.producer import Producer, make_job
+from services.tools.stack import running_recovery, running_worker
+from tests.support import (
+    breaker_state,
+    count_outcomes,
+    fault_request,
+    health_events,
+    read_stream,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+SICK = "claude-sick-4.5"  # a '.' in the name: its token spells it _2E
+WELL = "claude-well"
+
+
+async def test_a_sick_model_parks_only_its_own_jobs(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """529s from one model open that model's breaker: its jobs park on its own subject,
+    the other model's jobs are served throughout, and the provider stays closed."""
+    async with running_worker(settings), await Producer.connect(settings) as producer:
+        sick = [
+            make_job("anthropic", SICK, request=fault_request("fault:529", f"s{i}"))
+            for i in range(12)
+        ]
+        for job in sick:
+            await producer.submit(job)
+
+        async def sick_open() -> bool:
+            return await breaker_state(js, "anthropic", SICK) == "open"
+
+        await wait_until(sick_open, timeout=30)
+        well = [make_job("anthropic", WELL, prompt=f"w{i}", max_tokens=8) for i in range(20)]
+        results = [await producer.result(await producer.submit(j), timeout=30) for j in well]
+
+        async def all_sick_parked() -> bool:
+            parked = await read_stream(js, s.PARKED_STREAM)
+            return len(parked) == len(sick)
+
+        await wait_until(all_sick_parked, timeout=30)
+        status = await collect_status(js, settings)
+    assert [r.status for r in results] == ["succeeded"] * len(well)
+    assert await breaker_state(js, "anthropic") == "closed"
+    assert await breaker_state(js, "anthropic", WELL) == "closed"
+    parked = await read_stream(js, s.PARKED_STREAM)
+    assert {m.subject for m in parked} == {f"ai.parked.anthropic.normal.{s.model_token(SICK)}"}
+    assert sorted(decode_parked(m.data).job.id for m in parked) == sorted(j.id for j in sick)
+    assert all(
+        decode_parked(m.data).park.outage_id.startswith(f"anthropic/{SICK}-") for m in parked
+    )
+    # The transition is an event of the model's scope, not of the provider's.
+    assert [e.state for e in await health_events(js, "anthropic", SICK)] == ["open"]
+    assert await health_events(js, "anthropic") == []
+    # status shows the model under its provider.
+    model = status["providers"]["anthropic"]["models"][SICK]
+    assert (model["state"], model["parked"]) == ("open", len(sick))
+    assert status["providers"]["anthropic"]["state"] == "closed"
+
+
+async def test_connection_failures_open_the_provider(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """Connection resets say the provider is unreachable: they open the provider's breaker,
+    not a model's, and then every model's jobs park."""
+    async with running_worker(settings), await Producer.connect(settings) as producer:
+        for i in range(8):
+            await producer.submit(
+                make_job("anthropic", WELL, request=fault_request("fault:reset", f"r{i}"))
+            )
+
+        async def provider_open() -> bool:
+            return await breaker_state(js, "anthropic") == "open"
+
+        await wait_until(provider_open, timeout=30)
+        other = make_job("anthropic", SICK, prompt="another model", max_tokens=8)
+        await producer.submit(other)
+
+        async def parked_other() -> bool:
+            jobs = [decode_parked(m.data).job.id for m in await read_stream(js, s.PARKED_STREAM)]
+            return other.id in jobs
+
+        await wait_until(parked_other, timeout=30)
+    assert await breaker_state(js, "anthropic", WELL) == "open"  # through its provider
+    assert [e.state for e in await health_events(js, "anthropic", WELL)] == []
+
+
+async def test_enough_sick_models_open_the_provider(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """When ``models_to_open_provider`` (2) of its models are open, the provider opens:
+    several models failing at once is the provider's trouble."""
+    async with running_worker(settings), await Producer.connect(settings) as producer:
+        for model in ("m-one", "m-two"):
+            for i in range(8):
+                await producer.submit(
+                    make_job("anthropic", model, request=fault_request("fault:529", f"{i}"))
+                )
+
+        async def provider_open() -> bool:
+            return await breaker_state(js, "anthropic") == "open"
+
+        await wait_until(provider_open, timeout=30)
+    (opened,) = await health_events(js, "anthropic")
+    assert opened.state == "open" and "2 of its models are open" in opened.reason
+
+
+async def _old_layout(js: Any) -> None:
+    """Put AI_PARKED and AI_EVENTS back as the last release made them, with its replayer
+    consumers (the streams the upgrade finds)."""
+    for name, subjects in (
+        (s.PARKED_STREAM, ["ai.parked.*.*"]),
+        (s.EVENTS_STREAM, ["ai.events.health.*", s.OPS_EVENTS_SUBJECT]),
+    ):
+        info = await js.stream_info(name)
+        info.config.subjects = subjects
+        await js.update_stream(info.config)
+    from nats.js import api
+
+    for prio in s.PRIORITIES:
+        name = s.legacy_replayer_consumer("anthropic", prio)
+        await js.add_consumer(
+            s.PARKED_STREAM,
+            api.ConsumerConfig(
+                name=name,
+                durable_name=name,
+                filter_subject=s.legacy_parked_subject("anthropic", prio),
+                ack_policy=api.AckPolicy.EXPLICIT,
+            ),
+        )
+
+
+async def _park_legacy(js: Any, jobs: list[Any]) -> None:
+    for job in jobs:
+        body = ParkedJob(job=job, park=ParkRecord(reason="provider_open", outage_id="old-1"))
+        await js.publish(s.legacy_parked_subject(job.provider, job.priority), encode(body))
+
+
+async def test_jobs_parked_under_the_old_layout_come_back_after_an_upgrade(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """An upgrade finds jobs parked on ai.parked.<p>.<priority> and the provider open (its
+    KV key and events as the last release wrote them): ``ridethrough topology`` moves the
+    jobs to the per-model layout and drops the old consumers; a job an old worker parks
+    after that is moved by the replayer; every one is served once."""
+    await _old_layout(js)
+    kv = await js.key_value(s.HEALTH_BUCKET)
+    await transition(js, kv, "anthropic", to="open", allowed_from=("closed",), by="old")
+    models = ["claude-a", "claude-3.5-b", "x" * 300]  # the last has no scope of its own
+    before = [
+        make_job("anthropic", models[i // 3 % 3], prompt=f"old {i}", max_tokens=8, priority=p)
+        for i, p in enumerate(["high", "normal", "low"] * 6)
+    ]
+    await _park_legacy(js, before)
+
+    report = await ensure_topology(js, settings)
+
+    assert f"{s.PARKED_STREAM}: {len(before)} parked jobs moved to per-model subjects" in (
+        report.updated
+    )
+    names = {c.name async for c in _consumers(js)}
+    assert not names & {s.legacy_replayer_consumer("anthropic", p) for p in s.PRIORITIES}
+    parked = await read_stream(js, s.PARKED_STREAM)
+    assert len(parked) == len(before)
+    assert {m.subject for m in parked} == {
+        s.parked_subject(j.provider, j.priority, j.model) for j in before
+    }
+    assert f"ai.parked.anthropic.high.{s.NO_MODEL}" in {m.subject for m in parked}
+
+    straggler = make_job("anthropic", "claude-a", prompt="parked mid-upgrade", max_tokens=8)
+    await _park_legacy(js, [straggler])
+    everyone = [*before, straggler]
+    async with running_worker(settings), running_recovery(settings):
+        # The outage ends: the prober half-opens the provider, the replayer drains it.
+        async def all_served() -> bool:
+            return (await count_outcomes(js))["succeeded"] == len(everyone)
+
+        await wait_until(all_served, timeout=60)
+    outcomes = await count_outcomes(js)
+    assert outcomes["succeeded"] == len(everyone) and outcomes["dead"] == 0
+    assert await read_stream(js, s.PARKED_STREAM) == []
+    by_model = fake_provider.counters()["by_model"]
+    assert sum(by_model.get(m, 0) for m in models) == len(everyone)  # each called once
+    assert await breaker_state(js, "anthropic") == "closed"
+
+
+async def _consumers(js: Any) -> Any:
+    for info in await js.consumers_info(s.PARKED_STREAM):
+        yield info
