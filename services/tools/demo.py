@@ -215,7 +215,10 @@ async def _drive(
 
     async def monitor(live: Live | None) -> None:
         while True:
-            progress.states = {p: board.state(p) for p in sorted(settings.providers)}
+            progress.states = {
+                p: board.state(p, drill.model if p == drill.provider else None)
+                for p in sorted(settings.providers)
+            }
             progress.parked = await _count(js, s.PARKED_STREAM)
             progress.peak_parked = max(progress.peak_parked, progress.parked)
             progress.results = await _count(js, s.RESULTS_STREAM)
@@ -224,7 +227,7 @@ async def _drive(
             if (
                 progress.outage_started is not None
                 and progress.opened is None
-                and board.state(drill.provider) == "open"
+                and board.state(drill.provider, drill.model) == "open"
             ):
                 progress.opened = time.monotonic()
             if live is not None:

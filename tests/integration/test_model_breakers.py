@@ -205,3 +205,45 @@ async def test_jobs_parked_under_the_old_layout_come_back_after_an_upgrade(
 async def _consumers(js: Any) -> Any:
     for info in await js.consumers_info(s.PARKED_STREAM):
         yield info
+
+
+async def test_a_model_outage_recovers_on_its_own_without_touching_the_provider(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """One model answers 529 for a while: its breaker opens, the prober probes that model,
+    half-opens it when it answers, the replayer brings back its parked jobs and closes
+    it; the other model is served throughout; every job succeeds once."""
+    fake_provider.start_outage(529, models=[SICK])
+    async with (
+        running_worker(settings),
+        running_recovery(settings),
+        await Producer.connect(settings) as producer,
+    ):
+        sick = [make_job("anthropic", SICK, prompt=f"s{i}", max_tokens=8) for i in range(15)]
+        ids = [await producer.submit(j) for j in sick]
+
+        async def sick_parked() -> bool:
+            parked = len(await read_stream(js, s.PARKED_STREAM))
+            return await breaker_state(js, "anthropic", SICK) == "open" and parked > 0
+
+        await wait_until(sick_parked, timeout=30)
+        well = [make_job("anthropic", WELL, prompt=f"w{i}", max_tokens=8) for i in range(10)]
+        well_results = [await producer.result(await producer.submit(j), timeout=30) for j in well]
+        fake_provider.stop_outage()
+        results = await producer.results(ids, timeout=60)
+
+        async def closed() -> bool:
+            return await breaker_state(js, "anthropic", SICK) == "closed"
+
+        await wait_until(closed, timeout=30)
+    assert {r.status for r in [*results.values(), *well_results]} == {"succeeded"}
+    counts = await count_outcomes(js)
+    assert counts["results"] == counts["result_writes"] == len(sick) + len(well)
+    assert counts["dead"] == 0 and await read_stream(js, s.PARKED_STREAM) == []
+    assert [e.state for e in await health_events(js, "anthropic", SICK)] == [
+        "open",
+        "half_open",
+        "closed",
+    ]
+    assert await health_events(js, "anthropic") == []  # the provider never moved
+    assert await health_events(js, "anthropic", WELL) == []

@@ -120,3 +120,36 @@ def test_model_tokens_read_as_expected(model: str, token: str) -> None:
 def test_what_model_token_never_writes_is_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="token"):
         s.model_from_token(bad)
+
+
+@given(st.text(min_size=1, max_size=40), st.sampled_from(["high", "normal", "low"]))
+def test_a_parked_subject_names_its_provider_priority_and_model(model: str, prio: str) -> None:
+    """``parked_place`` reads back what ``parked_subject`` wrote, for any model name (None
+    for one too long to have a scope); the scope key of a model reads back its pair."""
+    subject = s.parked_subject("anthropic", prio, model)
+    place = s.parked_place(subject)
+    scoped = s.scope_model(model)
+    assert scoped in (model, None)
+    assert place is not None and not place.legacy
+    assert (place.provider, place.priority, place.model) == ("anthropic", prio, scoped)
+    assert s.scope_of_key(s.scope_key("anthropic", model)) == ("anthropic", scoped)
+
+
+def test_a_model_too_long_for_a_token_follows_its_provider() -> None:
+    """A model whose token would pass 128 characters has no scope: its key is the
+    provider's, and its jobs park under the ``_`` token."""
+    long = "x" * 200
+    assert s.scope_model(long) is None
+    assert s.scope_key("anthropic", long) == "anthropic"
+    assert s.parked_subject("anthropic", "low", long) == "ai.parked.anthropic.low._"
+    assert s.parked_place("ai.parked.anthropic.low._") == ("anthropic", "low", None, False)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["ai.parked.anthropic", "ai.parked.anthropic.urgent.m", "ai.parked.a.low.m_zz", "x.y.z.w"],
+)
+def test_what_is_no_parked_subject_is_refused(subject: str) -> None:
+    """Unknown priorities, tokens ``model_token`` never writes and other subjects parse
+    to None (never a crash)."""
+    assert s.parked_place(subject) is None
