@@ -141,8 +141,9 @@ def fake_provider(
     outage: Annotated[
         list[str] | None,
         typer.Option(
-            metavar="START_S:DURATION_S:STATUS",
-            help="Scheduled outage (repeatable); STATUS is a code, reset or midstream.",
+            metavar="START_S:DURATION_S:STATUS[:MODEL,...]",
+            help="Scheduled outage (repeatable); STATUS is a code, reset, midstream or "
+            "slow=MS; after a third colon, the only models it hits.",
         ),
     ] = None,
     model: Annotated[list[str] | None, typer.Option(help="A listed model (repeatable).")] = None,

@@ -27,6 +27,7 @@ Modules
 ``anthropic_wire``  the Messages API: request shape, reply, stream events, errors, models
 ``openai_wire``     the Chat Completions API: the same for OpenAI
 ``faults``          ``FaultConfig``, the ``fault:...`` triggers, and which fault a request gets
+``calls``           the call log: arrival times of requests per model, probes apart
 ``server``          ``FakeProvider``: the aiohttp server, counters, admin API, ``serve()``
 ``harness``         ``run_in_thread()``: a server on its own loop, for synchronous tests
 
@@ -38,7 +39,9 @@ synchronous code such as tests.
 from services.tools.fake.faults import (
     DEFAULT_MODELS,
     FaultConfig,
+    Outage,
     OutageStatus,
+    WindowStatus,
     config_from_options,
     parse_error_mix,
     parse_outage,
@@ -52,7 +55,9 @@ __all__ = [
     "FakeProvider",
     "FakeProviderThread",
     "FaultConfig",
+    "Outage",
     "OutageStatus",
+    "WindowStatus",
     "build_app",
     "config_from_options",
     "parse_error_mix",
