@@ -27,9 +27,9 @@ Modules
 ``anthropic_wire``  the Messages API: request shape, reply, stream events, errors, models
 ``openai_wire``     the Chat Completions API: the same for OpenAI
 ``faults``          ``FaultConfig``, the ``fault:...`` triggers, and which fault a request gets
-``calls``           the call log: arrival times of requests per model, probes apart
 ``server``          ``FakeProvider``: the aiohttp server, counters, admin API, ``serve()``
 ``harness``         ``run_in_thread()``: a server on its own loop, for synchronous tests
+``calls``           the call log: arrival times of requests per model, probes apart
 
 Run it with ``ridethrough fake-provider --port 8787 [--latency-ms X] ...``, with
 ``serve()``, with ``FakeProvider`` inside an event loop, or with ``run_in_thread()`` from

@@ -16,12 +16,12 @@ Admin API (JSON)
     The runtime outage state / end it.
 ``GET /admin/counters`` / ``POST /admin/counters/reset``
     Request counters (see ``FakeProvider.counters``) / zero them.
-``GET /admin/config`` / ``PUT /admin/config``
-    The ``FaultConfig`` / replace it (unknown fields are a 400).
 ``GET /admin/calls[?model=M][&since=T]``
     The call log (see ``calls``): ``{"since": T0, "models": {model: {"calls": [t, ...],
     "probes": [t, ...], "dropped": n}}, "windows": [...]}``, times in Unix seconds, probes
     apart; ``windows`` are the outage windows (``Faults.windows``). Reset with the counters.
+``GET /admin/config`` / ``PUT /admin/config``
+    The ``FaultConfig`` / replace it (unknown fields are a 400).
 
 Counters cover every request except ``/admin/*`` and ``/healthz``. A request with the
 header ``x-ridethrough-probe: 1`` is counted as a probe, any other as normal.
@@ -299,9 +299,9 @@ class FakeProvider:
         app.router.add_delete("/admin/outage", self._admin_stop_outage)
         app.router.add_get("/admin/counters", self._admin_counters)
         app.router.add_post("/admin/counters/reset", self._admin_reset_counters)
+        app.router.add_get("/admin/calls", self._admin_calls)
         app.router.add_get("/admin/config", self._admin_get_config)
         app.router.add_put("/admin/config", self._admin_put_config)
-        app.router.add_get("/admin/calls", self._admin_calls)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         return app
 
