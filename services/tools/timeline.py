@@ -35,11 +35,15 @@ sick
     blocked (the open event of a covering scope); ``None`` if M was never blocked after it.
 ``calls_during_outage`` / ``probes_during_outage``
     M's calls / probes that arrived while M was faulted.
+``calls_while_open``
+    Of those calls, the ones that arrived while M was blocked: what the breaker did not
+    stop, the board's lag included (workers read the board every ``board_poll_s``).
 ``calls_during_outage_beyond_trip``
-    Of those calls, the ones that arrived while M was blocked and more than ``grace_s``
-    (one board poll) after that blocked period began: calls a worker made although it could
-    have read that the breaker was open. The calls before the trip, and those in its first
-    board poll, are the trip itself.
+    Of those, the ones that arrived more than ``grace_s`` after that blocked period began:
+    calls a worker made although it had had time to read that the breaker was open. The
+    calls before the trip, and those within the grace, are the trip itself. ``demo`` passes
+    two board polls: a worker's view is at most one poll old, plus the poll's own read and
+    the call's dispatch, which under load can take a good part of another.
 ``parked``
     Distinct jobs of M that went through AI_PARKED.
 ``parked_while_healthy``
@@ -146,20 +150,18 @@ def model_numbers(
     trip_s: float | None = None
     if faulted:
         first = faulted[0][0]
-        held = inside(first, blocked)
-        opened = first if held else next((s for s, _ in blocked if s >= first), None)
+        at_start = inside(first, blocked)
+        opened = first if at_start else next((s for s, _ in blocked if s >= first), None)
         trip_s = None if opened is None else round(opened - first, 3)
 
     during = [t for t in calls if inside(t, faulted)]
-    beyond = 0
-    for t in during:
-        period = inside(t, blocked)
-        if period is not None and t >= period[0] + grace_s:
-            beyond += 1
+    held = [(t, period) for t in during if (period := inside(t, blocked)) is not None]
+    beyond = sum(1 for t, period in held if t >= period[0] + grace_s)
     return {
         "parked": len({job for job, _ in parks}),
         "parked_while_healthy": len({job for job, at in parks if inside(at, sick) is None}),
         "calls_during_outage": len(during),
+        "calls_while_open": len(held),
         "calls_during_outage_beyond_trip": beyond,
         "probes_during_outage": sum(1 for t in probes if inside(t, faulted)),
         "trip_s": trip_s,

@@ -77,32 +77,32 @@ PROVIDER_WIDE = {
             [("a", 10.4), ("b", 15), ("b", 22), ("c", 20.5)],
             [9, 10.1, 10.2, 10.35, 10.6, 12, 21.5],
             {"parked": 3, "parked_while_healthy": 0, "calls_during_outage": 5,
-             "calls_during_outage_beyond_trip": 2, "trip_s": 0.3},
+             "calls_while_open": 3, "calls_during_outage_beyond_trip": 2, "trip_s": 0.3},
             id="sick model: parks inside window and recovery, two calls past the grace",
         ),
         pytest.param(
             MODEL_OUTAGE, WELL, [], [5, 11, 15, 19],
             {"parked": 0, "parked_while_healthy": 0, "calls_during_outage": 0,
-             "calls_during_outage_beyond_trip": 0, "trip_s": None},
+             "calls_while_open": 0, "calls_during_outage_beyond_trip": 0, "trip_s": None},
             id="healthy model served throughout",
         ),
         pytest.param(
             PROVIDER_WIDE, WELL, [("x", 11), ("y", 22), ("y", 22.5)], [5, 11],
             {"parked": 2, "parked_while_healthy": 2, "calls_during_outage": 0,
-             "calls_during_outage_beyond_trip": 0, "trip_s": None},
+             "calls_while_open": 0, "calls_during_outage_beyond_trip": 0, "trip_s": None},
             id="healthy model parked by the provider's breaker: parked while healthy",
         ),
         pytest.param(
             PROVIDER_WIDE, SICK, [("a", 12)], [10.1, 12],
             {"parked": 1, "parked_while_healthy": 0, "calls_during_outage": 2,
-             "calls_during_outage_beyond_trip": 1, "trip_s": 0.3},
+             "calls_while_open": 1, "calls_during_outage_beyond_trip": 1, "trip_s": 0.3},
             id="the provider's breaker covers the sick model too",
         ),
         pytest.param(
             {"windows": [Window(10, 20)], "transitions": [tr(10.3, "open"), tr(23, "closed")]},
             WELL, [("a", 12), ("b", 22.9), ("c", 23.5)], [],
             {"parked": 3, "parked_while_healthy": 1, "calls_during_outage": 0,
-             "calls_during_outage_beyond_trip": 0, "trip_s": 0.3},
+             "calls_while_open": 0, "calls_during_outage_beyond_trip": 0, "trip_s": 0.3},
             id="provider outage: a park after the close counts",
         ),
     ],
@@ -115,7 +115,7 @@ def test_model_numbers(
     expected: dict[str, Any],
 ) -> None:
     """Each number of the module docstring, on a sick and a healthy model, per-model and
-    provider-wide breakers; the grace is one board poll of 0.2 s."""
+    provider-wide breakers, with a grace of 0.2 s."""
     numbers = model_numbers(
         model,
         windows=case["windows"],
@@ -153,6 +153,7 @@ def test_flapping_counts_each_trip_and_keeps_one_sick_stretch() -> None:
         "parked": 5,
         "parked_while_healthy": 1,
         "calls_during_outage": 6,
+        "calls_while_open": 4,
         "calls_during_outage_beyond_trip": 2,
         "probes_during_outage": 3,
         "trip_s": 0.2,
