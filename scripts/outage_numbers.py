@@ -62,7 +62,9 @@ async def drain(n: int) -> dict[str, object]:
                 job = make_job("anthropic", "claude-drain", prompt=f"parked {i}", max_tokens=8)
                 body = ParkedJob(job=job, park=ParkRecord(reason="provider_open"))
                 futures.append(
-                    await js.publish_async(s.parked_subject("anthropic", "normal", job.model), encode(body))
+                    await js.publish_async(
+                        s.parked_subject("anthropic", "normal", job.model), encode(body)
+                    )
                 )
             await asyncio.gather(*futures)
             procs = [ServiceProcess(st, "worker", log_path=logs / f"w{i}.log") for i in range(2)]

@@ -141,8 +141,9 @@ def fake_provider(
     outage: Annotated[
         list[str] | None,
         typer.Option(
-            metavar="START_S:DURATION_S:STATUS",
-            help="Scheduled outage (repeatable); STATUS is a code, reset or midstream.",
+            metavar="START_S:DURATION_S:STATUS[:MODEL,...]",
+            help="Scheduled outage (repeatable); STATUS is a code, reset, midstream or "
+            "slow=MS; after a third colon, the only models it hits.",
         ),
     ] = None,
     model: Annotated[list[str] | None, typer.Option(help="A listed model (repeatable).")] = None,
@@ -224,23 +225,41 @@ def dev(
 def demo(
     jobs: Annotated[int, typer.Option(min=1, help="How many jobs to submit.")] = 600,
     rate: Annotated[float, typer.Option(min=0.1, help="Jobs submitted per second.")] = 50.0,
-    outage: Annotated[float, typer.Option(min=0.0, help="Seconds the 529 storm lasts.")] = 8.0,
+    outage: Annotated[
+        float, typer.Option(min=0.0, help="Seconds the outage lasts (flapping: both, and the gap).")
+    ] = 8.0,
     outage_at: Annotated[float, typer.Option(min=0.0, help="Seconds of load before it.")] = 3.0,
     seed: Annotated[int, typer.Option(help="Seed of the fake provider's latencies.")] = 1,
+    scenario: Annotated[
+        Literal["provider-outage", "model-outage", "slow", "flapping"],
+        typer.Option(
+            help="provider-outage: every model 529s; model-outage: one model 529s, the other "
+            "stays healthy; slow: one model's calls time out; flapping: one model 529s, "
+            "recovers briefly, 529s again."
+        ),
+    ] = "provider-outage",
     as_json: JsonFlag = False,
 ) -> None:
-    """The outage drill: a fleet on this machine rides through a 529 storm.
+    """The outage drill: a fleet on this machine rides through an outage of a real shape.
 
     Starts embedded NATS, the fake provider, two workers, the prober and the
-    replayer; submits jobs steadily; turns a 529 storm on and off; reports.
-    Exits 1 if any job was lost or duplicated.
+    replayer; submits jobs for two models steadily; has the fake play the
+    scenario's outage; reports, per model too (parked, parked while healthy,
+    calls beyond the trip). Exits 1 if any job was lost or duplicated.
     """
     from rich.console import Console
 
     from services.tools.demo import REPORT_KEYS, Drill, report_lines, run_drill
 
     logging.basicConfig(level=logging.WARNING)
-    drill = Drill(jobs=jobs, rate=rate, outage_s=outage, outage_at_s=outage_at, seed=seed)
+    drill = Drill(
+        jobs=jobs,
+        rate=rate,
+        outage_s=outage,
+        outage_at_s=outage_at,
+        seed=seed,
+        scenario=scenario,
+    )
     console = None if as_json else Console()
     try:
         report = run(run_drill(drill, settings_for(None), console=console))
@@ -249,6 +268,7 @@ def demo(
     if as_json:
         print_json({key: report[key] for key in REPORT_KEYS})
     else:
+        typer.echo()  # the live table's last line has no newline of its own
         for line in report_lines(report):
             typer.echo(line)
     ok = report["lost"] == 0 and report["duplicates"] == 0

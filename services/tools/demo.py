@@ -1,9 +1,48 @@
-"""The outage drill: a whole fleet on this machine, a 529 storm, and a report.
+"""The outage drill: a whole fleet on this machine, an outage of a real shape, and a report.
 
-``ridethrough demo`` starts embedded NATS, the fake provider, two worker
-processes, the prober and the replayer; submits a steady stream of jobs; turns
-a 529 storm on for a while and off; shows live progress; and ends with an
-outage report. It exits non-zero if any job was lost or duplicated.
+``ridethrough demo`` starts embedded NATS, the fake provider, two worker processes, the
+prober and the replayer; submits a steady stream of jobs for two models (the first one is
+the one that falls sick); has the fake play one scenario's outage; shows live progress; and
+ends with an outage report. It exits non-zero if any job was lost or duplicated.
+
+Scenarios (times from the first job; ``outage_at_s`` and ``outage_s`` set them):
+
+``provider-outage``
+    Every model answers 529 for ``outage_s`` (the drill of old: the whole provider is down).
+``model-outage``
+    The sick model answers 529 for ``outage_s``; the other stays healthy.
+``slow``
+    The sick model answers only after ``slow_ms`` for ``outage_s``; the provider's read
+    timeout is ``timeout_s`` (and its latency budget half of it), so its calls time out.
+``flapping``
+    The sick model answers 529, recovers for ``recovery_s``, and answers 529 again: two
+    outages of ``(outage_s - recovery_s) / 2`` each.
+
+The fake plays the whole shape itself (scheduled windows of ``FaultConfig.outages``,
+installed when the first job goes out), so the drill's timing does not lean on this loop.
+
+The report
+----------
+The keys of old (``REPORT_KEYS`` minus ``models``) keep their meaning: ``calls_during_outage``
+and ``probes_during_outage`` count the requests the fake answered with its outage fault,
+``detect_s`` runs from the first fault to the first breaker opening (any scope),
+``drain_s`` from the last fault's end to an empty AI_PARKED with every result in.
+
+``models`` holds, per model: ``role`` (sick: some fault hit it), ``submitted``,
+``succeeded``, and the numbers of ``services.tools.timeline`` (its docstring defines
+them): ``parked``, ``parked_while_healthy``, ``calls_during_outage``, ``calls_while_open``,
+``calls_during_outage_beyond_trip``, ``probes_during_outage``, ``trip_s``. They are worked
+out after the run from records nobody in the fleet writes for the drill:
+
+- parks: a plain NATS subscription on ``ai.parked.>`` sees every parked record the workers
+  store (job id, model, ``park.parked_at``); a job whose result came from a replay (its
+  result's msg id is ``<job_id>:r<n>``) counts as parked too, in case one was missed;
+- breaker history: every ``ai.events.health.<provider>[.<model_token>]`` event on AI_EVENTS;
+- calls: the fake's call log (``GET /admin/calls``), probes apart, and its fault windows.
+
+The grace after a trip is two board polls (``breaker.board_poll_s``): a worker's view of the
+board is at most one poll old, and the poll's read and the call's dispatch take a part of
+another under load (measured: calls 0.22 s after the open with polls of 0.2 s).
 """
 
 from __future__ import annotations
@@ -15,20 +54,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
+import aiohttp
+import msgspec
 from nats.js import JetStreamContext
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from schemas import subjects as s
-from services.breaker import HealthBoard, decode_lease
+from schemas.events import decode_health_event
+from schemas.parking import decode_parked
+from schemas.results import decode_result
+from services.breaker import decode_lease
 from services.config import Settings
 from services.jetstream.errors import NOT_FOUND
+from services.jetstream.streams import iter_stream
 from services.producer import Producer, make_job
-from services.tools.fake import FaultConfig
+from services.tools.fake import FaultConfig, Outage
 from services.tools.stack import ServiceProcess, local_stack
+from services.tools.timeline import Transition, Window, model_numbers
 
 log = logging.getLogger("ridethrough.demo")
 
@@ -43,12 +89,24 @@ REPORT_KEYS = (
     "detect_s",
     "drain_s",
     "peak_parked",
+    "models",
 )
+
+Scenario = Literal["provider-outage", "model-outage", "slow", "flapping"]
+SCENARIOS: Final[tuple[str, ...]] = get_args(Scenario)
+
+#: The model that falls sick and the one that stays healthy (the prober's default probe
+#: model for an Anthropic provider is the healthy one).
+SICK_MODEL: Final = "claude-opus-4-1"
+HEALTHY_MODEL: Final = "claude-haiku-4-5"
+
+_EVENTS_FILTER: Final = "ai.events.health.>"
+_PARKED_FILTER: Final = "ai.parked.>"
 
 
 @dataclass(frozen=True)
 class Drill:
-    """What the drill does: how many jobs, how fast, when and how long the outage lasts."""
+    """What the drill does: how many jobs, how fast, which outage, when and how long."""
 
     jobs: int = 600
     rate: float = 50.0
@@ -56,14 +114,59 @@ class Drill:
     outage_at_s: float = 3.0
     seed: int = 1
     provider: str = "anthropic"
-    model: str = "claude-drill"
+    #: The jobs' models, taken in turn; the first is the one that falls sick.
+    models: tuple[str, ...] = (SICK_MODEL, HEALTHY_MODEL)
     latency_ms: float = 40.0
     deadline_s: float = 120.0
+    scenario: Scenario = "provider-outage"
+    #: ``flapping``: the short recovery between its two outages.
+    recovery_s: float = 2.0
+    #: ``slow``: how late the sick model answers, and the provider's read timeout.
+    slow_ms: float = 3000.0
+    timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        """Refuse a scenario that does not exist or a drill without a model."""
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario {self.scenario!r} is not one of {', '.join(SCENARIOS)}")
+        if not self.models:
+            raise ValueError("a drill needs at least one model")
+
+    @property
+    def sick(self) -> str:
+        """The model the outage hits (every model, in ``provider-outage``)."""
+        return self.models[0]
+
+    def outages(self) -> list[Outage]:
+        """The fake's fault windows for this scenario, from the first job."""
+        at, length, sick = self.outage_at_s, self.outage_s, [self.sick]
+        if self.scenario == "provider-outage":
+            return [Outage(start_s=at, duration_s=length)]
+        if self.scenario == "model-outage":
+            return [Outage(start_s=at, duration_s=length, models=sick)]
+        if self.scenario == "slow":
+            slow = self.slow_ms
+            return [Outage(start_s=at, duration_s=length, status="slow", slow_ms=slow, models=sick)]
+        each = max((length - self.recovery_s) / 2, 0.5)
+        second = at + each + self.recovery_s
+        return [
+            Outage(start_s=at, duration_s=each, models=sick),
+            Outage(start_s=second, duration_s=each, models=sick),
+        ]
+
+
+@dataclass
+class ModelProgress:
+    """What the monitor has seen of one model so far."""
+
+    submitted: int = 0
+    succeeded: int = 0
+    parked: set[str] = field(default_factory=set)
 
 
 @dataclass
 class Progress:
-    """What the monitor has seen so far."""
+    """What the monitor has seen so far (times are Unix times)."""
 
     submitted: int = 0
     results: int = 0
@@ -72,17 +175,18 @@ class Progress:
     dead: int = 0
     replayed: int = 0
     states: dict[str, str] = field(default_factory=dict)
-    outage_started: float | None = None
-    outage_ended: float | None = None
-    opened: float | None = None
+    models: dict[str, ModelProgress] = field(default_factory=dict)
+    load_started: float | None = None
     drained: float | None = None
     first_replayed_result: float | None = None
     phase: str = "starting"
 
 
-def drill_settings(base: Settings) -> Settings:
-    """The drill's settings: quick probes and backoff so a short drill shows a full cycle."""
-    return base.with_changes(
+def drill_settings(base: Settings, drill: Drill | None = None) -> Settings:
+    """The drill's settings: quick probes and backoff so a short drill shows a full cycle;
+    for ``slow``, the provider's read timeout and latency budget that make the sick model's
+    calls fail."""
+    settings = base.with_changes(
         breaker=base.breaker.model_copy(
             update={"probe_interval_s": 0.5, "probe_max_interval_s": 2.0, "board_poll_s": 0.2}
         ),
@@ -91,14 +195,51 @@ def drill_settings(base: Settings) -> Settings:
         ),
         worker=base.worker.model_copy(update={"backoff_base_s": 0.2, "backoff_max_s": 2.0}),
     )
+    if drill is not None and drill.scenario == "slow":
+        provider = settings.providers[drill.provider].model_copy(
+            update={"timeout_s": drill.timeout_s, "latency_budget_s": drill.timeout_s / 2}
+        )
+        settings = settings.with_changes(providers={**settings.providers, drill.provider: provider})
+    return settings
 
 
-def _table(drill: Drill, p: Progress) -> Table:
-    t = Table(title=f"ridethrough outage drill — {p.phase}", show_header=True)
+def _scope(subject: str) -> tuple[str, str] | None:
+    """(provider, model) of a health event's subject; model ``""`` for the provider's scope."""
+    tokens = subject.split(".")
+    if len(tokens) == 4:
+        return tokens[3], ""
+    if len(tokens) == 5:
+        try:
+            return tokens[3], s.model_from_token(tokens[4])
+        except ValueError:
+            return None
+    return None
+
+
+def _scope_label(provider: str, model: str) -> str:
+    return f"{provider}/{model}" if model else provider
+
+
+def _phase(drill: Drill, started: float, now: float) -> str:
+    windows = drill.outages()
+    for o in windows:
+        if started + o.start_s <= now < started + o.start_s + o.duration_s:
+            what = "slow answers" if o.status == "slow" else f"{o.status} storm"
+            return f"{what} ({', '.join(o.models) or 'every model'})"
+    if now < started + windows[0].start_s:
+        return "steady load"
+    if now < started + max(o.start_s + o.duration_s for o in windows):
+        return "short recovery"
+    return "recovering"
+
+
+def _tables(drill: Drill, p: Progress) -> Group:
+    t = Table(title=f"ridethrough drill: {drill.scenario} — {p.phase}", show_header=True)
     for col in ("submitted", "completed", "parked", "replayed", "dead"):
         t.add_column(col, justify="right")
-    t.add_column("breaker")
-    breakers = ", ".join(f"{k}: {v}" for k, v in sorted(p.states.items()))
+    t.add_column("breakers open")
+    opened = [k for k, v in sorted(p.states.items()) if v != "closed"]
+    breakers = ", ".join(f"{k}: {p.states[k]}" for k in opened) or "all closed"
     t.add_row(
         f"{p.submitted}/{drill.jobs}",
         str(p.results - p.dead),
@@ -107,7 +248,20 @@ def _table(drill: Drill, p: Progress) -> Table:
         str(p.dead),
         breakers,
     )
-    return t
+    m = Table(show_header=True)
+    m.add_column("model")
+    for col in ("submitted", "succeeded", "parked"):
+        m.add_column(col, justify="right")
+    m.add_column("breaker")
+    for model, mp in p.models.items():
+        role = (
+            "sick" if any(not o.models or model in o.models for o in drill.outages()) else "healthy"
+        )
+        state = p.states.get(_scope_label(drill.provider, model), "closed")
+        m.add_row(
+            f"{model} ({role})", str(mp.submitted), str(mp.succeeded), str(len(mp.parked)), state
+        )
+    return Group(t, m)
 
 
 async def _count(js: JetStreamContext, stream: str) -> int:
@@ -126,31 +280,72 @@ async def _replayed(js: JetStreamContext, provider: str) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
-async def _final_counts(js: JetStreamContext, ids: list[str]) -> dict[str, int]:
-    succeeded = 0
-    found = 0
-    for job_id in ids:
+@dataclass
+class _Final:
+    found: int = 0
+    succeeded: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    succeeded_by_model: dict[str, int] = field(default_factory=dict)
+    replayed_by_model: dict[str, set[str]] = field(default_factory=dict)
+
+
+async def _final_counts(js: JetStreamContext, jobs: dict[str, str]) -> _Final:
+    """Results of ``jobs`` (id -> model): found, succeeded (per model), replayed (per model:
+    a result stored under a replay's msg id)."""
+    final = _Final()
+    for job_id, model in jobs.items():
         try:
             raw = await js.get_last_msg(s.RESULTS_STREAM, s.result_subject(job_id), direct=True)
         except NOT_FOUND:
             continue
-        found += 1
-        if b'"status":"succeeded"' in (raw.data or b""):
-            succeeded += 1
+        final.found += 1
+        if decode_result(raw.data or b"").status == "succeeded":
+            final.succeeded += 1
+            final.succeeded_by_model[model] = final.succeeded_by_model.get(model, 0) + 1
+        msg_id = (raw.headers or {}).get(s.MSG_ID_HEADER, "")
+        if msg_id.startswith(f"{job_id}:r"):
+            final.replayed_by_model.setdefault(model, set()).add(job_id)
     info = (await js.stream_info(s.RESULTS_STREAM)).state
-    return {
-        "found": found,
-        "succeeded": succeeded,
-        "duplicates": int(info.last_seq) - int(info.messages),
-        "dead": await _count(js, s.DEAD_STREAM),
-    }
+    final.duplicates = int(info.last_seq) - int(info.messages)
+    final.dead = await _count(js, s.DEAD_STREAM)
+    return final
+
+
+async def _transitions(js: JetStreamContext, provider: str) -> list[Transition]:
+    """Every breaker transition of ``provider``'s scopes stored on AI_EVENTS."""
+    out: list[Transition] = []
+    async for msg in iter_stream(js, s.EVENTS_STREAM, _EVENTS_FILTER):
+        scope = _scope(msg.subject)
+        if scope is None or scope[0] != provider:
+            continue
+        try:
+            event = decode_health_event(msg.data)
+        except msgspec.DecodeError:
+            continue
+        out.append(Transition(at=event.at.timestamp(), model=scope[1], state=event.state))
+    return out
+
+
+async def fake_call_log(url: str) -> dict[str, Any]:
+    """The fake provider's call log and fault windows (``GET /admin/calls``)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/admin/calls", timeout=aiohttp.ClientTimeout(total=30)) as reply,
+    ):
+        reply.raise_for_status()
+        body: dict[str, Any] = await reply.json()
+        return body
 
 
 async def run_drill(drill: Drill, base: Settings, *, console: Console | None) -> dict[str, Any]:
     """Run the drill on a private stack; return the report (``REPORT_KEYS``)."""
-    settings = drill_settings(base)
+    settings = drill_settings(base, drill)
     fake_cfg = FaultConfig(
-        seed=drill.seed, latency_ms=drill.latency_ms, latency_jitter_ms=drill.latency_ms / 2
+        seed=drill.seed,
+        latency_ms=drill.latency_ms,
+        latency_jitter_ms=drill.latency_ms / 2,
+        models=list(drill.models),
     )
     logs = Path(tempfile.mkdtemp(prefix="ridethrough-drill-"))
     with local_stack(settings, fake_config=fake_cfg) as stack:
@@ -170,7 +365,7 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
                 await ensure_topology(producer.js, st)
                 for proc in procs:
                     proc.start()
-                return await _drive(drill, st, stack.fake, producer, console)
+                return await _drive(drill, st, stack.fake, fake_cfg, producer, console)
         finally:
             for proc in procs:
                 proc.terminate(timeout=30)
@@ -178,12 +373,19 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
 
 
 async def _drive(
-    drill: Drill, settings: Settings, fake: Any, producer: Producer, console: Console | None
+    drill: Drill,
+    settings: Settings,
+    fake: Any,
+    fake_cfg: FaultConfig,
+    producer: Producer,
+    console: Console | None,
 ) -> dict[str, Any]:
     js = producer.js
-    progress = Progress()
-    board = await HealthBoard(js, settings.providers, settings.breaker).start()
-    ids: list[str] = []
+    progress = Progress(models={m: ModelProgress() for m in drill.models})
+    jobs: dict[str, str] = {}  # job id -> model, in submission order
+    parks: dict[str, list[tuple[str, float]]] = {m: [] for m in drill.models}
+    outages = drill.outages()
+    last_end = max(o.start_s + o.duration_s for o in outages)
 
     async def workers_ready() -> None:
         consumer = s.worker_consumer(drill.provider)
@@ -197,100 +399,167 @@ async def _drive(
             delay = start + i / drill.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            job = make_job(
-                drill.provider, drill.model, prompt=f"Incident {i}: summarise.", max_tokens=16
-            )
-            ids.append(await producer.submit(job))
+            model = drill.models[i % len(drill.models)]
+            job = make_job(drill.provider, model, prompt=f"Incident {i}: summarise.", max_tokens=16)
+            jobs[await producer.submit(job)] = model
             progress.submitted += 1
-
-    async def outage() -> None:
-        await asyncio.sleep(drill.outage_at_s)
-        fake.start_outage(529)
-        progress.outage_started = time.monotonic()
-        progress.phase = "529 storm"
-        await asyncio.sleep(drill.outage_s)
-        fake.stop_outage()
-        progress.outage_ended = time.monotonic()
-        progress.phase = "recovering"
+            progress.models[model].submitted += 1
 
     async def monitor(live: Live | None) -> None:
+        assert progress.load_started is not None
         while True:
-            progress.states = {
-                p: board.state(p, drill.model if p == drill.provider else None)
-                for p in sorted(settings.providers)
-            }
+            now = time.time()
+            progress.phase = _phase(drill, progress.load_started, now)
             progress.parked = await _count(js, s.PARKED_STREAM)
             progress.peak_parked = max(progress.peak_parked, progress.parked)
             progress.results = await _count(js, s.RESULTS_STREAM)
             progress.dead = await _count(js, s.DEAD_STREAM)
             progress.replayed = await _replayed(js, drill.provider)
-            if (
-                progress.outage_started is not None
-                and progress.opened is None
-                and board.state(drill.provider, drill.model) == "open"
-            ):
-                progress.opened = time.monotonic()
             if live is not None:
-                live.update(_table(drill, progress))
+                live.update(_tables(drill, progress))
             done = (
                 progress.submitted == drill.jobs
-                and progress.outage_ended is not None
+                and now >= progress.load_started + last_end
                 and progress.parked == 0
                 and progress.results >= drill.jobs
             )
             if done:
-                progress.drained = time.monotonic()
+                progress.drained = time.time()
                 progress.phase = "done"
                 if live is not None:
-                    live.update(_table(drill, progress))
+                    live.update(_tables(drill, progress))
                 return
             await asyncio.sleep(0.2)
 
     async def on_result(msg: Any) -> None:
         # A replayed job's result carries the replay's dedup id, "<job_id>:r<seq>".
         msg_id = (msg.headers or {}).get(s.MSG_ID_HEADER, "")
-        if progress.first_replayed_result is None and ":r" in msg_id:
-            progress.first_replayed_result = time.monotonic()
+        now = time.time()
+        recovered = progress.load_started is not None and now >= progress.load_started + last_end
+        if progress.first_replayed_result is None and ":r" in msg_id and recovered:
+            progress.first_replayed_result = now
+        with contextlib.suppress(msgspec.DecodeError):
+            result = decode_result(msg.data)
+            if result.status == "succeeded" and result.model in progress.models:
+                progress.models[result.model].succeeded += 1
 
-    watch = await producer.nc.subscribe(s.result_subject("*"), cb=on_result)
+    async def on_park(msg: Any) -> None:
+        try:
+            parked = decode_parked(msg.data)
+        except msgspec.DecodeError:
+            return
+        model = parked.job.model
+        parks.setdefault(model, []).append((parked.job.id, parked.park.parked_at.timestamp()))
+        if model in progress.models:
+            progress.models[model].parked.add(parked.job.id)
+
+    async def on_health(msg: Any) -> None:
+        scope = _scope(msg.subject)
+        with contextlib.suppress(msgspec.DecodeError):
+            if scope is not None:
+                progress.states[_scope_label(*scope)] = decode_health_event(msg.data).state
+
+    nc = producer.nc
+    big = 1_000_000  # pending limits: a drill's every result and park, never a slow consumer
+    subs = [
+        await nc.subscribe(
+            s.result_subject("*"), cb=on_result, pending_msgs_limit=big, pending_bytes_limit=big**2
+        ),
+        await nc.subscribe(
+            _PARKED_FILTER, cb=on_park, pending_msgs_limit=big, pending_bytes_limit=big**2
+        ),
+        await nc.subscribe(_EVENTS_FILTER, cb=on_health),
+    ]
     live_ctx: Any = (
-        Live(_table(drill, progress), console=console, refresh_per_second=4)
+        Live(_tables(drill, progress), console=console, refresh_per_second=4)
         if console is not None
         else contextlib.nullcontext()
     )
     try:
         with live_ctx as live:
             await asyncio.wait_for(workers_ready(), 60)
+            # The fake plays the outage's shape from here, by its own clock.
+            fake.set_config(msgspec.structs.replace(fake_cfg, outages=list(outages)))
+            progress.load_started = time.time()
             progress.phase = "steady load"
             mon = asyncio.create_task(monitor(live))
             try:
                 await asyncio.wait_for(
-                    asyncio.gather(submit(), outage(), mon),
-                    timeout=drill.jobs / drill.rate
-                    + drill.outage_at_s
-                    + drill.outage_s
-                    + drill.deadline_s,
+                    asyncio.gather(submit(), mon),
+                    timeout=drill.jobs / drill.rate + last_end + drill.deadline_s,
                 )
             except TimeoutError:
                 progress.phase = "gave up waiting"
+        await nc.flush()
+        for sub in subs:  # let the callbacks catch up with what was delivered
+            while sub.pending_msgs:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
     finally:
-        await board.stop()
-        await watch.unsubscribe()
-    final = await _final_counts(js, ids)
+        for sub in subs:
+            await sub.unsubscribe()
+    return await _report(drill, settings, js, fake, progress, jobs, parks)
+
+
+async def _report(
+    drill: Drill,
+    settings: Settings,
+    js: JetStreamContext,
+    fake: Any,
+    progress: Progress,
+    jobs: dict[str, str],
+    parks: dict[str, list[tuple[str, float]]],
+) -> dict[str, Any]:
+    final = await _final_counts(js, jobs)
+    transitions = await _transitions(js, drill.provider)
+    calls = await fake_call_log(fake.url)
+    windows = [
+        Window(float(w["start"]), float(w["end"] or time.time()), frozenset(w["models"]))
+        for w in calls["windows"]
+    ]
+    first_start = min((w.start for w in windows), default=None)
+    last_end = max((w.end for w in windows), default=None)
+    opens = sorted(
+        t.at for t in transitions if t.state == "open" and first_start is not None
+        and t.at >= first_start
+    )  # fmt: skip
+    tail_s = drill.timeout_s if drill.scenario == "slow" else 0.0
+    models: dict[str, dict[str, Any]] = {}
+    for model in drill.models:
+        log_of = calls["models"].get(model, {})
+        numbers = model_numbers(
+            model,
+            windows=windows,
+            transitions=transitions,
+            parks=parks.get(model, []),
+            calls=log_of.get("calls", []),
+            probes=log_of.get("probes", []),
+            grace_s=2 * settings.breaker.board_poll_s,
+            tail_s=tail_s,
+        )
+        seen = {job for job, _ in parks.get(model, [])}
+        numbers["parked"] = len(seen | final.replayed_by_model.get(model, set()))
+        models[model] = {
+            "role": "sick" if any(w.hits(model) for w in windows) else "healthy",
+            "submitted": sum(1 for m in jobs.values() if m == model),
+            "succeeded": final.succeeded_by_model.get(model, 0),
+            **numbers,
+        }
     counters = fake.counters()["outage"]
     return {
-        "submitted": len(ids),
-        "succeeded": final["succeeded"],
-        "dead": final["dead"],
-        "lost": len(ids) - final["found"],
-        "duplicates": final["duplicates"],
+        "submitted": len(jobs),
+        "succeeded": final.succeeded,
+        "dead": final.dead,
+        "lost": len(jobs) - final.found,
+        "duplicates": final.duplicates,
         "calls_during_outage": int(counters["requests"]) - int(counters["probes"]),
         "probes_during_outage": int(counters["probes"]),
-        "detect_s": _delta(progress.outage_started, progress.opened),
-        "drain_s": _delta(progress.outage_ended, progress.drained),
+        "detect_s": _delta(first_start, opens[0] if opens else None),
+        "drain_s": _delta(last_end, progress.drained),
         "peak_parked": progress.peak_parked,
-        # Not part of the --json report (its keys are fixed); the numbers script reads it.
-        "first_replay_s": _delta(progress.outage_ended, progress.first_replayed_result),
+        "models": models,
+        # Not part of the --json report (its keys are fixed); the numbers scripts read them.
+        "first_replay_s": _delta(last_end, progress.first_replayed_result),
+        "scenario": drill.scenario,
     }
 
 
@@ -302,8 +571,8 @@ def _delta(start: float | None, end: float | None) -> float | None:
 
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The report as lines of text for a person."""
-    return [
-        "outage report",
+    lines = [
+        f"outage report: {report.get('scenario', 'provider-outage')}",
         f"  jobs submitted        {report['submitted']}",
         f"  succeeded             {report['succeeded']}",
         f"  dead                  {report['dead']}",
@@ -314,4 +583,15 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         f"  time to detect        {report['detect_s']} s",
         f"  recovery to drained   {report['drain_s']} s",
         f"  peak parked           {report['peak_parked']}",
+        "  per model:",
+        f"    {'model':<28}{'submitted':>10}{'succeeded':>10}{'parked':>8}"
+        f"{'parked while healthy':>22}{'calls while open':>18}{'beyond trip':>13}{'trip':>9}",
     ]
+    for model, m in report["models"].items():
+        trip = "-" if m["trip_s"] is None else f"{m['trip_s']} s"
+        lines.append(
+            f"    {model + ' (' + m['role'] + ')':<28}{m['submitted']:>10}{m['succeeded']:>10}"
+            f"{m['parked']:>8}{m['parked_while_healthy']:>22}{m['calls_while_open']:>18}"
+            f"{m['calls_during_outage_beyond_trip']:>13}{trip:>9}"
+        )
+    return lines

@@ -106,6 +106,7 @@ async def test_failed_job_and_missing_result_exit_1(settings: Settings, js: Any)
         (["nosuchcommand"], "No such command"),
         (["result"], "Missing argument"),
         (["demo", "--jobs", "0"], "--jobs"),
+        (["demo", "--scenario", "meteor"], "--scenario"),
         (["submit", "--provider", "nosuch", "--model", "m", "--prompt", "x"], "nosuch"),
         (["result", "abc", "--tenant", "acme.corp"], "tenant"),
         (["result", ">"], "not a valid job id"),
@@ -157,3 +158,8 @@ async def test_demo_drill_reports_an_outage_with_nothing_lost() -> None:
     assert report["submitted"] == report["succeeded"] == 80
     assert report["lost"] == report["duplicates"] == report["dead"] == 0
     assert report["detect_s"] is not None and report["peak_parked"] > 0
+    # Two models, both hit by the provider-wide storm; each job counted under its model.
+    models = report["models"]
+    assert [m["role"] for m in models.values()] == ["sick", "sick"]
+    assert sum(m["submitted"] for m in models.values()) == 80
+    assert sum(m["succeeded"] for m in models.values()) == 80

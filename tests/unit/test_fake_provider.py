@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from services.tools.fake import (
     FakeProvider,
     FakeProviderThread,
     FaultConfig,
+    Outage,
     config_from_options,
     parse_error_mix,
     parse_outage,
@@ -584,6 +586,186 @@ async def test_in_loop_provider_start_stop() -> None:
         await provider.stop()
 
 
+# --------------------------------------------------------------------------- per model, call log
+
+OTHER = "claude-other"
+
+
+async def ask_model(client: anthropic.AsyncAnthropic, model: str, **kwargs: Any) -> Any:
+    return await client.messages.create(
+        model=model, max_tokens=10, messages=[{"role": "user", "content": "hi"}], **kwargs
+    )
+
+
+async def test_scheduled_outage_of_one_model_spares_the_others(
+    claude: anthropic.AsyncAnthropic, gpt: openai.AsyncOpenAI, fake: FakeProviderThread
+) -> None:
+    """A scheduled 529 window naming one model fails that model's calls only, on both wires."""
+    fake.set_config(FaultConfig(outages=[Outage(start_s=0, duration_s=3600, models=[MODEL])]))
+    with pytest.raises(anthropic.OverloadedError):
+        await ask(claude)
+    assert (await ask_model(claude, OTHER)).model == OTHER
+    assert (await ask_gpt(gpt, "fine")).choices[0].message.content == "echo: fine"
+    counters = fake.counters()
+    assert counters["by_fault"] == {"scheduled_outage": 1}
+    assert counters["outage"]["requests"] == 1
+
+
+async def test_scheduled_slow_window_times_the_model_out(
+    claude: anthropic.AsyncAnthropic, gpt: openai.AsyncOpenAI, fake: FakeProviderThread
+) -> None:
+    """A slow window of one model outlasts a short client timeout (APITimeoutError on both
+    SDKs) while the other models answer within it."""
+    fake.set_config(
+        FaultConfig(
+            outages=[
+                Outage(start_s=0, duration_s=3600, status="slow", slow_ms=5000, models=[MODEL]),
+                Outage(start_s=0, duration_s=3600, status="slow", slow_ms=5000, models=[GPT]),
+            ]
+        )
+    )
+    with pytest.raises(anthropic.APITimeoutError):
+        await ask(claude, timeout=0.2)
+    with pytest.raises(openai.APITimeoutError):
+        await ask_gpt(gpt, timeout=0.2)
+    assert (await ask_model(claude, OTHER, timeout=5)).model == OTHER
+    assert fake.counters()["by_fault"]["slow"] == 2
+
+
+async def test_flapping_windows_are_listed_in_wall_clock_time(fake: FakeProviderThread) -> None:
+    """Two windows of one model with a gap (a flap) are listed with Unix start and end times
+    counted from the moment the config took effect, in order, with their models."""
+    config = FaultConfig(
+        outages=[
+            Outage(start_s=5, duration_s=2, models=[MODEL]),
+            (1.0, 2.0, "reset"),
+            Outage(start_s=8, duration_s=2, status="slow", slow_ms=900, models=[MODEL]),
+        ]
+    )
+    before = time.time()
+    fake.set_config(config)
+    after = time.time()
+    windows = fake.calls()["windows"]
+    assert [(w["status"], w["models"], w["kind"]) for w in windows] == [
+        ("reset", [], "scheduled"),
+        (529, [MODEL], "scheduled"),
+        ("slow", [MODEL], "scheduled"),
+    ]
+    for window, (start, duration) in zip(windows, [(1, 2), (5, 2), (8, 2)], strict=True):
+        assert before + start <= window["start"] <= after + start
+        assert window["end"] == pytest.approx(window["start"] + duration)
+    assert windows[2]["slow_ms"] == 900
+
+
+async def test_call_log_keeps_arrival_times_per_model_with_probes_apart(
+    claude: anthropic.AsyncAnthropic, gpt: openai.AsyncOpenAI, fake: FakeProviderThread
+) -> None:
+    """GET /admin/calls lists, per model, when each call and each probe arrived; ?model=
+    and ?since= narrow it; resetting the counters empties it."""
+    before = time.time()
+    await ask(claude)
+    await ask(claude, extra_headers=PROBE)
+    fake.start_outage(529, models=[MODEL])
+    with pytest.raises(anthropic.OverloadedError):
+        await ask(claude)
+    fake.stop_outage()
+    await ask_gpt(gpt)
+    after = time.time()
+    log = await admin(fake, "GET", "/admin/calls")
+    assert set(log["models"]) == {MODEL, GPT}
+    mine = log["models"][MODEL]
+    assert len(mine["calls"]) == 2 and len(mine["probes"]) == 1 and mine["dropped"] == 0
+    assert len(log["models"][GPT]["calls"]) == 1
+    assert all(before <= t <= after for t in mine["calls"] + mine["probes"])
+    assert mine["calls"] == sorted(mine["calls"])
+    [window] = log["windows"]
+    assert window["kind"] == "runtime" and window["models"] == [MODEL]
+    assert before <= window["start"] <= window["end"] <= after
+    only = await admin(fake, "GET", f"/admin/calls?model={GPT}")
+    assert set(only["models"]) == {GPT}
+    later = await admin(fake, "GET", f"/admin/calls?since={mine['calls'][1]}")
+    assert len(later["models"][MODEL]["calls"]) == 1
+    await admin(fake, "POST", "/admin/counters/reset")
+    emptied = fake.calls()
+    assert emptied["models"] == {} and emptied["windows"] == []
+
+
+async def test_runtime_slow_outage_of_one_model(
+    claude: anthropic.AsyncAnthropic, fake: FakeProviderThread
+) -> None:
+    """POST /admin/outage with status "slow" delays one model's replies past the client's
+    timeout; a slow outage without slow_ms, or slow_ms on a 529, is a 400."""
+    state = await admin(
+        fake, "POST", "/admin/outage", {"status": "slow", "slow_ms": 5000, "models": [MODEL]}
+    )
+    assert state["status"] == "slow" and state["slow_ms"] == 5000
+    with pytest.raises(anthropic.APITimeoutError):
+        await ask(claude, timeout=0.2)
+    assert (await ask_model(claude, OTHER)).model == OTHER
+    for bad in ({"status": "slow"}, {"status": 529, "slow_ms": 10}, {"status": "slower"}):
+        with pytest.raises(AssertionError, match="400"):
+            await admin(fake, "POST", "/admin/outage", bad)
+
+
+def test_outage_objects_reject_impossible_values() -> None:
+    """An Outage refuses negative times, a slow window without slow_ms and slow_ms on a
+    status that is not slow; a config with a bad one does not decode."""
+    with pytest.raises(ValueError, match=">= 0"):
+        Outage(start_s=-1, duration_s=1)
+    with pytest.raises(ValueError, match="slow_ms"):
+        Outage(start_s=0, duration_s=1, status="slow")
+    with pytest.raises(ValueError, match="slow_ms"):
+        Outage(start_s=0, duration_s=1, status=503, slow_ms=10)
+    with pytest.raises(ValueError, match="400-599"):
+        Outage(start_s=0, duration_s=1, status=302)
+    bad = b'{"outages": [{"start_s": 0, "duration_s": 1, "status": "slow"}]}'
+    with pytest.raises(msgspec.ValidationError, match="slow_ms"):
+        msgspec.json.decode(bad, type=FaultConfig)
+
+
+async def test_admin_config_takes_both_outage_forms(fake: FakeProviderThread) -> None:
+    """PUT /admin/config accepts tuple and object outages side by side and returns them."""
+    body = {
+        "outages": [
+            [0, 1, 503],
+            {"start_s": 2, "duration_s": 3, "status": "slow", "slow_ms": 400, "models": ["m"]},
+        ]
+    }
+    served = await admin(fake, "PUT", "/admin/config", body)
+    assert served["outages"] == body["outages"]
+    assert fake.provider.config.outages == [
+        (0, 1, 503),
+        Outage(start_s=2, duration_s=3, status="slow", slow_ms=400, models=["m"]),
+    ]
+
+
+def test_call_log_drops_its_oldest_half_when_full() -> None:
+    """A model's log stops at its cap: the oldest half goes and is counted as dropped."""
+    from services.tools.fake.calls import CallLog
+
+    log = CallLog(max_per_model=4)
+    for _ in range(5):
+        log.record("m", probe=False)
+    log.record("m", probe=True)
+    entry = log.snapshot()["m"]
+    assert len(entry["calls"]) == 3 and entry["dropped"] == 2 and len(entry["probes"]) == 1
+
+
+def test_parse_outage_takes_models_and_slowness() -> None:
+    """--outage START:DURATION:STATUS[:MODEL,...]: models after a third colon (a model name
+    may hold colons), STATUS slow=MS; without either it stays the tuple form."""
+    assert parse_outage("1:2:503") == (1.0, 2.0, 503)
+    assert parse_outage("1:2:529:claude-opus-4-1,anthropic.claude-v1:0") == Outage(
+        start_s=1, duration_s=2, models=["claude-opus-4-1", "anthropic.claude-v1:0"]
+    )
+    assert parse_outage("0:5:slow=3000:m") == Outage(
+        start_s=0, duration_s=5, status="slow", slow_ms=3000, models=["m"]
+    )
+    assert parse_outage("0:5:slow=3000") == Outage(
+        start_s=0, duration_s=5, status="slow", slow_ms=3000
+    )
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -607,7 +789,15 @@ def test_config_from_options_lays_flags_over_the_config_file(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    ("parse", "text"), [(parse_outage, "1:2"), (parse_outage, "a:1:503"), (parse_error_mix, "5x")]
+    ("parse", "text"),
+    [
+        (parse_outage, "1:2"),
+        (parse_outage, "a:1:503"),
+        (parse_outage, "1:2:503:"),
+        (parse_outage, "1:2:slow=0:m"),
+        (parse_outage, "1:2:slow=x"),
+        (parse_error_mix, "5x"),
+    ],
 )
 def test_option_text_that_does_not_parse_is_a_value_error(
     parse: Callable[[str], object], text: str

@@ -29,6 +29,7 @@ Modules
 ``faults``          ``FaultConfig``, the ``fault:...`` triggers, and which fault a request gets
 ``server``          ``FakeProvider``: the aiohttp server, counters, admin API, ``serve()``
 ``harness``         ``run_in_thread()``: a server on its own loop, for synchronous tests
+``calls``           the call log: arrival times of requests per model, probes apart
 
 Run it with ``ridethrough fake-provider --port 8787 [--latency-ms X] ...``, with
 ``serve()``, with ``FakeProvider`` inside an event loop, or with ``run_in_thread()`` from
@@ -38,7 +39,9 @@ synchronous code such as tests.
 from services.tools.fake.faults import (
     DEFAULT_MODELS,
     FaultConfig,
+    Outage,
     OutageStatus,
+    WindowStatus,
     config_from_options,
     parse_error_mix,
     parse_outage,
@@ -52,7 +55,9 @@ __all__ = [
     "FakeProvider",
     "FakeProviderThread",
     "FaultConfig",
+    "Outage",
     "OutageStatus",
+    "WindowStatus",
     "build_app",
     "config_from_options",
     "parse_error_mix",

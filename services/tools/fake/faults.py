@@ -26,6 +26,7 @@ one of these values (the header wins when both are set):
     maps to ``EnforcedSpendLimitReachedError``). OpenAI: as ``fault:spend_limit``.
 ``fault:slow:<ms>``
     A normal reply after ``<ms>`` milliseconds (instead of the configured latency).
+    A client whose timeout is shorter sees a timeout: the shape of a model that hangs.
 
 Hostile triggers (a provider misbehaving rather than failing):
 
@@ -55,6 +56,14 @@ error rate (streaming requests only) and scheduled outages relative to the momen
 config took effect (server start, or the ``PUT /admin/config`` that installed it). Random
 draws use one ``random.Random(seed)``.
 
+A scheduled outage is ``[start_s, duration_s, status]`` (every model), or an object
+(``Outage``) that can also name ``models`` (only their requests are hit; empty: every
+model) and be ``"status": "slow"`` with ``slow_ms`` (a normal reply after ``slow_ms``: a
+model that times out). Several windows make a shape: a flapping model is two windows of
+one model with a gap between them. The runtime outage (admin) takes ``models`` and
+``"slow"`` too. Every window, scheduled or runtime, is kept in ``Faults.windows()`` in
+wall-clock time, so a reader of the call log can tell which calls fell inside one.
+
 For each inference request the first match wins: trigger, runtime outage (admin), scheduled
 outage, random reset / error / mid-stream, else a normal reply. Only normal replies wait the
 configured latency; faults are answered at once (``fault:slow`` waits its own delay).
@@ -78,6 +87,10 @@ import msgspec
 OutageStatus: TypeAlias = int | Literal["reset", "midstream"]
 """What an outage answers: an HTTP error status, a connection reset or a mid-stream error."""
 
+WindowStatus: TypeAlias = int | Literal["reset", "midstream", "slow"]
+"""What an outage window answers: an ``OutageStatus``, or ``"slow"``: a normal reply after
+the window's ``slow_ms`` (a client with a shorter timeout times out)."""
+
 DEFAULT_MODELS: Final[tuple[str, ...]] = ("claude-fake", "gpt-fake")
 FAULT_HEADER: Final = "x-fake-fault"
 #: At most this many distinct trigger values are remembered parsed.
@@ -92,6 +105,25 @@ def _default_models() -> list[str]:
     return list(DEFAULT_MODELS)
 
 
+class Outage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One scheduled outage window, in object form: ``status`` from ``start_s`` for
+    ``duration_s`` seconds (relative to when the config took effect), for the requests of
+    ``models`` only (empty: every model). ``status`` ``"slow"`` answers normally after
+    ``slow_ms`` milliseconds instead."""
+
+    start_s: float
+    duration_s: float
+    status: WindowStatus = 529
+    slow_ms: float = 0.0
+    models: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Reject values that cannot work (raises ``ValueError``)."""
+        if self.start_s < 0 or self.duration_s < 0:
+            raise ValueError("outage start_s and duration_s must be >= 0")
+        check_window_status(self.status, self.slow_ms)
+
+
 class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Scripted faults of a fake provider; the defaults inject none.
 
@@ -102,7 +134,8 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     an error takes its status from ``error_mix`` (status -> weight). ``midstream_rate``
     applies to streaming requests only. ``outages`` are ``(start_s, duration_s, status)``
     windows relative to when the config took effect, ``status`` an HTTP status,
-    ``"reset"`` or ``"midstream"``. ``stream_chunk_delay_ms`` paces SSE events.
+    ``"reset"`` or ``"midstream"``, or ``Outage`` objects (per model, or slow).
+    ``stream_chunk_delay_ms`` paces SSE events.
     """
 
     latency_ms: float = 0.0
@@ -116,7 +149,7 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     midstream_rate: float = 0.0
     midstream_after_events: int = 4
     stream_chunk_delay_ms: float = 0.0
-    outages: list[tuple[float, float, OutageStatus]] = msgspec.field(default_factory=list)
+    outages: list[tuple[float, float, OutageStatus] | Outage] = msgspec.field(default_factory=list)
     models: list[str] = msgspec.field(default_factory=_default_models)
 
     def __post_init__(self) -> None:
@@ -137,7 +170,10 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("error_mix needs a positive weight when error_rate > 0")
         if self.midstream_after_events < 0:
             raise ValueError("midstream_after_events must be >= 0")
-        for start_s, duration_s, outage_status in self.outages:
+        for outage in self.outages:
+            if isinstance(outage, Outage):
+                continue  # checked when it was built
+            start_s, duration_s, outage_status = outage
             if start_s < 0 or duration_s < 0:
                 raise ValueError("outage start_s and duration_s must be >= 0")
             if isinstance(outage_status, int):
@@ -150,6 +186,26 @@ def check_status(status: int) -> None:
     """Raise ``ValueError`` unless ``status`` is an error status (400-599)."""
     if not 400 <= status <= 599:
         raise ValueError(f"error status {status} must be within 400-599")
+
+
+def check_window_status(status: WindowStatus, slow_ms: float) -> None:
+    """Raise ``ValueError`` unless ``status`` (with ``slow_ms``) can answer an outage."""
+    if isinstance(status, int):
+        check_status(status)
+    elif status not in ("reset", "midstream", "slow"):
+        raise ValueError(f"unknown outage status {status!r}")
+    if slow_ms < 0 or not math.isfinite(slow_ms):
+        raise ValueError("slow_ms must be >= 0")
+    if (status == "slow") != (slow_ms > 0):
+        raise ValueError('status "slow" needs slow_ms > 0, and slow_ms needs status "slow"')
+
+
+def as_outage(entry: tuple[float, float, OutageStatus] | Outage) -> Outage:
+    """An entry of ``FaultConfig.outages`` in object form."""
+    if isinstance(entry, Outage):
+        return entry
+    start_s, duration_s, status = entry
+    return Outage(start_s=start_s, duration_s=duration_s, status=status)
 
 
 _config_decoder: Final = msgspec.json.Decoder(FaultConfig)
@@ -192,12 +248,14 @@ RESET: Final = Fault("reset")
 MIDSTREAM: Final = Fault("midstream")
 
 
-def outage_fault(status: OutageStatus) -> Fault:
-    """The fault an outage with ``status`` answers with."""
+def outage_fault(status: WindowStatus, slow_ms: float = 0.0) -> Fault:
+    """The fault an outage with ``status`` (and ``slow_ms``, for ``"slow"``) answers with."""
     if status == "reset":
         return RESET
     if status == "midstream":
         return MIDSTREAM
+    if status == "slow":
+        return Fault("slow", delay_s=slow_ms / 1000.0)
     assert isinstance(status, int)
     return Fault("error", status)
 
@@ -247,19 +305,45 @@ def padding(fault: Fault | None) -> str:
 
 @dataclass(slots=True)
 class _Outage:
-    status: OutageStatus
+    status: WindowStatus
     until: float | None
     models: frozenset[str] | None
     started_at: float
+    slow_ms: float = 0.0
 
     def describe(self, now: float) -> dict[str, Any]:
-        return {
+        described: dict[str, Any] = {
             "active": True,
             "status": self.status,
             "started_at": self.started_at,
             "remaining_s": None if self.until is None else max(0.0, self.until - now),
             "models": None if self.models is None else sorted(self.models),
         }
+        if self.status == "slow":
+            described["slow_ms"] = self.slow_ms
+        return described
+
+
+@dataclass(frozen=True, slots=True)
+class _Scheduled:
+    start: float
+    end: float
+    fault: Fault
+    models: frozenset[str] | None
+
+
+def _window(
+    start: float, end: float | None, status: WindowStatus, slow_ms: float, models: Any, kind: str
+) -> dict[str, Any]:
+    """One entry of ``Faults.windows()``."""
+    return {
+        "start": start,
+        "end": end,
+        "status": status,
+        "slow_ms": slow_ms,
+        "models": sorted(models) if models else [],
+        "kind": kind,
+    }
 
 
 # --------------------------------------------------------------------------- the choice
@@ -279,7 +363,9 @@ class Faults:
         self.config = config
         self.has_latency = False
         self._rng = random.Random()
-        self._scheduled: list[tuple[float, float, Fault]] = []
+        self._scheduled: list[_Scheduled] = []
+        self._scheduled_windows: list[dict[str, Any]] = []
+        self._runtime_windows: list[dict[str, Any]] = []
         self._error_statuses: list[int] = []
         self._error_cum: list[float] = []
         self._random_faults = False
@@ -290,9 +376,27 @@ class Faults:
         self.config = config
         self._rng = random.Random(config.seed)
         now = time.monotonic()
+        wall = time.time()
+        outages = [as_outage(entry) for entry in config.outages]
         self._scheduled = [
-            (now + start_s, now + start_s + duration_s, outage_fault(status))
-            for start_s, duration_s, status in config.outages
+            _Scheduled(
+                now + o.start_s,
+                now + o.start_s + o.duration_s,
+                outage_fault(o.status, o.slow_ms),
+                frozenset(o.models) if o.models else None,
+            )
+            for o in outages
+        ]
+        self._scheduled_windows = [
+            _window(
+                wall + o.start_s,
+                wall + o.start_s + o.duration_s,
+                o.status,
+                o.slow_ms,
+                o.models,
+                "scheduled",
+            )
+            for o in outages
         ]
         mix = [(s, w) for s, w in sorted(config.error_mix.items()) if w > 0]
         self._error_statuses = [s for s, _ in mix]
@@ -304,32 +408,69 @@ class Faults:
 
     def start_outage(
         self,
-        status: OutageStatus = 529,
+        status: WindowStatus = 529,
         duration_s: float | None = None,
         models: Sequence[str] | None = None,
+        slow_ms: float = 0.0,
     ) -> dict[str, Any]:
-        """Answer every inference request (of ``models``, if given) with ``status``.
+        """Answer every inference request (of ``models``, if given) with ``status``
+        (``"slow"``: a normal reply after ``slow_ms``).
 
-        Lasts until ``stop_outage()`` or ``duration_s`` seconds. Returns the outage state.
+        Lasts until ``stop_outage()`` or ``duration_s`` seconds; a new one ends the
+        previous one. Returns the outage state.
         """
-        if isinstance(status, int):
-            check_status(status)
-        elif status not in ("reset", "midstream"):
-            raise ValueError(f"unknown outage status {status!r}")
+        check_window_status(status, slow_ms)
         if duration_s is not None and duration_s < 0:
             raise ValueError("duration_s must be >= 0")
+        self.stop_outage()
         now = time.monotonic()
+        wall = time.time()
         self._outage = _Outage(
             status=status,
             until=None if duration_s is None else now + duration_s,
             models=None if models is None else frozenset(models),
-            started_at=time.time(),
+            started_at=wall,
+            slow_ms=slow_ms,
+        )
+        self._runtime_windows.append(
+            _window(
+                wall,
+                None if duration_s is None else wall + duration_s,
+                status,
+                slow_ms,
+                models,
+                "runtime",
+            )
         )
         return self._outage.describe(now)
 
     def stop_outage(self) -> None:
         """End the runtime outage, if any."""
+        if self._outage is not None and self._runtime_windows:
+            last = self._runtime_windows[-1]
+            now = time.time()
+            if last["end"] is None or last["end"] > now:
+                last["end"] = now
         self._outage = None
+
+    def windows(self) -> list[dict[str, Any]]:
+        """Every outage window, oldest first: the scheduled ones of the config in effect and
+        the runtime ones since the last ``forget_windows()``.
+
+        Each is ``{"start", "end", "status", "slow_ms", "models", "kind"}``: Unix times
+        (``end`` is ``None`` while an open-ended runtime outage lasts), ``models`` empty
+        for every model, ``kind`` ``"scheduled"`` or ``"runtime"``.
+        """
+        self.outage_state()  # an elapsed runtime outage ends here
+        windows = [dict(w) for w in self._scheduled_windows + self._runtime_windows]
+        return sorted(windows, key=lambda w: float(w["start"]))
+
+    def forget_windows(self) -> None:
+        """Forget past runtime outage windows (the running one, if any, is kept)."""
+        now = time.time()
+        self._runtime_windows = [
+            w for w in self._runtime_windows if w["end"] is None or w["end"] > now
+        ][-1:]
 
     def outage_state(self) -> dict[str, Any]:
         """The runtime outage: ``{"active": false}`` or its status, models and time left."""
@@ -362,10 +503,12 @@ class Faults:
             if outage.until is not None and now >= outage.until:
                 self._outage = None
             elif outage.models is None or model in outage.models:
-                return outage_fault(outage.status), "outage"
-        for start, end, scheduled in self._scheduled:
-            if start <= now < end:
-                return scheduled, "scheduled_outage"
+                return outage_fault(outage.status, outage.slow_ms), "outage"
+        for window in self._scheduled:
+            if window.start <= now < window.end and (
+                window.models is None or model in window.models
+            ):
+                return window.fault, "scheduled_outage"
         if self._random_faults:
             drawn = self._random_fault(stream)
             if drawn is not None:
@@ -401,21 +544,44 @@ class Faults:
 # --------------------------------------------------------------------------- from options
 
 
-def parse_outage(text: str) -> tuple[float, float, OutageStatus]:
-    """``START_S:DURATION_S:STATUS`` (STATUS a code, ``reset`` or ``midstream``) as an
-    entry of ``FaultConfig.outages``; ``ValueError`` if it is not that."""
+def parse_outage(text: str) -> tuple[float, float, OutageStatus] | Outage:
+    """``START_S:DURATION_S:STATUS[:MODEL,...]`` as an entry of ``FaultConfig.outages``;
+    ``ValueError`` if it is not that.
+
+    STATUS is a code, ``reset``, ``midstream`` or ``slow=<ms>``. Everything after the third
+    colon is a comma-separated list of the models it hits (model names may hold colons).
+    Without models and slowness it is the tuple form, else an ``Outage``.
+    """
+    shape = "START_S:DURATION_S:STATUS[:MODEL,...]"
     try:
-        start, duration, status_text = text.split(":")
+        start, duration, status_text, *rest = text.split(":", 3)
+        models = [m for m in rest[0].split(",") if m] if rest else []
+        if rest and not models:
+            raise ValueError("no models after the third colon")
         status: OutageStatus
+        slow_ms = 0.0
         if status_text == "reset":
             status = "reset"
         elif status_text == "midstream":
             status = "midstream"
+        elif status_text.startswith("slow="):
+            slow_ms = float(status_text.removeprefix("slow="))
+            return Outage(
+                start_s=float(start),
+                duration_s=float(duration),
+                status="slow",
+                slow_ms=slow_ms,
+                models=models,
+            )
         else:
             status = int(status_text)
+        if models:
+            return Outage(
+                start_s=float(start), duration_s=float(duration), status=status, models=models
+            )
         return float(start), float(duration), status
     except ValueError:
-        raise ValueError(f"outage {text!r} is not START_S:DURATION_S:STATUS") from None
+        raise ValueError(f"outage {text!r} is not {shape}") from None
 
 
 def parse_error_mix(text: str) -> dict[int, float]:

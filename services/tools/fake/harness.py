@@ -51,8 +51,12 @@ class FakeProviderThread:
         return self._call(lambda: self.provider.counters)
 
     def reset_counters(self) -> None:
-        """Zero every counter."""
+        """Zero every counter and empty the call log."""
         self._call(self.provider.reset_counters)
+
+    def calls(self, model: str | None = None, since: float | None = None) -> dict[str, Any]:
+        """The call log (see ``FakeProvider.calls``)."""
+        return self._call(lambda: self.provider.calls(model, since))
 
     def start_outage(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Start a runtime outage (arguments of ``Faults.start_outage``)."""

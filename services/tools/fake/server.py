@@ -8,13 +8,18 @@ SIGINT or SIGTERM (``ridethrough fake-provider``).
 Admin API (JSON)
 ----------------
 ``POST /admin/outage``
-    ``{"status": 529 | "reset" | "midstream", "duration_s": float?, "models": [str]?}``
-    starts a runtime outage: every inference request (for the listed models only, when
-    given) gets that fault until ``DELETE /admin/outage`` or until ``duration_s`` elapses.
+    ``{"status": 529 | "reset" | "midstream" | "slow", "duration_s": float?,
+    "models": [str]?, "slow_ms": float?}`` starts a runtime outage: every inference request
+    (for the listed models only, when given) gets that fault (``"slow"``: a normal reply
+    after ``slow_ms``) until ``DELETE /admin/outage`` or until ``duration_s`` elapses.
 ``GET /admin/outage`` / ``DELETE /admin/outage``
     The runtime outage state / end it.
 ``GET /admin/counters`` / ``POST /admin/counters/reset``
     Request counters (see ``FakeProvider.counters``) / zero them.
+``GET /admin/calls[?model=M][&since=T]``
+    The call log (see ``calls``): ``{"since": T0, "models": {model: {"calls": [t, ...],
+    "probes": [t, ...], "dropped": n}}, "windows": [...]}``, times in Unix seconds, probes
+    apart; ``windows`` are the outage windows (``Faults.windows``). Reset with the counters.
 ``GET /admin/config`` / ``PUT /admin/config``
     The ``FaultConfig`` / replace it (unknown fields are a 400).
 
@@ -40,6 +45,7 @@ import msgspec
 from aiohttp import web
 
 from services.tools.fake import anthropic_wire, openai_wire
+from services.tools.fake.calls import CallLog
 from services.tools.fake.echo import echo, last_user_text
 from services.tools.fake.faults import (
     FAULT_HEADER,
@@ -47,7 +53,7 @@ from services.tools.fake.faults import (
     FaultConfig,
     Faults,
     FaultSource,
-    OutageStatus,
+    WindowStatus,
     padding,
 )
 
@@ -61,9 +67,10 @@ _JSON: Final = "application/json"
 
 
 class _OutageRequest(msgspec.Struct, forbid_unknown_fields=True):
-    status: OutageStatus = 529
+    status: WindowStatus = 529
     duration_s: float | None = None
     models: list[str] | None = None
+    slow_ms: float = 0.0
 
 
 _config_decoder: Final = msgspec.json.Decoder(FaultConfig)
@@ -151,6 +158,7 @@ class FakeProvider:
     def __init__(self, config: FaultConfig | None = None) -> None:
         """Prepare a server with ``config`` (no faults when ``None``); ``start()`` serves it."""
         self._counters = _Counters()
+        self._calls = CallLog()
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self._runner: web.AppRunner | None = None
@@ -192,8 +200,20 @@ class FakeProvider:
         return self._counters.snapshot()
 
     def reset_counters(self) -> None:
-        """Zero every counter."""
+        """Zero every counter, empty the call log and forget past runtime outage windows."""
         self._counters = _Counters()
+        self._calls = CallLog()
+        self._faults.forget_windows()
+
+    def calls(self, model: str | None = None, since: float | None = None) -> dict[str, Any]:
+        """The call log: ``since`` (Unix time it starts), ``models`` (per model, ``calls``
+        and ``probes`` as Unix arrival times and ``dropped``; see ``calls.CallLog``), and
+        ``windows``, the outage windows (``faults.Faults.windows``)."""
+        return {
+            "since": self._calls.since,
+            "models": self._calls.snapshot(model, since),
+            "windows": self._faults.windows(),
+        }
 
     def set_config(self, config: FaultConfig) -> None:
         """Replace the fault configuration; scheduled outages restart from now."""
@@ -279,6 +299,7 @@ class FakeProvider:
         app.router.add_delete("/admin/outage", self._admin_stop_outage)
         app.router.add_get("/admin/counters", self._admin_counters)
         app.router.add_post("/admin/counters/reset", self._admin_reset_counters)
+        app.router.add_get("/admin/calls", self._admin_calls)
         app.router.add_get("/admin/config", self._admin_get_config)
         app.router.add_put("/admin/config", self._admin_put_config)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
@@ -508,6 +529,7 @@ class FakeProvider:
         except msgspec.DecodeError as exc:
             return self._error(True, 400, str(exc))
         _bump(self._counters.by_model, req.model)
+        self._calls.record(req.model, probe)
         trigger = request.headers.get(FAULT_HEADER)
         if (trigger is None or not trigger.startswith("fault:")) and req.metadata is not None:
             trigger = req.metadata.user_id
@@ -551,6 +573,7 @@ class FakeProvider:
         except msgspec.DecodeError as exc:
             return self._error(False, 400, str(exc))
         _bump(self._counters.by_model, req.model)
+        self._calls.record(req.model, probe)
         trigger = request.headers.get(FAULT_HEADER)
         if trigger is None or not trigger.startswith("fault:"):
             trigger = req.user
@@ -619,7 +642,7 @@ class FakeProvider:
     async def _admin_start_outage(self, request: web.Request) -> web.StreamResponse:
         try:
             spec = _outage_decoder.decode(await request.read() or b"{}")
-            state = self.start_outage(spec.status, spec.duration_s, spec.models)
+            state = self.start_outage(spec.status, spec.duration_s, spec.models, spec.slow_ms)
         except (msgspec.DecodeError, ValueError) as exc:
             return _admin_error(str(exc))
         return _json_response(_encode(state))
@@ -637,6 +660,14 @@ class FakeProvider:
     async def _admin_reset_counters(self, request: web.Request) -> web.StreamResponse:
         self.reset_counters()
         return _json_response(_encode(self.counters))
+
+    async def _admin_calls(self, request: web.Request) -> web.StreamResponse:
+        since_text = request.query.get("since")
+        try:
+            since = None if since_text is None else float(since_text)
+        except ValueError:
+            return _admin_error(f"since={since_text!r} is not a Unix time")
+        return _json_response(_encode(self.calls(request.query.get("model"), since)))
 
     async def _admin_get_config(self, request: web.Request) -> web.StreamResponse:
         return _json_response(_encode(self.config))
