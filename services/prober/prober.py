@@ -9,6 +9,8 @@ whether it is up) but never moved: only the operator's resume ends a pause.
 
 One prober per provider is active among replicas (a lease in ai_control,
 ``probe.<provider>``); when it dies, another replica takes over within the lease.
+The holder also reads the provider's status page, if one is configured
+(``evidence.py``): evidence that is shown and lowers trip thresholds, never proof.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, Self
 
 from nats.js import JetStreamContext
 
@@ -26,6 +28,7 @@ from services.breaker import LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import Settings
 from services.errors import ProviderError
+from services.prober.evidence import StatusPageWatch
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
 
@@ -62,6 +65,16 @@ class Prober(LeasedPerProvider):
         super().__init__(js, settings, providers, owner=owner)
         self.providers = providers
         self.probes: dict[str, int] = dict.fromkeys(providers, 0)
+        self.status_pages: dict[str, StatusPageWatch] = {}
+
+    async def start(self) -> Self:
+        """Start the probes, and one status page reader per provider under its lease."""
+        await super().start()
+        for name, lease in zip(self._names, self._leases, strict=True):
+            watch = StatusPageWatch(self.js, self.settings, name, lease, by=self.owner)
+            self.status_pages[name] = watch
+            self._tasks.append(watch.start())
+        return self
 
     async def _stopped(self) -> None:
         """Close the provider clients."""
