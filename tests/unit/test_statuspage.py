@@ -361,3 +361,22 @@ def test_one_bad_component_spoils_only_itself() -> None:
     e = evidence(data)
     assert [(c.name, c.model) for c in e.degraded] == [("API", "*")]
     assert [i.name for i in e.incidents] == ["Elevated errors"] and e.indicator == ""
+
+
+def test_status_shows_what_the_page_says_and_no_markup_from_it() -> None:
+    """`ridethrough status` has a status page column: the summary, marked stale while the
+    page cannot be read; a page's text is printed as it is, never as rich markup."""
+    from rich.console import Console
+
+    from services.cli.status import _status_table
+
+    row = {
+        "state": "closed", "since": None, "failure_rate": None, "calls_in_window": 0,
+        "waiting": 0, "in_flight": 0, "parked": 0, "dead": 0, "replay": None, "reason": "",
+        "evidence": {"summary": "[bold]API[/bold]: partial outage", "stale": True,
+                     "failed_reads": 4},
+    }  # fmt: skip
+    console = Console(record=True, width=400)
+    console.print(_status_table({"providers": {"anthropic": row}, "workers": []}))
+    text = console.export_text()
+    assert "[bold]API[/bold]: partial outage (page unreadable, 4 reads)" in text
