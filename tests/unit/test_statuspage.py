@@ -380,3 +380,16 @@ def test_status_shows_what_the_page_says_and_no_markup_from_it() -> None:
     console.print(_status_table({"providers": {"anthropic": row}, "workers": []}))
     text = console.export_text()
     assert "[bold]API[/bold]: partial outage (page unreadable, 4 reads)" in text
+
+
+def test_pages_are_read_every_30_to_60_seconds_by_default() -> None:
+    """The default interval, 45 s, is jittered by a third either way: 30-60 s."""
+    from unittest.mock import MagicMock
+
+    from services.config import Settings
+    from services.prober.evidence import StatusPageWatch
+
+    watch = StatusPageWatch(MagicMock(), Settings(), "anthropic", MagicMock(), by="t")
+    draws = [watch._interval() for _ in range(2000)]
+    assert 30 <= min(draws) < 32 and 58 < max(draws) <= 60
+    assert watch.url is None  # off when unset
