@@ -1,4 +1,4 @@
-"""Events on ``AI_EVENTS``: breaker transitions (and, later, the operator audit log)."""
+"""Events on ``AI_EVENTS``: breaker transitions, the operator audit log, status page changes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from schemas.health import State
+from schemas.health import Evidence, State
 from schemas.jobs import Timestamp
 
 
@@ -68,3 +68,23 @@ _ops_decoder = msgspec.json.Decoder(OpsEvent)
 def decode_ops_event(data: bytes) -> OpsEvent:
     """Decode an operator event."""
     return _ops_decoder.decode(data)
+
+
+class EvidenceEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A change in what a provider's status page says, on ``ai.events.evidence.<provider>``:
+    the new ``evidence`` in full and its one-line ``summary``. Evidence is never proof:
+    these events move no breaker."""
+
+    provider: str
+    evidence: Evidence
+    summary: str = ""
+    by: str = ""
+    at: Timestamp = msgspec.field(default_factory=_now)
+
+
+_evidence_decoder = msgspec.json.Decoder(EvidenceEvent)
+
+
+def decode_evidence_event(data: bytes) -> EvidenceEvent:
+    """Decode a status page event."""
+    return _evidence_decoder.decode(data)

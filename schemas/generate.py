@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.events import HealthEvent
+from schemas.events import EvidenceEvent, HealthEvent
 from schemas.health import BreakerState
 from schemas.jobs import Job
 from schemas.parking import DeadLetter, ParkedJob
@@ -30,6 +30,7 @@ SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "parked_job.json": ParkedJob,
     "breaker_state.json": BreakerState,
     "health_event.json": HealthEvent,
+    "evidence_event.json": EvidenceEvent,
 }
 
 

@@ -345,6 +345,21 @@ HEALTH_EVENTS_FILTER: Final = "ai.events.health.>"
 
 OPS_EVENTS_SUBJECT: Final = "ai.events.ops"
 
+
+# Status pages: evidence, never proof. The prober holding ``probe.<provider>`` writes what
+# the provider's page says to ai_control and announces each change as an event.
+
+
+def evidence_key(provider: str) -> str:
+    """Key in ai_control of what ``provider``'s status page says (``schemas.health.Evidence``)."""
+    return f"evidence.{provider}"
+
+
+def evidence_event_subject(provider: str) -> str:
+    """Subject of the changes of ``provider``'s status page (``schemas.events.EvidenceEvent``)."""
+    return f"ai.events.evidence.{provider}"
+
+
 # Subjects each stream listens on. AI_JOBS listens only on the configured
 # providers (see ``jobs_filter``), so a job for an unknown provider is refused
 # at the producer instead of waiting forever for a consumer.
@@ -353,7 +368,12 @@ PARKED_SUBJECTS: Final = ("ai.parked.*.*.*", "ai.parked.*.*")
 #: One subject for both scopes and the legacy layout (subjects of one stream may not overlap).
 RESULTS_SUBJECTS: Final = ("ai.results.>",)
 DEAD_SUBJECTS: Final = ("ai.dead.*.*",)
-EVENTS_SUBJECTS: Final = ("ai.events.health.*", "ai.events.health.*.*", OPS_EVENTS_SUBJECT)
+EVENTS_SUBJECTS: Final = (
+    "ai.events.health.*",
+    "ai.events.health.*.*",
+    OPS_EVENTS_SUBJECT,
+    "ai.events.evidence.*",
+)
 
 
 def worker_consumer(provider: str) -> str:

@@ -57,6 +57,17 @@ class ProviderSettings(BaseModel):
     )
     probe_model: str | None = Field(None, description="model of the health probe")
     probe_request: dict[str, Any] | None = Field(None, description="body of the health probe")
+    status_page_url: str | None = Field(
+        None,
+        description="the provider's Atlassian Statuspage summary "
+        "(https://status.example.com/api/v2/summary.json); read by the prober as evidence, "
+        "never as proof; off when unset",
+    )
+    status_components: dict[str, str] = Field(
+        default_factory=dict,
+        description="status page component (name or id) -> the model it covers, or '*' for "
+        "the whole provider; a component not listed lowers no threshold (it is only shown)",
+    )
 
     def latency_budget(self, model: str) -> float | None:
         """Seconds a call of ``model`` may take before it counts as slow (None: no budget)."""
@@ -190,6 +201,38 @@ class BreakerSettings(BaseModel):
     probe_interval_s: float = Field(1.0, gt=0, description="first probe delay; after a success")
     probe_max_interval_s: float = Field(5.0, gt=0, description="cap of the probe backoff")
     board_poll_s: float = Field(0.25, gt=0, description="how often processes re-read ai_health")
+    consecutive_failures_degraded: int | None = Field(
+        None,
+        gt=0,
+        description="consecutive_failures while the status page says the scope is degraded "
+        "(default: half, rounded up; never above consecutive_failures)",
+    )
+    failure_rate_degraded: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="failure_rate while the status page says the scope is degraded "
+        "(default: half; never above failure_rate)",
+    )
+    status_page_interval_s: float = Field(
+        45.0,
+        gt=0,
+        description="mean time between two reads of a provider's status page (jittered by a "
+        "third either way: 30-60 s by default)",
+    )
+    status_page_timeout_s: float = Field(5.0, gt=0, description="longest read of a status page")
+    evidence_poll_s: float = Field(
+        5.0, gt=0, description="how often workers re-read the status page evidence"
+    )
+
+    def trip_thresholds(self, *, degraded: bool = False) -> tuple[int, float]:
+        """(consecutive failures, failure rate) that trip a breaker; lower (never higher)
+        while a status page says the scope is degraded."""
+        if not degraded:
+            return self.consecutive_failures, self.failure_rate
+        consecutive = self.consecutive_failures_degraded or -(-self.consecutive_failures // 2)
+        rate = self.failure_rate_degraded or self.failure_rate / 2
+        return min(consecutive, self.consecutive_failures), min(rate, self.failure_rate)
 
 
 class ReplaySettings(BaseModel):

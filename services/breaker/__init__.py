@@ -11,6 +11,9 @@
                 replicas
     recovery.py LeasedPerProvider, the base of the prober and the replayer: one task per
                 provider, acting only while its replica holds the lease
+    evidence.py EvidenceView: what the status pages say (``evidence.<provider>`` in
+                ai_control, written by the prober); a degraded scope trips at lower
+                thresholds. Evidence, never proof: it moves no breaker
 
 States: ``closed`` → ``open`` (trip) → ``half_open`` (prober: M probe successes) →
 ``closed`` (replayer: slow start reached its cap or the backlog is empty); any

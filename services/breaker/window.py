@@ -14,6 +14,8 @@ class SlidingWindow:
     Trips on ``consecutive_failures`` in a row, or on a failure rate at or above
     ``failure_rate`` over at least ``min_calls`` calls in the last ``window_s``.
     Rate-limit answers are not recorded at all: they slow us down, they are no outage.
+    While the status page says the scope is degraded, the caller passes ``degraded=True``
+    and the lower ``*_degraded`` thresholds apply.
     """
 
     __slots__ = ("_buckets", "consecutive", "settings")
@@ -42,16 +44,22 @@ class SlidingWindow:
         own failure, in its provider's window): it counts in the rate's denominator."""
         self._bucket(time.monotonic() if now is None else now)[1] += 1
 
-    def failure(self, now: float | None = None) -> bool:
-        """Record a transient failure; return whether the breaker should trip."""
+    def failure(self, now: float | None = None, *, degraded: bool = False) -> bool:
+        """Record a transient failure; return whether the breaker should trip.
+
+        ``degraded``: the provider's status page says this scope is degraded, so the
+        lower thresholds of ``BreakerSettings.trip_thresholds`` apply (evidence, never
+        proof: it only makes real failures trip sooner).
+        """
         b = self._bucket(time.monotonic() if now is None else now)
         b[1] += 1
         b[2] += 1
         self.consecutive += 1
-        if self.consecutive >= self.settings.consecutive_failures:
+        consecutive, rate = self.settings.trip_thresholds(degraded=degraded)
+        if self.consecutive >= consecutive:
             return True
         calls, failures = self.counts()
-        return calls >= self.settings.min_calls and failures >= self.settings.failure_rate * calls
+        return calls >= self.settings.min_calls and failures >= rate * calls
 
     def counts(self) -> tuple[int, int]:
         """(calls, failures) in the window."""

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from nats.js import JetStreamContext
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from services.cli.common import (
@@ -38,6 +39,7 @@ def _status_table(status: dict[str, Any]) -> Table:
         "dead",
         "replay",
         "reason",
+        "status page",
     ):
         t.add_column(col)
     for name, p in status["providers"].items():
@@ -62,7 +64,8 @@ def _status_table(status: dict[str, Any]) -> Table:
             str(p["parked"]),
             str(p["dead"]),
             replay,
-            (p["reason"] or "")[:60],
+            escape((p["reason"] or "")[:60]),
+            escape(_page_cell(p.get("evidence"))),
         )
         for model, m in p.get("models", {}).items():
             rate = (
@@ -88,9 +91,20 @@ def _status_table(status: dict[str, Any]) -> Table:
     return t
 
 
+def _page_cell(evidence: dict[str, Any] | None) -> str:
+    """What the status page says, in a table cell (evidence, never proof)."""
+    if not evidence:
+        return "-"
+    text = str(evidence["summary"])
+    if evidence["stale"]:
+        text += f" (page unreadable, {evidence['failed_reads']} reads)"
+    return text[:80]
+
+
 def status(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
     """Per provider, and per model under it: breaker state and since when, failure rate,
-    jobs waiting, in flight, parked and dead, replay progress; and the workers online."""
+    jobs waiting, in flight, parked and dead, replay progress, what its status page says;
+    and the workers online."""
     settings = settings_for(nats_url)
     snapshot = with_js(settings, lambda js: collect_status(js, settings))
     if as_json:
@@ -129,7 +143,7 @@ def outages(
     nats_url: NatsUrl = None,
 ) -> None:
     """The outage timeline, per scope (a provider, or one model): start, end, duration,
-    jobs parked and replayed."""
+    jobs parked and replayed, and what the provider's status page said meanwhile."""
     settings = settings_for(nats_url)
     check(check_provider, settings, provider)
     rows = with_js(settings, lambda js: outage_timeline(js, last, provider=provider, model=model))
@@ -146,12 +160,17 @@ def outages(
         "parked",
         "replayed",
         "calls saved ≥",
+        "status page said",
     ):
         t.add_column(col)
     for o in rows:
         scope = o["provider"] + (f"/{o['model']}" if o["model"] else "")
+        said = [e["summary"] for e in o.get("status_page", [])]
+        page = "; ".join(dict.fromkeys(x for x in said if x != "operational")) or (
+            "operational" if said else "-"
+        )
         t.add_row(scope, (o["start"] or "-")[:19], (o["end"] or "ongoing")[:19],
                   "-" if o["duration_s"] is None else f"{o['duration_s']:.1f}s",
                   str(o["reopened"]), str(o["parked"]), str(o["replayed"]),
-                  str(o["calls_saved"]))  # fmt: skip
+                  str(o["calls_saved"]), escape(page[:80]))  # fmt: skip
     console().print(t)

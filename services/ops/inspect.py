@@ -10,7 +10,12 @@ import msgspec
 from nats.js import JetStreamContext
 
 from schemas import subjects as s
-from schemas.events import decode_health_event, decode_ops_event
+from schemas.events import (
+    EvidenceEvent,
+    decode_evidence_event,
+    decode_health_event,
+    decode_ops_event,
+)
 from schemas.jobs import decode_job
 from schemas.parking import DeadLetter, decode_dead_letter, decode_parked
 from schemas.results import decode_result
@@ -181,6 +186,38 @@ async def _history(js: JetStreamContext, job_id: str, outage_ids: set[str]) -> l
     return events
 
 
+async def _page_events(js: JetStreamContext) -> dict[str, list[EvidenceEvent]]:
+    """Every status page change on AI_EVENTS, per provider, oldest first."""
+    pages: dict[str, list[EvidenceEvent]] = {}
+    async for msg in iter_stream(js, s.EVENTS_STREAM, s.evidence_event_subject("*")):
+        try:
+            event = decode_evidence_event(msg.data or b"")
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue
+        pages.setdefault(event.provider, []).append(event)
+    return pages
+
+
+def _page_said(
+    events: list[EvidenceEvent], start: datetime | None, end: datetime | None
+) -> list[dict[str, Any]]:
+    """What the status page said during an outage: the evidence in force when it began,
+    then every change until it ended (evidence, never proof: it moved no breaker)."""
+    before = [e for e in events if start is not None and e.at <= start]
+    during = [e for e in events if (start is None or e.at > start) and (end is None or e.at <= end)]
+    return [
+        {
+            "at": e.at.isoformat(),
+            "summary": e.summary,
+            "incidents": [
+                {"name": i.name, "status": i.status, "shortlink": i.shortlink}
+                for i in e.evidence.incidents
+            ],
+        }
+        for e in before[-1:] + during
+    ]
+
+
 async def outage_timeline(
     js: JetStreamContext,
     last: int | None = None,
@@ -190,10 +227,14 @@ async def outage_timeline(
 ) -> list[dict[str, Any]]:
     """Outages from the health events, one per scope and outage id: provider, model ("" for
     the provider's own), start, end, duration, parked, replayed. ``model`` keeps only that
-    model's outages (and its provider's, which held its jobs too)."""
+    model's outages (and its provider's, which held its jobs too); and what the provider's
+    status page said meanwhile (``status_page``)."""
     outages: dict[str, dict[str, Any]] = {}
     async for msg in iter_stream(js, s.EVENTS_STREAM, s.HEALTH_EVENTS_FILTER):
-        e = decode_health_event(msg.data or b"")
+        try:
+            e = decode_health_event(msg.data or b"")
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue  # not a health event (anyone who may publish one may publish garbage)
         if not e.outage_id:
             continue
         if provider is not None and e.provider != provider:
@@ -226,8 +267,14 @@ async def outage_timeline(
             # Each parked job would have cost at least one failing call: a lower bound.
             o["calls_saved"] = e.parked
     rows = list(outages.values())
+    pages = await _page_events(js)
     for o in rows:
         start, end = o["start"], o["end"]
+        o["status_page"] = _page_said(
+            pages.get(o["provider"], []),
+            start if isinstance(start, datetime) else None,
+            end if isinstance(end, datetime) else None,
+        )
         if isinstance(start, datetime) and isinstance(end, datetime):
             o["duration_s"] = round((end - start).total_seconds(), 3)
         o["start"] = start.isoformat() if isinstance(start, datetime) else None

@@ -1,20 +1,30 @@
-"""What is happening, per provider and per model: breaker, queues, workers, replay.
+"""What is happening, per provider and per model: breaker, queues, workers, replay,
+status page.
 
 An entry of ai_health or ai_control nobody can decode shows its provider as
 ``unknown`` (listed under ``unreadable``); an unreadable replay lease is no replay,
-an unreadable heartbeat no worker. Status never fails on what it reads.
+an unreadable heartbeat no worker, unreadable evidence no evidence (the breaker's state
+stays known: evidence is never proof). Status never fails on what it reads.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from nats.js import JetStreamContext
 
 from schemas import subjects as s
-from schemas.health import try_decode_beat, try_decode_pause, try_decode_state
+from schemas.health import (
+    Evidence,
+    try_decode_beat,
+    try_decode_evidence,
+    try_decode_pause,
+    try_decode_state,
+)
 from services.breaker import paused_key, try_decode_lease
 from services.config import Settings
 from services.jetstream.errors import NOT_FOUND
@@ -60,6 +70,45 @@ async def _model_status(
         "failure_rate": round(failures / calls, 3) if calls else None,
         "calls_in_window": calls,
         "parked": parked,
+    }
+
+
+def _stamp(value: object) -> str | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC).isoformat()
+    return None
+
+
+async def _status_page(control: Any, name: str) -> dict[str, Any] | None:
+    """What ``name``'s status page says (``evidence.<name>``) and how it reads now (the
+    probe lease's ``status_page`` info); ``None`` when no page was ever read."""
+    key = s.evidence_key(name)
+    stored = await _kv_value(control, key)
+    evidence = try_decode_evidence(stored) if stored else None
+    if stored and evidence is None:
+        _unreadable(f"{s.CONTROL_BUCKET}/{key}", stored)
+    raw = await _kv_value(control, f"probe.{name}")
+    lease = try_decode_lease(raw) if raw else None
+    reading = lease.info.get("status_page") if lease is not None else None
+    reading = reading if isinstance(reading, dict) and lease and lease.until > time.time() else {}
+    if evidence is None and not reading and not stored:
+        return None
+    e = evidence or Evidence(provider=name)
+    failed = reading.get("failed")
+    failed = failed if isinstance(failed, int) and not isinstance(failed, bool) else 0
+    return {
+        "page": e.page or reading.get("page") or "",
+        "summary": e.summary() if evidence is not None else "unknown",
+        "indicator": e.indicator,
+        "degraded": [msgspec.to_builtins(c) for c in e.degraded],
+        "other": [msgspec.to_builtins(c) for c in e.other],
+        "incidents": [msgspec.to_builtins(i) for i in e.incidents],
+        "changed_at": e.read_at.isoformat() if evidence is not None else None,
+        "read_at": _stamp(reading.get("read_at")),
+        "failed_reads": failed,
+        "problem": str(reading.get("problem") or "")[:200],
+        "stale": failed > 0,
+        "unreadable_record": bool(stored and evidence is None),
     }
 
 
@@ -139,6 +188,7 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             "parked": sum(v for k, v in parked.items() if k.split(".")[2] == name),
             "dead": sum(v for k, v in dead.items() if k.split(".")[2] == name),
             "replay": replay,
+            "evidence": await _status_page(control, name),
             "unreadable": unreadable,
             "models": {
                 model: await _model_status(

@@ -11,6 +11,8 @@ whether it is up) but never moved: only the operator's resume ends a pause.
 
 One prober per provider (for all its scopes) is active among replicas (a lease in
 ai_control, ``probe.<provider>``); when it dies, another replica takes over within the lease.
+The holder also reads the provider's status page, if one is configured
+(``evidence.py``): evidence that is shown and lowers trip thresholds, never proof.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from nats.js import JetStreamContext
 
@@ -31,6 +33,7 @@ from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import Settings
 from services.errors import ProviderError
+from services.prober.evidence import StatusPageWatch
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
 
@@ -69,6 +72,16 @@ class Prober(LeasedPerProvider):
         self.probes: dict[str, int] = dict.fromkeys(providers, 0)
         #: Probes per scope (``scope_label``: ``provider`` or ``provider/model``).
         self.probes_by_scope: dict[str, int] = {}
+        self.status_pages: dict[str, StatusPageWatch] = {}
+
+    async def start(self) -> Self:
+        """Start the probes, and one status page reader per provider under its lease."""
+        await super().start()
+        for name, lease in zip(self._names, self._leases, strict=True):
+            watch = StatusPageWatch(self.js, self.settings, name, lease, by=self.owner)
+            self.status_pages[name] = watch
+            self._tasks.append(watch.start())
+        return self
 
     async def _stopped(self) -> None:
         """Close the provider clients."""

@@ -33,6 +33,7 @@ from schemas.codec import encode
 from schemas.health import WorkerBeat
 from schemas.subjects import JOBS_STREAM, WORKERS_BUCKET, jobs_filter, worker_consumer
 from services.breaker import HealthBoard
+from services.breaker.evidence import EvidenceView
 from services.config import Settings
 from services.jetstream.connection import broker_options
 from services.jetstream.pull import guard_fetch
@@ -61,6 +62,7 @@ class Worker:
         self.broker = NatsBroker(**_broker_options(settings), logger=None)
         self.runner: JobRunner | None = None
         self.board: HealthBoard | None = None
+        self.evidence: EvidenceView | None = None
         self._slots = asyncio.Semaphore(settings.worker.concurrency)
         self._inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
         self._subscribers: list[Any] = []
@@ -153,6 +155,9 @@ class Worker:
             guard_fetch(sub)
         js = self.broker.config.connection_state.stream
         self.board = await HealthBoard(js, self.settings.providers, self.settings.breaker).start()
+        self.evidence = await EvidenceView(
+            js, self.settings.providers, self.settings.breaker
+        ).start()
         legacy = await legacy_jobs_seq(js)
         self.runner = JobRunner(
             js,
@@ -162,6 +167,7 @@ class Worker:
             legacy_seq=legacy,
             worker_id=self.worker_id,
             board=self.board,
+            evidence=self.evidence,
             breaker=self.settings.breaker,
             kinds={name: p.kind for name, p in self.settings.providers.items()},
             provider_settings=self.settings.providers,
@@ -200,6 +206,8 @@ class Worker:
                 await self._workers_kv.delete(self.worker_id)
         if self.board is not None:
             await self.board.stop()
+        if self.evidence is not None:
+            await self.evidence.stop()
         for provider in self.providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()

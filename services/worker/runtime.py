@@ -39,6 +39,7 @@ from schemas.subjects import (
     scope_model,
 )
 from services.breaker import HealthBoard, SlidingWindow
+from services.breaker.evidence import EvidenceView
 from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
 from services.errors import ProviderError
 from services.jetstream.errors import NATS_UNAVAILABLE
@@ -76,6 +77,7 @@ class JobRunner:
         legacy_seq: int = 0,
         worker_id: str = "",
         board: HealthBoard | None = None,
+        evidence: EvidenceView | None = None,
         breaker: BreakerSettings | None = None,
         kinds: dict[str, ProviderKind] | None = None,
         provider_settings: Mapping[str, ProviderSettings] | None = None,
@@ -95,6 +97,8 @@ class JobRunner:
             stats=self.stats,
         )
         self.board = board
+        #: What the providers' status pages say: a degraded scope trips sooner.
+        self.evidence = evidence
         self.view: BreakerView = board if board is not None else AllClosed()
         self.breaker = breaker or BreakerSettings()
         #: Per provider: its latency budgets (slow is down too).
@@ -274,13 +278,19 @@ class JobRunner:
         else:
             last_error = f"slow: {took_s:.1f}s over the {budget:g}s budget of {job.model}"
         if model is None or breaker_scope(answer) == "provider":
-            if wide.failure():
+            if wide.failure(degraded=self._degraded(provider, None)):
                 await self._trip(provider, None, wide, last_error)
             return
         wide.neutral()
         window = self._window(provider, model)
-        if window.failure() and await self._trip(provider, model, window, last_error):
+        tripped = window.failure(degraded=self._degraded(provider, model))
+        if tripped and await self._trip(provider, model, window, last_error):
             await self._open_provider_if_models_are(provider, last_error)
+
+    def _degraded(self, provider: str, model: str | None) -> bool:
+        """Whether the provider's status page says this scope is degraded (evidence, never
+        proof: it only lowers the trip thresholds)."""
+        return self.evidence is not None and self.evidence.degraded(provider, model)
 
     async def _trip(
         self, provider: str, model: str | None, window: SlidingWindow, last_error: str

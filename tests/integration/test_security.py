@@ -256,6 +256,16 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         "$KV.ai_control.paused.anthropic",
         lambda c: c.js.publish("$KV.ai_control.paused.anthropic", b"{}"),
     )
+    evidence = (
+        "write status page evidence (the prober's)",
+        f"$KV.ai_control.{s.evidence_key('anthropic')}",
+        lambda c: c.js.publish(f"$KV.ai_control.{s.evidence_key('anthropic')}", b"{}"),
+    )
+    page_event = (
+        "forge a status page event (the prober's)",
+        s.evidence_event_subject("anthropic"),
+        lambda c: c.js.publish(s.evidence_event_subject("anthropic"), b"{}"),
+    )
     table: dict[str, list[Any]] = {
         "producer": [
             purge_jobs,
@@ -295,6 +305,8 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
                 f"$JS.API.DIRECT.GET.{s.DEAD_STREAM}",
                 lambda c: c.js.get_msg(s.DEAD_STREAM, seq=1, direct=True),
             ),
+            evidence,
+            page_event,
         ],
         "worker": [
             purge_jobs,
@@ -314,6 +326,8 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
                 lambda c: _fetch(c, s.PARKED_STREAM, parked_consumer),
             ),
             pause,
+            evidence,
+            page_event,
         ],
         "prober": [
             consume_jobs,
@@ -333,6 +347,16 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
                 "$KV.ai_control.replay.anthropic",
                 lambda c: c.js.publish("$KV.ai_control.replay.anthropic", b"{}"),
             ),
+            (
+                "write below its evidence keys (one token: the provider)",
+                "$KV.ai_control.evidence.anthropic.x",
+                lambda c: c.js.publish("$KV.ai_control.evidence.anthropic.x", b"{}"),
+            ),
+            (
+                "forge an operator audit event",
+                s.OPS_EVENTS_SUBJECT,
+                lambda c: c.js.publish(s.OPS_EVENTS_SUBJECT, b"{}"),
+            ),
         ],
         "replayer": [
             consume_jobs,
@@ -342,6 +366,8 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
                 "$KV.ai_control.probe.anthropic",
                 lambda c: c.js.publish("$KV.ai_control.probe.anthropic", b"{}"),
             ),
+            evidence,
+            page_event,
             (
                 "purge AI_PARKED",
                 f"$JS.API.STREAM.PURGE.{s.PARKED_STREAM}",
@@ -502,6 +528,111 @@ async def _keys(kv: Any) -> list[str]:
         return list(await kv.keys())
     except NoKeysError:
         return []
+
+
+@pytest.mark.integration
+async def test_the_prober_records_status_page_evidence_under_its_own_user(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """`ridethrough prober` as `prober`: it reads anthropic's page (a scripted incident),
+    writes the evidence and its event, deletes openai's evidence left from an earlier
+    configuration, and the server logs no permission violation."""
+    from schemas.health import Evidence, PageComponent, try_decode_evidence
+    from services.jetstream.kv import read_entry
+    from services.tools.fake.statuspage import PAGE_PATH
+
+    base = make_settings(secured.url, fake_provider.url)
+    anthropic = base.providers["anthropic"].model_copy(
+        update={
+            "status_page_url": fake_provider.url + PAGE_PATH,
+            "status_components": {"claude-fake": "claude-fake"},
+        }
+    )
+    base = base.with_changes(
+        providers={**base.providers, "anthropic": anthropic},
+        breaker=base.breaker.model_copy(update={"status_page_interval_s": 0.1}),
+    )
+    by_role = {role: secured.settings(base, role) for role in ROLES}
+    nc = await connect(by_role["operator"], name="operator")
+    js = nc.jetstream()
+    await ensure_topology(js, by_role["operator"])
+    control = await js.key_value(s.CONTROL_BUCKET)
+    forgotten = Evidence(
+        provider="openai", degraded=[PageComponent(name="API", status="major_outage", model="*")]
+    )
+    await control.put(s.evidence_key("openai"), encode(forgotten))
+    fake_provider.status_page(components={"claude-fake": "major_outage"}, incident="Down")
+    (proc,) = _services(by_role, tmp_path, ("prober",))
+    try:
+
+        async def recorded() -> bool:
+            raw, _ = await read_entry(control, s.evidence_key("anthropic"))
+            e = try_decode_evidence(raw) if raw else None
+            gone, _ = await read_entry(control, s.evidence_key("openai"))
+            return e is not None and e.degrades("claude-fake") and gone is None
+
+        await wait_until(recorded, timeout=30)
+        events = await read_stream(js, s.EVENTS_STREAM, s.evidence_event_subject("*"))
+    finally:
+        code = proc.terminate(timeout=30)
+        await nc.close()
+    assert sorted(m.subject for m in events) == [
+        s.evidence_event_subject("anthropic"),
+        s.evidence_event_subject("openai"),
+    ]
+    assert secured.violations() == []
+    assert code == 0
+
+
+@pytest.mark.integration
+async def test_every_wildcard_form_of_the_probers_writes_stays_in_its_scope(
+    secured: SecuredNats,
+) -> None:
+    """The prober's evidence key and event subject, published with each token as a literal
+    `*` or cut with `>`: whatever the server stores is inside the prober's own scope
+    (`$KV.ai_control.evidence.*`, `ai.events.evidence.*`), never another role's key or
+    subject; and the readers of evidence (the view, status) are not troubled by it."""
+    from services.breaker.evidence import EvidenceView
+    from services.ops.status import collect_status
+
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    ojs = operator.jetstream()
+    await ensure_topology(ojs, base)
+    scopes = ["$KV.ai_control.evidence.*", "ai.events.evidence.*"]
+    assert set(scopes) <= set(auth_users()["prober"]["publish"])
+    client = await RoleClient.connect(secured, "prober")
+    stored: list[str] = []
+    tried = 0
+    try:
+        for allowed in scopes:
+            for form in wildcard_forms(allowed):
+                tried += 1
+                try:
+                    await client.js.publish(form, b'{"provider": "anthropic"}')
+                except Exception:  # refused (no ack), or no stream listens there
+                    continue
+                stored.append(form)
+    finally:
+        await client.close()
+    try:
+        subjects: list[str] = []
+        for stream in ("KV_" + s.CONTROL_BUCKET, s.EVENTS_STREAM):
+            info = await ojs.stream_info(stream, subjects_filter=">")
+            subjects += list(info.state.subjects or {})
+        view = await EvidenceView(ojs, base.providers, base.breaker).start()
+        await view.stop()
+        status = await collect_status(ojs, base)
+    finally:
+        await operator.close()
+    assert tried >= 8 and stored, stored
+    assert len(subjects) > 1, subjects
+    for subject in subjects:
+        if subject == f"$KV.{s.CONTROL_BUCKET}.{s.LEGACY_JOBS_KEY}":
+            continue  # the topology step's
+        assert any(nats_match(p, subject) for p in scopes), subject
+    assert not view.degraded("anthropic") and not view.degraded("anthropic", "m")
+    assert status["providers"]["anthropic"]["state"] == "closed"
 
 
 @pytest.mark.integration

@@ -81,3 +81,70 @@ def test_a_trip_is_always_explained_by_one_of_the_two_rules(
             assert w.consecutive >= S.consecutive_failures or (
                 calls >= S.min_calls and failures >= S.failure_rate * calls
             )
+
+
+def _run_degraded(events: str, settings: BreakerSettings = S) -> list[bool]:
+    """``_run`` with every failure recorded while the status page says degraded."""
+    w = SlidingWindow(settings)
+    said = []
+    for e in events:
+        if e == "s":
+            w.success(1000.0)
+        else:
+            said.append(w.failure(1000.0, degraded=True))
+    return said
+
+
+@pytest.mark.parametrize(
+    ("events", "trips"),
+    [
+        ("ff", [False, False]),  # 2 in a row: not yet
+        ("fff", [False, False, True]),  # half of 5, rounded up: the 3rd trips
+        ("ffsff", [False] * 4),  # a success resets the run
+        ("sssssssfsf", [False, False]),  # 2 of 10 < 0.25
+        ("ssssssfsff", [False, False, True]),  # 3 of 10 >= 0.25 at min_calls
+    ],
+)
+def test_a_degraded_scope_trips_on_the_lower_thresholds(events: str, trips: list[bool]) -> None:
+    """While the status page says degraded, half the consecutive failures and half the
+    failure rate trip the breaker (defaults of the *_degraded settings)."""
+    assert _run_degraded(events) == trips
+
+
+@pytest.mark.parametrize(
+    ("fields", "normal", "degraded"),
+    [
+        ({}, (5, 0.5), (3, 0.25)),
+        ({"consecutive_failures": 1, "failure_rate": 0.1}, (1, 0.1), (1, 0.05)),
+        ({"consecutive_failures_degraded": 2, "failure_rate_degraded": 0.3}, (5, 0.5), (2, 0.3)),
+        # A degraded threshold above the normal one is capped: evidence never raises one.
+        (
+            {"consecutive_failures": 2, "consecutive_failures_degraded": 4,
+             "failure_rate": 0.2, "failure_rate_degraded": 0.9},
+            (2, 0.2),
+            (2, 0.2),
+        ),
+    ],
+)  # fmt: skip
+def test_trip_thresholds_are_lower_or_equal_when_degraded(
+    fields: dict[str, float], normal: tuple[int, float], degraded: tuple[int, float]
+) -> None:
+    """trip_thresholds(): the settings as they are, or the degraded ones capped by them."""
+    b = BreakerSettings(**fields)
+    assert b.trip_thresholds() == normal
+    assert b.trip_thresholds(degraded=True) == degraded
+
+
+@given(st.lists(st.booleans(), max_size=40))
+def test_degraded_never_trips_later_than_normal(outcomes: list[bool]) -> None:
+    """Fed the same calls, a degraded window has tripped by the time a normal one trips."""
+    normal, degraded = SlidingWindow(S), SlidingWindow(S)
+    tripped_degraded = False
+    for failed in outcomes:
+        if not failed:
+            normal.success(1000.0)
+            degraded.success(1000.0)
+            continue
+        tripped_degraded |= degraded.failure(1000.0, degraded=True)
+        if normal.failure(1000.0):
+            assert tripped_degraded

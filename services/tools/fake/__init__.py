@@ -16,6 +16,9 @@ Endpoints
     ``anthropic-version`` header and in OpenAI shape otherwise.
 ``GET /healthz``
     ``{"ok": true}``.
+``GET /api/v2/summary.json``
+    An Atlassian Statuspage summary: one component per model plus ``API``, and the
+    incident scripted through ``/admin/statuspage`` or ``FaultConfig.status_incidents``.
 ``/admin/...``
     Runtime outages, counters and the fault configuration (see ``server``).
 Any other path
@@ -27,6 +30,7 @@ Modules
 ``anthropic_wire``  the Messages API: request shape, reply, stream events, errors, models
 ``openai_wire``     the Chat Completions API: the same for OpenAI
 ``faults``          ``FaultConfig``, the ``fault:...`` triggers, and which fault a request gets
+``statuspage``      the status page (``summary.json``) and its scripted incidents
 ``server``          ``FakeProvider``: the aiohttp server, counters, admin API, ``serve()``
 ``harness``         ``run_in_thread()``: a server on its own loop, for synchronous tests
 ``calls``           the call log: arrival times of requests per model, probes apart

@@ -84,6 +84,8 @@ from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from services.tools.fake.statuspage import check_component_status
+
 OutageStatus: TypeAlias = int | Literal["reset", "midstream"]
 """What an outage answers: an HTTP error status, a connection reset or a mid-stream error."""
 
@@ -151,6 +153,9 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream_chunk_delay_ms: float = 0.0
     outages: list[tuple[float, float, OutageStatus] | Outage] = msgspec.field(default_factory=list)
     models: list[str] = msgspec.field(default_factory=_default_models)
+    #: Scheduled incidents of the status page: ``(start_s, duration_s, component, status)``
+    #: (``statuspage.py``), relative to when the config took effect, like ``outages``.
+    status_incidents: list[tuple[float, float, str, str]] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Reject values that cannot work (raises ``ValueError``)."""
@@ -180,6 +185,10 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 check_status(outage_status)
         if not self.models:
             raise ValueError("models must not be empty")
+        for start_s, duration_s, _, component_status in self.status_incidents:
+            if start_s < 0 or duration_s < 0:
+                raise ValueError("status incident start_s and duration_s must be >= 0")
+            check_component_status(component_status)
 
 
 def check_status(status: int) -> None:

@@ -66,6 +66,12 @@ class FakeProviderThread:
         """End the runtime outage, if any."""
         self._call(self.provider.stop_outage)
 
+    def status_page(self, **patch: Any) -> dict[str, Any]:
+        """Script the status page (fields of ``statuspage.PagePatch``); return its state."""
+        from services.tools.fake.statuspage import PagePatch
+
+        return self._call(lambda: self.provider.status_page.patch(PagePatch(**patch)))
+
     def set_config(self, config: FaultConfig) -> None:
         """Replace the fault configuration."""
         self._call(lambda: self.provider.set_config(config))

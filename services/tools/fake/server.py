@@ -22,6 +22,8 @@ Admin API (JSON)
     apart; ``windows`` are the outage windows (``Faults.windows``). Reset with the counters.
 ``GET /admin/config`` / ``PUT /admin/config``
     The ``FaultConfig`` / replace it (unknown fields are a 400).
+``GET /api/v2/summary.json`` and ``/admin/statuspage``
+    The status page and its scripted incident (see ``statuspage``).
 
 Counters cover every request except ``/admin/*`` and ``/healthz``. A request with the
 header ``x-ridethrough-probe: 1`` is counted as a probe, any other as normal.
@@ -56,6 +58,7 @@ from services.tools.fake.faults import (
     WindowStatus,
     padding,
 )
+from services.tools.fake.statuspage import PAGE_PATH, StatusPage, decode_patch
 
 DEFAULT_PORT: Final = 8787
 PROBE_HEADER: Final = "x-ridethrough-probe"
@@ -171,6 +174,8 @@ class FakeProvider:
         self.stop_outage = self._faults.stop_outage
         self.outage_state = self._faults.outage_state
         self._error_cache: dict[tuple[bool, int], bytes] = {}
+        cfg = self._faults.config
+        self.status_page = StatusPage(cfg.models, cfg.status_incidents)
         self.app = self._build_app()
 
     # ---- public API
@@ -219,6 +224,7 @@ class FakeProvider:
         """Replace the fault configuration; scheduled outages restart from now."""
         self._faults.configure(config)
         self._error_cache = {}
+        self.status_page.configure(config.models, config.status_incidents)
 
     async def wait_for_counters(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
@@ -302,6 +308,10 @@ class FakeProvider:
         app.router.add_get("/admin/calls", self._admin_calls)
         app.router.add_get("/admin/config", self._admin_get_config)
         app.router.add_put("/admin/config", self._admin_put_config)
+        app.router.add_get(PAGE_PATH, self._handle_status_page)
+        app.router.add_get("/admin/statuspage", self._admin_status_page)
+        app.router.add_post("/admin/statuspage", self._admin_status_page)
+        app.router.add_delete("/admin/statuspage", self._admin_status_page)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         return app
 
@@ -636,6 +646,34 @@ class FakeProvider:
         self._count_request(request)
         anthropic = "anthropic-version" in request.headers
         return self._error(anthropic, 404, f"Not found: {request.method} {request.path}")
+
+    # ---- the status page
+
+    async def _handle_status_page(self, request: web.Request) -> web.StreamResponse:
+        self._count_request(request)
+        serve = self.status_page.serve
+        if serve == "error":
+            self._count_status("503")
+            return web.Response(status=503, text="<html>Service Unavailable</html>")
+        if serve == "stall":
+            return await self._stall(request, anthropic=False)
+        self._count_status("200")
+        if serve == "garbage":
+            return web.Response(body=b"<html>\x00\xffnot a status page", content_type=_JSON)
+        body = self.status_page.summary(self._url or "")
+        if serve == "huge":  # a valid page, over any sane size limit
+            body = body[:-1] + b',"padding":"' + b"x" * (4 << 20) + b'"}'
+        return _json_response(body)
+
+    async def _admin_status_page(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            self.status_page.reset()
+        elif request.method == "POST":
+            try:
+                self.status_page.patch(decode_patch(await request.read()))
+            except (msgspec.DecodeError, ValueError) as exc:
+                return _admin_error(str(exc))
+        return _json_response(_encode(self.status_page.state()))
 
     # ---- admin
 
