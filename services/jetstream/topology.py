@@ -312,8 +312,8 @@ async def migrate_results(js: JetStreamContext) -> int:
 
 async def migrate_parked(js: JetStreamContext, provider: str | None = None) -> int:
     """Move jobs parked under the legacy layout (``ai.parked.<provider>.<priority>``) to
-    the per-model one; how many moved. ``ridethrough topology`` runs it, and the replayer
-    whenever it finds such jobs (parked by a worker of the last release mid-upgrade).
+    the per-model one; how many moved. ``ridethrough topology`` runs it (run it again once
+    the last worker of the last release is gone: the replayer warns of what they parked).
 
     Each is published as it is (its bytes unchanged) under a msg id of its old sequence,
     then deleted: a rerun after an interruption stores nothing twice. A message that is

@@ -49,7 +49,7 @@ from services.config import ReplaySettings, Settings
 from services.jetstream.connection import max_payload
 from services.jetstream.errors import TIMEOUT
 from services.jetstream.pull import Puller, ack_position
-from services.jetstream.topology import migrate_parked, replayer_consumer_config
+from services.jetstream.topology import replayer_consumer_config
 from services.lifecycle.settle import Settler
 from services.overflow import raw_fields
 from services.tasks import raise_if_cancelling
@@ -100,6 +100,7 @@ class Replayer(LeasedPerProvider):
             p: {} for p in settings.providers
         }
         self.settler = Settler(js, max_payload=max_payload(js), worker_id=owner)
+        self._legacy: dict[str, int] = {}  # per provider: jobs under the legacy layout
         # Per provider, a puller per (priority, model): made when the model has parked jobs,
         # kept across restarts of _run.
         self._subs: dict[str, dict[tuple[str, str | None], Puller]] = {
@@ -267,7 +268,9 @@ class Replayer(LeasedPerProvider):
 
     async def _backlog(self, name: str) -> Backlog:
         """Parked jobs of ``name`` per (priority, model), including ones being replayed now.
-        Jobs still under the legacy layout are moved to the per-model one first."""
+        Jobs under the legacy layout (parked by a worker of the last release after the
+        upgrade's ``ridethrough topology``) are not replayed here: a warning asks for
+        ``ridethrough topology`` again, which moves them (the replayer may not delete)."""
         info = await self.js.stream_info(PARKED_STREAM, subjects_filter=parked_filter(name))
         out: Backlog = {}
         legacy = 0
@@ -279,10 +282,15 @@ class Replayer(LeasedPerProvider):
                 legacy += int(n)
                 continue
             out[place.priority, place.model] = int(n)
-        if legacy:
-            moved = await migrate_parked(self.js, name)
-            log.info("moved %d jobs of %s parked under the legacy layout", moved, name)
-            return await self._backlog(name) if moved else out
+        if legacy != self._legacy.get(name, 0):
+            self._legacy[name] = legacy
+            if legacy:
+                log.warning(
+                    "%d jobs of %s are parked under the legacy layout: run `ridethrough "
+                    "topology` to move them (they wait until then)",
+                    legacy,
+                    name,
+                )
         return out
 
     async def _puller(self, name: str, prio: str, model: str | None) -> Puller:

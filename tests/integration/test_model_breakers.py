@@ -160,7 +160,7 @@ async def test_jobs_parked_under_the_old_layout_come_back_after_an_upgrade(
     """An upgrade finds jobs parked on ai.parked.<p>.<priority> and the provider open (its
     KV key and events as the last release wrote them): ``ridethrough topology`` moves the
     jobs to the per-model layout and drops the old consumers; a job an old worker parks
-    after that is moved by the replayer; every one is served once."""
+    after that is moved by running it again; every one is served once."""
     await _old_layout(js)
     kv = await js.key_value(s.HEALTH_BUCKET)
     await transition(js, kv, "anthropic", to="open", allowed_from=("closed",), by="old")
@@ -187,6 +187,8 @@ async def test_jobs_parked_under_the_old_layout_come_back_after_an_upgrade(
 
     straggler = make_job("anthropic", "claude-a", prompt="parked mid-upgrade", max_tokens=8)
     await _park_legacy(js, [straggler])
+    again = await ensure_topology(js, settings)
+    assert f"{s.PARKED_STREAM}: 1 parked jobs moved to per-model subjects" in again.updated
     everyone = [*before, straggler]
     async with running_worker(settings), running_recovery(settings):
         # The outage ends: the prober half-opens the provider, the replayer drains it.

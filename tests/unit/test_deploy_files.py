@@ -274,14 +274,23 @@ def test_every_deployed_role_has_its_user_and_inbox() -> None:
         assert f"{prefix or '_INBOX'}.>" in allowed, (user, prefix, allowed)
 
 
+#: The one create a service may make: the replayer's consumers of one model's parked jobs
+#: (made when a model has some), each filtered inside AI_PARKED (an unfiltered one, or one
+#: of another stream, is refused: tests/integration/test_security.py).
+REPLAYER_CREATES = f"$JS.API.CONSUMER.CREATE.{s.PARKED_STREAM}.*.ai.parked.>"
+
+
 def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
-    """No user but the operator may call the JetStream API broadly, purge or delete."""
+    """No user but the operator may call the JetStream API broadly, purge or delete; the
+    only create a service may make is the replayer's filtered consumers of AI_PARKED."""
     for name, perms in auth_users().items():
         if name in ("operator", "sys"):
             continue
         for subject in perms["publish"]:
             assert subject not in ("$JS.API.>", ">", "$KV.>"), (name, subject)
             assert "PURGE" not in subject and "DELETE" not in subject, (name, subject)
+            if (name, subject) == ("replayer", REPLAYER_CREATES):
+                continue
             assert "CREATE" not in subject and "UPDATE" not in subject, (name, subject)
         assert "_INBOX.>" not in perms["subscribe"], name
 
