@@ -249,3 +249,43 @@ async def test_a_model_outage_recovers_on_its_own_without_touching_the_provider(
     ]
     assert await health_events(js, "anthropic") == []  # the provider never moved
     assert await health_events(js, "anthropic", WELL) == []
+
+
+@pytest.mark.parametrize("degraded", [True, False])
+async def test_a_status_page_calling_a_model_degraded_trips_it_sooner(
+    nats_server: Any, js: Any, fake_provider: Any, degraded: bool
+) -> None:
+    """With the status page's evidence that the model is degraded, three failures in a row
+    open its breaker (half of six); without it, three leave it closed. The evidence alone
+    opened nothing: it only lowered the threshold real failures had to reach."""
+    from schemas.health import Evidence, PageComponent
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        nats_server.url,
+        fake_provider.url,
+        breaker={"consecutive_failures": 6, "min_calls": 1000},
+        max_attempts=1,
+    )
+    await ensure_topology(js, settings)
+    if degraded:
+        evidence = Evidence(
+            provider="anthropic",
+            degraded=[PageComponent(name="Claude Sick", status="partial_outage", model=SICK)],
+        )
+        control = await js.key_value(s.CONTROL_BUCKET)
+        await control.put(s.evidence_key("anthropic"), encode(evidence))
+    async with running_worker(settings), await Producer.connect(settings) as producer:
+        assert await breaker_state(js, "anthropic", SICK) == "closed"  # evidence is no proof
+        for i in range(3):
+            await producer.submit(
+                make_job("anthropic", SICK, request=fault_request("fault:529", f"d{i}"))
+            )
+
+            async def settled(n: int = i + 1) -> bool:
+                outcomes = await count_outcomes(js)
+                return outcomes["dead"] + len(await read_stream(js, s.PARKED_STREAM)) == n
+
+            await wait_until(settled, timeout=30)
+    assert await breaker_state(js, "anthropic", SICK) == ("open" if degraded else "closed")
+    assert await breaker_state(js, "anthropic") == "closed"
