@@ -304,3 +304,52 @@ async def test_operator_misuse_is_one_line_and_exit_2(
     assert "Traceback" not in err
     if needle:
         assert err.count("\n") == 1 and needle in err
+
+
+async def test_operator_commands_act_on_one_model(settings: Settings, js: Any) -> None:
+    """pause --model parks that model's jobs only (status shows it under its provider);
+    drain, replay and outages take --model and touch that model's jobs alone; resume
+    --model hands it back and every job succeeds once."""
+    code, out, err = await cli(settings, "pause", "anthropic", "--model", "m.1", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "provider": "anthropic", "model": "m.1", "paused": True, "reason": "paused by operator"
+    }  # fmt: skip
+    async with await Producer.connect(settings) as producer:
+        held = [make_job("anthropic", "m.1", prompt=f"h{i}", max_tokens=4) for i in range(4)]
+        free = [make_job("anthropic", "m.2", prompt=f"f{i}", max_tokens=4) for i in range(4)]
+        # Waiting in AI_JOBS (no worker yet): drain --model moves the paused model's only.
+        for job in [*held, *free]:
+            await producer.submit(job)
+    code, out, err = await cli(settings, "drain", "anthropic", "--model", "m.1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["moved"] == len(held)
+    code, _, err = await cli(settings, "drain", "anthropic", "--model", "m.2")
+    assert code == 2 and "pause anthropic --model m.2" in err  # m.2 is closed: refused
+    code, out, _ = await cli(settings, "status", "--json")
+    anthropic = json.loads(out)["providers"]["anthropic"]
+    assert anthropic["state"] == "closed"
+    assert anthropic["models"]["m.1"]["state"] == "paused"
+    assert anthropic["models"]["m.1"]["parked"] == len(held)
+    code, out, _ = await cli(
+        settings, "replay", "anthropic", "--model", "m.2", "--dry-run", "--json"
+    )
+    assert json.loads(out)["matched"] == 0  # nothing of m.2 is parked
+    async with (
+        running_worker(settings),
+        running_recovery(settings),
+        await Producer.connect(settings) as producer,
+    ):
+        served = await producer.results([j.id for j in free], timeout=30)
+        assert {r.status for r in served.values()} == {"succeeded"}
+        assert await _messages(js, s.PARKED_STREAM) == len(held)  # still held
+        code, out, err = await cli(settings, "resume", "anthropic", "--model", "m.1")
+        assert code == 0 and "anthropic/m.1 resumed" in out, err
+        back = await producer.results([j.id for j in held], timeout=30)
+    assert {r.status for r in back.values()} == {"succeeded"}
+    counts = await count_outcomes(js)
+    assert counts["results"] == counts["result_writes"] == len(held) + len(free)
+    code, out, _ = await cli(settings, "outages", "--model", "m.2", "--json")
+    assert json.loads(out) == []  # a pause is no outage, and m.2 had none
+    actions = await _ops_actions(js)
+    assert actions.count("pause") == 1 and actions.count("resume") == 1
