@@ -25,11 +25,12 @@ class TopologyReport:
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        """Whether anything was created or updated."""
-        return bool(self.created or self.updated)
+        """Whether anything was created, updated or removed."""
+        return bool(self.created or self.updated or self.removed)
 
 
 def _storage(settings: Settings) -> api.StorageType:
@@ -50,7 +51,7 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
     return [
         api.StreamConfig(
             name=s.JOBS_STREAM,
-            subjects=[s.jobs_filter(p) for p in sorted(settings.providers)],
+            subjects=[f for p in sorted(settings.providers) for f in s.jobs_stream_subjects(p)],
             retention=api.RetentionPolicy.WORK_QUEUE,
             max_age=n.jobs_max_age_s,
             **common,
@@ -87,44 +88,65 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
     ]
 
 
+def _durable(
+    name: str, filters: tuple[str, ...], ack_wait: float, max_pending: int
+) -> api.ConsumerConfig:
+    """A durable pull consumer on ``filters``, settled explicitly."""
+    one = len(filters) == 1
+    return api.ConsumerConfig(
+        name=name,
+        durable_name=name,
+        filter_subject=filters[0] if one else None,
+        filter_subjects=None if one else list(filters),
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        # Unlimited: the worker dead-letters after max_attempts itself. A
+        # server-side limit would leave the message stuck in the work queue.
+        max_deliver=-1,
+        max_ack_pending=max_pending,
+        num_replicas=0,  # inherit the stream's
+    )
+
+
+def worker_consumer_config(settings: Settings, provider: str, priority: str) -> api.ConsumerConfig:
+    """The workers' durable consumer of ``provider`` for ``priority`` (both job forms)."""
+    w = settings.worker
+    filters = s.jobs_priority_filters(provider, priority)
+    return _durable(s.worker_consumer(provider, priority), filters, w.ack_wait_s, w.max_ack_pending)
+
+
 def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]:
-    """(stream, config) of every durable consumer: per provider, the workers' one and
-    the replayer's one per priority."""
+    """(stream, config) of every durable consumer: per provider and priority, the workers'
+    one and the replayer's one."""
     w, r = settings.worker, settings.replay
-    wanted: list[tuple[str, str, str, float, int]] = []
+    out: list[tuple[str, api.ConsumerConfig]] = []
     for p in sorted(settings.providers):
-        wanted.append(
-            (s.JOBS_STREAM, s.worker_consumer(p), s.jobs_filter(p), w.ack_wait_s, w.max_ack_pending)
-        )
         for prio in s.PRIORITIES:
-            wanted.append(
-                (
-                    s.PARKED_STREAM,
-                    s.replayer_consumer(p, prio),
-                    s.parked_subject(p, prio),
-                    r.ack_wait_s,
-                    w.max_ack_pending,
-                )
-            )
-    return [
-        (
-            stream,
-            api.ConsumerConfig(
-                name=name,
-                durable_name=name,
-                filter_subject=filt,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_wait=ack_wait,
-                # Unlimited: the worker dead-letters after max_attempts itself. A
-                # server-side limit would leave the message stuck in the work queue.
-                max_deliver=-1,
-                max_ack_pending=max_pending,
-                num_replicas=0,  # inherit the stream's
-            ),
-        )
-        for stream, name, filt, ack_wait, max_pending in wanted
-    ]
+            out.append((s.JOBS_STREAM, worker_consumer_config(settings, p, prio)))
+        for prio in s.PRIORITIES:
+            name = s.replayer_consumer(p, prio)
+            filters = (s.parked_subject(p, prio),)
+            out.append((s.PARKED_STREAM, _durable(name, filters, r.ack_wait_s, w.max_ack_pending)))
+    return out
+
+
+async def _retire_legacy_consumers(
+    js: JetStreamContext, settings: Settings, report: TopologyReport
+) -> None:
+    """Delete each provider's one workers' consumer of the previous release
+    (``workers-<provider>``): a work-queue stream refuses the per-priority ones while a
+    consumer with an overlapping filter exists. The jobs it held, delivered or not, stay in
+    AI_JOBS (a work queue deletes a message when it is acked, not when its consumer goes)
+    and reach the new consumers from the start; a job an old worker was still running is
+    delivered again, and its result check keeps it from a second result."""
+    for p in sorted(settings.providers):
+        name = s.legacy_worker_consumer(p)
+        try:
+            await js.delete_consumer(s.JOBS_STREAM, name)
+        except NotFoundError:
+            continue
+        report.removed.append(f"{s.JOBS_STREAM}/{name}")
 
 
 def bucket_configs(settings: Settings) -> list[tuple[str, int, float | None]]:
@@ -311,6 +333,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
     try:
         for cfg in stream_configs(settings):
             await _ensure_stream(js, cfg, report)
+        await _retire_legacy_consumers(js, settings, report)
         for stream, ccfg in consumer_configs(settings):
             await _ensure_consumer(js, stream, ccfg, report)
         for bucket, history, ttl in bucket_configs(settings):
