@@ -42,7 +42,7 @@ from schemas.subjects import JOBS_STREAM, PRIORITIES, WORKERS_BUCKET, jobs_prior
 from services.breaker import HealthBoard
 from services.config import Settings
 from services.jetstream.connection import broker_options
-from services.jetstream.pull import guard_fetch
+from services.jetstream.pull import guard_fetch_from_start
 from services.jetstream.topology import ensure_topology, legacy_jobs_seq, worker_consumer_config
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
@@ -98,6 +98,7 @@ class Worker:
                     inbox_prefix=f"{settings.nats.inbox_prefix}.".encode(),
                 )
                 sub(self._handler(priority))
+                guard_fetch_from_start(sub)
                 self._subscribers.append(sub)
 
     @property
@@ -183,8 +184,6 @@ class Worker:
 
     async def start(self) -> None:
         """Called once the broker is connected: prepare the runner and heartbeats."""
-        for sub in self._subscribers:
-            guard_fetch(sub)
         js = self.broker.config.connection_state.stream
         self.board = await HealthBoard(js, self.settings.providers, self.settings.breaker).start()
         legacy = await legacy_jobs_seq(js)
