@@ -129,8 +129,21 @@ def requeue_subject(provider: str, priority: str, tenant: str | None) -> str:
 
 
 def jobs_filter(provider: str) -> str:
-    """Every job of ``provider``, whoever published it (the stream's and the workers' filter)."""
+    """Every job of ``provider``, whoever published it (for reading AI_JOBS)."""
     return f"ai.jobs.{provider}.>"
+
+
+def jobs_priority_filters(provider: str, priority: str) -> tuple[str, str]:
+    """The jobs of ``provider`` at ``priority``, in all three forms: the filters of its
+    workers' consumer, and the subjects AI_JOBS takes for it."""
+    return f"ai.jobs.{provider}.{priority}", f"ai.jobs.{provider}.{priority}.>"
+
+
+def jobs_stream_subjects(provider: str) -> list[str]:
+    """What AI_JOBS listens on for ``provider``: its known priorities only, so a job on any
+    other (``ai.jobs.<p>.urgent``) is refused at the producer instead of waiting forever for
+    a consumer (a work-queue stream's consumers may not overlap, so none can take the rest)."""
+    return [f for prio in PRIORITIES for f in jobs_priority_filters(provider, prio)]
 
 
 def job_msg_id(job_id: str, tenant: str | None = None) -> str:
@@ -361,8 +374,9 @@ def evidence_event_subject(provider: str) -> str:
 
 
 # Subjects each stream listens on. AI_JOBS listens only on the configured
-# providers (see ``jobs_filter``), so a job for an unknown provider is refused
-# at the producer instead of waiting forever for a consumer.
+# providers and the known priorities (see ``jobs_stream_subjects``), so a job for an
+# unknown provider or priority is refused at the producer instead of waiting forever for
+# a consumer.
 #: The per-model layout, and the legacy one (workers of the last release, mid-upgrade).
 PARKED_SUBJECTS: Final = ("ai.parked.*.*.*", "ai.parked.*.*")
 #: One subject for both scopes and the legacy layout (subjects of one stream may not overlap).
@@ -376,8 +390,18 @@ EVENTS_SUBJECTS: Final = (
 )
 
 
-def worker_consumer(provider: str) -> str:
-    """Durable pull consumer shared by every worker process of ``provider``."""
+def worker_consumer(provider: str, priority: str) -> str:
+    """Durable pull consumer shared by every worker process of ``provider`` for one priority.
+
+    One per priority (DESIGN.md names one per provider), for the replayer's reason: a
+    consumer delivers oldest first, so a high job behind 5,000 low ones would wait for them.
+    """
+    return f"workers-{provider}-{priority}"
+
+
+def legacy_worker_consumer(provider: str) -> str:
+    """The one workers' consumer of ``provider`` before there was one per priority
+    (``ridethrough topology`` deletes it; the jobs it held stay in AI_JOBS)."""
     return f"workers-{provider}"
 
 

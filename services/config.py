@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.subjects import is_token
+from schemas.subjects import PRIORITIES, is_token
 from services.errors import ConfigError
 
 DAY = 86_400.0
@@ -177,6 +177,21 @@ class WorkerSettings(BaseModel):
     backoff_max_s: float = Field(60.0, ge=0)
     shutdown_grace_s: float = Field(20.0, ge=0)
     max_ack_pending: int = Field(10_000, gt=0)
+    priority_weights: dict[str, int] = Field(
+        default_factory=lambda: {"high": 16, "normal": 4, "low": 1},
+        description=(
+            "shares of the freed call slots while jobs of several priorities wait for one: "
+            "of every 21 by default, 16 go to high, 4 to normal and 1 to low"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> WorkerSettings:
+        if sorted(self.priority_weights) != sorted(PRIORITIES):
+            raise ValueError(f"priority_weights must name exactly {', '.join(PRIORITIES)}")
+        if any(w <= 0 for w in self.priority_weights.values()):
+            raise ValueError("priority_weights must be positive (0 would starve a priority)")
+        return self
 
 
 class BreakerSettings(BaseModel):

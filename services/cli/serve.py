@@ -49,10 +49,15 @@ def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
                 "created": report.created,
                 "updated": report.updated,
                 "unchanged": report.unchanged,
+                "removed": report.removed,
             }
         )
     else:
-        for word, names in (("created", report.created), ("updated", report.updated)):
+        for word, names in (
+            ("created", report.created),
+            ("updated", report.updated),
+            ("removed", report.removed),
+        ):
             for name in names:
                 typer.echo(f"{word} {name}")
         typer.echo(f"{len(report.unchanged)} unchanged")

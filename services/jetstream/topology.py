@@ -25,11 +25,12 @@ class TopologyReport:
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        """Whether anything was created or updated."""
-        return bool(self.created or self.updated)
+        """Whether anything was created, updated or removed."""
+        return bool(self.created or self.updated or self.removed)
 
 
 def _storage(settings: Settings) -> api.StorageType:
@@ -50,7 +51,7 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
     return [
         api.StreamConfig(
             name=s.JOBS_STREAM,
-            subjects=[s.jobs_filter(p) for p in sorted(settings.providers)],
+            subjects=[f for p in sorted(settings.providers) for f in s.jobs_stream_subjects(p)],
             retention=api.RetentionPolicy.WORK_QUEUE,
             max_age=n.jobs_max_age_s,
             **common,
@@ -87,40 +88,16 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
     ]
 
 
-def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]:
-    """(stream, config) of every durable consumer made up front: per provider, the
-    workers' one. The replayer's, one per priority and model, are made when a model has
-    parked jobs (``replayer_consumer_config``)."""
-    w = settings.worker
-    return [
-        (
-            s.JOBS_STREAM,
-            _consumer(s.worker_consumer(p), s.jobs_filter(p), w.ack_wait_s, w.max_ack_pending),
-        )
-        for p in sorted(settings.providers)
-    ]
-
-
-def replayer_consumer_config(
-    settings: Settings, provider: str, priority: str, model: str | None
+def _durable(
+    name: str, filters: tuple[str, ...], ack_wait: float, max_pending: int
 ) -> api.ConsumerConfig:
-    """The replayer's consumer of one priority of one model's parked jobs. It removes
-    itself after ``parked_max_age_s`` unused: by then every job it held has aged out."""
-    cfg = _consumer(
-        s.replayer_consumer(provider, priority, model),
-        s.parked_subject(provider, priority, model),
-        settings.replay.ack_wait_s,
-        settings.worker.max_ack_pending,
-    )
-    cfg.inactive_threshold = settings.nats.parked_max_age_s
-    return cfg
-
-
-def _consumer(name: str, filt: str, ack_wait: float, max_pending: int) -> api.ConsumerConfig:
+    """A durable pull consumer on ``filters``, settled explicitly."""
+    one = len(filters) == 1
     return api.ConsumerConfig(
         name=name,
         durable_name=name,
-        filter_subject=filt,
+        filter_subject=filters[0] if one else None,
+        filter_subjects=None if one else list(filters),
         ack_policy=api.AckPolicy.EXPLICIT,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_wait=ack_wait,
@@ -130,6 +107,57 @@ def _consumer(name: str, filt: str, ack_wait: float, max_pending: int) -> api.Co
         max_ack_pending=max_pending,
         num_replicas=0,  # inherit the stream's
     )
+
+
+def worker_consumer_config(settings: Settings, provider: str, priority: str) -> api.ConsumerConfig:
+    """The workers' durable consumer of ``provider`` for ``priority`` (both job forms)."""
+    w = settings.worker
+    filters = s.jobs_priority_filters(provider, priority)
+    return _durable(s.worker_consumer(provider, priority), filters, w.ack_wait_s, w.max_ack_pending)
+
+
+def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]:
+    """(stream, config) of every durable consumer made up front: per provider and
+    priority, the workers' one. The replayer's, one per priority and model, are made when a
+    model has parked jobs (``replayer_consumer_config``)."""
+    return [
+        (s.JOBS_STREAM, worker_consumer_config(settings, p, prio))
+        for p in sorted(settings.providers)
+        for prio in s.PRIORITIES
+    ]
+
+
+async def _retire_legacy_consumers(
+    js: JetStreamContext, settings: Settings, report: TopologyReport
+) -> None:
+    """Delete each provider's one workers' consumer of the previous release
+    (``workers-<provider>``): a work-queue stream refuses the per-priority ones while a
+    consumer with an overlapping filter exists. The jobs it held, delivered or not, stay in
+    AI_JOBS (a work queue deletes a message when it is acked, not when its consumer goes)
+    and reach the new consumers from the start; a job an old worker was still running is
+    delivered again, and its result check keeps it from a second result."""
+    for p in sorted(settings.providers):
+        name = s.legacy_worker_consumer(p)
+        try:
+            await js.delete_consumer(s.JOBS_STREAM, name)
+        except NotFoundError:
+            continue
+        report.removed.append(f"{s.JOBS_STREAM}/{name}")
+
+
+def replayer_consumer_config(
+    settings: Settings, provider: str, priority: str, model: str | None
+) -> api.ConsumerConfig:
+    """The replayer's consumer of one priority of one model's parked jobs. It removes
+    itself after ``parked_max_age_s`` unused: by then every job it held has aged out."""
+    cfg = _durable(
+        s.replayer_consumer(provider, priority, model),
+        (s.parked_subject(provider, priority, model),),
+        settings.replay.ack_wait_s,
+        settings.worker.max_ack_pending,
+    )
+    cfg.inactive_threshold = settings.nats.parked_max_age_s
+    return cfg
 
 
 def bucket_configs(settings: Settings) -> list[tuple[str, int, float | None]]:
@@ -360,6 +388,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
     try:
         for cfg in stream_configs(settings):
             await _ensure_stream(js, cfg, report)
+        await _retire_legacy_consumers(js, settings, report)
         for stream, ccfg in consumer_configs(settings):
             await _ensure_consumer(js, stream, ccfg, report)
         for bucket, history, ttl in bucket_configs(settings):

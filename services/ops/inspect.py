@@ -128,32 +128,36 @@ async def locate_job(
                 outage_ids.add(park.outage_id)
                 break
     if where["where"] == "unknown":
-        for provider, consumer in await _worker_consumers(js):
+        for provider, delivered in (await _delivered(js)).items():
             async for msg in iter_stream(js, s.JOBS_STREAM, s.jobs_filter(provider)):
                 try:
                     job = decode_job(msg.data or b"")
                 except (msgspec.ValidationError, msgspec.DecodeError):
                     continue
                 if job.id == job_id:
-                    delivered = int(consumer.delivered.stream_seq or 0)
-                    where["where"] = "in_flight" if (msg.seq or 0) <= delivered else "waiting"
+                    priority = (msg.subject or "").split(".")[3:4]
+                    seen = (msg.seq or 0) <= delivered.get(priority[0] if priority else "", 0)
+                    where["where"] = "in_flight" if seen else "waiting"
                     where["provider"] = provider
                     break
+            if where["where"] != "unknown":
+                break
     where["history"] = await _history(js, job_id, outage_ids)
     return where
 
 
-async def _worker_consumers(js: JetStreamContext) -> list[tuple[str, Any]]:
+async def _delivered(js: JetStreamContext) -> dict[str, dict[str, int]]:
+    """provider -> priority -> the last AI_JOBS sequence its workers' consumer delivered."""
     info = await js.stream_info(s.JOBS_STREAM)
-    out = []
-    for filt in info.config.subjects or []:
-        provider = filt.split(".")[2]
-        try:
-            out.append(
-                (provider, await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider)))
-            )
-        except NOT_FOUND:
-            continue
+    out: dict[str, dict[str, int]] = {}
+    for provider in sorted({filt.split(".")[2] for filt in info.config.subjects or []}):
+        for priority in s.PRIORITIES:
+            name = s.worker_consumer(provider, priority)
+            try:
+                consumer = await js.consumer_info(s.JOBS_STREAM, name)
+            except NOT_FOUND:
+                continue
+            out.setdefault(provider, {})[priority] = int(consumer.delivered.stream_seq or 0)
     return out
 
 

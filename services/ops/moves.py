@@ -73,8 +73,12 @@ async def drain(
     """
     report = MoveReport()
     settler = Settler(js, max_payload=max_payload(js))
-    consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider))
-    delivered = int(consumer.delivered.stream_seq or 0)
+    # Each priority has its consumer, which delivers its jobs in order: a job at or
+    # below its consumer's delivered sequence has reached a worker.
+    delivered: dict[str, int] = {}
+    for prio in s.PRIORITIES:
+        consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(provider, prio))
+        delivered[prio] = int(consumer.delivered.stream_seq or 0)
     # Every job of the provider, whoever published it; the priority is the 4th token.
     subject = s.jobs_filter(provider)
     total = sum(
@@ -86,12 +90,13 @@ async def drain(
     cutoff = datetime.now(UTC) - older_than if older_than else None
     try:
         async for msg in iter_stream(js, s.JOBS_STREAM, subject):
-            if priority and (msg.subject or "").split(".")[3:4] != [priority]:
+            token = (msg.subject or "").split(".")[3:4]
+            if priority and token != [priority]:
                 continue
             report.examined += 1
             if progress:
                 progress(report.examined, total)
-            if msg.seq <= delivered:
+            if msg.seq <= delivered.get(token[0] if token else "", 0):
                 report.skipped += 1  # a worker has it (in flight, or waiting to retry)
                 continue
             try:

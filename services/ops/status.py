@@ -159,11 +159,16 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             unreadable.append(f"{s.CONTROL_BUCKET}/{paused_key(name)}")
             _unreadable(unreadable[-1], raw)
         breaker = state.state if state else ("unknown" if raw_state else "closed")
-        try:
-            consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(name))
-            waiting, in_flight = int(consumer.num_pending or 0), int(consumer.num_ack_pending or 0)
-        except NOT_FOUND:
-            waiting = in_flight = 0
+        waiting_by_priority: dict[str, int] = {}
+        in_flight = 0
+        for prio in s.PRIORITIES:
+            try:
+                consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer(name, prio))
+            except NOT_FOUND:
+                continue
+            waiting_by_priority[prio] = int(consumer.num_pending or 0)
+            in_flight += int(consumer.num_ack_pending or 0)
+        waiting = sum(waiting_by_priority.values())
         calls = sum(b.windows.get(name, (0, 0))[0] for b in beats)
         failures = sum(b.windows.get(name, (0, 0))[1] for b in beats)
         replay: dict[str, Any] | None = None
@@ -184,6 +189,7 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             "failure_rate": round(failures / calls, 3) if calls else None,
             "calls_in_window": calls,
             "waiting": waiting,
+            "waiting_by_priority": waiting_by_priority,
             "in_flight": in_flight,
             "parked": sum(v for k, v in parked.items() if k.split(".")[2] == name),
             "dead": sum(v for k, v in dead.items() if k.split(".")[2] == name),

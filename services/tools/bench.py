@@ -55,6 +55,7 @@ from schemas.subjects import (
     JOBS_STREAM,
     MSG_ID_HEADER,
     PARKED_STREAM,
+    PRIORITIES,
     REPLAY_HEADER,
     RESULTS_STREAM,
     jobs_subject,
@@ -78,6 +79,8 @@ from services.tools.stack import ServiceProcess
 
 PROVIDER: Final = "anthropic"
 MODEL: Final = "claude-bench"
+#: The priority of every bench job (``make_job``'s default).
+BENCH_PRIORITY: Final = "normal"
 #: Size of one encoded job, as in the measurements of the issue.
 JOB_BYTES: Final = 1024
 FAKE_KEY: Final = "bench-key-not-secret"
@@ -400,19 +403,24 @@ async def stage(base: Settings, opts: BenchOptions, name: str) -> AsyncIterator[
 
 
 async def _pause_workers(js: JetStreamContext) -> None:
-    await js.pause_consumer(JOBS_STREAM, worker_consumer(PROVIDER), "2999-01-01T00:00:00Z")
+    for prio in PRIORITIES:
+        await js.pause_consumer(
+            JOBS_STREAM, worker_consumer(PROVIDER, prio), "2999-01-01T00:00:00Z"
+        )
 
 
 async def _resume_workers(js: JetStreamContext) -> None:
-    await js.resume_consumer(JOBS_STREAM, worker_consumer(PROVIDER))
+    for prio in PRIORITIES:
+        await js.resume_consumer(JOBS_STREAM, worker_consumer(PROVIDER, prio))
 
 
 async def _wait_pulling(js: JetStreamContext, child: Child) -> None:
-    """Wait until ``child`` has a pull request waiting on the workers' consumer."""
+    """Wait until ``child`` has a pull request waiting on the workers' consumer of the
+    bench's jobs (``normal``)."""
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while time.monotonic() < deadline:
         child.check()
-        info = await js.consumer_info(JOBS_STREAM, worker_consumer(PROVIDER))
+        info = await js.consumer_info(JOBS_STREAM, worker_consumer(PROVIDER, BENCH_PRIORITY))
         if info.num_waiting:
             return
         await asyncio.sleep(0.02)
@@ -734,7 +742,9 @@ async def raw_worker_loop(settings: Settings, batch: int) -> None:
     wait for the PubAcks, ack. Runs until SIGTERM."""
     nc = await connect(settings, name="ridethrough-bench-raw")
     js = nc.jetstream()
-    sub = await js.pull_subscribe_bind(durable=worker_consumer(PROVIDER), stream=JOBS_STREAM)
+    sub = await js.pull_subscribe_bind(
+        durable=worker_consumer(PROVIDER, BENCH_PRIORITY), stream=JOBS_STREAM
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

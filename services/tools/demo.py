@@ -388,8 +388,8 @@ async def _drive(
     last_end = max(o.start_s + o.duration_s for o in outages)
 
     async def workers_ready() -> None:
-        consumer = s.worker_consumer(drill.provider)
-        # Each worker keeps a pull request waiting on its consumer once it is up.
+        consumer = s.worker_consumer(drill.provider, "normal")  # the drill's jobs are normal
+        # Each worker keeps a pull request waiting on its consumers once it is up.
         while (await js.consumer_info(s.JOBS_STREAM, consumer)).num_waiting < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
 

@@ -1,13 +1,18 @@
-"""The worker as a FastStream app: one batch pull subscriber per provider.
+"""The worker as a FastStream app: one batch pull subscriber per provider and priority.
 
-Each provider's durable consumer ``workers-<provider>`` is shared by every
-worker process. Messages arrive in batches (FastStream's batch pull: about six
-times the per-message subscriber's throughput) as raw nats-py messages, which
-``JobRunner`` settles explicitly (``AckPolicy.MANUAL``: FastStream's default
-would terminate, that is delete, a work-queue message on any exception).
+Each provider has one durable consumer per priority, ``workers-<provider>-<priority>``,
+shared by every worker process: a consumer delivers oldest first, so only separate
+consumers let a high job overtake the low ones stored before it. Messages arrive in
+batches (FastStream's batch pull: about six times the per-message subscriber's
+throughput) as raw nats-py messages, which ``JobRunner`` settles explicitly
+(``AckPolicy.MANUAL``: FastStream's default would terminate, that is delete, a
+work-queue message on any exception).
 
 In-flight calls per process are capped by ``WorkerSettings.concurrency``; a
-batch is not fetched until there is room for it. Long calls are kept alive
+batch is not fetched until there is room for it. Fetched jobs wait for a call slot in
+``PrioritySlots``: while several priorities wait, freed slots go by
+``priority_weights`` (high 16, normal 4, low 1 of every 21), so low is slowed by a
+backlog of high, never starved. Long calls, and jobs waiting for a slot, are kept alive
 with ``in_progress()`` heartbeats. On SIGTERM the worker stops fetching, lets
 in-flight jobs finish for ``shutdown_grace_s``, then releases the rest (nak),
 so nothing waits for ``ack_wait`` and nothing is lost.
@@ -21,6 +26,8 @@ import logging
 import os
 import socket
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,16 +38,17 @@ from nats.aio.msg import Msg
 
 from schemas.codec import encode
 from schemas.health import WorkerBeat
-from schemas.subjects import JOBS_STREAM, WORKERS_BUCKET, jobs_filter, worker_consumer
+from schemas.subjects import JOBS_STREAM, PRIORITIES, WORKERS_BUCKET, jobs_priority_filters
 from services.breaker import HealthBoard
 from services.breaker.evidence import EvidenceView
 from services.config import Settings
 from services.jetstream.connection import broker_options
-from services.jetstream.pull import guard_fetch
-from services.jetstream.topology import ensure_topology, legacy_jobs_seq
+from services.jetstream.pull import guard_fetch_from_start
+from services.jetstream.topology import ensure_topology, legacy_jobs_seq, worker_consumer_config
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
 from services.worker.runtime import JobRunner
+from services.worker.slots import PrioritySlots
 
 log = logging.getLogger("ridethrough.worker")
 
@@ -63,45 +71,62 @@ class Worker:
         self.runner: JobRunner | None = None
         self.board: HealthBoard | None = None
         self.evidence: EvidenceView | None = None
-        self._slots = asyncio.Semaphore(settings.worker.concurrency)
+        self._slots = PrioritySlots(settings.worker.concurrency, settings.worker.priority_weights)
         self._inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
+        #: Fetched jobs waiting for a slot, with when they were last kept alive.
+        self._held: list[_Held] = []
         self._subscribers: list[Any] = []
         self._heartbeat: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
         self._workers_kv: Any = None
         self.started_at = datetime.now(UTC)
         self._stopping = False
+        self._ready = asyncio.Event()
         batch = min(settings.worker.batch_size, settings.worker.concurrency)
         for name in sorted(providers):
-            sub = self.broker.subscriber(
-                jobs_filter(name),
-                stream=JStream(JOBS_STREAM, declare=False),
-                durable=worker_consumer(name),
-                pull_sub=PullSub(
-                    batch_size=batch, timeout=settings.worker.fetch_timeout_s, batch=True
-                ),
-                ack_policy=AckPolicy.MANUAL,
-                decoder=_raw_decoder,
-                # FastStream's pull inbox ignores the connection's prefix unless told.
-                inbox_prefix=f"{settings.nats.inbox_prefix}.".encode(),
-            )
-            sub(self.handle_batch)
-            self._subscribers.append(sub)
+            for priority in PRIORITIES:
+                sub = self.broker.subscriber(
+                    jobs_priority_filters(name, priority)[0],
+                    stream=JStream(JOBS_STREAM, declare=False),
+                    durable=worker_consumer_config(settings, name, priority).durable_name,
+                    # Used only if the consumer is missing (--no-topology): both job forms.
+                    config=worker_consumer_config(settings, name, priority),
+                    pull_sub=PullSub(
+                        batch_size=batch, timeout=settings.worker.fetch_timeout_s, batch=True
+                    ),
+                    ack_policy=AckPolicy.MANUAL,
+                    decoder=_raw_decoder,
+                    # FastStream's pull inbox ignores the connection's prefix unless told.
+                    inbox_prefix=f"{settings.nats.inbox_prefix}.".encode(),
+                )
+                sub(self._handler(priority))
+                guard_fetch_from_start(sub)
+                self._subscribers.append(sub)
 
     @property
     def in_flight(self) -> int:
         """Jobs this process holds right now."""
         return len(self._inflight)
 
-    async def handle_batch(self, msgs: list[Any]) -> None:
-        """Start one task per message, waiting for a free slot before each."""
+    def _handler(self, priority: str) -> Callable[[list[Any]], Awaitable[None]]:
+        async def handle_batch(msgs: list[Any]) -> None:
+            await self.handle_batch(msgs, priority)
+
+        return handle_batch
+
+    async def handle_batch(self, msgs: list[Any], priority: str = "normal") -> None:
+        """Start one task per message, waiting for a free slot (by priority) before each."""
+        if self.runner is None:  # FastStream starts fetching before after_startup has run
+            await self._ready.wait()
         assert self.runner is not None
         runner = self.runner
-        pending: list[Msg] = list(msgs)
+        held = _Held(deque(msgs), time.monotonic())
+        self._held.append(held)
+        pending = held.msgs
         try:
             while pending:
-                await self._slots.acquire()
-                msg = pending.pop(0)
+                await self._slots.acquire(priority)
+                msg = pending.popleft()
                 task = asyncio.create_task(runner.process(msg))
                 self._inflight[task] = (msg, time.monotonic())
                 task.add_done_callback(self._done)
@@ -109,7 +134,10 @@ class Worker:
             for msg in pending:  # fetched but never started: hand back at once
                 with contextlib.suppress(Exception):
                     await msg.nak()
+            pending.clear()
             raise
+        finally:
+            self._held.remove(held)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
@@ -126,6 +154,13 @@ class Worker:
                     self._inflight[task] = (msg, now)
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+            # Jobs waiting for a slot: low ones may wait long behind a backlog of high.
+            for held in list(self._held):
+                if now - held.beaten >= every:
+                    held.beaten = now
+                    for msg in list(held.msgs):
+                        with contextlib.suppress(Exception):
+                            await msg.in_progress()
 
     async def _beats(self, js: Any) -> None:
         """Announce this worker in ``ai_workers`` (status shows who is online)."""
@@ -151,8 +186,6 @@ class Worker:
 
     async def start(self) -> None:
         """Called once the broker is connected: prepare the runner and heartbeats."""
-        for sub in self._subscribers:
-            guard_fetch(sub)
         js = self.broker.config.connection_state.stream
         self.board = await HealthBoard(js, self.settings.providers, self.settings.breaker).start()
         self.evidence = await EvidenceView(
@@ -172,6 +205,7 @@ class Worker:
             kinds={name: p.kind for name, p in self.settings.providers.items()},
             provider_settings=self.settings.providers,
         )
+        self._ready.set()
         self._heartbeat = asyncio.create_task(self._heartbeats())
         self._beat = asyncio.create_task(self._beats(js))
 
@@ -211,6 +245,16 @@ class Worker:
         for provider in self.providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()
+
+
+class _Held:
+    """A fetched batch's jobs not started yet, and when they were last kept alive."""
+
+    __slots__ = ("beaten", "msgs")
+
+    def __init__(self, msgs: deque[Msg], beaten: float) -> None:
+        self.msgs = msgs
+        self.beaten = beaten
 
 
 def _broker_options(settings: Settings) -> dict[str, Any]:

@@ -32,7 +32,7 @@ BUCKETS = (s.HEALTH_BUCKET, s.CONTROL_BUCKET, s.WORKERS_BUCKET)
 #: and the workers' consumer of the provider under load (the replayer's are made when a
 #: model has parked jobs).
 LED_STREAMS = [*STREAMS, *(f"KV_{b}" for b in BUCKETS)]
-LED_CONSUMERS = [(s.JOBS_STREAM, s.worker_consumer("anthropic"))]
+LED_CONSUMERS = [(s.JOBS_STREAM, s.worker_consumer("anthropic", p)) for p in s.PRIORITIES]
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ async def test_topology_is_replicated_on_three_nodes(cluster: NatsCluster, tmp_p
             assert info.config.num_replicas == 3, name
             assert info.cluster.leader in {"n1", "n2", "n3"}, name
             assert len(info.cluster.replicas) == 2 and all(p.current for p in info.cluster.replicas)
-        consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer("anthropic"))
+        consumer = await js.consumer_info(s.JOBS_STREAM, s.worker_consumer("anthropic", "high"))
         assert consumer.cluster.leader in {"n1", "n2", "n3"}
         assert len(consumer.cluster.replicas) == 2  # the consumer inherits R3
         again = await ensure_topology(js, settings)
@@ -95,7 +95,7 @@ async def test_topology_is_replicated_on_three_nodes(cluster: NatsCluster, tmp_p
 async def test_workers_on_different_nodes_share_the_consumer(
     cluster: NatsCluster, fake_provider: Any, tmp_path: Path
 ) -> None:
-    """A worker connected to n1 and one connected to n2 split workers-anthropic: every job
+    """A worker connected to n1 and one connected to n2 split workers-anthropic-normal: every job
     is called and written once, and both did work."""
     base = r3(make_settings(cluster.urls, fake_provider.url, concurrency=16, batch_size=8))
     on_n1 = base.with_changes(nats_url=cluster.node("n1").url)

@@ -17,9 +17,9 @@ async def test_second_run_changes_nothing(settings: Settings, js: Any) -> None:
     """Running the topology step again (the fixture ran it once) creates and updates nothing."""
     report = await ensure_topology(js, settings)
     assert not report.changed
-    # 5 streams, the workers' consumer per provider, 3 buckets, ai_overflow (the replayer
-    # makes its consumers per priority and model when a model has parked jobs).
-    assert len(report.unchanged) == 5 + len(settings.providers) + 3 + 1
+    # 5 streams, the workers' consumer per provider and priority, 3 buckets, ai_overflow
+    # (the replayer makes its consumers per priority and model when a model has parked jobs).
+    assert len(report.unchanged) == 5 + 3 * len(settings.providers) + 3 + 1
 
 
 async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> None:
@@ -27,13 +27,19 @@ async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> N
     jobs = await js.stream_info(s.JOBS_STREAM)
     assert jobs.config.retention == "workqueue"
     assert jobs.config.duplicate_window >= 3600
-    assert sorted(jobs.config.subjects) == ["ai.jobs.anthropic.>", "ai.jobs.openai.>"]
+    assert sorted(jobs.config.subjects) == sorted(
+        f"ai.jobs.{p}.{prio}{tail}"
+        for p in ("anthropic", "openai")
+        for prio in ("high", "normal", "low")
+        for tail in ("", ".>")
+    )
     results = await js.stream_info(s.RESULTS_STREAM)
     assert results.config.max_msgs_per_subject == 1
     for p in ("anthropic", "openai"):
-        w = await js.consumer_info(s.JOBS_STREAM, f"workers-{p}")
-        assert w.config.filter_subject == f"ai.jobs.{p}.>"
-        assert w.config.max_deliver == -1
+        for prio in ("high", "normal", "low"):
+            w = await js.consumer_info(s.JOBS_STREAM, f"workers-{p}-{prio}")
+            assert w.config.filter_subjects == [f"ai.jobs.{p}.{prio}", f"ai.jobs.{p}.{prio}.>"]
+            assert w.config.max_deliver == -1
     parked = await js.stream_info(s.PARKED_STREAM)
     assert sorted(parked.config.subjects) == ["ai.parked.*.*", "ai.parked.*.*.*"]
     assert parked.config.retention == "workqueue"
@@ -53,10 +59,9 @@ async def test_changed_settings_are_applied_to_existing_objects(
     report = await ensure_topology(js, changed)
     assert set(report.updated) == {
         s.PARKED_STREAM,
-        "AI_JOBS/workers-anthropic",
-        "AI_JOBS/workers-openai",
+        *(f"AI_JOBS/workers-{p}-{prio}" for p in ("anthropic", "openai") for prio in s.PRIORITIES),
     }
-    assert (await js.consumer_info(s.JOBS_STREAM, "workers-openai")).config.ack_wait == 42.0
+    assert (await js.consumer_info(s.JOBS_STREAM, "workers-openai-low")).config.ack_wait == 42.0
     assert (await js.stream_info(s.PARKED_STREAM)).config.max_age == 3 * 86400.0
     assert not (await ensure_topology(js, changed)).changed
 
@@ -73,7 +78,7 @@ async def test_new_provider_is_added_to_the_jobs_stream(settings: Settings, js: 
     )
     report = await ensure_topology(js, more)
     assert s.JOBS_STREAM in report.updated
-    assert "AI_JOBS/workers-vllm" in report.created
+    assert {f"AI_JOBS/workers-vllm-{prio}" for prio in s.PRIORITIES} <= set(report.created)
 
 
 async def test_an_upgrade_moves_results_and_keeps_jobs_stored_under_the_old_layout(

@@ -437,8 +437,8 @@ def test_every_deployment_has_a_disruption_budget() -> None:
 
 def test_keda_scales_workers_on_every_provider_consumer() -> None:
     """The ScaledObject targets the worker Deployment, with one nats-jetstream trigger per
-    configured provider, on consumer workers-<provider> of AI_JOBS, in an account of
-    auth.conf."""
+    configured provider and priority, on consumer workers-<provider>-<priority> of AI_JOBS,
+    in an account of auth.conf."""
     docs = render(BASE)
     scaled = by_kind(docs, "ScaledObject")["ridethrough-worker"]
     assert scaled["spec"]["scaleTargetRef"]["name"] in by_kind(docs, "Deployment")
@@ -446,9 +446,9 @@ def test_keda_scales_workers_on_every_provider_consumer() -> None:
     providers = sorted(json.loads(config["RIDETHROUGH_PROVIDERS"]))
     triggers = scaled["spec"]["triggers"]
     assert {t["type"] for t in triggers} == {"nats-jetstream"}
-    assert sorted(t["metadata"]["consumer"] for t in triggers) == [
-        s.worker_consumer(p) for p in providers
-    ]
+    assert sorted(t["metadata"]["consumer"] for t in triggers) == sorted(
+        s.worker_consumer(p, prio) for p in providers for prio in s.PRIORITIES
+    )
     assert {t["metadata"]["stream"] for t in triggers} == {s.JOBS_STREAM}
     assert {t["metadata"]["account"] for t in triggers} <= set(auth_accounts())
     assert scaled["spec"]["minReplicaCount"] >= 2
