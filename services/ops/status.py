@@ -46,16 +46,23 @@ def _unreadable(where: str, raw: bytes) -> None:
     log.warning("%s is unreadable (%d bytes): shown as unknown", where, len(raw))
 
 
-async def _model_status(
-    health: Any, control: Any, beats: list[Any], provider: str, model: str, parked: int
+async def _breaker_status(
+    health: Any, control: Any, beats: list[Any], provider: str, model: str | None = None
 ) -> dict[str, Any]:
-    """The breaker of one model of ``provider``, as ``status`` shows it under the provider."""
+    """The breaker of ``provider`` (or of its ``model``): state, since, reason, outage,
+    pause, failure rate over the workers' windows, and the entries nobody can decode."""
     key = s.scope_key(provider, model)
+    unreadable: list[str] = []
     raw_state = await _kv_value(health, key)
     state = try_decode_state(raw_state) if raw_state else None
+    if raw_state and state is None:
+        unreadable.append(f"{s.HEALTH_BUCKET}/{key}")
+        _unreadable(unreadable[-1], raw_state)
     raw = await _kv_value(control, paused_key(provider, model))
     pause = try_decode_pause(raw) if raw else None
-    unreadable = (raw_state is not None and state is None) or (raw is not None and pause is None)
+    if raw and pause is None:
+        unreadable.append(f"{s.CONTROL_BUCKET}/{paused_key(provider, model)}")
+        _unreadable(unreadable[-1], raw)
     breaker = state.state if state else ("unknown" if raw_state else "closed")
     calls = sum(b.windows.get(key, (0, 0))[0] for b in beats)
     failures = sum(b.windows.get(key, (0, 0))[1] for b in beats)
@@ -69,7 +76,7 @@ async def _model_status(
         "paused_by": pause.by if pause else None,
         "failure_rate": round(failures / calls, 3) if calls else None,
         "calls_in_window": calls,
-        "parked": parked,
+        "unreadable": unreadable,
     }
 
 
@@ -147,18 +154,7 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             parked_by_model[key2] = parked_by_model.get(key2, 0) + n
     providers: dict[str, Any] = {}
     for name in sorted(settings.providers):
-        unreadable: list[str] = []
-        raw_state = await _kv_value(health, name)
-        state = try_decode_state(raw_state) if raw_state else None
-        if raw_state and state is None:
-            unreadable.append(f"{s.HEALTH_BUCKET}/{name}")
-            _unreadable(unreadable[-1], raw_state)
-        raw = await _kv_value(control, paused_key(name))
-        pause = try_decode_pause(raw) if raw else None
-        if raw and pause is None:
-            unreadable.append(f"{s.CONTROL_BUCKET}/{paused_key(name)}")
-            _unreadable(unreadable[-1], raw)
-        breaker = state.state if state else ("unknown" if raw_state else "closed")
+        breaker = await _breaker_status(health, control, beats, name)
         waiting_by_priority: dict[str, int] = {}
         in_flight = 0
         for prio in s.PRIORITIES:
@@ -169,8 +165,6 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             waiting_by_priority[prio] = int(consumer.num_pending or 0)
             in_flight += int(consumer.num_ack_pending or 0)
         waiting = sum(waiting_by_priority.values())
-        calls = sum(b.windows.get(name, (0, 0))[0] for b in beats)
-        failures = sum(b.windows.get(name, (0, 0))[1] for b in beats)
         replay: dict[str, Any] | None = None
         raw = await _kv_value(control, f"replay.{name}")
         lease = try_decode_lease(raw) if raw else None
@@ -178,16 +172,9 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             _unreadable(f"{s.CONTROL_BUCKET}/replay.{name}", raw)
         if lease is not None and lease.until > time.time():
             replay = {"by": lease.owner, **lease.info}
+        unreadable = breaker.pop("unreadable")
         providers[name] = {
-            "state": "paused" if pause else ("unknown" if unreadable else breaker),
-            "breaker": breaker,
-            "since": state.since.isoformat() if state else None,
-            "reason": (pause.reason if pause else (state.reason if state else "")),
-            "outage_id": state.outage_id if state else "",
-            "last_error": state.last_error if state else "",
-            "paused_by": pause.by if pause else None,
-            "failure_rate": round(failures / calls, 3) if calls else None,
-            "calls_in_window": calls,
+            **breaker,
             "waiting": waiting,
             "waiting_by_priority": waiting_by_priority,
             "in_flight": in_flight,
@@ -197,9 +184,10 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
             "evidence": await _status_page(control, name),
             "unreadable": unreadable,
             "models": {
-                model: await _model_status(
-                    health, control, beats, name, model, parked_by_model.get((name, model), 0)
-                )
+                model: {
+                    **await _breaker_status(health, control, beats, name, model),
+                    "parked": parked_by_model.get((name, model), 0),
+                }
                 for model in sorted(models[name])
             },
         }
