@@ -296,20 +296,9 @@ class JobRunner:
         self, provider: str, model: str | None, window: SlidingWindow, last_error: str
     ) -> bool:
         """Open the breaker of a scope whose window tripped; whether this call opened it."""
-        assert self.board is not None
         calls, failures = window.counts()
-        new = await self.board.move(
-            provider,
-            model,
-            to="open",
-            allowed_from=("closed", "half_open"),
-            by=self.worker_id,
-            reason=f"{window.consecutive} consecutive / {failures} of {calls} calls failed",
-            last_error=last_error,
-            calls=calls,
-            failures=failures,
-        )
-        return new is not None
+        reason = f"{window.consecutive} consecutive / {failures} of {calls} calls failed"
+        return await self._open(provider, model, reason, last_error, calls, failures)
 
     async def _open_provider_if_models_are(self, provider: str, last_error: str) -> None:
         """Open the provider when ``models_to_open_provider`` of its models are open: one
@@ -318,16 +307,33 @@ class JobRunner:
         enough = self.breaker.models_to_open_provider
         board = self.board
         sick = [m for m in board.models(provider) if board.own_state(provider, m) == "open"]
-        if not enough or len(sick) < enough:
-            return
-        await self.board.move(
+        if enough and len(sick) >= enough:
+            reason = f"{len(sick)} of its models are open: {', '.join(sick)}"
+            await self._open(provider, None, reason, last_error)
+
+    async def _open(
+        self,
+        provider: str,
+        model: str | None,
+        reason: str,
+        last_error: str,
+        calls: int = 0,
+        failures: int = 0,
+    ) -> bool:
+        """Move a scope's breaker to open (from closed or half-open); whether this did."""
+        assert self.board is not None
+        new = await self.board.move(
             provider,
+            model,
             to="open",
             allowed_from=("closed", "half_open"),
             by=self.worker_id,
-            reason=f"{len(sick)} of its models are open: {', '.join(sick)}",
+            reason=reason,
             last_error=last_error,
+            calls=calls,
+            failures=failures,
         )
+        return new is not None
 
     def window_counts(self) -> dict[str, tuple[int, int]]:
         """(calls, transient failures) per scope key in the current breaker window."""
