@@ -40,9 +40,10 @@ out after the run from records nobody in the fleet writes for the drill:
 - breaker history: every ``ai.events.health.<provider>[.<model_token>]`` event on AI_EVENTS;
 - calls: the fake's call log (``GET /admin/calls``), probes apart, and its fault windows.
 
-The grace after a trip is two board polls (``breaker.board_poll_s``): a worker's view of the
-board is at most one poll old, and the poll's read and the call's dispatch take a part of
-another under load (measured: calls 0.22 s after the open with polls of 0.2 s).
+The grace after a trip is two board polls (``breaker.board_poll_s``): the bound of a worker's
+view of the board when the health event that wakes it is lost (polling alone, measured: calls
+0.22 s after the open with polls of 0.2 s). ``calls_while_open`` counts with no grace at all:
+with the event, 0 or 1 in each scenario of ``scripts/outage_shapes.py``.
 """
 
 from __future__ import annotations
