@@ -252,10 +252,10 @@ def scope_key(provider: str, model: str | None = None) -> str:
 
 def scope_of_key(key: str) -> tuple[str, str | None] | None:
     """(provider, model or None) of a scope key; None if ``key`` is none."""
-    provider, _, token = key.partition(".")
+    provider, dot, token = key.partition(".")
     if not is_token(provider):
         return None
-    if not token:
+    if not dot:
         return provider, None
     try:
         return provider, model_from_token(token)

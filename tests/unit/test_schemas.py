@@ -153,3 +153,12 @@ def test_what_is_no_parked_subject_is_refused(subject: str) -> None:
     """Unknown priorities, tokens ``model_token`` never writes and other subjects parse
     to None (never a crash)."""
     assert s.parked_place(subject) is None
+
+
+@given(st.one_of(st.text(max_size=60), st.from_regex(r"\Aanthropic\.[A-Za-z0-9_.:-]{0,20}\Z")))
+def test_any_key_is_a_scope_or_none_never_a_crash(key: str) -> None:
+    """Whatever key a client writes to ai_health, the board reads it as a scope it can spell
+    back exactly, or skips it: ``scope_of_key`` never raises."""
+    scope = s.scope_of_key(key)
+    if scope is not None:
+        assert s.scope_key(*scope) == key
