@@ -338,33 +338,46 @@ async def migrate_results(js: JetStreamContext) -> int:
     return moved
 
 
-async def migrate_parked(js: JetStreamContext, provider: str | None = None) -> int:
-    """Move jobs parked under the legacy layout (``ai.parked.<provider>.<priority>``) to
-    the per-model one; how many moved. ``ridethrough topology`` runs it (run it again once
-    the last worker of the last release is gone: the replayer warns of what they parked).
+def misplaced_parked(subject: str) -> bool:
+    """Whether ``subject`` of AI_PARKED is one the replayer does not read: the legacy layout
+    (``ai.parked.<provider>.<priority>``), or a model token ``model_token`` never writes
+    (published by hand or by a buggy client). ``migrate_parked`` moves such jobs."""
+    place = s.parked_place(subject)
+    return place is None or place.legacy
 
-    Each is published as it is (its bytes unchanged) under a msg id of its old sequence,
-    then deleted: a rerun after an interruption stores nothing twice. A message that is
-    not a parked job moves under the ``_`` model token, where the replayer dead-letters it.
+
+async def migrate_parked(js: JetStreamContext, provider: str | None = None) -> int:
+    """Move jobs parked where the replayer does not read (``misplaced_parked``: the legacy
+    layout, or a token no model has) to the per-model layout; how many moved.
+    ``ridethrough topology`` runs it (run it again once the last worker of the last release
+    is gone: the replayer warns of what is misplaced).
+
+    Each is published as it is (its bytes unchanged) on the subject of its job's priority
+    and model, under a msg id of its old sequence, then deleted: a rerun after an
+    interruption stores nothing twice. A message that is not a parked job moves under the
+    ``_`` model token of its subject's priority (``normal`` if that is none), where the
+    replayer dead-letters it. Only the misplaced subjects are read, not the whole stream.
     """
     from schemas.parking import decode_parked
-    from services.jetstream.streams import delete, iter_stream, publish
+    from services.jetstream.streams import delete, iter_stream, publish, subject_counts
 
     moved = 0
-    pattern = s.legacy_parked_subject(provider or "*", "*")
-    async for msg in iter_stream(js, s.PARKED_STREAM, pattern):
-        place = s.parked_place(msg.subject or "")
-        if place is None or not place.legacy:
-            continue
-        try:
-            model: str | None = decode_parked(msg.data or b"").job.model
-        except Exception:
-            model = None
-        target = s.parked_subject(place.provider, place.priority, model)
-        seq = int(msg.seq or 0)
-        await publish(js, target, msg.data or b"", msg_id=s.park_msg_id(s.PARKED_STREAM, seq))
-        await delete(js, s.PARKED_STREAM, seq)
-        moved += 1
+    counts = await subject_counts(js, s.PARKED_STREAM, s.parked_filter(provider))
+    for subject in sorted(k for k in counts if misplaced_parked(k)):
+        tokens = subject.split(".")
+        async for msg in iter_stream(js, s.PARKED_STREAM, subject):
+            priority = tokens[3] if tokens[3] in s.PRIORITIES else "normal"
+            model: str | None = None
+            try:
+                job = decode_parked(msg.data or b"").job
+                priority, model = job.priority, job.model
+            except Exception:  # not a parked job: the replayer dead-letters it
+                pass
+            target = s.parked_subject(tokens[2], priority, model)
+            seq = int(msg.seq or 0)
+            await publish(js, target, msg.data or b"", msg_id=s.park_msg_id(s.PARKED_STREAM, seq))
+            await delete(js, s.PARKED_STREAM, seq)
+            moved += 1
     return moved
 
 

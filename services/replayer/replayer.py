@@ -268,27 +268,27 @@ class Replayer(LeasedPerProvider):
 
     async def _backlog(self, name: str) -> Backlog:
         """Parked jobs of ``name`` per (priority, model), including ones being replayed now.
-        Jobs under the legacy layout (parked by a worker of the last release after the
-        upgrade's ``ridethrough topology``) are not replayed here: a warning asks for
-        ``ridethrough topology`` again, which moves them (the replayer may not delete)."""
+        Jobs parked where it does not read (the legacy layout, parked by a worker of the
+        last release after the upgrade's ``ridethrough topology``, or under a token no model
+        has) are not replayed here: a warning asks for ``ridethrough topology`` again, which
+        moves them (the replayer may not delete)."""
         info = await self.js.stream_info(PARKED_STREAM, subjects_filter=parked_filter(name))
         out: Backlog = {}
-        legacy = 0
+        misplaced = 0
         for subject, n in (info.state.subjects or {}).items():
             place = parked_place(subject)
-            if place is None:
-                continue
-            if place.legacy:
-                legacy += int(n)
+            if place is None or place.legacy:
+                misplaced += int(n)
                 continue
             out[place.priority, place.model] = int(n)
-        if legacy != self._legacy.get(name, 0):
-            self._legacy[name] = legacy
-            if legacy:
+        if misplaced != self._legacy.get(name, 0):
+            self._legacy[name] = misplaced
+            if misplaced:
                 log.warning(
-                    "%d jobs of %s are parked under the legacy layout: run `ridethrough "
-                    "topology` to move them (they wait until then)",
-                    legacy,
+                    "%d jobs of %s are parked where the replayer does not read them (the "
+                    "legacy layout, or a token no model has): run `ridethrough topology` to "
+                    "move them (they wait until then)",
+                    misplaced,
                     name,
                 )
         return out

@@ -289,3 +289,30 @@ async def test_a_status_page_calling_a_model_degraded_trips_it_sooner(
             await wait_until(settled, timeout=30)
     assert await breaker_state(js, "anthropic", SICK) == ("open" if degraded else "closed")
     assert await breaker_state(js, "anthropic") == "closed"
+
+
+async def test_jobs_parked_under_a_token_no_model_has_are_moved_not_lost(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """A parked job on a model token ``model_token`` never writes (a hand-made publish), and
+    garbage beside it: the replayer does not read those subjects, ``ridethrough topology``
+    moves them; the job is then served once and the garbage becomes a dead letter."""
+    job = make_job("anthropic", "claude-a", prompt="misplaced", max_tokens=8)
+    body = ParkedJob(job=job, park=ParkRecord(reason="provider_open"))
+    await js.publish("ai.parked.anthropic.normal.zz_ZZ", encode(body))
+    await js.publish("ai.parked.anthropic.low.bad_token", b"not a parked job")
+    report = await ensure_topology(js, settings)
+    assert f"{s.PARKED_STREAM}: 2 parked jobs moved to per-model subjects" in report.updated
+    assert {m.subject for m in await read_stream(js, s.PARKED_STREAM)} == {
+        s.parked_subject("anthropic", "normal", "claude-a"),
+        s.parked_subject("anthropic", "low", None),
+    }
+    async with running_worker(settings), running_recovery(settings):
+
+        async def settled() -> bool:
+            outcomes = await count_outcomes(js)
+            return outcomes["succeeded"] == 1 and outcomes["dead"] == 1
+
+        await wait_until(settled, timeout=30)
+    assert await read_stream(js, s.PARKED_STREAM) == []
+    assert fake_provider.counters()["by_model"].get("claude-a") == 1
