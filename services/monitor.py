@@ -51,6 +51,7 @@ async def http_port(
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+    enabled_here = metrics.active is None
     m = metrics.enable(settings)
 
     async def scrape(_: web.Request) -> web.Response:
@@ -88,6 +89,8 @@ async def http_port(
         yield port
     finally:
         await runner.cleanup()
+        if enabled_here:  # a test's port: the next one in this process starts from zero
+            metrics.disable()
 
 
 def _bound_port(site: Any) -> int | None:
