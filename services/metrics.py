@@ -70,8 +70,15 @@ class Metrics:
     """Every metric of a ridethrough process, in its own registry."""
 
     def __init__(self, settings: HttpSettings | None = None) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
 
+        disable_created_metrics()  # no *_created series: half the samples, nothing alerts on
         cfg = settings or HttpSettings()
         self.registry: CollectorRegistry = CollectorRegistry()
         self.model = Capped(cfg.max_models)
