@@ -163,7 +163,15 @@ async def serve_dev(settings: Settings) -> None:
     from services.tools.stack import running_recovery, running_worker
 
     stop = signalled()
-    async with running_worker(settings), running_recovery(settings):
+    if settings.http.port is not None:
+        from services import metrics
+
+        metrics.enable(settings.http)
+    async with (
+        running_worker(settings) as (_, worker),
+        running_recovery(settings) as (_, replayer),
+        http_port(settings.http, worker.readiness, [fleet_view(replayer.js, replayer)]),
+    ):
         where = settings.nats_servers[0]
         _dev_log.info(
             "ready: try `ridethrough submit --provider anthropic --model claude-x "

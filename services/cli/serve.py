@@ -220,6 +220,7 @@ def dev(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
+    http_port: HttpPort = None,
 ) -> None:
     """Run everything locally: embedded NATS, topology, a worker, the prober, the replayer,
     and the fake provider for providers without an API key. Ctrl-C stops it all.
@@ -237,7 +238,7 @@ def dev(
         data_dir_given=_source(ctx, "data_dir") == "COMMANDLINE",
     )
     configure_logging(verbose)
-    settings = settings_for(None)
+    settings = _with_port(settings_for(None), http_port)
     if url is None and from_env:
         logging.getLogger("ridethrough.dev").info(
             "NATS_URL ignored: --port/--data-dir start the embedded server"
