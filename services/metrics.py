@@ -58,7 +58,7 @@ class Capped:
     def __call__(self, value: str | None) -> str:
         """The label value to export for ``value``."""
         v = value or ""
-        if v in self.seen:
+        if not v or v in self.seen:  # "" (no model: the provider; no tenant) is free
             return v
         if len(self.seen) >= self.limit:
             return OTHER

@@ -47,10 +47,17 @@ def test_metric_names_follow_prometheus_conventions() -> None:
 
 
 def test_unbounded_labels_keep_their_first_values_then_other() -> None:
-    """A capped label exports its first N distinct values, then ``other`` for the rest,
-    and a value seen before keeps its own label."""
+    """A capped label exports its first N distinct values, then ``other`` for the rest; a
+    value seen before keeps its own label, and "" (no model, no tenant) costs no place."""
     cap = Capped(2)
-    assert [cap("a"), cap("b"), cap("c"), cap("a"), cap(None)] == ["a", "b", OTHER, "a", OTHER]
+    assert [cap(None), cap("a"), cap("b"), cap("c"), cap("a"), cap("")] == [
+        "",
+        "a",
+        "b",
+        OTHER,
+        "a",
+        "",
+    ]
     m = Metrics(HttpSettings(max_tenants=1))
     assert m.tenant("acme") == "acme"
     assert m.tenant("globex") == OTHER
