@@ -264,6 +264,22 @@ class ReplaySettings(BaseModel):
     ack_wait_s: float = Field(10.0, gt=0)
 
 
+class HttpSettings(BaseModel):
+    """The optional HTTP port of a service: ``/metrics``, ``/livez``, ``/readyz``.
+
+    Off unless ``port`` is set (``--http-port`` or ``RIDETHROUGH_HTTP__PORT``). Model,
+    tenant and reason labels keep their first N distinct values; the rest are ``other``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int | None = Field(None, ge=0, le=65535, description="0 picks a free port")
+    host: str = Field("0.0.0.0", description="the address to listen on (all: a pod's port)")
+    max_models: int = Field(50, ge=1, description="distinct model labels; the rest: other")
+    max_tenants: int = Field(50, ge=1, description="distinct tenant labels; the rest: other")
+    max_reasons: int = Field(50, ge=1, description="distinct reason labels; the rest: other")
+
+
 def _default_providers() -> dict[str, ProviderSettings]:
     return {
         "anthropic": ProviderSettings(kind="anthropic"),
@@ -285,6 +301,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
     anthropic_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("RIDETHROUGH_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")

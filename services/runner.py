@@ -2,7 +2,9 @@
 or all of them on one machine (``ridethrough dev``).
 
 Each beats its alive file (``services/liveness.py``) while its NATS connection is up,
-and keeps the objects it allocated to start out of the cyclic GC's scans.
+serves ``/metrics``, ``/livez`` and ``/readyz`` when an HTTP port is configured
+(``services/monitor.py``), and keeps the objects it allocated to start out of the cyclic
+GC's scans.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from services.config import Settings
 from services.liveness import alive_file, nats_connected
+from services.monitor import fleet_view, http_port
 from services.prober import Prober
 from services.providers.base import Provider
 from services.providers.registry import build_providers
@@ -65,9 +68,16 @@ async def serve_worker(
     settings: Settings, providers: dict[str, Provider], topology: bool, alive_path: Path | None
 ) -> None:
     """The worker's FastStream app, beating the alive file while its broker is connected."""
+    if settings.http.port is not None:
+        from services import metrics
+
+        metrics.enable(settings.http)  # before the first job: its hooks count from the start
     app, w = build_app(settings, providers, apply_topology=topology)
     freeze_heap()
-    async with alive_file(alive_path, lambda: nats_connected(w.broker)):
+    async with (
+        alive_file(alive_path, lambda: nats_connected(w.broker)),
+        http_port(settings.http, w.readiness),
+    ):
         await app.run()
 
 
@@ -77,6 +87,10 @@ async def serve_recovery(settings: Settings, role: str, alive_path: Path | None 
     from services.breaker.recovery import service_owner
     from services.jetstream.connection import connect
 
+    if settings.http.port is not None:
+        from services import metrics
+
+        metrics.enable(settings.http)
     nc = await connect(settings, name=f"ridethrough-{role}")
     service: Prober | Replayer
     if role == "prober":
@@ -89,8 +103,18 @@ async def serve_recovery(settings: Settings, role: str, alive_path: Path | None 
     await service.start()
     freeze_heap()
     logging.getLogger(f"ridethrough.{role}").info("%s running", role)
+    refresh = [fleet_view(nc.jetstream(), service)] if role == "replayer" else []
+
+    async def readiness() -> str:
+        if not nats_connected(nc):
+            return "not connected to NATS"
+        return "" if service.board.health_kv is not None else "breaker board not read"
+
     try:
-        async with alive_file(alive_path, lambda: nats_connected(nc)):
+        async with (
+            alive_file(alive_path, lambda: nats_connected(nc)),
+            http_port(settings.http, readiness, refresh),
+        ):
             await stop.wait()
     finally:
         try:
@@ -139,7 +163,15 @@ async def serve_dev(settings: Settings) -> None:
     from services.tools.stack import running_recovery, running_worker
 
     stop = signalled()
-    async with running_worker(settings), running_recovery(settings):
+    if settings.http.port is not None:
+        from services import metrics
+
+        metrics.enable(settings.http)
+    async with (
+        running_worker(settings) as (_, worker),
+        running_recovery(settings) as (_, replayer),
+        http_port(settings.http, worker.readiness, [fleet_view(replayer.js, replayer)]),
+    ):
         where = settings.nats_servers[0]
         _dev_log.info(
             "ready: try `ridethrough submit --provider anthropic --model claude-x "

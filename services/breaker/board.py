@@ -34,6 +34,7 @@ from schemas.subjects import (
     scope_model,
     scope_of_key,
 )
+from services import metrics
 from services.config import BreakerSettings
 from services.jetstream.connection import client
 from services.jetstream.kv import compare_and_set, keys_of, read_entry
@@ -153,6 +154,8 @@ async def transition(
         subject = health_event_subject(provider, model)
         await _publish_event(js, subject, encode(event), f"health:{key}:{new_revision}")
         log.info("breaker %s: %s -> %s (%s)", label, current.state, to, reason)
+        if (m := metrics.active) is not None:
+            m.transition(provider, model, current.state, to)
         return new
     return None
 

@@ -63,6 +63,10 @@ class LeasedPerProvider:
             self._tasks.append(asyncio.create_task(self._supervise(name, keeper)))
         return self
 
+    def leases(self) -> dict[str, LeaseKeeper]:
+        """Per provider, this replica's lease keeper (``held``: whether it acts for it)."""
+        return dict(zip(self._names, self._leases, strict=False))
+
     async def stop(self) -> None:
         """Stop the tasks, clean up (``_stopped``), give the leases up."""
         for task in self._tasks:

@@ -21,6 +21,7 @@ from services.cli.common import (
     settings_for,
     with_js,
 )
+from services.config import Settings
 from services.errors import RidethroughError
 from services.jetstream.topology import ensure_topology
 from services.providers.registry import build_providers
@@ -35,6 +36,24 @@ AliveFile = Annotated[
         help="Rewrite this file every 5 s (`ready` / `not-ready`) for container probes.",
     ),
 ]
+
+HttpPort = Annotated[
+    int | None,
+    typer.Option(
+        "--http-port",
+        min=0,
+        max=65535,
+        help="Serve /metrics, /livez and /readyz on this port (default: "
+        "RIDETHROUGH_HTTP__PORT, else off).",
+    ),
+]
+
+
+def _with_port(settings: Settings, port: int | None) -> Settings:
+    """``settings`` with the HTTP port of ``--http-port`` (unchanged when not given)."""
+    if port is None:
+        return settings
+    return settings.with_changes(http=settings.http.model_copy(update={"port": port}))
 
 
 def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
@@ -74,10 +93,11 @@ def worker(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
     alive_file: AliveFile = None,
+    http_port: HttpPort = None,
 ) -> None:
     """Run one worker process until SIGTERM (in-flight jobs finish or are released)."""
     configure_logging(verbose)
-    settings = settings_for(nats_url)
+    settings = _with_port(settings_for(nats_url), http_port)
     if concurrency is not None:
         settings = settings.with_changes(
             worker=settings.worker.model_copy(update={"concurrency": concurrency})
@@ -90,20 +110,22 @@ def prober(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
     alive_file: AliveFile = None,
+    http_port: HttpPort = None,
 ) -> None:
     """Run the health prober alone (probes providers that are not closed; half-opens them)."""
     configure_logging(verbose)
-    run(serve_recovery(settings_for(nats_url), "prober", alive_file))
+    run(serve_recovery(_with_port(settings_for(nats_url), http_port), "prober", alive_file))
 
 
 def replayer(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
     alive_file: AliveFile = None,
+    http_port: HttpPort = None,
 ) -> None:
     """Run the replayer alone (parked jobs back to the queue, slow start, priority order)."""
     configure_logging(verbose)
-    run(serve_recovery(settings_for(nats_url), "replayer", alive_file))
+    run(serve_recovery(_with_port(settings_for(nats_url), http_port), "replayer", alive_file))
 
 
 def fake_provider(
@@ -198,6 +220,7 @@ def dev(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
+    http_port: HttpPort = None,
 ) -> None:
     """Run everything locally: embedded NATS, topology, a worker, the prober, the replayer,
     and the fake provider for providers without an API key. Ctrl-C stops it all.
@@ -215,7 +238,7 @@ def dev(
         data_dir_given=_source(ctx, "data_dir") == "COMMANDLINE",
     )
     configure_logging(verbose)
-    settings = settings_for(None)
+    settings = _with_port(settings_for(None), http_port)
     if url is None and from_env:
         logging.getLogger("ridethrough.dev").info(
             "NATS_URL ignored: --port/--data-dir start the embedded server"

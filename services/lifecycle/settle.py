@@ -56,6 +56,7 @@ from schemas.subjects import (
     result_msg_id,
     result_subject,
 )
+from services import metrics
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.jetstream.streams import last_msg, publish, publish_if_last
 from services.lifecycle.decide import (
@@ -180,6 +181,8 @@ class Settler:
             msg_id=result_msg_id(result.job_id, tenant, replay) if dedup else None,
             timeout=self.publish_timeout_s,
         )
+        if stored and (m := metrics.active) is not None:
+            m.result_stored(result)
         if not stored:
             self.stats.duplicates_skipped += 1
             log.info(
@@ -210,6 +213,8 @@ class Settler:
             timeout=self.publish_timeout_s,
         )
         self.stats.dead += 1
+        if (m := metrics.active) is not None:
+            m.dead_lettered(provider, letter.reason)
 
     async def park(self, job: Job, record: ParkRecord, *, stream: str, seq: int) -> bool:
         """Hold ``job`` (stored as ``stream``/``seq``) in AI_PARKED; False if the parked
@@ -225,6 +230,8 @@ class Settler:
             timeout=self.publish_timeout_s,
         )
         self.stats.parked += 1
+        if (m := metrics.active) is not None:
+            m.parked.labels(job.provider, job.priority).inc()
         return True
 
     def _requeue(
@@ -264,6 +271,8 @@ class Settler:
         msg, job = d.msg, d.job
         if isinstance(outcome, Retry):
             self.stats.retried += 1
+            if (m := metrics.active) is not None:
+                m.retries.labels(d.provider).inc()
             await msg.nak(delay=outcome.delay)
             return
         if isinstance(outcome, Dead):
@@ -295,6 +304,8 @@ class Settler:
         elif isinstance(outcome, FailOver):
             await self.republish(outcome.job, failover_of=(d.stream, d.seq))
             self.stats.failed_over += 1
+            if (m := metrics.active) is not None:
+                m.failed_over.labels(job.provider).inc()
         else:  # Call: the caller's to perform, never to ack
             raise TypeError(f"{outcome!r} is not an outcome to settle")
         await msg.ack()

@@ -29,6 +29,7 @@ from typing import Any, Self
 from nats.js import JetStreamContext
 
 from schemas.subjects import scope_label
+from services import metrics
 from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import Settings
@@ -102,7 +103,10 @@ class Prober(LeasedPerProvider):
                 plan = schedule.setdefault(model, _Schedule(b.probe_interval_s, now))
                 if now < plan.next_at:
                     continue
-                if await self._probe(name, model):
+                ok = await self._probe(name, model)
+                if (m := metrics.active) is not None:
+                    m.probes.labels(name, m.model(model), "success" if ok else "failure").inc()
+                if ok:
                     plan.successes += 1
                     plan.interval = b.probe_interval_s
                     if (

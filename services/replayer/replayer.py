@@ -43,6 +43,7 @@ from schemas.subjects import (
     parked_place,
     replay_tag,
 )
+from services import metrics
 from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import ReplaySettings, Settings
@@ -168,6 +169,8 @@ class Replayer(LeasedPerProvider):
                 if scope in progs:
                     progs[scope].replayed += n
                     progs[scope].total_replayed += n
+                if (m := metrics.active) is not None:
+                    m.replayed.labels(name, m.model(scope)).inc(n)
 
         try:
             while True:
@@ -256,7 +259,7 @@ class Replayer(LeasedPerProvider):
                 "replayed": prog.replayed if prog else 0,
                 "backlog": sum(n for (_, m), n in backlog.items() if m == model),
             }
-        return {
+        info: dict[str, Any] = {
             "state": self.board.state(name),
             "rate": round(prov.rate, 1) if prov else self.settings.replay.initial_rate,
             "replayed": sum(p.replayed for p in progs.values()),
@@ -265,6 +268,9 @@ class Replayer(LeasedPerProvider):
             "outage_id": self.board.own_outage_id(name),
             "models": models,
         }
+        if (metric := metrics.active) is not None:
+            metric.replay_progress(name, info)
+        return info
 
     async def _backlog(self, name: str) -> Backlog:
         """Parked jobs of ``name`` per (priority, model), including ones being replayed now.

@@ -108,6 +108,30 @@ class Worker:
         """Jobs this process holds right now."""
         return len(self._inflight)
 
+    async def readiness(self) -> str:
+        """Why this worker cannot take jobs now ("" when it can): connected to NATS, its
+        consumers present, its subscribers fetching. A provider's health is no part of it."""
+        from services.jetstream.errors import NOT_FOUND
+        from services.liveness import nats_connected
+
+        if not nats_connected(self.broker):
+            return "not connected to NATS"
+        if self.runner is None or self._stopping:
+            return "starting" if self.runner is None else "stopping"
+        for sub in self._subscribers:
+            tasks = getattr(sub, "tasks", [])
+            if not getattr(sub, "running", False) or not tasks or any(t.done() for t in tasks):
+                return "not fetching"
+        js = self.broker.config.connection_state.stream
+        for name in sorted(self.providers):
+            for priority in PRIORITIES:
+                durable = worker_consumer_config(self.settings, name, priority).durable_name
+                try:
+                    await js.consumer_info(JOBS_STREAM, durable)
+                except NOT_FOUND:
+                    return f"consumer {durable} is missing"
+        return ""
+
     def _handler(self, priority: str) -> Callable[[list[Any]], Awaitable[None]]:
         async def handle_batch(msgs: list[Any]) -> None:
             await self.handle_batch(msgs, priority)

@@ -38,6 +38,7 @@ from schemas.subjects import (
     scope_key,
     scope_model,
 )
+from services import metrics
 from services.breaker import HealthBoard, SlidingWindow
 from services.breaker.evidence import EvidenceView
 from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
@@ -237,6 +238,8 @@ class JobRunner:
     async def _call(self, d: Delivery, job: Job) -> Reply | ProviderError:
         """Call the provider; what it answered, counted in the breaker."""
         d.started = time.time()
+        if (m := metrics.active) is not None:
+            m.call_started(job.provider)
         try:
             answer: Reply | ProviderError = await self.providers[job.provider].call(
                 job.model, job.request
@@ -246,6 +249,8 @@ class JobRunner:
             if exc.reason == "config":  # every job will fail alike until someone fixes it
                 log.error("provider %s is misconfigured (config): %s", job.provider, exc.message)
         d.provider_s = time.time() - d.started
+        if m is not None:
+            m.call_ended(job, answer, d.provider_s)
         await self._count(job, answer, d.provider_s)
         return answer
 

@@ -5,8 +5,9 @@ is checked against the Compose specification (check-jsonschema's vendored schema
 Kubernetes manifests against the Kubernetes schemas (kubernetes-validate, offline), the
 KEDA ScaledObject and kustomization files against schemas in deploy/kubernetes/schemas,
 the NATS configs by nats-server itself (``-t``). The example overlay is rendered by a
-small kustomize subset below and validated as rendered. The probe commands run for real
-against a alive file written by ``services.liveness``.
+small kustomize subset below and validated as rendered. The probes run for real: the HTTP
+ones against a ``services.monitor`` port, the alive-file one against a file written by
+``services.liveness``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import yaml
 from schemas import subjects as s
 from services.config import Settings, WorkerSettings
 from services.liveness import alive_file, write_status
+from services.monitor import CHECK_TIMEOUT_S
 from services.tools.devstack import find_nats_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +43,8 @@ SCHEMAS = K8S / "schemas"
 AUTH_CONF = DEPLOY / "nats" / "auth.conf"
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
 SERVICE_ROLES = ("worker", "prober", "replayer")
+#: The HTTP probes of every service pod (services/monitor.py).
+PROBE_PATHS = {"startupProbe": "/livez", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
 #: What a worker needs after shutdown_grace_s: releasing unfinished jobs and draining NATS.
 RELEASE_MARGIN_S = 10
 
@@ -389,8 +393,15 @@ def test_every_pod_runs_unprivileged_with_probes_and_requests() -> None:
     for role in SERVICE_ROLES:
         c = deployments[f"ridethrough-{role}"]["spec"]["template"]["spec"]["containers"][0]
         assert c["args"][0] == role
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["exec"]["command"][:2] == ["sh", "-c"], (role, probe)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert str(ports["http"]) == env["RIDETHROUGH_HTTP__PORT"], role
+        assert env["RIDETHROUGH_ALIVE_FILE"] == "/tmp/alive", role  # for those without a port
+        paths = {p: c[p]["httpGet"]["path"] for p in PROBE_PATHS}
+        assert paths == PROBE_PATHS, role
+        assert all(c[p]["httpGet"]["port"] == "http" for p in PROBE_PATHS), role
+        # A not-ready answer (503 within CHECK_TIMEOUT_S) must arrive before the probe gives up.
+        assert c["readinessProbe"]["timeoutSeconds"] > CHECK_TIMEOUT_S, role
     worker = deployments["ridethrough-worker"]["spec"]["template"]["spec"]["containers"][0]
     assert "--no-topology" in worker["args"]
     assert by_kind(docs, "Job")["ridethrough-topology"]["spec"]["template"]["spec"]["containers"][
@@ -457,16 +468,11 @@ def test_keda_scales_workers_on_every_provider_consumer() -> None:
 # --------------------------------------------------------------------------- probes
 
 
-def _probe_commands() -> dict[str, str]:
-    """The worker's probe shell commands (base manifests) and compose's healthcheck."""
-    worker = by_kind(render(BASE), "Deployment")["ridethrough-worker"]
-    c = worker["spec"]["template"]["spec"]["containers"][0]
-    out = {
-        p: c[p]["exec"]["command"][2] for p in ("startupProbe", "readinessProbe", "livenessProbe")
-    }
-    healthcheck = compose()["services"]["worker"]["healthcheck"]["test"]
-    out["compose"] = healthcheck[3].replace("$$", "$")  # compose's escaping of "$"
-    return out
+def _alive_command() -> str:
+    """Compose's healthcheck for a service without a port (``x-alive-healthcheck``)."""
+    healthcheck = compose()["x-alive-healthcheck"]["test"]
+    assert healthcheck[:3] == ["CMD", "sh", "-c"]
+    return str(healthcheck[3]).replace("$$", "$")  # compose's escaping of "$"
 
 
 def _run_probe(command: str, health: Path) -> int:
@@ -477,32 +483,75 @@ def _run_probe(command: str, health: Path) -> int:
     ).returncode
 
 
-def test_probes_tell_ready_not_ready_stale_and_missing_apart(tmp_path: Path) -> None:
-    """Run the manifests' probe commands against a alive file written by services.liveness:
-    fresh "ready" passes all; "not-ready" fails readiness only; a stale or missing file
-    fails liveness too (the event loop is stuck or the service is gone)."""
-    commands = _probe_commands()
-    assert "/tmp/alive" in json.dumps(commands)
+def test_alive_probe_tells_ready_from_not_ready_stale_and_missing(tmp_path: Path) -> None:
+    """Run compose's alive-file healthcheck (for services without a port) against a file
+    written by services.liveness: only a fresh "ready" passes."""
+    command = _alive_command()
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "RIDETHROUGH_ALIVE_FILE=/tmp/alive" in dockerfile
     health = tmp_path / "health"
-
-    def results() -> dict[str, int]:
-        return {name: _run_probe(cmd, health) for name, cmd in commands.items()}
-
     write_status(health, connected=True)
-    assert set(results().values()) == {0}
+    assert _run_probe(command, health) == 0
     write_status(health, connected=False)
-    r = results()
-    assert r["readinessProbe"] != 0 and r["compose"] != 0
-    assert r["livenessProbe"] == 0 and r["startupProbe"] == 0
+    assert _run_probe(command, health) != 0
     write_status(health, connected=True)
     stale = time.time() - 600
     os.utime(health, (stale, stale))
-    r = results()
-    assert r["readinessProbe"] != 0 and r["livenessProbe"] != 0 and r["compose"] != 0
+    assert _run_probe(command, health) != 0
     health.unlink()
-    assert 0 not in results().values()
+    assert _run_probe(command, health) != 0
+
+
+def test_compose_services_probe_readyz_on_their_http_port() -> None:
+    """compose's worker, prober and replayer set RIDETHROUGH_HTTP__PORT, and their
+    healthcheck asks /readyz on that port."""
+    c = compose()
+    port = c["x-env"]["RIDETHROUGH_HTTP__PORT"]
+    for role in SERVICE_ROLES:
+        test = c["services"][role]["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-c"], role
+        assert f"http://127.0.0.1:{port}/readyz" in test[3], role
+        assert c["services"][role]["environment"]["RIDETHROUGH_HTTP__PORT"] == port
+
+
+def test_http_probes_follow_readiness_of_a_real_port(tmp_path: Path) -> None:
+    """The compose healthcheck command and the manifests' probe paths, against a real
+    services.monitor port: /livez always 200, /readyz 200 only while the service is ready."""
+    from services.config import HttpSettings
+    from services.monitor import http_port
+    from services.tools.devstack import free_port
+
+    port = free_port()
+    command = compose()["services"]["worker"]["healthcheck"]["test"][3]
+    command = command.replace(":9090/", f":{port}/")
+    why = ["not connected to NATS"]
+
+    async def ready() -> str:
+        return why[0]
+
+    async def check() -> list[tuple[int, int, int]]:
+        seen = []
+        async with http_port(HttpSettings(port=port, host="127.0.0.1"), ready):
+            for state in ("not connected to NATS", ""):
+                why[0] = state
+                probe = await asyncio.create_subprocess_exec(sys.executable, "-c", command)
+                rc = await probe.wait()
+                seen.append((rc, await _status(port, "/livez"), await _status(port, "/readyz")))
+        return seen
+
+    not_ready, ready_now = asyncio.run(check())
+    assert not_ready[0] != 0 and not_ready[1:] == (200, 503)
+    assert ready_now == (0, 200, 200)
+
+
+async def _status(port: int, path: str) -> int:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}") as r,
+    ):
+        return r.status
 
 
 def test_alive_file_beats_while_the_service_runs(tmp_path: Path) -> None:

@@ -1,0 +1,343 @@
+"""Prometheus metrics: every name, label and bucket in one place, one registry per process.
+
+Off by default. ``enable()`` (the serve commands, when an HTTP port is configured) makes
+``active`` a ``Metrics``; the few places that already count things call it as
+``if (m := metrics.active) is not None: m.<hook>(...)``, so with metrics off a hook costs
+one attribute read, and ``prometheus_client`` is not even imported.
+
+Who exports what (so that a sum over the fleet is right):
+
+    every worker          calls, errors, tokens, in-flight calls, jobs it settled, retries
+    every service         breaker transitions it made (the one that won the compare-and-set)
+    the prober holder     probes
+    the replayer holder   replayed jobs, replay rate and backlog, and the fleet's view (one
+      of a provider       exporter per provider: its replay lease): breaker state, queue
+                          depth, dead letters stored, workers online
+
+Labels are bounded: never a job id. Providers are configured (bounded); reasons, states,
+outcomes, priorities and kinds are closed sets. Models and tenants are not bounded in
+principle: each label keeps its first ``max_models`` / ``max_tenants`` distinct values
+(per process), and reports the rest as ``other``. ``model=""`` is a provider's own scope.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from services.config import HttpSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from schemas.jobs import Job
+    from schemas.results import JobResult
+    from services.errors import ProviderError
+    from services.providers.base import Reply
+
+#: The metrics of this process, when they are on (``enable``).
+active: Metrics | None = None
+
+OTHER = "other"
+BREAKER_STATES = ("closed", "open", "half_open", "paused")
+QUEUE_STATES = ("waiting", "in_flight", "parked")
+#: Provider call duration buckets (seconds): LLM calls run from 100 ms to minutes.
+CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Capped:
+    """The first ``limit`` distinct values of an unbounded label; ``other`` after that."""
+
+    __slots__ = ("limit", "seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        """The label value to export for ``value``."""
+        v = value or ""
+        if not v or v in self.seen:  # "" (no model: the provider; no tenant) is free
+            return v
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(v)
+        return v
+
+
+class Metrics:
+    """Every metric of a ridethrough process, in its own registry."""
+
+    def __init__(self, settings: HttpSettings | None = None) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
+
+        # No *_created series: half the samples, and nothing queries them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
+        cfg = settings or HttpSettings()
+        self.registry: CollectorRegistry = CollectorRegistry()
+        self.model = Capped(cfg.max_models)
+        self.tenant = Capped(cfg.max_tenants)
+        self.reason = Capped(cfg.max_reasons)
+        r = self.registry
+        p = "ridethrough_"
+        # -- breakers
+        self.breaker_state: Gauge = Gauge(
+            f"{p}breaker_state",
+            "1 for the state a breaker scope is in (model empty: the provider's own breaker); "
+            "exported by the provider's replay lease holder",
+            ["provider", "model", "state"],
+            registry=r,
+        )
+        self.breaker_transitions: Counter = Counter(
+            f"{p}breaker_transitions_total",
+            "Breaker transitions made by this process (it won the compare-and-set)",
+            ["provider", "model", "from_state", "to_state"],
+            registry=r,
+        )
+        # -- provider calls (workers)
+        self.call_duration: Histogram = Histogram(
+            f"{p}provider_call_duration_seconds",
+            "Duration of provider calls by outcome (success, transient, permanent)",
+            ["provider", "model", "outcome"],
+            buckets=CALL_BUCKETS,
+            registry=r,
+        )
+        self.call_errors: Counter = Counter(
+            f"{p}provider_errors_total",
+            "Failed provider calls by classification reason",
+            ["provider", "model", "reason"],
+            registry=r,
+        )
+        self.calls_in_flight: Gauge = Gauge(
+            f"{p}provider_calls_in_flight",
+            "Provider calls under way in this process",
+            ["provider"],
+            registry=r,
+        )
+        self.tokens: Counter = Counter(
+            f"{p}tokens_total",
+            "Tokens billed by the provider, by kind (input, output, cache)",
+            ["provider", "model", "tenant", "kind"],
+            registry=r,
+        )
+        self.probes: Counter = Counter(
+            f"{p}probes_total",
+            "Health probes sent by the prober, by result (success, failure)",
+            ["provider", "model", "result"],
+            registry=r,
+        )
+        # -- jobs (the settle writers)
+        self.results: Counter = Counter(
+            f"{p}jobs_finished_total",
+            "Results stored, by status (succeeded, failed, expired); a failed job also "
+            "counts in jobs_dead_total",
+            ["provider", "status"],
+            registry=r,
+        )
+        self.dead: Counter = Counter(
+            f"{p}jobs_dead_total",
+            "Dead letters written, by reason",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.parked: Counter = Counter(
+            f"{p}jobs_parked_total",
+            "Jobs parked in AI_PARKED",
+            ["provider", "priority"],
+            registry=r,
+        )
+        self.replayed: Counter = Counter(
+            f"{p}jobs_replayed_total",
+            "Parked jobs republished to AI_JOBS by the replayer",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.failed_over: Counter = Counter(
+            f"{p}jobs_failed_over_total",
+            "Jobs republished to another provider (by the provider they left)",
+            ["provider"],
+            registry=r,
+        )
+        self.retries: Counter = Counter(
+            f"{p}job_retries_total",
+            "Deliveries released for a retry (nak with delay)",
+            ["provider"],
+            registry=r,
+        )
+        # -- replay (the replay lease holder)
+        self.replay_rate: Gauge = Gauge(
+            f"{p}replay_rate_jobs_per_second",
+            "The replayer's current slow-start rate per pacing scope",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.replay_backlog: Gauge = Gauge(
+            f"{p}replay_backlog_jobs",
+            "Parked jobs the replayer still has to replay",
+            ["provider"],
+            registry=r,
+        )
+        # -- the fleet's queues (the replay lease holder)
+        self.queue: Gauge = Gauge(
+            f"{p}queue_jobs",
+            "Jobs per provider, priority and state (waiting, in_flight, parked)",
+            ["provider", "priority", "state"],
+            registry=r,
+        )
+        self.dead_stored: Gauge = Gauge(
+            f"{p}dead_letters_jobs",
+            "Dead letters stored in AI_DEAD, by reason",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.workers_online: Gauge = Gauge(
+            f"{p}workers_online",
+            "Workers whose heartbeat in ai_workers names the provider",
+            ["provider"],
+            registry=r,
+        )
+
+    # -- hooks (a line each at the call sites) ---------------------------------------------
+
+    def call_started(self, provider: str) -> None:
+        """A provider call begins."""
+        self.calls_in_flight.labels(provider).inc()
+
+    def call_ended(self, job: Job, answer: Reply | ProviderError, took_s: float) -> None:
+        """A provider call ended with ``answer`` after ``took_s`` seconds."""
+        from services.errors import ProviderError
+
+        provider, model = job.provider, self.model(job.model)
+        self.calls_in_flight.labels(provider).dec()
+        if isinstance(answer, ProviderError):
+            outcome = "transient" if answer.retryable else "permanent"
+            self.call_errors.labels(provider, model, self.reason(answer.reason)).inc()
+        else:
+            outcome = "success"
+            tenant = self.tenant(job.tenant)
+            usage = answer.usage
+            self.tokens.labels(provider, model, tenant, "input").inc(usage.input_tokens)
+            self.tokens.labels(provider, model, tenant, "output").inc(usage.output_tokens)
+            cache = cache_tokens(answer.response)
+            if cache:
+                self.tokens.labels(provider, model, tenant, "cache").inc(cache)
+        self.call_duration.labels(provider, model, outcome).observe(took_s)
+
+    def result_stored(self, result: JobResult) -> None:
+        """A job's result was stored."""
+        self.results.labels(result.provider, result.status).inc()
+
+    def dead_lettered(self, provider: str, reason: str) -> None:
+        """A dead letter was written."""
+        self.dead.labels(provider, self.reason(reason)).inc()
+
+    def transition(self, provider: str, model: str | None, old: str, new: str) -> None:
+        """This process moved a breaker."""
+        self.breaker_transitions.labels(provider, self.model(model), old, new).inc()
+
+    def replay_progress(self, provider: str, info: Mapping[str, Any]) -> None:
+        """The replay lease holder's progress (``Replayer._info``): rate and backlog."""
+        rate = info.get("rate")
+        if isinstance(rate, int | float):
+            self.replay_rate.labels(provider, "").set(rate)
+        self.replay_backlog.labels(provider).set(float(info.get("backlog") or 0))
+        for model, m in (info.get("models") or {}).items():
+            if isinstance(m.get("rate"), int | float):
+                self.replay_rate.labels(provider, self.model(model)).set(m["rate"])
+
+    def fleet_view(
+        self,
+        provider: str,
+        states: Mapping[str | None, str],
+        queue: Mapping[tuple[str, str], int],
+        dead: Mapping[str, int],
+        workers: int,
+    ) -> None:
+        """What the provider's replay lease holder exports for the fleet: breaker states per
+        scope, queue depth per (priority, state), dead letters per reason, workers."""
+        self.forget(provider)
+        for model, state in states.items():
+            for s in BREAKER_STATES:
+                self.breaker_state.labels(provider, self.model(model), s).set(s == state)
+        for (priority, state), n in queue.items():
+            self.queue.labels(provider, priority, state).set(n)
+        by_reason: dict[str, int] = {}
+        for reason, n in dead.items():
+            label = self.reason(reason)
+            by_reason[label] = by_reason.get(label, 0) + n
+        for label, n in by_reason.items():
+            self.dead_stored.labels(provider, label).set(n)
+        self.workers_online.labels(provider).set(workers)
+
+    def forget(self, provider: str) -> None:
+        """Drop the fleet view of ``provider`` (this process no longer holds its lease: the
+        new holder exports it, and two exporters would double the sums)."""
+        for gauge in (
+            self.breaker_state,
+            self.queue,
+            self.dead_stored,
+            self.workers_online,
+            self.replay_rate,
+            self.replay_backlog,
+        ):
+            for labels in _label_sets(gauge):
+                if labels[0] == provider:
+                    gauge.remove(*labels)
+
+    def names(self) -> set[str]:
+        """Every metric name this process exports (sample names: ``_total``, ``_bucket``...)."""
+        out: set[str] = set()
+        for family in self.registry.collect():
+            out.add(family.name)
+            if family.type == "counter":
+                out.add(f"{family.name}_total")
+            elif family.type == "histogram":
+                out |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count")}
+        return out
+
+
+def _label_sets(metric: Any) -> list[tuple[str, ...]]:
+    """The label value tuples a labelled metric holds now."""
+    with metric._lock:
+        return list(metric._metrics)
+
+
+def cache_tokens(response: Mapping[str, Any]) -> int:
+    """Cached prompt tokens in a provider-native response body (Anthropic:
+    ``cache_read_input_tokens`` + ``cache_creation_input_tokens``; OpenAI:
+    ``prompt_tokens_details.cached_tokens``); 0 when it names none."""
+    usage = response.get("usage")
+    if not isinstance(usage, dict):
+        return 0
+    n = 0
+    for key in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+        v = usage.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            n += v
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        v = details.get("cached_tokens")
+        if isinstance(v, int) and not isinstance(v, bool):
+            n += v
+    return n
+
+
+def enable(settings: HttpSettings | None = None) -> Metrics:
+    """Turn metrics on for this process (idempotent): ``active`` from now on."""
+    global active
+    if active is None:
+        active = Metrics(settings)
+    return active
+
+
+def disable() -> None:
+    """Turn metrics off again (tests running several services in one process)."""
+    global active
+    active = None
