@@ -232,6 +232,7 @@ def model_from_token(token: str) -> str:
 #   <provider>.<model_token>    one of its models
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every job and every park
 def scope_model(model: str | None) -> str | None:
     """``model`` if it can have a breaker scope of its own (its token fits), else None."""
     if not model:

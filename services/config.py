@@ -215,6 +215,9 @@ class BreakerSettings(BaseModel):
     probe_successes: int = Field(2, gt=0, description="consecutive probe successes to half_open")
     probe_interval_s: float = Field(1.0, gt=0, description="first probe delay; after a success")
     probe_max_interval_s: float = Field(5.0, gt=0, description="cap of the probe backoff")
+    probe_timeout_s: float = Field(
+        30.0, gt=0, description="a probe not answered within this is a failed probe"
+    )
     board_poll_s: float = Field(0.25, gt=0, description="how often processes re-read ai_health")
     consecutive_failures_degraded: int | None = Field(
         None,

@@ -61,6 +61,11 @@ class SlidingWindow:
         calls, failures = self.counts()
         return calls >= self.settings.min_calls and failures >= rate * calls
 
+    def idle(self, now: float | None = None) -> bool:
+        """Whether no call fell within the window: nothing here can trip it any more."""
+        second = int(time.monotonic() if now is None else now)
+        return not self._buckets or self._buckets[-1][0] <= second - self.settings.window_s
+
     def counts(self) -> tuple[int, int]:
         """(calls, failures) in the window."""
         return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)

@@ -320,6 +320,33 @@ def breaker_scope(outcome: Reply | ProviderError) -> Literal["provider", "model"
     return "model"
 
 
+def probe_says_up(
+    outcome: ProviderError | None,
+    settings: WorkerSettings,
+    *,
+    slow: bool = False,
+    provider_scope: bool = False,
+    model_known_sick: bool = False,
+) -> bool:
+    """Whether one probe says its scope is up (a success in the prober's run).
+
+    As ``breaker_signal`` reads a call: an answer within its latency budget, or a permanent
+    error other than ``config`` (the provider answered; a retired model or a request the
+    model refuses ends its jobs as dead letters with that reason once they replay, instead
+    of holding them parked until they age out). A timeout, a slow answer, a connection
+    failure, a 429 are not up. For the provider's own scope, probed with its probe model, a
+    failure that counts against that model is the provider answering too when the model's
+    own breaker is open already (``model_known_sick``): its trouble is its own."""
+    if outcome is None:
+        return not slow
+    signal = breaker_signal(outcome, settings, slow=slow)
+    if signal == "success":
+        return True
+    if signal is None or outcome.reason == "timeout" or slow:
+        return False
+    return provider_scope and model_known_sick and breaker_scope(outcome) == "model"
+
+
 def long_retry_after(exc: ProviderError, settings: WorkerSettings) -> bool:
     """Whether the provider asked to wait longer than we ever back off: a sign of an outage."""
     return exc.retry_after is not None and exc.retry_after > settings.backoff_max_s

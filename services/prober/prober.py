@@ -33,7 +33,8 @@ from services import metrics
 from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import Settings
-from services.errors import ProviderError
+from services.errors import ProviderError, TransientError
+from services.lifecycle.decide import probe_says_up
 from services.prober.evidence import StatusPageWatch
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
@@ -132,26 +133,44 @@ class Prober(LeasedPerProvider):
         return [m for m in self.board.models(name) if self.board.own_state(name, m) in _PROBED]
 
     async def _probe(self, name: str, model: str | None) -> bool:
-        """One probe of the provider (``model`` None: with its probe model) or of one model;
-        it succeeds when the provider answers within the model's latency budget (slow is
-        down too: a slow answer must not half-open a slow provider)."""
+        """One probe of the provider (``model`` None: with its probe model) or of one model,
+        within ``probe_timeout_s``; whether it says the scope is up (``probe_says_up``:
+        slow is down too, a permanent error is an answer)."""
         probe_model, request = default_probe(self.settings, name)
         probe_model = model or probe_model
         self.probes[name] += 1
         key = scope_label(name, model)
         self.probes_by_scope[key] = self.probes_by_scope.get(key, 0) + 1
         started = time.monotonic()
+        failure: ProviderError | None = None
         try:
-            await self.providers[name].call(probe_model, request, probe=True)
+            async with asyncio.timeout(self.settings.breaker.probe_timeout_s):
+                await self.providers[name].call(probe_model, request, probe=True)
         except ProviderError as exc:
-            log.info("probe of %s failed: %s (%s)", key, exc.reason, exc.message[:120])
-            return False
+            failure = exc
+        except TimeoutError:
+            failure = TransientError("no answer within probe_timeout_s", reason="timeout")
         took = time.monotonic() - started
         budget = self.settings.providers[name].latency_budget(probe_model)
-        if budget is not None and took > budget:
+        slow = budget is not None and took > budget
+        up = probe_says_up(
+            failure,
+            self.settings.worker,
+            slow=slow,
+            provider_scope=model is None,
+            model_known_sick=self.board.own_state(name, probe_model) in _PROBED,
+        )
+        if failure is not None:
+            log.info(
+                "probe of %s: %s (%s): %s",
+                key,
+                failure.reason,
+                failure.message[:120],
+                "answered" if up else "failed",
+            )
+        elif slow:
             log.info("probe of %s answered in %.2fs, over its %gs budget", key, took, budget)
-            return False
-        return True
+        return up
 
     async def _half_open(self, name: str, model: str | None, successes: int) -> None:
         await self.board.move(

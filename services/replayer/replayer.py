@@ -214,7 +214,8 @@ class Replayer(LeasedPerProvider):
                     msgs = await self._fetch(name, models, free, want)
                     prog.tokens -= len(msgs)
                     pending += [(m, f, scope) for m, f in await self._republish(name, msgs)]
-                    wait = 0.0
+                    if msgs:  # nothing fetched: wait, or the loop spins until the next count
+                        wait = 0.0
                 await settled()
                 if pending:
                     settling = asyncio.create_task(self._ack_republished(pending))
@@ -324,7 +325,14 @@ class Replayer(LeasedPerProvider):
                     return got
                 if free.get((prio, model), 0) <= 0:
                     continue
-                sub = await self._puller(name, prio, model)
+                try:
+                    sub = await self._puller(name, prio, model)
+                except Exception as exc:
+                    # This model's consumer cannot be made now (a limit, a leader election):
+                    # the other models go on; it is tried again at the next count.
+                    log.warning("no replay consumer for %s/%s %s: %r", name, model, prio, exc)
+                    free[prio, model] = 0
+                    continue
                 try:
                     got += await sub.fetch(min(need, free[prio, model]), timeout=0.5, prefetch=True)
                 except TIMEOUT:

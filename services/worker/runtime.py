@@ -310,9 +310,14 @@ class JobRunner:
         model's trouble is its own; several models' at once is the provider's."""
         assert self.board is not None
         enough = self.breaker.models_to_open_provider
+        if not enough:
+            return
         board = self.board
+        # Read the board again: two workers tripping two models at once would each count
+        # one from a view a poll old; the later of the two trips sees both.
+        await board.refresh()
         sick = [m for m in board.models(provider) if board.own_state(provider, m) == "open"]
-        if enough and len(sick) >= enough:
+        if len(sick) >= enough:
             reason = f"{len(sick)} of its models are open: {', '.join(sick)}"
             await self._open(provider, None, reason, last_error)
 
@@ -341,8 +346,16 @@ class JobRunner:
         return new is not None
 
     def window_counts(self) -> dict[str, tuple[int, int]]:
-        """(calls, transient failures) per scope key in the current breaker window."""
-        return {key: held[1].counts() for key, held in self._windows.items()}
+        """(calls, transient failures) per scope key in the current breaker window. A
+        window with no call within it is dropped (asked once per heartbeat): a worker that
+        saw many model names keeps only those it called lately, in memory and in its beat."""
+        counts = {}
+        for key, (_, window) in list(self._windows.items()):
+            if window.idle():
+                del self._windows[key]
+                continue
+            counts[key] = window.counts()
+        return counts
 
     def _window(self, provider: str, model: str | None) -> SlidingWindow:
         """The failure window of a scope, emptied whenever its breaker changes."""

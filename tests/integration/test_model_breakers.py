@@ -316,3 +316,62 @@ async def test_jobs_parked_under_a_token_no_model_has_are_moved_not_lost(
         await wait_until(settled, timeout=30)
     assert await read_stream(js, s.PARKED_STREAM) == []
     assert fake_provider.counters()["by_model"].get("claude-a") == 1
+
+
+async def test_a_model_the_provider_no_longer_serves_is_half_opened_and_its_jobs_end(
+    nats_server: Any, js: Any, fake_provider: Any
+) -> None:
+    """A model open while its probes get a permanent error (a retired model: 404) is not
+    held open for ever, its jobs parked until they age out: the answer half-opens it, its
+    parked jobs replay and end as dead letters with the reason, and it closes."""
+    from tests.conftest import make_settings
+
+    base = make_settings(nats_server.url, fake_provider.url)
+    retired = fault_request("fault:404", "gone")
+    anthropic = base.providers["anthropic"].model_copy(update={"probe_request": retired})
+    settings = base.with_changes(providers={**base.providers, "anthropic": anthropic})
+    await ensure_topology(js, settings)
+    kv = await js.key_value(s.HEALTH_BUCKET)
+    await transition(js, kv, "anthropic", SICK, to="open", allowed_from=("closed",), by="test")
+    jobs = [make_job("anthropic", SICK, request=retired) for _ in range(3)]
+    for job in jobs:
+        body = ParkedJob(job=job, park=ParkRecord(reason="provider_open"))
+        await js.publish(s.parked_subject("anthropic", job.priority, SICK), encode(body))
+    async with running_worker(settings), running_recovery(settings):
+
+        async def ended() -> bool:
+            closed = await breaker_state(js, "anthropic", SICK) == "closed"
+            return closed and (await count_outcomes(js))["dead"] == len(jobs)
+
+        await wait_until(ended, timeout=30)
+    outcomes = await count_outcomes(js)
+    assert outcomes["failed"] == len(jobs) and await read_stream(js, s.PARKED_STREAM) == []
+
+
+@pytest.mark.parametrize("probe_model_open", [True, False])
+async def test_a_provider_probed_through_a_sick_model_half_opens_only_if_that_model_is_open(
+    nats_server: Any, js: Any, fake_provider: Any, probe_model_open: bool
+) -> None:
+    """The provider's probe model answers 529: when that model's own breaker is open the
+    answer is the provider's (it is reachable, the model is sick on its own) and the
+    provider half-opens; when the model is not known sick, the 529 keeps the provider open."""
+    from tests.conftest import make_settings
+
+    base = make_settings(nats_server.url, fake_provider.url)
+    probe = {"probe_model": SICK, "probe_request": fault_request("fault:529", "ping")}
+    anthropic = base.providers["anthropic"].model_copy(update=probe)
+    settings = base.with_changes(providers={**base.providers, "anthropic": anthropic})
+    await ensure_topology(js, settings)
+    kv = await js.key_value(s.HEALTH_BUCKET)
+    await transition(js, kv, "anthropic", to="open", allowed_from=("closed",), by="test")
+    if probe_model_open:
+        await transition(js, kv, "anthropic", SICK, to="open", allowed_from=("closed",), by="t")
+    async with running_recovery(settings) as (prober, _):
+
+        async def decided() -> bool:
+            moved = await breaker_state(js, "anthropic") != "open"
+            return moved or prober.probes["anthropic"] >= 6
+
+        await wait_until(decided, timeout=30)
+    assert (await breaker_state(js, "anthropic") != "open") is probe_model_open
+    assert await breaker_state(js, "anthropic", SICK) == "open"  # still sick on its own

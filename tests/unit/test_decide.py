@@ -32,6 +32,7 @@ from services.lifecycle.decide import (
     Succeeded,
     breaker_signal,
     decide,
+    probe_says_up,
 )
 from services.providers.base import Reply
 
@@ -389,3 +390,34 @@ def test_a_model_budget_overrides_the_providers() -> None:
     cfg = ProviderSettings(kind="anthropic", latency_budget_s=2.0, model_latency_budget_s={"o": 9})
     assert (cfg.latency_budget("o"), cfg.latency_budget("s")) == (9, 2.0)
     assert ProviderSettings(kind="anthropic").latency_budget("s") is None
+
+
+TIMEOUT = TransientError("read timed out", reason="timeout")
+RESET = TransientError("connection reset", reason="connection")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kw", "up"),
+    [
+        (None, {}, True),
+        (None, {"slow": True}, False),
+        (permanent("not_found"), {}, True),  # a retired model answers: its jobs go dead
+        (PermanentError("no key", reason="config"), {}, False),
+        (limited(1.0), {}, False),
+        (transient(), {}, False),
+        (TIMEOUT, {}, False),
+        (RESET, {"provider_scope": True, "model_known_sick": True}, False),
+        (transient(), {"provider_scope": True}, False),
+        # the provider's probe model is open on its own: its 529 is the provider answering
+        (transient(), {"provider_scope": True, "model_known_sick": True}, True),
+        (TIMEOUT, {"provider_scope": True, "model_known_sick": True}, False),
+    ],
+    ids=[
+        "answered", "slow", "permanent", "config", "429", "529", "timeout",
+        "provider unreachable", "provider probe model 529", "probe model known sick",
+        "provider probe timeout",
+    ],
+)  # fmt: skip
+def test_probe_says_up(outcome: ProviderError | None, kw: dict[str, bool], up: bool) -> None:
+    """What one probe says of its scope, row by row (see ``probe_says_up``)."""
+    assert probe_says_up(outcome, WORKER, **kw) is up

@@ -148,3 +148,12 @@ def test_degraded_never_trips_later_than_normal(outcomes: list[bool]) -> None:
         tripped_degraded |= degraded.failure(1000.0, degraded=True)
         if normal.failure(1000.0):
             assert tripped_degraded
+
+
+def test_a_window_with_no_call_within_it_is_idle() -> None:
+    """``idle`` holds before any call and once the last call left the window, not before."""
+    w = SlidingWindow(BreakerSettings(window_s=10))
+    assert w.idle(now=100.0)
+    w.failure(now=100.0)
+    assert not w.idle(now=109.0)
+    assert w.idle(now=110.0)
