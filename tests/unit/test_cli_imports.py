@@ -4,6 +4,8 @@ modules → ``common``. Nothing imports ``app`` back except the package's ``main
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,49 @@ def test_each_module_imports_first_in_a_clean_interpreter() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# What only some commands need: the workers' and the providers' libraries.
+HEAVY = ("anthropic", "openai", "faststream", "hypothesis", "services.runner", "services.worker")
+
+
+def _loaded_after(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
+    """The top modules (and ours) in ``sys.modules`` after ``main(argv)`` ran in a fresh
+    interpreter, whatever its exit code."""
+    script = (
+        "import json, sys\n"
+        "from services.cli import main\n"
+        "main(json.loads(sys.argv[1]))\n"
+        "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    modules: list[str] = json.loads(proc.stderr.strip().splitlines()[-1])
+    return set(modules)
+
+
+def _heavy(modules: set[str]) -> set[str]:
+    return {m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)}
+
+
+def test_status_imports_neither_the_sdks_nor_faststream() -> None:
+    """`ridethrough status` (here against no server, so it fails fast on connecting) loads
+    no provider SDK, no faststream, no worker: a command imports what it needs."""
+    env = {**os.environ, "NATS_URL": "nats://127.0.0.1:1"}
+    loaded = _loaded_after(["status", "--json"], env)
+    assert "services.ops.status" in loaded  # it did get as far as the command
+    assert _heavy(loaded) == set()
+
+
+def test_status_help_imports_neither_the_sdks_nor_faststream() -> None:
+    """Building the whole app (every command registered) loads none of them either."""
+    loaded = _loaded_after(["status", "--help"])
+    assert "services.cli.app" in loaded
+    assert _heavy(loaded) == set()
