@@ -1,14 +1,21 @@
 """The command line is a package whose imports go one way: ``app`` → the command
-modules → ``common``. Nothing imports ``app`` back except the package's ``main``."""
+modules → ``common``. Nothing imports ``app`` back except the package's ``main``.
+
+And a command starts with what it needs only: ``status`` loads neither the provider SDKs
+nor faststream, and runs from an app of that one command (same help, same errors)."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import typer
 
 from tests.support import ROOT
 
@@ -159,3 +166,24 @@ def test_status_help_imports_neither_the_sdks_nor_faststream() -> None:
     loaded = _loaded_after(["status", "--help"])
     assert "services.cli.app" in loaded
     assert _heavy(loaded) == set()
+
+
+def test_each_command_alone_reads_as_in_the_whole_app(capsys: pytest.CaptureFixture[str]) -> None:
+    """main runs a plain command from an app of that command alone: its help is the same
+    as the whole app's, and the whole app still runs groups and unknown names."""
+    from services.cli.app import _app_for, app
+
+    def help_of(runner: typer.Typer, name: str) -> str:
+        with contextlib.suppress(SystemExit):
+            runner(args=[name, "--help"], standalone_mode=False, prog_name="ridethrough")
+        return capsys.readouterr().out
+
+    names = [c.name for c in app.registered_commands if c.name]
+    assert "status" in names
+    for name in names:
+        alone = _app_for([name, "--json"])
+        assert alone is not app
+        assert help_of(alone, name) == help_of(app, name), name
+    assert _app_for(["dead", "list"]) is app
+    assert _app_for(["statu"]) is app
+    assert _app_for([]) is app
