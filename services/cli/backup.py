@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from nats.js import JetStreamContext
-from rich.progress import Progress
 
 from services.cli.common import (
     JsonFlag,
@@ -18,7 +16,9 @@ from services.cli.common import (
     settings_for,
     with_js,
 )
-from services.ops import backup
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 
 def export_results(
@@ -31,6 +31,10 @@ def export_results(
     nats_url: NatsUrl = None,
 ) -> None:
     """Back up AI-generated results to a JSON Lines file."""
+    from rich.progress import Progress
+
+    from services.ops import backup
+
     settings = settings_for(nats_url)
     lo = parse_time(since) if since else None
     hi = parse_time(until) if until else None
@@ -58,6 +62,8 @@ def import_results(
     nats_url: NatsUrl = None,
 ) -> None:
     """Restore results into AI_RESULTS; jobs that already have a result keep theirs."""
+    from services.ops import backup
+
     settings = settings_for(nats_url)
     if not path.is_file():
         fail(f"no such file: {path}")

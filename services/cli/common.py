@@ -4,6 +4,11 @@ durations and times.
 
 Nothing here knows the app or any command: the command modules import this module,
 never the other way round.
+
+Imports are cheap here and in every command module: a command imports what only it
+needs (NATS, the ops, rich, the runner, the SDKs) inside its function, so
+``ridethrough status`` does not pay for the worker's faststream or the providers' SDKs
+(tests/unit/test_cli_imports.py holds that).
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import msgspec
 import typer
-from nats.js import JetStreamContext
-from rich.console import Console
 
-from services.config import Settings, load_settings
 from services.errors import ConfigError, ResultTimeout, RidethroughError
-from services.jetstream.connection import jetstream
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+    from rich.console import Console
+
+    from services.config import Settings
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -53,6 +60,8 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 def settings_for(nats_url: str | None, tenant: str | None = None) -> Settings:
     """Settings from the environment, with ``--nats-url`` (and ``--tenant``) on top."""
+    from services.config import load_settings
+
     overrides = {k: v for k, v in (("nats_url", nats_url), ("tenant", tenant)) if v is not None}
     try:
         return load_settings(**overrides)
@@ -89,6 +98,7 @@ def with_js(
     name: str = "ridethrough-ops",
 ) -> T:
     """``run`` ``work`` on a JetStream connection of its own, closed after."""
+    from services.jetstream.connection import jetstream
 
     async def go() -> T:
         async with jetstream(settings, name=name) as js:
@@ -104,6 +114,8 @@ def print_json(obj: Any) -> None:
 
 def console() -> Console:
     """A console as wide as the terminal, and wide enough for the tables when piped."""
+    from rich.console import Console
+
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 

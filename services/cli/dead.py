@@ -7,8 +7,6 @@ from typing import Annotated
 
 import msgspec
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from schemas import subjects as s
 from services.cli.common import (
@@ -22,8 +20,6 @@ from services.cli.common import (
     settings_for,
     with_js,
 )
-from services.ops.control import check_provider
-from services.ops.inspect import count_dead, dead_letters, find_dead, purge_dead
 
 
 def list_letters(
@@ -34,6 +30,10 @@ def list_letters(
     nats_url: NatsUrl = None,
 ) -> None:
     """Dead letters, oldest first: job, reason, last error."""
+    from rich.table import Table
+
+    from services.ops.inspect import dead_letters
+
     settings = settings_for(nats_url)
     letters = with_js(settings, lambda js: dead_letters(js, provider, reason, limit))
     if as_json:
@@ -55,6 +55,10 @@ def show(
     nats_url: NatsUrl = None,
 ) -> None:
     """One dead letter in full."""
+    from rich.console import Console
+
+    from services.ops.inspect import find_dead
+
     settings = settings_for(nats_url)
     held = with_js(settings, lambda js: find_dead(js, key))
     if held is None:
@@ -73,6 +77,9 @@ def purge(
     nats_url: NatsUrl = None,
 ) -> None:
     """Delete dead letters for good (asks first unless --yes)."""
+    from services.ops.control import check_provider
+    from services.ops.inspect import count_dead, purge_dead
+
     settings = settings_for(nats_url)
     check(check_provider, settings, provider)
     n = with_js(settings, lambda js: count_dead(js, provider, reason))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from schemas.results import JobResult, response_text
+from schemas.results import response_text
 from services.cli.common import (
     EXIT_JOB_FAILED,
     EXIT_OK,
@@ -19,8 +19,9 @@ from services.cli.common import (
     settings_for,
     with_js,
 )
-from services.ops.inspect import locate_job
-from services.producer import Producer, make_job, prompt_request
+
+if TYPE_CHECKING:
+    from schemas.results import JobResult
 
 
 def _show(result: JobResult, as_json: bool) -> int:
@@ -59,6 +60,8 @@ def submit(
     nats_url: NatsUrl = None,
 ) -> None:
     """Submit one job (a single user message); print its id, or with --wait its result."""
+    from services.producer import Producer, make_job, prompt_request
+
     settings = settings_for(nats_url, tenant)
     request = prompt_request(
         settings, provider, prompt, max_tokens=max_tokens, system=system, stream=stream
@@ -89,6 +92,8 @@ def result(
     nats_url: NatsUrl = None,
 ) -> None:
     """Print a job's result (exit 1 if it failed, or is not there within --wait)."""
+    from services.producer import Producer
+
     settings = settings_for(nats_url, tenant)
 
     async def go() -> int:
@@ -110,6 +115,8 @@ def show(
     nats_url: NatsUrl = None,
 ) -> None:
     """Where a job is now (waiting, in flight, parked, dead, done), its attempts and history."""
+    from services.ops.inspect import locate_job
+
     settings = settings_for(nats_url, tenant)
     found = with_js(settings, lambda js: locate_job(js, job_id, settings.tenant))
     if as_json:

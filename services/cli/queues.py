@@ -4,11 +4,9 @@ provider and its jobs. Each takes ``--json``; errors are one line with exit code
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from nats.js import JetStreamContext
-from rich.progress import Progress
 
 from schemas import subjects as s
 from services.cli.common import (
@@ -22,8 +20,11 @@ from services.cli.common import (
     settings_for,
     with_js,
 )
-from services.ops import control, moves
-from services.ops.moves import MoveReport
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from services.ops.moves import MoveReport
 
 ModelFilter = Annotated[
     str | None, typer.Option("--model", help="Only this model of the provider.")
@@ -39,6 +40,8 @@ def pause(
 ) -> None:
     """Stop calling PROVIDER (or one --model of it): its jobs park, and no probe can end
     the pause."""
+    from services.ops import control
+
     settings = settings_for(nats_url)
     check(control.check_provider, settings, provider)
     check(control.check_model, model)
@@ -60,6 +63,8 @@ def resume(
     nats_url: NatsUrl = None,
 ) -> None:
     """End a pause: the breaker decides again, and parked jobs replay at a slow start."""
+    from services.ops import control
+
     settings = settings_for(nats_url)
     check(control.check_provider, settings, provider)
     check(control.check_model, model)
@@ -74,6 +79,8 @@ def resume(
 def _progress_runner(
     label: str, quiet: bool, work: Callable[[Callable[[int, int], None]], Awaitable[MoveReport]]
 ) -> Awaitable[MoveReport]:
+    from rich.progress import Progress
+
     async def go() -> MoveReport:
         if quiet:
             return await work(lambda done, total: None)
@@ -130,6 +137,8 @@ def drain(
     Safe to interrupt: each job is removed from AI_JOBS only after its parked copy
     is stored; running it again continues where it stopped.
     """
+    from services.ops import control, moves
+
     settings = settings_for(nats_url)
     check(control.check_provider, settings, provider)
     if priority is not None and priority not in s.PRIORITIES:
@@ -179,6 +188,8 @@ def replay(
     Safe to interrupt: each job leaves its stream only after its new copy is stored;
     running it again continues and duplicates nothing.
     """
+    from services.ops import control, moves
+
     settings = settings_for(nats_url)
     check(control.check_provider, settings, provider)
     check(control.check_provider, settings, to_provider)

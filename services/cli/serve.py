@@ -23,9 +23,6 @@ from services.cli.common import (
 )
 from services.config import Settings
 from services.errors import RidethroughError
-from services.jetstream.topology import ensure_topology
-from services.providers.registry import build_providers
-from services.runner import configure_logging, dev_stack, serve_dev, serve_recovery, serve_worker
 
 AliveFile = Annotated[
     Path | None,
@@ -58,6 +55,8 @@ def _with_port(settings: Settings, port: int | None) -> Settings:
 
 def topology(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
     """Create or update every stream, consumer and bucket (idempotent)."""
+    from services.jetstream.topology import ensure_topology
+
     settings = settings_for(nats_url)
     report = with_js(
         settings, lambda js: ensure_topology(js, settings), name="ridethrough-topology"
@@ -96,6 +95,9 @@ def worker(
     http_port: HttpPort = None,
 ) -> None:
     """Run one worker process until SIGTERM (in-flight jobs finish or are released)."""
+    from services.providers.registry import build_providers
+    from services.runner import configure_logging, serve_worker
+
     configure_logging(verbose)
     settings = _with_port(settings_for(nats_url), http_port)
     if concurrency is not None:
@@ -113,6 +115,8 @@ def prober(
     http_port: HttpPort = None,
 ) -> None:
     """Run the health prober alone (probes providers that are not closed; half-opens them)."""
+    from services.runner import configure_logging, serve_recovery
+
     configure_logging(verbose)
     run(serve_recovery(_with_port(settings_for(nats_url), http_port), "prober", alive_file))
 
@@ -124,6 +128,8 @@ def replayer(
     http_port: HttpPort = None,
 ) -> None:
     """Run the replayer alone (parked jobs back to the queue, slow start, priority order)."""
+    from services.runner import configure_logging, serve_recovery
+
     configure_logging(verbose)
     run(serve_recovery(_with_port(settings_for(nats_url), http_port), "replayer", alive_file))
 
@@ -227,6 +233,7 @@ def dev(
 
     NATS: --port or --data-dir starts the embedded server; otherwise --nats-url or
     NATS_URL names a running one; with none of them, the embedded server on 4222."""
+    from services.runner import configure_logging, dev_stack, serve_dev
     from services.tools.stack import dev_nats_url
 
     from_env = _source(ctx, "nats_url") == "ENVIRONMENT"

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from nats.js import JetStreamContext
-from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
 
 from services.cli.common import (
     EXIT_OK,
@@ -21,12 +17,16 @@ from services.cli.common import (
     settings_for,
     with_js,
 )
-from services.ops.control import check_provider
-from services.ops.inspect import outage_timeline
-from services.ops.status import collect_status
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+    from rich.table import Table
 
 
 def _status_table(status: dict[str, Any]) -> Table:
+    from rich.markup import escape
+    from rich.table import Table
+
     t = Table(title="ridethrough status")
     for col in (
         "provider",
@@ -105,6 +105,8 @@ def status(as_json: JsonFlag = False, nats_url: NatsUrl = None) -> None:
     """Per provider, and per model under it: breaker state and since when, failure rate,
     jobs waiting, in flight, parked and dead, replay progress, what its status page says;
     and the workers online."""
+    from services.ops.status import collect_status
+
     settings = settings_for(nats_url)
     snapshot = with_js(settings, lambda js: collect_status(js, settings))
     if as_json:
@@ -118,6 +120,10 @@ def watch(
     nats_url: NatsUrl = None,
 ) -> None:
     """The status as a live dashboard (Ctrl-C to leave)."""
+    from rich.live import Live
+
+    from services.ops.status import collect_status
+
     settings = settings_for(nats_url)
 
     async def go(js: JetStreamContext) -> None:
@@ -144,6 +150,12 @@ def outages(
 ) -> None:
     """The outage timeline, per scope (a provider, or one model): start, end, duration,
     jobs parked and replayed, and what the provider's status page said meanwhile."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from services.ops.control import check_provider
+    from services.ops.inspect import outage_timeline
+
     settings = settings_for(nats_url)
     check(check_provider, settings, provider)
     rows = with_js(settings, lambda js: outage_timeline(js, last, provider=provider, model=model))

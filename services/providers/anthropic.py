@@ -2,8 +2,10 @@
 
 ``AnthropicProvider.call`` sends a provider-native Messages body through the
 official SDK (SDK retries off: the queue owns retries) on the SDK's aiohttp
-transport, and returns the message as the API sent it. A request with
-``"stream": true`` is streamed and the assembled message returned. Every
+transport, and returns the message as the API sent it: through the SDK's raw-response
+path, decoded with msgspec (the SDK's response models cost more than the rest of the
+call, and the worker stores the JSON anyway). A request with ``"stream": true`` is
+streamed with the SDK's stream helper and the assembled message returned. Every
 failure leaves as exactly one ``ProviderError``, chosen by ``TABLE``.
 """
 
@@ -14,11 +16,12 @@ from typing import Any
 
 import anthropic
 import httpx2
+import msgspec
 from anthropic.types import Message
 
 from schemas.results import Usage
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
-from services.providers.base import Reply, sdk_params, split_known
+from services.providers.base import Reply, decode_body, read_fields, sdk_params, split_known
 from services.providers.classify import (
     COMMON,
     ErrorObject,
@@ -129,6 +132,33 @@ def classify(exc: BaseException) -> ProviderError:
     return classify_with(TABLE, exc)
 
 
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class _Head(msgspec.Struct):
+    """What a reply needs of a message body; the rest is stored as sent."""
+
+    model: str
+    usage: _Usage
+
+
+def _reply(body: bytes) -> Reply:
+    """The reply a non-streaming Messages body makes (``MalformedResponse`` or ``ErrorObject``
+    if it is none)."""
+    data = decode_body(body)
+    if data.get("type") != "message":
+        # A 200 whose body is {"type": "error", "error": {...}}: classified by its type,
+        # like a mid-stream error.
+        raise ErrorObject(data.get("error"))
+    head = read_fields(data, _Head)
+    usage = Usage(
+        input_tokens=head.usage.input_tokens or 0, output_tokens=head.usage.output_tokens or 0
+    )
+    return Reply(response=data, usage=usage, model=head.model)
+
+
 class AnthropicProvider:
     """A ``Provider`` over ``anthropic.AsyncAnthropic`` and the Messages API."""
 
@@ -173,34 +203,29 @@ class AnthropicProvider:
             async with asyncio.timeout(self.deadline_s):
                 if request.get("stream"):
                     message = await self._stream(model, request, headers)
-                else:
-                    message = await self._create(model, request, headers)
-            usage = message.usage
-            return Reply(
-                response=message.to_dict(mode="json"),
-                usage=Usage(
-                    input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0
-                ),
-                model=message.model,
-            )
+                    usage = message.usage
+                    return Reply(
+                        response=message.to_dict(mode="json"),
+                        usage=Usage(
+                            input_tokens=usage.input_tokens or 0,
+                            output_tokens=usage.output_tokens or 0,
+                        ),
+                        model=message.model,
+                    )
+                return await self._create(model, request, headers)
         except Exception as exc:
             raise classify(exc) from exc
 
     async def _create(
         self, model: str, request: dict[str, Any], headers: dict[str, str] | None
-    ) -> Message:
+    ) -> Reply:
         kwargs, extra = split_known({**request, "model": model}, self._create_params)
-        message = await self._client.messages.create(
+        # The raw path: the SDK builds and sends the request and raises its own errors for
+        # an error status, but builds no Message of the answer.
+        raw = await self._client.messages.with_raw_response.create(
             **kwargs, extra_headers=headers, extra_body=extra or None
         )
-        if not isinstance(message, Message):
-            # The SDK hands back the raw text when the body is not JSON.
-            raise MalformedResponse(f"expected a message, got {type(message).__name__}")
-        if message.type != "message":
-            # A 200 whose body is {"type": "error", "error": {...}}: the SDK builds a Message
-            # of it without complaint. Classified by its type, like a mid-stream error.
-            raise ErrorObject((message.model_extra or {}).get("error"))
-        return message
+        return _reply(await raw.read())
 
     async def _stream(
         self, model: str, request: dict[str, Any], headers: dict[str, str] | None

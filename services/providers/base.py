@@ -3,16 +3,25 @@
 An adapter wraps one official SDK client (SDK retries off: the queue owns
 retries) and translates every SDK exception into one ``ProviderError`` of
 ``services.errors`` through its module's classification table.
+
+A non-streaming reply is stored as the provider sent it, so adapters take the SDK's
+raw-response path (its request building, auth, transport and error types, but not its
+response models) and read the few fields they need with ``decode_body``.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
 from schemas.results import Usage
+from services.providers.classify import MalformedResponse
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+_JSON = msgspec.json.Decoder()
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,3 +66,24 @@ def split_known(
     kwargs = {k: v for k, v in body.items() if k in known}
     extra = {k: v for k, v in body.items() if k not in known}
     return kwargs, extra
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """The JSON object ``body`` holds (``MalformedResponse``, a transient
+    ``bad_response``, if it is not JSON, or not an object)."""
+    try:
+        data = _JSON.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedResponse(f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedResponse(f"the body is JSON but not an object: {type(data).__name__}")
+    return data
+
+
+def read_fields(data: dict[str, Any], shape: type[S]) -> S:
+    """The fields of ``shape`` in ``data`` (others ignored; ``MalformedResponse`` on a wrong
+    type or a missing field)."""
+    try:
+        return msgspec.convert(data, shape)
+    except msgspec.ValidationError as exc:
+        raise MalformedResponse(f"the body is not of the expected shape: {exc}") from None

@@ -4,6 +4,8 @@
 the official SDK (SDK retries off: the queue owns retries) on the SDK's aiohttp
 transport. It works against any OpenAI-compatible server (vLLM, Ollama, ...):
 point ``base_url`` at it; local servers accept any non-empty ``api_key``.
+A completion comes back as the server sent it, through the SDK's raw-response path
+and decoded with msgspec (no SDK response models: see the Anthropic adapter).
 A request with ``"stream": true`` is streamed (with usage requested) and
 assembled into a ``chat.completion``-shaped body. Every failure leaves as
 exactly one ``ProviderError``, chosen by ``TABLE``.
@@ -17,13 +19,14 @@ from typing import Any
 
 import aiohttp
 import httpx2
+import msgspec
 import openai
 from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletionChunk
 
 from schemas.results import Usage
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
-from services.providers.base import Reply, sdk_params, split_known
+from services.providers.base import Reply, decode_body, read_fields, sdk_params, split_known
 from services.providers.classify import (
     COMMON,
     ErrorObject,
@@ -151,10 +154,34 @@ class _ToolCall:
         }
 
 
-def _usage(usage: CompletionUsage | None) -> Usage:
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Head(msgspec.Struct):
+    """What a reply needs of a completion body; the rest is stored as sent."""
+
+    model: str
+    usage: _Usage | None = None
+
+
+def _usage(usage: CompletionUsage | _Usage | None) -> Usage:
     if usage is None:
         return Usage()
     return Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
+
+
+def _reply(body: bytes) -> Reply:
+    """The reply a non-streaming completion body makes (``MalformedResponse`` or
+    ``ErrorObject`` if it is none)."""
+    data = decode_body(body)
+    if "error" in data or not data.get("choices"):
+        # A 200 whose body is {"error": {...}}: classified by its type, like an error
+        # object inside a stream.
+        raise ErrorObject(data.get("error"))
+    head = read_fields(data, _Head)
+    return Reply(response=data, usage=_usage(head.usage), model=head.model)
 
 
 @dataclass
@@ -287,22 +314,12 @@ class OpenAIProvider:
         self, model: str, request: dict[str, Any], headers: dict[str, str] | None
     ) -> Reply:
         kwargs, extra = split_known({**request, "model": model}, self._params)
-        completion = await self._client.chat.completions.create(
+        # The raw path: the SDK builds and sends the request and raises its own errors for
+        # an error status, but builds no ChatCompletion of the answer.
+        raw = await self._client.chat.completions.with_raw_response.create(
             **kwargs, extra_headers=headers, extra_body=extra or None
         )
-        if not isinstance(completion, ChatCompletion):
-            # The SDK hands back the raw text when the body is not JSON.
-            raise MalformedResponse(f"expected a chat completion, got {type(completion).__name__}")
-        extra = completion.model_extra or {}
-        if "error" in extra or not completion.choices:
-            # A 200 whose body is {"error": {...}}: the SDK builds a completion of it without
-            # complaint. Classified by its type, like an error object inside a stream.
-            raise ErrorObject(extra.get("error"))
-        return Reply(
-            response=completion.to_dict(mode="json"),
-            usage=_usage(completion.usage),
-            model=completion.model,
-        )
+        return _reply(raw.content)
 
     async def _stream(
         self, model: str, request: dict[str, Any], headers: dict[str, str] | None

@@ -1,12 +1,21 @@
 """The command line is a package whose imports go one way: ``app`` → the command
-modules → ``common``. Nothing imports ``app`` back except the package's ``main``."""
+modules → ``common``. Nothing imports ``app`` back except the package's ``main``.
+
+And a command starts with what it needs only: ``status`` loads neither the provider SDKs
+nor faststream, and runs from an app of that one command (same help, same errors)."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import typer
 
 from tests.support import ROOT
 
@@ -111,3 +120,70 @@ def test_each_module_imports_first_in_a_clean_interpreter() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# What only some commands need: the workers' and the providers' libraries.
+HEAVY = ("anthropic", "openai", "faststream", "hypothesis", "services.runner", "services.worker")
+
+
+def _loaded_after(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
+    """The top modules (and ours) in ``sys.modules`` after ``main(argv)`` ran in a fresh
+    interpreter, whatever its exit code."""
+    script = (
+        "import json, sys\n"
+        "from services.cli import main\n"
+        "main(json.loads(sys.argv[1]))\n"
+        "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    modules: list[str] = json.loads(proc.stderr.strip().splitlines()[-1])
+    return set(modules)
+
+
+def _heavy(modules: set[str]) -> set[str]:
+    return {m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)}
+
+
+def test_status_imports_neither_the_sdks_nor_faststream() -> None:
+    """`ridethrough status` (here against no server, so it fails fast on connecting) loads
+    no provider SDK, no faststream, no worker: a command imports what it needs."""
+    env = {**os.environ, "NATS_URL": "nats://127.0.0.1:1"}
+    loaded = _loaded_after(["status", "--json"], env)
+    assert "services.ops.status" in loaded  # it did get as far as the command
+    assert _heavy(loaded) == set()
+
+
+def test_status_help_imports_neither_the_sdks_nor_faststream() -> None:
+    """Building the whole app (every command registered) loads none of them either."""
+    loaded = _loaded_after(["status", "--help"])
+    assert "services.cli.app" in loaded
+    assert _heavy(loaded) == set()
+
+
+def test_each_command_alone_reads_as_in_the_whole_app(capsys: pytest.CaptureFixture[str]) -> None:
+    """main runs a plain command from an app of that command alone: its help is the same
+    as the whole app's, and the whole app still runs groups and unknown names."""
+    from services.cli.app import _app_for, app
+
+    def help_of(runner: typer.Typer, name: str) -> str:
+        with contextlib.suppress(SystemExit):
+            runner(args=[name, "--help"], standalone_mode=False, prog_name="ridethrough")
+        return capsys.readouterr().out
+
+    names = [c.name for c in app.registered_commands if c.name]
+    assert "status" in names
+    for name in names:
+        alone = _app_for([name, "--json"])
+        assert alone is not app
+        assert help_of(alone, name) == help_of(app, name), name
+    assert _app_for(["dead", "list"]) is app
+    assert _app_for(["statu"]) is app
+    assert _app_for([]) is app
