@@ -283,6 +283,52 @@ class HttpSettings(BaseModel):
     max_reasons: int = Field(50, ge=1, description="distinct reason labels; the rest: other")
 
 
+#: The Anthropic Messages API's request size limit (32 MB).
+MESSAGES_MAX_BYTES = 32 * 1024 * 1024
+
+
+class GatewaySettings(BaseModel):
+    """The HTTP gateway (``ridethrough gateway``): where it listens, which provider its
+    Anthropic door submits to, how long a request waits, and whose keys open it.
+
+    Keys are never stored in clear: ``keys`` maps the SHA-256 hex digest of a gateway key
+    to its tenant; ``keys_file`` holds more, one ``<sha256-hex> <tenant>`` a line.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    anthropic_provider: str = Field(
+        "anthropic", description="the configured provider (of kind anthropic) /v1/messages uses"
+    )
+    wait_s: float = Field(
+        60.0, ge=0, description="how long a request waits for its result by default"
+    )
+    max_wait_s: float = Field(
+        600.0, ge=0, description="the longest wait a client may ask for (x-ridethrough-wait-s)"
+    )
+    retry_after_s: float = Field(
+        5.0, gt=0, description="retry-after of the 529 a request gets when its wait runs out"
+    )
+    max_body_bytes: int = Field(MESSAGES_MAX_BYTES, gt=0, description="largest request body")
+    keys: dict[str, str] = Field(
+        default_factory=dict, description="SHA-256 hex digest of a gateway key -> its tenant"
+    )
+    keys_file: Path | None = Field(
+        None, description="file of '<sha256-hex> <tenant>' lines (# comments), read at start"
+    )
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> GatewaySettings:
+        for digest, tenant in self.keys.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("gateway keys must be SHA-256 hex digests (64 lowercase hex)")
+            if not is_token(tenant):
+                raise ValueError(f"tenant {tenant!r} must be a subject token (A-Z a-z 0-9 _ -)")
+        return self
+
+
 def _default_providers() -> dict[str, ProviderSettings]:
     return {
         "anthropic": ProviderSettings(kind="anthropic"),
@@ -305,6 +351,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
     anthropic_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("RIDETHROUGH_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")

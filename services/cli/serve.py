@@ -1,4 +1,4 @@
-"""``ridethrough topology``, ``worker``, ``prober``, ``replayer``, ``fake-provider``,
+"""``ridethrough topology``, ``worker``, ``prober``, ``replayer``, ``gateway``, ``fake-provider``,
 ``dev`` and ``demo``: setting up and running the services."""
 
 from __future__ import annotations
@@ -132,6 +132,23 @@ def replayer(
 
     configure_logging(verbose)
     run(serve_recovery(_with_port(settings_for(nats_url), http_port), "replayer", alive_file))
+
+
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Port (0 picks a free one).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+) -> None:
+    """Serve the HTTP gateway: the Anthropic Messages API (POST /v1/messages), each call
+    a durable job that rides through outages. Keys: RIDETHROUGH_GATEWAY__KEYS or
+    RIDETHROUGH_GATEWAY__KEYS_FILE (SHA-256 digests -> tenants)."""
+    from services.gateway import serve_gateway
+
+    configure_logging(verbose)
+    run(serve_gateway(settings_for(nats_url), host, port))
 
 
 def fake_provider(

@@ -1,0 +1,82 @@
+"""A drop-in HTTP gateway: the official SDKs, pointed at it by ``base_url``, ride through
+provider outages (``ridethrough gateway``).
+
+This release serves the Anthropic Messages API, non-streaming: ``POST /v1/messages``.
+``stream: true`` is refused with a 400 for now, and ``/v1/chat/completions`` is not served
+yet (both are later slices).
+
+The contract
+------------
+
+Keys. A gateway key (``x-api-key``, or ``Authorization: Bearer``: what the SDK sends for
+``api_key=`` / ``auth_token=``) names a tenant; keys are configured as SHA-256 digests
+(``gateway.keys``, ``gateway.keys_file``). The request becomes a job of that tenant, read
+back from that tenant's results only. A missing or unknown key is a 401
+``authentication_error``. Provider keys stay in the workers.
+
+One request, one job. The body (less ``model`` and ``stream``) becomes the job's
+``request``; it is stored (JetStream PubAck) on the gateway's ``gateway.anthropic_provider``
+before the gateway waits for the result, which it answers byte for byte as the provider's
+JSON. Every answer carries ``x-ridethrough-job-id``.
+
+Waiting. A request waits up to ``x-ridethrough-wait-s`` seconds (default
+``gateway.wait_s``, at most ``gateway.max_wait_s``), and never past one second before
+the SDK's own read timeout (``x-stainless-read-timeout``). When the wait runs out (the
+provider is down and the job parked), the answer is a 529 ``overloaded_error`` with
+``retry-after`` and ``x-ridethrough-job-id``: the job is kept and will be answered once.
+
+Retries. What the official Python SDK (anthropic 2.14) sends on its own retries:
+``x-stainless-retry-count: <n>`` and the same headers as the first attempt (anything in
+``extra_headers`` / ``default_headers`` included). It makes an idempotency key per
+request (``stainless-python-retry-<uuid>``) but the Anthropic client sends it under no
+header (its ``_idempotency_header`` is ``None``): nothing the SDK adds by itself ties a
+retry to the first attempt. So:
+
+- Send ``Idempotency-Key: <key>`` (per call: ``extra_headers={"Idempotency-Key": key}``).
+  The key fixes the job id (``job_id_for_key``; the msg id is scoped by tenant), so every
+  retry with it, the SDK's own included, picks up the same job: JetStream drops the
+  second publish (``Nats-Msg-Id``), a stored result is answered without publishing at
+  all (beyond the dedup window too), and the provider is called once. The 529 then says
+  ``x-should-retry: true``, and the SDK retries after ``retry-after``.
+- Or send back ``x-ridethrough-job-id: <id>`` from a 529: the same job.
+- Without either, the 529 says ``x-should-retry: false``: an SDK retry would carry
+  nothing naming the job and would be a second job (a second provider call). The caller
+  reads the job id from the error's response headers and retries with it, or polls
+  ``GET /v1/jobs/{id}``.
+
+A key names one request: the same key with another body answers the first body's job.
+
+Errors are Anthropic's shape, ``{"type":"error","error":{"type":...,"message":...}}``: a
+body that is not JSON or lacks ``model``/``max_tokens``/``messages`` is a 400
+``invalid_request_error`` (never a 500); a body over ``gateway.max_body_bytes`` (32 MB,
+the Messages API's limit) or a job over NATS's max_payload is a 413; a job that ended in
+a dead letter answers its reason's status (``anthropic_wire.FAILURES``: the provider's
+400 is a 400 ``invalid_request_error``) with ``x-should-retry: false``; NATS unreachable
+is a 503 with ``retry-after`` (nothing was stored).
+
+``Prefer: respond-async`` answers 202 with the job id and ``Location: /v1/jobs/{id}``;
+``GET /v1/jobs/{id}`` answers ``{"state": "done", "status": ..., "result": ...}`` or
+``{"state": "pending"}`` (for the caller's tenant only: another tenant's job reads as
+pending, like one that does not exist).
+"""
+
+from services.gateway.app import (
+    IDEMPOTENCY_HEADER,
+    JOB_ID_HEADER,
+    WAIT_HEADER,
+    Gateway,
+    running_gateway,
+    serve_gateway,
+)
+from services.gateway.keys import KeyRing, key_digest
+
+__all__ = [
+    "IDEMPOTENCY_HEADER",
+    "JOB_ID_HEADER",
+    "WAIT_HEADER",
+    "Gateway",
+    "KeyRing",
+    "key_digest",
+    "running_gateway",
+    "serve_gateway",
+]

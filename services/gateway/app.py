@@ -1,0 +1,337 @@
+"""The gateway's HTTP app: ``POST /v1/messages`` and ``GET /v1/jobs/{id}`` over one NATS
+connection, and the loop that serves it (``ridethrough gateway``).
+
+Each request is authenticated to a tenant (``keys.KeyRing``), becomes that tenant's job
+through a ``Producer`` for that tenant (its subject, its msg-id scope, its results), and
+waits for its result; the contract is in ``services/gateway/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client
+
+from schemas.jobs import new_job_id
+from schemas.results import JobResult
+from schemas.subjects import is_token
+from services.config import Settings
+from services.errors import (
+    ConfigError,
+    InvalidJob,
+    JobRejected,
+    NatsUnavailable,
+    PayloadTooLarge,
+    ResultTimeout,
+    UnknownProvider,
+)
+from services.gateway.anthropic_wire import BadRequest, error_body, failure, parse_messages_request
+from services.gateway.keys import KeyRing
+from services.producer import Producer, job_id_for_key, make_job
+
+log = logging.getLogger("ridethrough.gateway")
+
+#: The job a request became (on every answer of /v1/messages); sent back, it picks that
+#: job up again.
+JOB_ID_HEADER = "x-ridethrough-job-id"
+#: The caller's idempotency key: the same key (per tenant) is the same job.
+IDEMPOTENCY_HEADER = "idempotency-key"
+#: Seconds the caller lets a request wait for its result (capped by ``max_wait_s``).
+WAIT_HEADER = "x-ridethrough-wait-s"
+#: The Stainless SDKs' own read timeout: the gateway answers before the client gives up.
+SDK_READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
+#: Seconds kept between the gateway's answer and the client's read timeout.
+_TIMEOUT_MARGIN_S = 1.0
+
+_JSON = "application/json"
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    error_type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(status, message, error_type),
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+def _api_key(request: web.Request) -> str | None:
+    """The key the official SDKs send: ``x-api-key`` (``api_key=``) or a bearer token
+    (``auth_token=``)."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _seconds(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"{name}: a number of seconds is required, not {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{name}: a number of seconds >= 0 is required, not {text!r}")
+    return value
+
+
+@web.middleware
+async def _anthropic_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every answer in Anthropic's error shape: aiohttp's own (404, 405, 413) and any bug
+    (a 500 ``api_error``, logged with its traceback, never the traceback in the body)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("gateway: internal error on %s %s", request.method, request.path)
+        return _error(500, "internal error in the ridethrough gateway")
+
+
+class Gateway:
+    """The gateway's handlers over one NATS connection."""
+
+    def __init__(self, nc: Client, settings: Settings, keys: KeyRing | None = None) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.config = settings.gateway
+        self.keys = keys if keys is not None else KeyRing.from_settings(settings.gateway)
+        provider = settings.providers.get(self.config.anthropic_provider)
+        if provider is None or provider.kind != "anthropic":
+            raise ConfigError(
+                f"gateway.anthropic_provider {self.config.anthropic_provider!r} must name a "
+                "configured provider of kind anthropic"
+            )
+        self._producers: dict[str, Producer] = {}
+
+    def producer(self, tenant: str) -> Producer:
+        """The producer of ``tenant``: its jobs go to its subjects, its results are read
+        from its scope, and it can claim no other tenant's job."""
+        found = self._producers.get(tenant)
+        if found is None:
+            found = self._producers[tenant] = Producer(self.nc, tenant=tenant)
+        return found
+
+    def app(self) -> web.Application:
+        """The aiohttp application (bodies limited to ``max_body_bytes``)."""
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes, middlewares=[_anthropic_errors]
+        )
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_get("/v1/jobs/{job_id}", self.job)
+        return app
+
+    def _tenant(self, request: web.Request) -> str | web.Response:
+        tenant = self.keys.tenant(_api_key(request))
+        if tenant is None:
+            return _error(401, "invalid x-api-key: not a key of this ridethrough gateway")
+        return tenant
+
+    def _wait_s(self, request: web.Request) -> float:
+        """How long this request may wait: the caller's header or the setting, capped, and
+        ended before the SDK's own read timeout."""
+        asked = request.headers.get(WAIT_HEADER)
+        wait = _seconds(asked, WAIT_HEADER) if asked is not None else self.config.wait_s
+        wait = min(wait, self.config.max_wait_s)
+        sdk = request.headers.get(SDK_READ_TIMEOUT_HEADER)
+        if sdk is not None:
+            with contextlib.suppress(BadRequest):
+                wait = min(wait, max(_seconds(sdk, SDK_READ_TIMEOUT_HEADER) - _TIMEOUT_MARGIN_S, 0))
+        return wait
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/messages``: the body becomes a job; answer its result, or a 529 naming
+        the job when the wait runs out."""
+        tenant = self._tenant(request)
+        if isinstance(tenant, web.Response):
+            return tenant
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"request body larger than {self.config.max_body_bytes} bytes")
+        key = request.headers.get(IDEMPOTENCY_HEADER) or request.headers.get(JOB_ID_HEADER)
+        try:
+            parsed = parse_messages_request(body)
+            wait = self._wait_s(request)
+            job_id = job_id_for_key(key) if key else new_job_id()
+            job = make_job(
+                self.config.anthropic_provider,
+                parsed.model,
+                request=parsed.request,
+                id=job_id,
+                tenant=tenant,
+                metadata={"via": "gateway"},
+            )
+        except (BadRequest, InvalidJob) as exc:
+            return _error(400, str(exc))
+        producer = self.producer(tenant)
+        try:
+            if key and (done := await producer.peek_result(job_id)) is not None:
+                return self._answer(done)  # a retry after the dedup window: still one job
+            await producer.submit(job)
+        except PayloadTooLarge as exc:
+            return _error(413, str(exc))
+        except InvalidJob as exc:
+            return _error(400, str(exc))
+        except UnknownProvider as exc:
+            log.error("gateway: %s", exc)
+            return _error(500, "the gateway's provider is not set up in NATS (see its logs)")
+        except (NatsUnavailable, JobRejected) as exc:
+            log.warning("gateway: job %s not stored: %s", job_id, exc)
+            return _error(
+                503,
+                f"ridethrough could not store the request: {exc}",
+                headers={"retry-after": _retry_after(self.config.retry_after_s)},
+            )
+        if _prefers_async(request):
+            return self._accepted(job_id)
+        try:
+            result = await producer.result(job_id, timeout=wait)
+        except ResultTimeout:
+            return self._still_waiting(job_id, idempotent=bool(key))
+        except NatsUnavailable as exc:
+            log.warning("gateway: waiting for job %s: %s", job_id, exc)
+            return self._still_waiting(job_id, idempotent=bool(key))
+        return self._answer(result)
+
+    def _answer(self, result: JobResult) -> web.Response:
+        headers = {JOB_ID_HEADER: result.job_id, "request-id": result.job_id}
+        if result.status == "succeeded" and result.response is not None:
+            return web.Response(
+                body=msgspec.json.encode(result.response), content_type=_JSON, headers=headers
+            )
+        status, body = failure(result)
+        # The job has ended: the same request would get the same answer.
+        headers["x-should-retry"] = "false"
+        return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+    def _still_waiting(self, job_id: str, *, idempotent: bool) -> web.Response:
+        """The 529 of a request whose wait ran out: the job stays queued (or parked) and
+        will be answered once; the caller picks it up by sending the same key again."""
+        how = (
+            "retry with the same Idempotency-Key"
+            if idempotent
+            else f"retry with header {JOB_ID_HEADER}: {job_id} (or send an Idempotency-Key)"
+        )
+        return _error(
+            529,
+            f"the provider is unavailable; job {job_id} is stored and will be answered: {how}",
+            headers={
+                JOB_ID_HEADER: job_id,
+                "retry-after": _retry_after(self.config.retry_after_s),
+                # Without a key, an SDK's own retry would carry nothing naming the job and
+                # become a second job: only a request that names it may be retried blindly.
+                "x-should-retry": "true" if idempotent else "false",
+            },
+        )
+
+    def _accepted(self, job_id: str) -> web.Response:
+        location = f"/v1/jobs/{job_id}"
+        body = msgspec.json.encode({"type": "job", "id": job_id, "state": "pending"})
+        return web.Response(
+            status=202,
+            body=body,
+            content_type=_JSON,
+            headers={JOB_ID_HEADER: job_id, "location": location},
+        )
+
+    async def job(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/jobs/{id}``: the caller's job, ``done`` with its result, or ``pending``
+        (one not done yet, or none: another tenant's job is indistinguishable from none)."""
+        tenant = self._tenant(request)
+        if isinstance(tenant, web.Response):
+            return tenant
+        job_id = request.match_info["job_id"]
+        if not is_token(job_id):
+            return _error(404, f"no job {job_id!r}")
+        try:
+            result = await self.producer(tenant).peek_result(job_id)
+        except NatsUnavailable as exc:
+            return _error(503, str(exc), headers={"retry-after": "1"})
+        state: dict[str, Any] = {"type": "job", "id": job_id, "state": "pending"}
+        if result is not None:
+            state.update(state="done", status=result.status)
+            if result.status == "succeeded":
+                state["result"] = result.response
+            else:
+                state["error"] = msgspec.json.decode(failure(result)[1])["error"]
+        return web.Response(
+            body=msgspec.json.encode(state), content_type=_JSON, headers={JOB_ID_HEADER: job_id}
+        )
+
+
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def _prefers_async(request: web.Request) -> bool:
+    prefer = request.headers.get("prefer", "")
+    return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    settings: Settings, host: str | None = None, port: int | None = None
+) -> AsyncIterator[str]:
+    """The gateway serving in this event loop; yields its base URL (port 0: a free one)."""
+    from services.jetstream.connection import connect
+
+    gateway_keys = KeyRing.from_settings(settings.gateway)
+    nc = await connect(settings, name="ridethrough-gateway")
+    runner: web.AppRunner | None = None
+    try:
+        gateway = Gateway(nc, settings, gateway_keys)
+        runner = web.AppRunner(gateway.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(
+            runner,
+            host if host is not None else settings.gateway.host,
+            port if port is not None else settings.gateway.port,
+        )
+        await site.start()
+        bound = runner.addresses[0]  # (host, port) of the listening socket
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if not nc.is_closed:
+            await nc.drain()
+
+
+async def serve_gateway(
+    settings: Settings, host: str | None = None, port: int | None = None
+) -> None:
+    """``ridethrough gateway``: serve until SIGINT or SIGTERM."""
+    from services.runner import signalled
+
+    stop = signalled()
+    async with running_gateway(settings, host, port) as url:
+        keys = len(KeyRing.from_settings(settings.gateway))
+        if not keys:
+            log.warning(
+                "gateway: no keys configured (gateway.keys / gateway.keys_file): "
+                "every request will get a 401"
+            )
+        log.info("gateway listening on %s (%d keys)", url, keys)
+        print(f"gateway listening on {url}", flush=True)
+        await stop.wait()
