@@ -146,6 +146,7 @@ def gateway(
     a durable job that rides through outages. Keys: RIDETHROUGH_GATEWAY__KEYS or
     RIDETHROUGH_GATEWAY__KEYS_FILE (SHA-256 digests -> tenants)."""
     from services.gateway import serve_gateway
+    from services.runner import configure_logging
 
     configure_logging(verbose)
     run(serve_gateway(settings_for(nats_url), host, port))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from schemas import subjects as s
 from services.config import Settings
 from services.producer import Producer, make_job
 from tests.conftest import make_settings
@@ -97,6 +98,13 @@ async def test_two_workers_share_one_consumer_without_double_results(
         for i in range(2)
     ]
     try:
+
+        async def both_fetching() -> bool:  # each keeps a pull waiting once it is up
+            consumer = s.worker_consumer("anthropic", "normal")
+            return (await js.consumer_info(s.JOBS_STREAM, consumer)).num_waiting >= 2
+
+        # Submitted before both were up, the jobs could all go to the first (seen under load).
+        await wait_until(both_fetching, timeout=60)
         ids = await _submit(settings, 500)
         async with await Producer.connect(settings) as producer:
             results = await producer.results(ids, timeout=120)
