@@ -72,8 +72,6 @@ class Prober(LeasedPerProvider):
         super().__init__(js, settings, providers, owner=owner)
         self.providers = providers
         self.probes: dict[str, int] = dict.fromkeys(providers, 0)
-        #: Probes per scope (``scope_label``: ``provider`` or ``provider/model``).
-        self.probes_by_scope: dict[str, int] = {}
         self.status_pages: dict[str, StatusPageWatch] = {}
 
     async def start(self) -> Self:
@@ -140,7 +138,6 @@ class Prober(LeasedPerProvider):
         probe_model = model or probe_model
         self.probes[name] += 1
         key = scope_label(name, model)
-        self.probes_by_scope[key] = self.probes_by_scope.get(key, 0) + 1
         started = time.monotonic()
         failure: ProviderError | None = None
         try:
