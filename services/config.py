@@ -302,6 +302,11 @@ class GatewaySettings(BaseModel):
     anthropic_provider: str = Field(
         "anthropic", description="the configured provider (of kind anthropic) /v1/messages uses"
     )
+    openai_provider: str | None = Field(
+        "openai",
+        description="the configured provider (of kind openai) /v1/chat/completions uses; "
+        "null: that door is not served",
+    )
     wait_s: float = Field(
         60.0, ge=0, description="how long a request waits for its result by default"
     )

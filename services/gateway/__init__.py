@@ -1,9 +1,12 @@
 """A drop-in HTTP gateway: the official SDKs, pointed at it by ``base_url``, ride through
 provider outages (``ridethrough gateway``).
 
-This release serves the Anthropic Messages API, non-streaming: ``POST /v1/messages``.
-``stream: true`` is refused with a 400 for now, and ``/v1/chat/completions`` is not served
-yet (both are later slices).
+Two doors: the Anthropic Messages API (``POST /v1/messages``, on
+``gateway.anthropic_provider``) and the OpenAI Chat Completions API
+(``POST /v1/chat/completions``, on ``gateway.openai_provider``; null: not served). They
+share this contract; each answers in its own API's shapes (``anthropic_wire``,
+``openai_wire``). ``stream: true`` is answered, once the job's result is in, as the API's
+server-sent events cut from the finished answer (``sse``): one delta per content block.
 
 The contract
 ------------
@@ -22,7 +25,8 @@ JSON. Every answer carries ``x-ridethrough-job-id``.
 Waiting. A request waits up to ``x-ridethrough-wait-s`` seconds (default
 ``gateway.wait_s``, at most ``gateway.max_wait_s``), and never past one second before
 the SDK's own read timeout (``x-stainless-read-timeout``). When the wait runs out (the
-provider is down and the job parked), the answer is a 529 ``overloaded_error`` with
+provider is down and the job parked), the answer is a 529 ``overloaded_error`` (OpenAI's
+door: a 503 ``server_error``, code ``overloaded``) with
 ``retry-after`` and ``x-ridethrough-job-id``: the job is kept and will be answered once.
 
 Retries. What the official Python SDK (anthropic 2.14) sends on its own retries:

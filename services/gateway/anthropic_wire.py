@@ -54,15 +54,18 @@ class BadRequest(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class MessagesRequest:
-    """A checked ``POST /v1/messages`` body: its model, and the rest of it (the job's
-    ``request``: the body without ``model`` and ``stream``)."""
+class ParsedRequest:
+    """A checked request body: its model, the rest of it (the job's ``request``: the body
+    without ``model`` and what only concerns the call, like ``stream``), and how the
+    answer is sent (``stream``; OpenAI's ``stream_options.include_usage``)."""
 
     model: str
     request: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
 
 
-def parse_messages_request(body: bytes) -> MessagesRequest:
+def parse_messages_request(body: bytes) -> ParsedRequest:
     """Check the parts of a Messages body the gateway relies on; ``BadRequest`` says what is
     wrong. The provider checks the rest (a job it refuses ends as a 400 all the same)."""
     try:
@@ -83,13 +86,8 @@ def parse_messages_request(body: bytes) -> MessagesRequest:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream: must be a boolean")
-    if stream:
-        raise BadRequest(
-            "stream: true is not served by this ridethrough gateway yet (streaming is a later "
-            "release); send the request without stream"
-        )
     request = {k: v for k, v in data.items() if k not in ("model", "stream")}
-    return MessagesRequest(model=model, request=request)
+    return ParsedRequest(model=model, request=request, stream=stream)
 
 
 def error_body(status: int, message: str, error_type: str | None = None) -> bytes:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -32,7 +33,14 @@ from services.errors import (
     ResultTimeout,
     UnknownProvider,
 )
-from services.gateway.anthropic_wire import BadRequest, error_body, failure, parse_messages_request
+from services.gateway import openai_wire, sse
+from services.gateway.anthropic_wire import (
+    BadRequest,
+    ParsedRequest,
+    error_body,
+    failure,
+    parse_messages_request,
+)
 from services.gateway.keys import KeyRing
 from services.producer import Producer, job_id_for_key, make_job
 
@@ -53,6 +61,58 @@ _TIMEOUT_MARGIN_S = 1.0
 _JSON = "application/json"
 
 
+@dataclass(frozen=True, slots=True)
+class Door:
+    """One provider API the gateway speaks: its requests, its error shape, how a failed
+    job answers, the status of a request whose wait ran out, and its stream format."""
+
+    path: str
+    parse: Callable[[bytes], ParsedRequest]
+    error_body: Callable[[int, str, str | None], bytes]
+    failure: Callable[[JobResult], tuple[int, bytes]]
+    waiting_status: int
+    stream: Callable[[dict[str, Any], ParsedRequest], bytes]
+
+    def error(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        return web.Response(
+            status=status,
+            body=self.error_body(status, message, error_type),
+            content_type=_JSON,
+            headers=headers,
+        )
+
+
+ANTHROPIC = Door(
+    path="/v1/messages",
+    parse=parse_messages_request,
+    error_body=error_body,
+    failure=failure,
+    waiting_status=529,  # overloaded_error: the SDK retries it after retry-after
+    stream=lambda message, _parsed: sse.anthropic_stream(message),
+)
+OPENAI = Door(
+    path="/v1/chat/completions",
+    parse=openai_wire.parse_chat_request,
+    error_body=openai_wire.door_error_body,
+    failure=openai_wire.failure,
+    waiting_status=503,  # OpenAI has no 529; the SDK retries a 503 after retry-after
+    stream=lambda completion, parsed: sse.openai_stream(
+        completion, include_usage=parsed.include_usage
+    ),
+)
+
+
+def _door_of(request: web.Request) -> Door:
+    return OPENAI if request.path.startswith(OPENAI.path) else ANTHROPIC
+
+
 def _error(
     status: int,
     message: str,
@@ -60,12 +120,7 @@ def _error(
     error_type: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    return web.Response(
-        status=status,
-        body=error_body(status, message, error_type),
-        content_type=_JSON,
-        headers=headers,
-    )
+    return ANTHROPIC.error(status, message, error_type=error_type, headers=headers)
 
 
 def _api_key(request: web.Request) -> str | None:
@@ -93,19 +148,21 @@ def _seconds(text: str, name: str) -> float:
 async def _anthropic_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every answer in Anthropic's error shape: aiohttp's own (404, 405, 413) and any bug
-    (a 500 ``api_error``, logged with its traceback, never the traceback in the body)."""
+    """Every answer in its door's error shape (OpenAI's under /v1/chat/completions, else
+    Anthropic's): aiohttp's own (404, 405, 413) and any bug (a 500, logged with its
+    traceback, never the traceback in the body)."""
+    door = _door_of(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason)
+        return door.error(exc.status, exc.reason)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("gateway: internal error on %s %s", request.method, request.path)
-        return _error(500, "internal error in the ridethrough gateway")
+        return door.error(500, "internal error in the ridethrough gateway")
 
 
 class Gateway:
@@ -117,11 +174,19 @@ class Gateway:
         self.config = settings.gateway
         self.keys = keys if keys is not None else KeyRing.from_settings(settings.gateway)
         provider = settings.providers.get(self.config.anthropic_provider)
-        if provider is None or provider.kind != "anthropic":
+        if provider is None or not provider.kind.startswith("anthropic"):
             raise ConfigError(
                 f"gateway.anthropic_provider {self.config.anthropic_provider!r} must name a "
                 "configured provider of kind anthropic"
             )
+        self.openai_provider = self.config.openai_provider
+        if self.openai_provider is not None:
+            found = settings.providers.get(self.openai_provider)
+            if found is None or found.kind != "openai":
+                raise ConfigError(
+                    f"gateway.openai_provider {self.openai_provider!r} must name a configured "
+                    "provider of kind openai (or be null: no /v1/chat/completions)"
+                )
         self._producers: dict[str, Producer] = {}
 
     def producer(self, tenant: str) -> Producer:
@@ -137,14 +202,16 @@ class Gateway:
         app = web.Application(
             client_max_size=self.config.max_body_bytes, middlewares=[_anthropic_errors]
         )
-        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post(ANTHROPIC.path, self.messages)
+        if self.openai_provider is not None:
+            app.router.add_post(OPENAI.path, self.chat_completions)
         app.router.add_get("/v1/jobs/{job_id}", self.job)
         return app
 
-    def _tenant(self, request: web.Request) -> str | web.Response:
+    def _tenant(self, request: web.Request, door: Door = ANTHROPIC) -> str | web.Response:
         tenant = self.keys.tenant(_api_key(request))
         if tenant is None:
-            return _error(401, "invalid x-api-key: not a key of this ridethrough gateway")
+            return door.error(401, "invalid API key: not a key of this ridethrough gateway")
         return tenant
 
     def _wait_s(self, request: web.Request) -> float:
@@ -160,22 +227,31 @@ class Gateway:
         return wait
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        """``POST /v1/messages``: the body becomes a job; answer its result, or a 529 naming
-        the job when the wait runs out."""
-        tenant = self._tenant(request)
+        """``POST /v1/messages``: the body becomes a job on the Anthropic provider."""
+        return await self._serve(request, ANTHROPIC, self.config.anthropic_provider)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``: the body becomes a job on the OpenAI provider."""
+        assert self.openai_provider is not None  # the route exists only then
+        return await self._serve(request, OPENAI, self.openai_provider)
+
+    async def _serve(self, request: web.Request, door: Door, provider: str) -> web.StreamResponse:
+        """A request becomes a job; answer its result (streamed when asked), or the door's
+        overloaded error naming the job when the wait runs out."""
+        tenant = self._tenant(request, door)
         if isinstance(tenant, web.Response):
             return tenant
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"request body larger than {self.config.max_body_bytes} bytes")
+            return door.error(413, f"request body larger than {self.config.max_body_bytes} bytes")
         key = request.headers.get(IDEMPOTENCY_HEADER) or request.headers.get(JOB_ID_HEADER)
         try:
-            parsed = parse_messages_request(body)
+            parsed = door.parse(body)
             wait = self._wait_s(request)
             job_id = job_id_for_key(key) if key else new_job_id()
             job = make_job(
-                self.config.anthropic_provider,
+                provider,
                 parsed.model,
                 request=parsed.request,
                 id=job_id,
@@ -183,22 +259,23 @@ class Gateway:
                 metadata={"via": "gateway"},
             )
         except (BadRequest, InvalidJob) as exc:
-            return _error(400, str(exc))
+            return door.error(400, str(exc))
         producer = self.producer(tenant)
         try:
             if key and (done := await producer.peek_result(job_id)) is not None:
-                return self._answer(done)  # a retry after the dedup window: still one job
+                # A retry after the dedup window: still one job.
+                return await self._answer(request, door, parsed, done)
             await producer.submit(job)
         except PayloadTooLarge as exc:
-            return _error(413, str(exc))
+            return door.error(413, str(exc))
         except InvalidJob as exc:
-            return _error(400, str(exc))
+            return door.error(400, str(exc))
         except UnknownProvider as exc:
             log.error("gateway: %s", exc)
-            return _error(500, "the gateway's provider is not set up in NATS (see its logs)")
+            return door.error(500, "the gateway's provider is not set up in NATS (see its logs)")
         except (NatsUnavailable, JobRejected) as exc:
             log.warning("gateway: job %s not stored: %s", job_id, exc)
-            return _error(
+            return door.error(
                 503,
                 f"ridethrough could not store the request: {exc}",
                 headers={"retry-after": _retry_after(self.config.retry_after_s)},
@@ -208,34 +285,46 @@ class Gateway:
         try:
             result = await producer.result(job_id, timeout=wait)
         except ResultTimeout:
-            return self._still_waiting(job_id, idempotent=bool(key))
+            return self._still_waiting(door, job_id, idempotent=bool(key))
         except NatsUnavailable as exc:
             log.warning("gateway: waiting for job %s: %s", job_id, exc)
-            return self._still_waiting(job_id, idempotent=bool(key))
-        return self._answer(result)
+            return self._still_waiting(door, job_id, idempotent=bool(key))
+        return await self._answer(request, door, parsed, result)
 
-    def _answer(self, result: JobResult) -> web.Response:
+    async def _answer(
+        self, request: web.Request, door: Door, parsed: ParsedRequest, result: JobResult
+    ) -> web.StreamResponse:
         headers = {JOB_ID_HEADER: result.job_id, "request-id": result.job_id}
         if result.status == "succeeded" and result.response is not None:
-            return web.Response(
-                body=msgspec.json.encode(result.response), content_type=_JSON, headers=headers
-            )
-        status, body = failure(result)
+            if not (parsed.stream and isinstance(result.response, dict)):
+                return web.Response(
+                    body=msgspec.json.encode(result.response), content_type=_JSON, headers=headers
+                )
+            # The whole answer is in: sent as the provider's events, in one write.
+            headers.update({"content-type": "text/event-stream", "cache-control": "no-cache"})
+            stream = web.StreamResponse(headers=headers)
+            await stream.prepare(request)
+            await stream.write(door.stream(result.response, parsed))
+            await stream.write_eof()
+            return stream
+        status, body = door.failure(result)
         # The job has ended: the same request would get the same answer.
         headers["x-should-retry"] = "false"
         return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
-    def _still_waiting(self, job_id: str, *, idempotent: bool) -> web.Response:
-        """The 529 of a request whose wait ran out: the job stays queued (or parked) and
-        will be answered once; the caller picks it up by sending the same key again."""
+    def _still_waiting(self, door: Door, job_id: str, *, idempotent: bool) -> web.Response:
+        """The overloaded answer of a request whose wait ran out (Anthropic's 529, OpenAI's
+        503): the job stays queued (or parked) and will be answered once; the caller picks
+        it up by sending the same key again."""
         how = (
             "retry with the same Idempotency-Key"
             if idempotent
             else f"retry with header {JOB_ID_HEADER}: {job_id} (or send an Idempotency-Key)"
         )
-        return _error(
-            529,
+        return door.error(
+            door.waiting_status,
             f"the provider is unavailable; job {job_id} is stored and will be answered: {how}",
+            error_type="overloaded_error",
             headers={
                 JOB_ID_HEADER: job_id,
                 "retry-after": _retry_after(self.config.retry_after_s),

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import openai
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
@@ -239,12 +240,129 @@ async def test_respond_async_answers_202_and_the_job_is_read_at_its_location(
         await wait_until(done, timeout=60)
 
 
-async def test_stream_true_is_refused_for_now_in_anthropics_shape(gateway: str) -> None:
-    """stream: true is a 400 invalid_request_error that says streaming is not served yet."""
-    async with _client(gateway) as client:
-        with pytest.raises(anthropic.BadRequestError) as refused:
-            await client.messages.create(**_ask("stream me"), stream=True)
-    assert "stream" in refused.value.body["error"]["message"]  # type: ignore[index]
+async def test_a_streamed_request_gets_the_jobs_message_as_sse_events(
+    gw_settings: Settings, gateway: str, js: Any
+) -> None:
+    """stream: true through the SDK's stream helper: text events arrive, and the final
+    message it assembles is the job's stored result; one job, one provider call."""
+    async with running_worker(gw_settings), _client(gateway) as client:
+        async with client.messages.stream(
+            **_ask("stream me"), extra_headers={"Idempotency-Key": "streamed-1"}
+        ) as stream:
+            texts = [text async for text in stream.text_stream]
+            final = await stream.get_final_message()
+        again = await client.messages.create(
+            **_ask("stream me"), extra_headers={"Idempotency-Key": "streamed-1"}
+        )
+    assert "".join(texts) == final.content[0].text  # type: ignore[union-attr]
+    async with await Producer.connect(gw_settings.with_changes(tenant="acme")) as producer:
+        stored = await producer.peek_result("streamed-1")
+    assert stored is not None
+    expected = dict(stored.response or {})
+    got = final.to_dict(mode="json", exclude_none=True)
+    assert got == {k: v for k, v in expected.items() if v is not None}
+    assert again.to_dict(mode="json") == anthropic.types.Message.model_validate(
+        stored.response
+    ).to_dict(mode="json")
+    counts = await count_outcomes(js)
+    assert (counts["results"], counts["result_writes"], counts["dead"]) == (1, 1, 0)
+
+
+# ----------------------------------------------------------------- the OpenAI door
+
+
+def _openai(url: str, key: str = ACME_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
+    kwargs.setdefault("max_retries", 0)
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, **kwargs)
+
+
+def _chat(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-gw", "messages": [{"role": "user", "content": text}], **extra}
+
+
+async def test_the_openai_sdk_gets_completions_plain_and_streamed(
+    gw_settings: Settings, gateway: str, js: Any
+) -> None:
+    """chat.completions.create through the gateway answers the fake's completion (the
+    job's stored result); streamed with include_usage, the SDK's stream helper assembles
+    the same content and usage; two jobs, two results."""
+    async with running_worker(gw_settings), _openai(gateway) as client:
+        raw = await client.chat.completions.with_raw_response.create(**_chat("plain"))
+        completion = raw.parse()
+        job_id = raw.headers[JOB_ID_HEADER]
+        async with client.chat.completions.stream(
+            **_chat("streamed"), stream_options={"include_usage": True}
+        ) as stream:
+            streamed = await stream.get_final_completion()
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content
+    async with await Producer.connect(gw_settings.with_changes(tenant="acme")) as producer:
+        stored = await producer.peek_result(job_id)
+    assert stored is not None and stored.provider == "openai"
+    assert stored.response == completion.to_dict(mode="json", exclude_unset=True)
+    assert streamed.choices[0].message.content
+    assert streamed.usage is not None and streamed.usage.total_tokens > 0
+    counts = await count_outcomes(js)
+    assert (counts["results"], counts["result_writes"], counts["dead"]) == (2, 2, 0)
+
+
+async def test_the_openai_door_answers_503_in_an_outage_and_the_key_finds_the_job(
+    gw_settings: Settings, gateway: str, js: Any, fake_provider: Any
+) -> None:
+    """While the provider is down, a keyed call gets OpenAI's 503 (server_error, retryable,
+    naming the job); after recovery the same key answers that one job: one provider call."""
+    fake_provider.start_outage(503)
+    keyed = {"x-ridethrough-wait-s": "1", "Idempotency-Key": "chat-9"}
+    async with (
+        running_worker(gw_settings),
+        running_recovery(gw_settings),
+        _openai(gateway) as client,
+    ):
+        with pytest.raises(openai.InternalServerError) as down:
+            await client.chat.completions.create(**_chat("wait for me"), extra_headers=keyed)
+        assert down.value.status_code == 503
+        error = down.value.body
+        assert isinstance(error, dict)
+        assert (error["type"], error["code"]) == ("server_error", "overloaded")
+        assert down.value.response.headers[JOB_ID_HEADER] == "chat-9"
+        assert down.value.response.headers["x-should-retry"] == "true"
+
+        async def parked() -> bool:
+            return bool((await stream_state(js, s.PARKED_STREAM)).messages == 1)
+
+        await wait_until(parked, timeout=60)
+        before = fake_provider.counters()["normal"]
+        fake_provider.stop_outage()
+        answer = await client.chat.completions.create(
+            **_chat("wait for me"),
+            extra_headers={"x-ridethrough-wait-s": "60", "Idempotency-Key": "chat-9"},
+        )
+    assert answer.choices[0].message.content
+    assert fake_provider.counters()["normal"] - before == 1
+    counts = await count_outcomes(js)
+    assert (counts["succeeded"], counts["result_writes"], counts["dead"]) == (1, 1, 0)
+    assert counts["waiting"] == 0
+
+
+async def test_the_openai_door_speaks_openais_errors(gateway: str) -> None:
+    """A wrong key is a 401 with OpenAI's error object; a bad body a 400
+    invalid_request_error; an unknown path under the door too is OpenAI-shaped."""
+    async with _openai(gateway, key="nope") as client:
+        with pytest.raises(openai.AuthenticationError) as denied:
+            await client.chat.completions.create(**_chat("hi"))
+    assert denied.value.code == "invalid_api_key"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gateway}/v1/chat/completions",
+            data=b"{not json",
+            headers={"authorization": f"Bearer {ACME_KEY}"},
+        ) as resp,
+    ):
+        assert resp.status == 400
+        body = await resp.json()
+        assert body["error"]["type"] == "invalid_request_error"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
 async def test_a_body_over_the_limit_is_a_413_request_too_large(
@@ -314,9 +432,9 @@ _bodies = (
 )
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+def _post(url: str, body: bytes, path: str = "/v1/messages") -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
-        f"{url}/v1/messages",
+        f"{url}{path}",
         data=body,
         method="POST",
         headers={
@@ -347,3 +465,30 @@ def test_no_body_gets_a_500_and_every_error_has_anthropics_shape(
     expected = "invalid_request_error" if status == 400 else "overloaded_error"
     assert answer["error"]["type"] == expected
     assert isinstance(answer["error"]["message"], str)
+
+
+_chat_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": _json | st.text(min_size=1, max_size=20),
+        "messages": _json | st.just([{"role": "user", "content": "hi"}]),
+        "stream": _json,
+        "stream_options": _json,
+    },
+)
+
+
+@hyp_settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=st.binary(max_size=100) | _chat_like.map(lambda v: json.dumps(v).encode()))
+def test_no_chat_body_gets_a_500_and_every_error_has_openais_shape(
+    threaded_gateway: str, body: bytes
+) -> None:
+    """Any body on /v1/chat/completions gets a 400 invalid_request_error or is accepted (a
+    503 server_error with wait 0), in OpenAI's error object: never a 500."""
+    status, answer = _post(threaded_gateway, body, "/v1/chat/completions")
+    assert status in (400, 503), (status, answer)
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    expected = "invalid_request_error" if status == 400 else "server_error"
+    assert answer["error"]["type"] == expected
