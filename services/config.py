@@ -323,9 +323,17 @@ class GatewaySettings(BaseModel):
     keys_file: Path | None = Field(
         None, description="file of '<sha256-hex> <tenant>' lines (# comments), read at start"
     )
+    operator_keys: list[str] = Field(
+        default_factory=list,
+        description="SHA-256 hex digests of the keys that open /status (none: it stays shut)",
+    )
+    status_refresh_s: float = Field(5.0, gt=0, description="how often /status reloads itself")
 
     @model_validator(mode="after")
     def _check_keys(self) -> GatewaySettings:
+        for digest in self.operator_keys:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("operator keys must be SHA-256 hex digests (64 lowercase hex)")
         for digest, tenant in self.keys.items():
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError("gateway keys must be SHA-256 hex digests (64 lowercase hex)")

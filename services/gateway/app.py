@@ -34,6 +34,7 @@ from services.errors import (
     UnknownProvider,
 )
 from services.gateway import openai_wire, sse
+from services.gateway import status as status_page
 from services.gateway.anthropic_wire import (
     BadRequest,
     ParsedRequest,
@@ -188,6 +189,7 @@ class Gateway:
                     "provider of kind openai (or be null: no /v1/chat/completions)"
                 )
         self._producers: dict[str, Producer] = {}
+        self._operator_keys = frozenset(self.config.operator_keys)
 
     def producer(self, tenant: str) -> Producer:
         """The producer of ``tenant``: its jobs go to its subjects, its results are read
@@ -206,7 +208,42 @@ class Gateway:
         if self.openai_provider is not None:
             app.router.add_post(OPENAI.path, self.chat_completions)
         app.router.add_get("/v1/jobs/{job_id}", self.job)
+        app.router.add_get("/status", self.status_page)
+        app.router.add_get("/status.json", self.status_json)
         return app
+
+    def _operator(self, request: web.Request) -> web.Response | None:
+        """``None`` for an operator; else the 401 that makes a browser ask for the key."""
+        if status_page.is_operator(self._operator_keys, status_page.presented_key(request.headers)):
+            return None
+        return web.Response(
+            status=401,
+            text="an operator key is required (gateway.operator_keys): send it as the "
+            "password of Basic auth, or as a bearer token\n",
+            headers={"www-authenticate": 'Basic realm="ridethrough status", charset="UTF-8"'},
+        )
+
+    async def _snapshot(self) -> dict[str, Any]:
+        return await status_page.snapshot(self.nc.jetstream(), self.settings)
+
+    async def status_page(self, request: web.Request) -> web.StreamResponse:
+        """``GET /status``: the status page (HTML, reloads itself)."""
+        if (denied := self._operator(request)) is not None:
+            return denied
+        html = status_page.render(await self._snapshot(), self.config.status_refresh_s)
+        return web.Response(
+            text=html, content_type="text/html", headers={"cache-control": "no-store"}
+        )
+
+    async def status_json(self, request: web.Request) -> web.StreamResponse:
+        """``GET /status.json``: what the page shows, as JSON."""
+        if (denied := self._operator(request)) is not None:
+            return denied
+        return web.Response(
+            body=msgspec.json.encode(await self._snapshot()),
+            content_type=_JSON,
+            headers={"cache-control": "no-store"},
+        )
 
     def _tenant(self, request: web.Request, door: Door = ANTHROPIC) -> str | web.Response:
         tenant = self.keys.tenant(_api_key(request))
