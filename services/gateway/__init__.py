@@ -24,9 +24,9 @@ JSON. Every answer carries ``x-ridethrough-job-id``.
 
 Waiting. A request waits up to ``x-ridethrough-wait-s`` seconds (default
 ``gateway.wait_s``, at most ``gateway.max_wait_s``), and never past one second before
-the SDK's own read timeout (``x-stainless-read-timeout``). When the wait runs out (the
-provider is down and the job parked), the answer is a 529 ``overloaded_error`` (OpenAI's
-door: a 503 ``server_error``, code ``overloaded``) with
+the SDK's own timeout (``x-stainless-read-timeout``, ``x-stainless-timeout``). When the
+wait runs out (the provider is down and the job parked), the answer is a 529
+``overloaded_error`` (OpenAI's door: a 503 ``server_error``, code ``overloaded``) with
 ``retry-after`` and ``x-ridethrough-job-id``: the job is kept and will be answered once.
 
 Retries. What the official Python SDK (anthropic 2.14) sends on its own retries:

@@ -54,8 +54,9 @@ JOB_ID_HEADER = "x-ridethrough-job-id"
 IDEMPOTENCY_HEADER = "idempotency-key"
 #: Seconds the caller lets a request wait for its result (capped by ``max_wait_s``).
 WAIT_HEADER = "x-ridethrough-wait-s"
-#: The Stainless SDKs' own read timeout: the gateway answers before the client gives up.
-SDK_READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
+#: The Stainless SDKs' own timeouts (Python's read timeout, TypeScript's whole-request
+#: timeout): the gateway answers before the client gives up.
+SDK_TIMEOUT_HEADERS = ("x-stainless-read-timeout", "x-stainless-timeout")
 #: Seconds kept between the gateway's answer and the client's read timeout.
 _TIMEOUT_MARGIN_S = 1.0
 
@@ -257,10 +258,11 @@ class Gateway:
         asked = request.headers.get(WAIT_HEADER)
         wait = _seconds(asked, WAIT_HEADER) if asked is not None else self.config.wait_s
         wait = min(wait, self.config.max_wait_s)
-        sdk = request.headers.get(SDK_READ_TIMEOUT_HEADER)
-        if sdk is not None:
-            with contextlib.suppress(BadRequest):
-                wait = min(wait, max(_seconds(sdk, SDK_READ_TIMEOUT_HEADER) - _TIMEOUT_MARGIN_S, 0))
+        for header in SDK_TIMEOUT_HEADERS:
+            sdk = request.headers.get(header)
+            if sdk is not None:
+                with contextlib.suppress(BadRequest):
+                    wait = min(wait, max(_seconds(sdk, header) - _TIMEOUT_MARGIN_S, 0))
         return wait
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
