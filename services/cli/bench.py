@@ -20,6 +20,7 @@ class ScenarioName(StrEnum):
     provider = "provider"
     replay = "replay"
     latency = "latency"
+    gateway = "gateway"
 
 
 class ChildKind(StrEnum):
@@ -50,6 +51,9 @@ def bench(
     latency_s: Annotated[
         float, typer.Option(min=0.1, help="Seconds of paced load in the latency scenario.")
     ] = 6.0,
+    gateway_requests: Annotated[
+        int, typer.Option(min=10, help="Requests per run of each path of the gateway scenario.")
+    ] = 3_000,
     repeat: Annotated[int, typer.Option(min=1, help="Runs per figure (the median is kept).")] = 5,
     plot: Annotated[
         Path | None, typer.Option(help="Also draw the ratios into this PNG (needs matplotlib).")
@@ -80,6 +84,7 @@ def bench(
         in_flight=in_flight,
         latency_ms=latency_ms,
         latency_s=latency_s,
+        gateway_requests=gateway_requests,
         repeat=repeat,
         data_dir=data_dir,
     )

@@ -13,6 +13,11 @@
               parked jobs, uncapped
     latency   submit → result p50 and p99 with one worker process, at half of the
               worker's measured maximum throughput (no baseline)
+    gateway   requests/s through one gateway     vs  the Python producer's submit and
+              process (POST /v1/messages, N          wait for the result, as many in
+              in flight, one worker process with     flight, the same worker; then both
+              the instant provider)                  paced at half the gateway's rate:
+                                                     the latency it adds (p50, p99)
 
 Every scenario gets its own embedded nats-server (file storage in a temp dir)
 and the topology of one provider, ``anthropic``. Throughput is counted on the
@@ -85,7 +90,7 @@ BENCH_PRIORITY: Final = "normal"
 JOB_BYTES: Final = 1024
 FAKE_KEY: Final = "bench-key-not-secret"
 
-SCENARIOS: Final = ("publish", "worker", "provider", "replay", "latency")
+SCENARIOS: Final = ("publish", "worker", "provider", "replay", "latency", "gateway")
 #: The ratio each scenario should reach (latency has no baseline).
 TARGETS: Final[dict[str, float | None]] = {
     "publish": 0.8,
@@ -93,7 +98,14 @@ TARGETS: Final[dict[str, float | None]] = {
     "provider": 0.7,
     "replay": 0.5,
     "latency": None,
+    "gateway": 0.5,
 }
+#: The gateway's added p50 at half load should stay under this (ms).
+GATEWAY_ADDED_P50_MS: Final = 5.0
+#: Requests in flight in the gateway scenario (each path).
+GATEWAY_IN_FLIGHT: Final = 64
+GATEWAY_KEY: Final = "bench-gateway-key-not-secret"
+GATEWAY_TENANT: Final = "bench"
 RSS_TARGET_MB: Final = 300.0
 
 #: The raw loop's pull size: the issue's reference loop (fetch(500) + ack).
@@ -192,6 +204,7 @@ class BenchOptions:
     in_flight: int = 1_000
     latency_ms: float = 1_000.0
     latency_s: float = 6.0
+    gateway_requests: int = 3_000
     repeat: int = 5
     data_dir: Path | None = None
 
@@ -709,6 +722,137 @@ async def _paced(st: Stage, jobs: list[Job], rate: float, child: Child) -> list[
     return [arrived[jid] - t for jid, t in sent.items()]
 
 
+async def _closed_loop(call: Callable[[int], Any], n: int, in_flight: int) -> float:
+    """``n`` calls, ``in_flight`` at a time; calls per second over the whole run."""
+    counter = iter(range(n))
+
+    async def lane() -> None:
+        for i in counter:
+            await call(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(in_flight)))
+    return n / (time.perf_counter() - started)
+
+
+async def _open_loop(call: Callable[[int], Any], n: int, rate: float) -> list[float]:
+    """``n`` calls started at ``rate`` per second; each one's latency in seconds."""
+    latencies: list[float] = []
+
+    async def timed(i: int) -> None:
+        t0 = time.perf_counter()
+        await call(i)
+        latencies.append(time.perf_counter() - t0)
+
+    tasks: list[asyncio.Task[None]] = []
+    started = time.perf_counter()
+    for i in range(n):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(timed(i)))
+    await asyncio.gather(*tasks)
+    return sorted(latencies)
+
+
+async def _wait_listening(url: str, child: Child) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            child.check()
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{url}/v1/jobs/x") as resp:
+                    if resp.status in (200, 401):
+                        return
+            await asyncio.sleep(0.05)
+    raise BenchError(f"the gateway did not listen within {_READY_TIMEOUT_S:.0f}s")
+
+
+async def bench_gateway(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """One gateway process against the Python producer's submit-and-wait, same worker."""
+    import aiohttp
+
+    from services.config import GatewaySettings
+    from services.gateway.keys import key_digest
+    from services.tools.devstack import free_port
+
+    n = opts.gateway_requests
+    request = {"max_tokens": 16, "messages": [{"role": "user", "content": "bench " + "x" * 900}]}
+    body = msgspec.json.encode({"model": MODEL, **request})
+    ours: list[float] = []
+    theirs: list[float] = []
+    async with stage(base, opts, "gateway") as st:
+        port = free_port()
+        gw_settings = st.settings.with_changes(
+            gateway=GatewaySettings(
+                host="127.0.0.1",
+                port=port,
+                anthropic_provider=PROVIDER,
+                openai_provider=None,
+                keys={key_digest(GATEWAY_KEY): GATEWAY_TENANT},
+            )
+        )
+        url = f"http://127.0.0.1:{port}/v1/messages"
+        headers = {"x-api-key": GATEWAY_KEY, "content-type": "application/json"}
+        producer = Producer(st.nc, tenant=GATEWAY_TENANT)
+
+        async def through_gateway(_: int) -> None:
+            async with http.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise BenchError(f"the gateway answered {resp.status}")
+
+        async def through_producer(_: int) -> None:
+            job = make_job(PROVIDER, MODEL, request=request, tenant=GATEWAY_TENANT)
+            await producer.submit(job)
+            result = await producer.result(job.id, timeout=60)
+            if result.status != "succeeded":
+                raise BenchError(f"a producer job ended {result.status}")
+
+        connector = aiohttp.TCPConnector(limit=GATEWAY_IN_FLIGHT)
+        with (
+            st.running(st.settings, "bench-child", "worker") as worker,
+            st.running(gw_settings, "gateway") as gateway,
+        ):
+            await _wait_pulling(st.js, worker)
+            await _wait_listening(f"http://127.0.0.1:{port}", gateway)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                warm = min(n, 200)
+                await _closed_loop(through_gateway, warm, GATEWAY_IN_FLIGHT)
+                await _closed_loop(through_producer, warm, GATEWAY_IN_FLIGHT)
+                for i in range(opts.repeat):
+                    _progress(report, f"gateway: run {i + 1}/{opts.repeat}")
+                    ours.append(await _closed_loop(through_gateway, n, GATEWAY_IN_FLIGHT))
+                    theirs.append(await _closed_loop(through_producer, n, GATEWAY_IN_FLIGHT))
+                    await _purge(st.js, JOBS_STREAM, RESULTS_STREAM)
+                rate = statistics.median(ours) / 2
+                count = max(20, min(n, int(rate * opts.latency_s)))
+                _progress(report, f"gateway: latency, {count} requests at {rate:.0f}/s each way")
+                gw_lat = await _open_loop(through_gateway, count, rate)
+                prod_lat = await _open_loop(through_producer, count, rate)
+    gw_p50, gw_p99 = _quantile(gw_lat, 0.5) * 1000, _quantile(gw_lat, 0.99) * 1000
+    pr_p50, pr_p99 = _quantile(prod_lat, 0.5) * 1000, _quantile(prod_lat, 0.99) * 1000
+    return Figure(
+        statistics.median(ours),
+        statistics.median(theirs),
+        "requests/s",
+        TARGETS["gateway"],
+        extra={
+            "half_load_rate": rate,
+            "p50_ms": gw_p50,
+            "p99_ms": gw_p99,
+            "producer_p50_ms": pr_p50,
+            "producer_p99_ms": pr_p99,
+            "added_p50_ms": gw_p50 - pr_p50,
+            "added_p99_ms": gw_p99 - pr_p99,
+        },
+    )
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -728,6 +872,8 @@ async def run_bench(
             figures[name] = await bench_provider(base, opts, report)
         elif name == "replay":
             figures[name] = await bench_replay(base, opts, report)
+        elif name == "gateway":
+            figures[name] = await bench_gateway(base, opts, report)
         else:
             worker = figures.get("worker")
             figures[name] = await bench_latency(base, opts, worker.ours if worker else None, report)
@@ -849,6 +995,11 @@ def table(figures: dict[str, Figure], info: dict[str, str] | None = None) -> Any
             note = f"peak RSS {f.extra['peak_rss_mb']:.0f} MB (≤ {RSS_TARGET_MB:.0f})"
         elif name == "latency":
             note = f"p99 {f.extra['p99_ms']:.1f} ms at {f.extra['rate']:.0f} jobs/s"
+        elif name == "gateway":
+            note = (
+                f"adds p50 {f.extra['added_p50_ms']:.1f} ms (≤ {GATEWAY_ADDED_P50_MS:.0f}), "
+                f"p99 {f.extra['added_p99_ms']:.1f} ms at {f.extra['half_load_rate']:.0f}/s"
+            )
         met = f.met
         mark = "" if met is None else ("[green]ok[/]" if met else "[red]below[/]")
         t.add_row(

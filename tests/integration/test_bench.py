@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 TINY = (
     "--jobs", "200", "--provider-jobs", "60", "--in-flight", "20", "--latency-ms", "20",
-    "--latency-s", "0.5", "--repeat", "1",
+    "--latency-s", "0.5", "--repeat", "1", "--gateway-requests", "100",
 )  # fmt: skip
 
 
@@ -30,8 +30,9 @@ def _env() -> dict[str, str]:
 
 
 def test_bench_json_reports_every_scenario() -> None:
-    """`bench --json` at tiny sizes prints one object with all five scenarios, each with
-    positive numbers, a null baseline and ratio only for latency, and the worker's RSS."""
+    """`bench --json` at tiny sizes prints one object with every scenario, each with
+    positive numbers, a null baseline and ratio only for latency, the worker's RSS, and
+    the gateway's latencies (p99 over p50, the added latency their difference)."""
     proc = subprocess.run(
         [sys.executable, "-m", "services", "bench", "--json", *TINY],
         capture_output=True,
@@ -52,6 +53,11 @@ def test_bench_json_reports_every_scenario() -> None:
             assert figure["baseline"] > 0 and figure["ratio"] > 0, name
             assert figure["ratio"] == pytest.approx(figure["ours"] / figure["baseline"], rel=1e-2)
     assert report["provider"]["peak_rss_mb"] > 0
+    gateway = report["gateway"]
+    assert gateway["p99_ms"] >= gateway["p50_ms"] > 0
+    assert gateway["added_p50_ms"] == pytest.approx(
+        gateway["p50_ms"] - gateway["producer_p50_ms"], abs=0.01
+    )
 
 
 def test_bench_replay_repeats_on_fresh_parked_jobs() -> None:
