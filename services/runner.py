@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,11 @@ async def _stop(service: Prober | Replayer, nc: Any) -> None:
 _dev_log = logging.getLogger("ridethrough.dev")
 
 
+@contextlib.asynccontextmanager
+async def _no_gateway() -> AsyncIterator[str | None]:
+    yield None
+
+
 @contextlib.contextmanager
 def dev_stack(
     settings: Settings, *, nats_url: str | None, port: int, data_dir: Path | None
@@ -158,11 +163,42 @@ def dev_stack(
         yield stack.settings
 
 
-async def serve_dev(settings: Settings) -> None:
-    """A worker, the prober and the replayer in this event loop until signalled."""
+#: The gateway key ``ridethrough dev`` opens its gateway with when none is configured
+#: (tenant ``dev``; it opens the status page too). For a laptop, never for production.
+DEV_GATEWAY_KEY = "ridethrough-dev-key"
+
+
+def dev_gateway_settings(settings: Settings, port: int) -> Settings:
+    """The gateway of ``ridethrough dev``: on ``port`` (0: any free one) of 127.0.0.1, with
+    the dev key when no gateway key is configured."""
+    from services.gateway.keys import key_digest
+
+    gw = settings.gateway
+    update: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+    if not gw.keys and gw.keys_file is None:
+        update["keys"] = {key_digest(DEV_GATEWAY_KEY): "dev"}
+        if not gw.operator_keys:
+            update["operator_keys"] = [key_digest(DEV_GATEWAY_KEY)]
+    if gw.openai_provider is not None and gw.openai_provider not in settings.providers:
+        update["openai_provider"] = None
+    return settings.with_changes(gateway=gw.model_copy(update=update))
+
+
+async def serve_dev(settings: Settings, gateway_port: int | None = 8080) -> None:
+    """A worker, the prober, the replayer and the gateway (unless ``gateway_port`` is
+    None) in this event loop until signalled."""
+    from services.tools.devstack import port_in_use
     from services.tools.stack import running_recovery, running_worker
 
     stop = signalled()
+    gateway: contextlib.AbstractAsyncContextManager[str | None] = _no_gateway()
+    if gateway_port is not None:
+        from services.gateway import running_gateway
+
+        if gateway_port and port_in_use(gateway_port):
+            _dev_log.warning("port %d is taken: the gateway takes a free one", gateway_port)
+            gateway_port = 0
+        gateway = running_gateway(dev_gateway_settings(settings, gateway_port))
     if settings.http.port is not None:
         from services import metrics
 
@@ -171,8 +207,17 @@ async def serve_dev(settings: Settings) -> None:
         running_worker(settings) as (_, worker),
         running_recovery(settings) as (_, replayer),
         http_port(settings.http, worker.readiness, [fleet_view(replayer.js, replayer)]),
+        gateway as gateway_url,
     ):
         where = settings.nats_servers[0]
+        if gateway_url is not None:
+            keyed = not settings.gateway.keys and settings.gateway.keys_file is None
+            _dev_log.info(
+                "gateway at %s (POST /v1/messages, /v1/chat/completions; status page %s/status)%s",
+                gateway_url,
+                gateway_url,
+                f": API key {DEV_GATEWAY_KEY!r}" if keyed else "",
+            )
         _dev_log.info(
             "ready: try `ridethrough submit --provider anthropic --model claude-x "
             "--prompt hi --wait --nats-url %s`",

@@ -245,9 +245,18 @@ def dev(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     nats_url: NatsUrl = None,
     http_port: HttpPort = None,
+    gateway_port: Annotated[
+        int,
+        typer.Option(
+            min=-1,
+            max=65535,
+            help="Port of the HTTP gateway on 127.0.0.1 (0: a free one; -1: none).",
+        ),
+    ] = 8080,
 ) -> None:
     """Run everything locally: embedded NATS, topology, a worker, the prober, the replayer,
-    and the fake provider for providers without an API key. Ctrl-C stops it all.
+    the HTTP gateway, and the fake provider for providers without an API key. Ctrl-C stops
+    it all.
 
     NATS: --port or --data-dir starts the embedded server; otherwise --nats-url or
     NATS_URL names a running one; with none of them, the embedded server on 4222."""
@@ -270,7 +279,7 @@ def dev(
         )
     try:
         with dev_stack(settings, nats_url=url, port=port, data_dir=data_dir) as stack_settings:
-            run(serve_dev(stack_settings))
+            run(serve_dev(stack_settings, None if gateway_port < 0 else gateway_port))
     except RidethroughError as exc:
         fail(str(exc))
 

@@ -85,3 +85,58 @@ def test_dev_nats_url_with_port_or_data_dir_is_a_usage_error(
     assert err.startswith("ridethrough: ") and err.count("\n") == 1, err
     assert "--nats-url" in err and "Traceback" not in err
     assert not (tmp_path / "store").exists()
+
+
+async def test_dev_serves_the_gateway_the_readmes_example_gets_an_answer() -> None:
+    """`dev` starts the gateway with the dev key: the official Anthropic and OpenAI SDKs,
+    only base_url and the key changed, get the fake provider's answers; the status page
+    opens with the same key."""
+    import re
+
+    import anthropic
+    import openai
+
+    from services.runner import DEV_GATEWAY_KEY
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services", "dev", "--port", str(port), "--gateway-port", "0",
+        env=_env(f"nats://127.0.0.1:{port}"), cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        await asyncio.wait_for(_read_until(proc.stderr, "gateway at", lines), 60)
+        found = re.search(r"gateway at (http://\S+)", lines[-1])
+        assert found, "".join(lines)
+        url = found.group(1)
+        assert DEV_GATEWAY_KEY in lines[-1]
+        drain = asyncio.create_task(_read_until(proc.stderr, "\0", lines))
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=DEV_GATEWAY_KEY) as claude:
+            message = await claude.messages.create(
+                model="claude-sonnet-4-6",
+                max_tokens=32,
+                messages=[{"role": "user", "content": "hello from the README"}],
+            )
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=DEV_GATEWAY_KEY) as gpt:
+            completion = await gpt.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
+            )
+        import aiohttp
+
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{url}/status", headers={"authorization": f"Bearer {DEV_GATEWAY_KEY}"}) as r,
+        ):
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(drain, 30)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, "".join(lines)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert message.content[0].type == "text" and message.content[0].text
+    assert completion.choices[0].message.content
+    assert "Traceback" not in "".join(lines)
