@@ -254,14 +254,36 @@ class BreakerSettings(BaseModel):
 
 
 class ReplaySettings(BaseModel):
-    """How fast parked jobs go back to the queue once a provider recovers (slow start)."""
+    """How fast parked jobs go back to the queue once a provider recovers.
+
+    ``pace = "adaptive"`` (the default): a slow start (``initial_rate``, times
+    ``ramp_factor`` every ``ramp_interval_s``) until the workers push back, then additive
+    increase (``increase`` jobs/s per interval) and multiplicative decrease
+    (``decrease_factor``) on pushback: the jobs waiting for the provider's workers hold
+    more than ``queue_target_s`` seconds of the replay rate (the workers, so the provider,
+    do not keep up: slow answers, 429s and overload all show there). ``max_rate`` is then
+    a safety limit, not the pace. ``pace = "ramp"``: the slow start alone, up to
+    ``max_rate``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    pace: Literal["adaptive", "ramp"] = "adaptive"
     initial_rate: float = Field(5.0, gt=0, description="jobs/s when replay starts")
     ramp_factor: float = Field(2.0, ge=1, description="rate multiplier per ramp interval")
     ramp_interval_s: float = Field(1.0, gt=0)
-    max_rate: float = Field(200.0, ge=0, description="jobs/s cap; 0 = uncapped")
+    max_rate: float = Field(2000.0, ge=0, description="jobs/s cap; 0 = uncapped")
+    increase: float = Field(
+        20.0, gt=0, description="adaptive: jobs/s added per ramp interval after a pushback"
+    )
+    decrease_factor: float = Field(
+        0.5, gt=0, lt=1, description="adaptive: the rate's multiplier on a pushback"
+    )
+    queue_target_s: float = Field(
+        0.5,
+        gt=0,
+        description="adaptive: seconds of the replay rate the workers' queue may hold "
+        "before it counts as a pushback",
+    )
     batch_size: int = Field(100, gt=0)
     lease_s: float = Field(3.0, gt=0, description="leadership lease of a prober or replayer")
     ack_wait_s: float = Field(10.0, gt=0)

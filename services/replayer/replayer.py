@@ -1,10 +1,14 @@
 """Move parked jobs back to ``AI_JOBS`` while their provider is half-open or closed.
 
-Slow start: replay begins at ``initial_rate`` jobs/s and multiplies by
-``ramp_factor`` every ``ramp_interval_s`` for as long as the breaker stays
-half-open or closed (replayed jobs that fail trip it open again, and replay
-stops within ``board_poll_s``), up to ``max_rate``. When the ramp reaches its
-cap, or the backlog is empty, the replayer closes the breaker: the outage ends.
+Pace: replay begins at ``initial_rate`` jobs/s and multiplies by ``ramp_factor``
+every ``ramp_interval_s`` for as long as the breaker stays half-open or closed
+(replayed jobs that fail trip it open again, and replay stops within
+``board_poll_s``), up to ``max_rate``. With ``pace = "adaptive"`` (the default) the
+jobs waiting for the provider's workers push back: over ``queue_target_s`` seconds of
+the pace, nothing more is replayed until they drain, the rate is cut by
+``decrease_factor`` and from then on grows by ``increase`` per interval (``adapt``).
+When the rate reaches its cap, or the backlog is empty, the replayer closes the
+breaker: the outage ends.
 
 Order: high before normal before low (one consumer per priority), oldest first
 within a priority. A job whose deadline passed while parked ends as an
@@ -37,18 +41,20 @@ from schemas.jobs import Job
 from schemas.parking import DeadLetter, decode_parked
 from schemas.results import ErrorInfo, JobResult
 from schemas.subjects import (
+    JOBS_STREAM,
     PARKED_STREAM,
     PRIORITIES,
     parked_filter,
     parked_place,
     replay_tag,
+    worker_consumer,
 )
 from services import metrics
 from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import ReplaySettings, Settings
 from services.jetstream.connection import max_payload
-from services.jetstream.errors import TIMEOUT
+from services.jetstream.errors import NATS_UNAVAILABLE, NOT_FOUND, TIMEOUT, APIError
 from services.jetstream.pull import Puller, ack_position
 from services.jetstream.topology import replayer_consumer_config
 from services.lifecycle.settle import Settler
@@ -59,28 +65,95 @@ log = logging.getLogger("ridethrough.replayer")
 
 
 class ProviderReplay:
-    """Replay state of one breaker scope: its slow-start rate, counts, the outage it
-    recovers from. The provider's also paces its models while both are closed."""
+    """Replay state of one breaker scope: its pace, counts, the outage it recovers from.
+    The provider's also paces its models while both are closed."""
 
     def __init__(self, initial_rate: float, now: float = 0.0, ramp_interval_s: float = 1.0) -> None:
         self.rate = initial_rate
         self.tokens = 0.0
         self.last = now
         self.ramp_at = now + ramp_interval_s
+        self.slow_start = True  # until the first pushback (adaptive pace)
+        self.pushbacks = 0
         self.replayed = 0  # in the current outage
         self.expired = 0
         self.total_replayed = 0
         self.outage_id = ""
 
-    def advance(self, now: float, r: ReplaySettings, poll: float) -> None:
-        """Ramp the rate up (every ``ramp_interval_s``, to ``max_rate``) and add tokens."""
+    def advance(
+        self, now: float, r: ReplaySettings, poll: float, queued: int | None = None
+    ) -> None:
+        """Once per ``ramp_interval_s``, set the rate (``pace``; ``queued``: jobs waiting
+        for the provider's workers, None when unknown); then add tokens."""
         if now >= self.ramp_at:
-            self.rate *= r.ramp_factor
+            if r.pace == "adaptive":
+                self.rate = adapt(self, r, queued)
+            else:
+                self.rate *= r.ramp_factor
             if r.max_rate:
                 self.rate = min(self.rate, r.max_rate)
             self.ramp_at = now + r.ramp_interval_s
-        self.tokens = min(self.tokens + self.rate * (now - self.last), max(self.rate * poll, 1.0))
+        if r.pace == "adaptive" and pushed_back(self.rate, r, queued):
+            # The workers hold enough already: nothing more until their queue drains (the
+            # rate itself changes once per interval).
+            self.tokens = 0.0
+        else:
+            self.tokens = min(
+                self.tokens + self.rate * (now - self.last), max(self.rate * poll, 1.0)
+            )
         self.last = now
+
+
+def pushed_back(rate: float, r: ReplaySettings, queued: int | None) -> bool:
+    """Whether the workers' queue says they do not keep up with ``rate``: more jobs wait
+    for them than ``queue_target_s`` seconds of it (never fewer than one batch)."""
+    return queued is not None and queued > max(rate * r.queue_target_s, r.batch_size)
+
+
+def adapt(prog: ProviderReplay, r: ReplaySettings, queued: int | None) -> float:
+    """The next rate of an adaptive replay: on a pushback, the rate times
+    ``decrease_factor`` (never under ``initial_rate``) and the slow start ends; else
+    doubling (``ramp_factor``) during the slow start, ``increase`` jobs/s after it."""
+    if pushed_back(prog.rate, r, queued):
+        prog.slow_start = False
+        prog.pushbacks += 1
+        return max(r.initial_rate, prog.rate * r.decrease_factor)
+    if prog.slow_start:
+        return prog.rate * r.ramp_factor
+    return prog.rate + r.increase
+
+
+class WorkerQueue:
+    """Jobs waiting for one provider's workers (every priority), sampled in the
+    background: the adaptive pace's pushback signal. ``queued`` is None while unknown (not
+    read yet, or the read failed): no pushback is then assumed, and the slow start's cap
+    and the breaker still bound the pace."""
+
+    def __init__(self, js: JetStreamContext, provider: str) -> None:
+        self.js = js
+        self.provider = provider
+        self.queued: int | None = None
+
+    async def read(self) -> int | None:
+        """Jobs not yet delivered to any worker of the provider, over its priorities."""
+        total = 0
+        for prio in PRIORITIES:
+            try:
+                info = await self.js.consumer_info(
+                    JOBS_STREAM, worker_consumer(self.provider, prio), timeout=1.0
+                )
+            except NOT_FOUND:
+                continue  # no worker of this priority yet: nothing waits for it
+            except _UNREADABLE:
+                return None
+            total += int(info.num_pending or 0)
+        return total
+
+    async def watch(self, every_s: float) -> None:
+        """Keep ``queued`` fresh until cancelled."""
+        while True:
+            self.queued = await self.read()
+            await asyncio.sleep(every_s)
 
 
 #: Parked jobs of one provider: per (priority, model) their count; model None stands for
@@ -160,6 +233,10 @@ class Replayer(LeasedPerProvider):
         backlog: Backlog = {}  # counted on the server
         free: Backlog = {}  # parked jobs not yet delivered to us, per (priority, model)
         counted_at = time.monotonic()  # when to count the backlog on the server again
+        # The adaptive pace's signal: jobs waiting for the provider's workers.
+        queue = WorkerQueue(self.js, name) if r.pace == "adaptive" else None
+        every = max(0.05, min(poll, r.ramp_interval_s / 4))
+        watching = asyncio.create_task(queue.watch(every)) if queue is not None else None
 
         async def settled() -> None:
             nonlocal settling
@@ -203,7 +280,7 @@ class Replayer(LeasedPerProvider):
                 wait = poll
                 for scope, models in pacing.items():
                     prog = self._prog(name, scope, now)
-                    prog.advance(now, r, poll)
+                    prog.advance(now, r, poll, queue.queued if queue is not None else None)
                     if self._half_open(name, scope) and r.max_rate and prog.rate >= r.max_rate:
                         await settled()
                         await self._close(name, scope, f"replay reached {r.max_rate:g} jobs/s")
@@ -223,6 +300,8 @@ class Replayer(LeasedPerProvider):
                 if wait > 0:
                     await asyncio.sleep(min(poll, wait))
         finally:
+            if watching is not None:
+                watching.cancel()
             if settling is not None:
                 # Stopped or interrupted: its unacked jobs stay parked and come back after
                 # ack_wait (the dedup window drops a second copy of any already republished).
@@ -257,12 +336,15 @@ class Replayer(LeasedPerProvider):
             models[model] = {
                 "state": self.board.own_state(name, model),
                 "rate": round(prog.rate, 1) if prog else None,
+                "pushbacks": prog.pushbacks if prog else 0,
                 "replayed": prog.replayed if prog else 0,
                 "backlog": sum(n for (_, m), n in backlog.items() if m == model),
             }
         info: dict[str, Any] = {
             "state": self.board.state(name),
             "rate": round(prov.rate, 1) if prov else self.settings.replay.initial_rate,
+            "pace": self.settings.replay.pace,
+            "pushbacks": sum(p.pushbacks for p in progs.values()),
             "replayed": sum(p.replayed for p in progs.values()),
             "expired": sum(p.expired for p in progs.values()),
             "backlog": sum(backlog.values()) + extra,
@@ -442,3 +524,6 @@ class Replayer(LeasedPerProvider):
 
 
 _HOLDING = ("open", PAUSED)
+#: A read of the workers' queue that failed: NATS away, no answer (a refused request gets
+#: none), or a JetStream API error.
+_UNREADABLE: tuple[type[BaseException], ...] = (*TIMEOUT, *NATS_UNAVAILABLE, APIError)
