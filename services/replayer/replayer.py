@@ -124,7 +124,8 @@ def adapt(prog: ProviderReplay, r: ReplaySettings, queued: int | None) -> float:
 
 
 class WorkerQueue:
-    """Jobs waiting for one provider's workers (every priority), sampled in the
+    """Jobs waiting for one provider's workers (every priority): not yet delivered, or
+    delivered again after a failure (a 429 or an overload brings them back), sampled in the
     background: the adaptive pace's pushback signal. ``queued`` is None while unknown (not
     read yet, or the read failed): no pushback is then assumed, and the slow start's cap
     and the breaker still bound the pace."""
@@ -135,7 +136,8 @@ class WorkerQueue:
         self.queued: int | None = None
 
     async def read(self) -> int | None:
-        """Jobs not yet delivered to any worker of the provider, over its priorities."""
+        """Jobs of the provider waiting for a worker, or for their retry, over its
+        priorities."""
         total = 0
         for prio in PRIORITIES:
             try:
@@ -146,7 +148,9 @@ class WorkerQueue:
                 continue  # no worker of this priority yet: nothing waits for it
             except _UNREADABLE:
                 return None
-            total += int(info.num_pending or 0)
+            # Not yet delivered, and being retried (a 429, an overload, a timeout: those
+            # jobs wait again, after their backoff).
+            total += int(info.num_pending or 0) + int(info.num_redelivered or 0)
         return total
 
     async def watch(self, every_s: float) -> None:
@@ -192,12 +196,15 @@ class Replayer(LeasedPerProvider):
 
     def _prog(self, name: str, model: str | None, now: float) -> ProviderReplay:
         """The replay state of a scope, made afresh if it had none: a slow start while it
-        is half-open; at the cap once it is closed (the outage is over)."""
+        is half-open, or always with the adaptive pace; at the cap once it is closed (the
+        outage is over) with the ramp."""
         r = self.settings.replay
         progs = self.progress[name]
         prog = progs.get(model)
         if prog is None:
-            closed = self.board.state(name, model) == "closed"
+            # Adaptive, every scope starts slow and finds its pace; ramp, a closed one
+            # (the outage is over) replays at the cap.
+            closed = self.board.state(name, model) == "closed" and r.pace == "ramp"
             rate = r.max_rate if closed and r.max_rate else r.initial_rate
             prog = progs[model] = ProviderReplay(rate, now, r.ramp_interval_s)
         outage = self.board.own_outage_id(name, model)

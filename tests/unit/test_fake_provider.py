@@ -242,6 +242,35 @@ async def test_anthropic_429_carries_retry_after() -> None:
     assert caught.value.response.headers["retry-after-ms"] == "2500"
 
 
+async def test_capacity_answers_429_beyond_the_requests_in_hand() -> None:
+    """capacity=3 with 200 ms replies: of 8 calls at once 3 are answered and 5 get a 429
+    rate_limit_error (Anthropic) / 429 (OpenAI) with retry-after; later calls are served."""
+    config = FaultConfig(capacity=3, latency_ms=200, retry_after_s=1)
+    with run_in_thread(config) as fake:
+        client = anthropic.AsyncAnthropic(base_url=fake.url, api_key="t", max_retries=0)
+        outcomes = await asyncio.gather(
+            *(ask(client, f"c{i}") for i in range(8)), return_exceptions=True
+        )
+        limited = [o for o in outcomes if isinstance(o, anthropic.RateLimitError)]
+        assert len(limited) == 5 and len(outcomes) - len(limited) == 3
+        assert all(e.response.headers["retry-after"] == "1" for e in limited)
+        assert (await ask(client, "later")).content
+        await client.close()
+        gpt = openai.AsyncOpenAI(base_url=f"{fake.url}/v1", api_key="t", max_retries=0)
+        chats = await asyncio.gather(
+            *(
+                gpt.chat.completions.create(
+                    model="gpt-x", messages=[{"role": "user", "content": f"c{i}"}]
+                )
+                for i in range(5)
+            ),
+            return_exceptions=True,
+        )
+        await gpt.close()
+        assert sum(isinstance(c, openai.RateLimitError) for c in chats) == 2
+        assert fake.counters()["by_fault"]["over_capacity"] == 7
+
+
 async def test_anthropic_reset_raises_connection_error(claude: anthropic.AsyncAnthropic) -> None:
     """fault:reset drops the connection and the SDK raises APIConnectionError."""
     with pytest.raises(anthropic.APIConnectionError):

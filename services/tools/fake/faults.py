@@ -137,7 +137,9 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     applies to streaming requests only. ``outages`` are ``(start_s, duration_s, status)``
     windows relative to when the config took effect, ``status`` an HTTP status,
     ``"reset"`` or ``"midstream"``, or ``Outage`` objects (per model, or slow).
-    ``stream_chunk_delay_ms`` paces SSE events.
+    ``stream_chunk_delay_ms`` paces SSE events. ``capacity`` (0: none) is the most
+    inference requests answered at once: one more gets a 429 ``rate_limit_error`` with
+    ``retry-after`` (a provider at its limit).
     """
 
     latency_ms: float = 0.0
@@ -151,6 +153,7 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     midstream_rate: float = 0.0
     midstream_after_events: int = 4
     stream_chunk_delay_ms: float = 0.0
+    capacity: int = 0
     outages: list[tuple[float, float, OutageStatus] | Outage] = msgspec.field(default_factory=list)
     models: list[str] = msgspec.field(default_factory=_default_models)
     #: Scheduled incidents of the status page: ``(start_s, duration_s, component, status)``
@@ -162,6 +165,8 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("latency_ms", "latency_jitter_ms", "retry_after_s", "stream_chunk_delay_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.capacity < 0:
+            raise ValueError("capacity must be >= 0 (0: no limit)")
         rates = (self.error_rate, self.reset_rate, self.midstream_rate)
         if any(not 0.0 <= r <= 1.0 for r in rates):
             raise ValueError("error_rate, reset_rate and midstream_rate must be within [0, 1]")

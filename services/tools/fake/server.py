@@ -40,7 +40,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeAlias
 
 import msgspec
@@ -167,6 +167,7 @@ class FakeProvider:
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         self._waiters: list[_Waiter] = []
+        self._in_flight = 0  # inference requests being answered (FaultConfig.capacity)
         self._faults = Faults(config or FaultConfig())
         # The runtime outage (see ``Faults.start_outage``): admin endpoints, tests and the
         # demo drill start and end it here.
@@ -292,8 +293,27 @@ class FakeProvider:
 
     # ---- routing
 
+    @web.middleware
+    async def _capacity_gate(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """``FaultConfig.capacity``: an inference request over it is a 429 at once."""
+        limit = self.config.capacity
+        if not limit or request.method != "POST" or request.path.startswith("/admin"):
+            return await handler(request)
+        if self._in_flight >= limit:
+            _bump(self._counters.by_fault, "over_capacity")
+            return self._error(request.path != "/v1/chat/completions", 429)
+        self._in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight -= 1
+
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=_MAX_BODY)
+        app = web.Application(client_max_size=_MAX_BODY, middlewares=[self._capacity_gate])
         app[PROVIDER_KEY] = self
         app.router.add_post("/v1/messages", self._handle_messages)
         app.router.add_post("/v1/chat/completions", self._handle_chat)
