@@ -186,7 +186,7 @@ class FakeProvider:
         self.outage_state = self._faults.outage_state
         self._error_cache: dict[tuple[bool, int], bytes] = {}
         #: Inference requests as they arrived (door, model, body), while recording.
-        self._recorded: collections.deque[tuple[str, str, bytes]] = collections.deque(
+        self._recorded: collections.deque[tuple[str, str, bytes, str]] = collections.deque(
             maxlen=MAX_RECORDED
         )
         self.recording = False
@@ -615,7 +615,9 @@ class FakeProvider:
         except msgspec.DecodeError as exc:
             return self._door_error(door, self._error(True, 400, str(exc)))
         if self.recording:
-            self._recorded.append((door, req.model, body))
+            self._recorded.append(
+                (door, req.model, body, request.headers.get("anthropic-beta", ""))
+            )
         _bump(self._counters.by_model, req.model)
         self._calls.record(req.model, probe)
         trigger = request.headers.get(FAULT_HEADER)
@@ -794,10 +796,11 @@ class FakeProvider:
 
     def recorded(self, door: str | None = None) -> list[dict[str, Any]]:
         """The inference requests recorded (``record_requests``), oldest first: ``door``,
-        ``model`` (the path's, on a cloud door) and ``body`` (base64 of the exact bytes)."""
+        ``model`` (the path's, on a cloud door), ``body`` (base64 of the exact bytes) and
+        ``anthropic_beta`` (the header, "" when none)."""
         return [
-            {"door": d, "model": m, "body": base64.b64encode(b).decode()}
-            for d, m, b in self._recorded
+            {"door": d, "model": m, "body": base64.b64encode(b).decode(), "anthropic_beta": h}
+            for d, m, b, h in self._recorded
             if door is None or d == door
         ]
 
