@@ -231,3 +231,35 @@ async def test_betas_go_out_and_are_dropped_only_where_the_door_does_not_take_th
     assert raw["anthropic_beta"] == ["prompt-caching-2024-07-31"]
     assert raw["messages"] == moved.request["messages"]
     assert outcomes["succeeded"] == outcomes["results"] == outcomes["result_writes"] == 2
+
+
+async def test_betas_survive_park_and_replay(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """A job with betas parked through an outage is replayed with them: the call after
+    recovery carries the same anthropic-beta header; one result, nothing dead."""
+    from services.tools.stack import running_recovery
+
+    st = door_settings(settings, fake_provider.url)
+    kv = await js.key_value(s.HEALTH_BUCKET)
+    await transition(js, kv, "anthropic", to="open", allowed_from=("closed",), by="test")
+    betas = ["prompt-caching-2024-07-31", "context-1m-2025-08-07"]
+    job = msgspec.structs.replace(
+        make_job("anthropic", SONNET, prompt="p", max_tokens=8), betas=betas
+    )
+    async with running_worker(st), await Producer.connect(st) as producer:
+        await producer.submit(job)
+
+        async def parked() -> bool:
+            return (await js.stream_info(s.PARKED_STREAM)).state.messages == 1
+
+        await wait_until(parked, timeout=30)
+        await transition(js, kv, "anthropic", to="half_open", allowed_from=("open",), by="test")
+        async with running_recovery(st):
+            result = await producer.result(job.id, timeout=60)
+        outcomes = await count_outcomes(js)
+    assert result.status == "succeeded" and result.notes == []
+    [call] = fake_provider.recorded("anthropic")
+    assert call["anthropic_beta"] == ",".join(betas)
+    assert outcomes["succeeded"] == outcomes["results"] == outcomes["result_writes"] == 1
+    assert outcomes["dead"] == 0

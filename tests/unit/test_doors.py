@@ -433,3 +433,34 @@ def test_a_bedrock_door_without_a_region_is_a_clear_config_error(
     settings = Settings(providers={"br": ProviderSettings(kind="anthropic-bedrock")})
     with pytest.raises(ConfigError, match="region"):
         build_provider(settings, "br")
+
+
+def test_cloud_credentials_never_print(tmp_path: Any) -> None:
+    """A door's secret key, session token and access token (or their files) are scrubbed."""
+    from services.config import Settings
+    from services.secrets import Secrets, register_settings
+
+    token_file = tmp_path / "token"
+    token_file.write_text("ya29.FILETOKENFILETOKEN\n")
+    settings = Settings(
+        providers={
+            "br": ProviderSettings(
+                kind="anthropic-bedrock",
+                aws_access_key_id="AKIDEXAMPLE",
+                aws_secret_access_key="wJalrXUtnFEMIK7MDENGbPxRfiCYSECRET",
+                aws_session_token="FwoGZXIvYXdzEXAMPLESESSIONTOKEN",
+            ),
+            "vx": ProviderSettings(kind="anthropic-vertex", gcp_access_token_file=token_file),
+        }
+    )
+    known = Secrets()
+    register_settings(settings, into=known)
+    secrets = (
+        "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRET",
+        "FwoGZXIvYXdzEXAMPLESESSIONTOKEN",
+        "ya29.FILETOKENFILETOKEN",
+    )
+    scrubbed = known.scrub("a log line: " + " and ".join(secrets))
+    assert scrubbed.startswith("a log line: ")
+    for secret in secrets:
+        assert secret not in scrubbed
