@@ -28,7 +28,7 @@ from services.jetstream.connection import max_payload
 from services.jetstream.streams import delete, iter_stream
 from services.lifecycle.settle import Settler
 from services.ops.audit import audit
-from services.providers.doors import check_door
+from services.providers.doors import check_door, split_betas
 from services.providers.mapping import convert, shape_of
 
 Progress = Callable[[int, int], None]
@@ -161,7 +161,18 @@ def _retarget(job: Job, settings: Settings, to_provider: str | None, model: str 
         request = convert(job.request, src_kind=shape_of(src.kind), dst_kind=shape_of(dst.kind))
     elif src is not None:  # another door of the same API: the request as it is
         check_door(job.request, dst.kind)
-    return msgspec.structs.replace(job, provider=target, model=model or job.model, request=request)
+    betas, dropped = split_betas(job.betas, dst.kind)
+    metadata = job.metadata
+    if dropped:  # the door does not take them: the result will say so
+        metadata = {**metadata, "betas_dropped": ",".join(dropped)}
+    return msgspec.structs.replace(
+        job,
+        provider=target,
+        model=model or job.model,
+        request=request,
+        betas=betas,
+        metadata=metadata,
+    )
 
 
 async def replay(

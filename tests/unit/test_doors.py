@@ -464,3 +464,62 @@ def test_cloud_credentials_never_print(tmp_path: Any) -> None:
     assert scrubbed.startswith("a log line: ")
     for secret in secrets:
         assert secret not in scrubbed
+
+
+# -- the fake's doors ----------------------------------------------------------------------
+
+
+@given(events=st.lists(st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=4),
+                       min_size=1, max_size=5))  # fmt: skip
+def test_bedrock_frames_decode_with_botocore(events: list[dict[str, str]]) -> None:
+    """The fake's event-stream frames (prelude, headers, CRC32s) read back through
+    botocore's own decoder, one chunk per event, payload ``{"bytes": base64(event)}``."""
+    import base64
+
+    from botocore.eventstream import EventStreamBuffer
+
+    from services.tools.fake import cloud_wire
+
+    raw = [msgspec.json.encode({"type": "x", **e}) for e in events]
+    buffer = EventStreamBuffer()
+    buffer.add_data(b"".join(cloud_wire.chunk(r) for r in raw))
+    decoded = list(buffer)
+    assert len(decoded) == len(raw)
+    for message, sent in zip(decoded, raw, strict=True):
+        assert message.headers[":event-type"] == "chunk"
+        assert base64.b64decode(msgspec.json.decode(message.payload)["bytes"]) == sent
+
+
+def test_a_corrupted_frame_is_refused_by_botocore() -> None:
+    from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
+
+    from services.tools.fake import cloud_wire
+
+    frame = bytearray(cloud_wire.chunk(b'{"type": "ping"}'))
+    frame[-6] ^= 0xFF  # a payload byte: the message CRC no longer matches
+    buffer = EventStreamBuffer()
+    buffer.add_data(bytes(frame))
+    with pytest.raises(ChecksumMismatch):
+        list(buffer)
+
+
+def test_an_outage_of_an_unknown_door_is_refused() -> None:
+    from services.tools.fake import FaultConfig, Outage
+    from services.tools.fake.faults import Faults
+
+    with pytest.raises(ValueError, match="unknown door"):
+        Faults(FaultConfig()).start_outage(529, doors=["azure"])
+    with pytest.raises(ValueError, match="unknown door"):
+        Outage(start_s=0, duration_s=1, doors=["azure"])
+    faults = Faults(FaultConfig())
+    faults.start_outage(529, doors=["anthropic"])
+    assert faults.choose(None, "m", False, "anthropic")[1] == "outage"
+    assert faults.choose(None, "m", False, "bedrock") == (None, None)
+
+
+def test_results_stored_before_doors_still_decode() -> None:
+    from schemas.results import decode_result
+
+    old = b'{"job_id":"j","status":"succeeded","provider":"anthropic","model":"m"}'
+    result = decode_result(old)
+    assert result.served_by is None and result.provider_usage is None and result.notes == []

@@ -12,6 +12,12 @@ Admin API (JSON)
     "models": [str]?, "slow_ms": float?}`` starts a runtime outage: every inference request
     (for the listed models only, when given) gets that fault (``"slow"``: a normal reply
     after ``slow_ms``) until ``DELETE /admin/outage`` or until ``duration_s`` elapses.
+    With ``"doors": [...]`` (``anthropic``, ``openai``, ``bedrock``, ``vertex``) only those
+    doors have the outage: ``{"status": 529, "doors": ["anthropic"]}`` takes the first party
+    down and leaves Bedrock and Vertex up. A cloud door answers in its cloud's error shape.
+``POST /admin/requests`` / ``GET /admin/requests[?door=D]``
+    ``{"record": true}`` starts keeping every inference request's exact bytes (the newest
+    ``MAX_RECORDED``), ``false`` stops; GET lists them (``FakeProvider.recorded``).
 ``GET /admin/outage`` / ``DELETE /admin/outage``
     The runtime outage state / end it.
 ``GET /admin/counters`` / ``POST /admin/counters/reset``
