@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from services.config import ANTHROPIC_SHAPE
 from services.errors import Unmappable
-from services.providers.mapping import Kind
+from services.providers.mapping import Kind, shape_of
 
 #: Top-level request keys a door does not serve, and why.
 _CLOUD_KEYS: Final[Mapping[str, str]] = {
@@ -57,7 +57,7 @@ DROPPED_BETAS: Final[Mapping[str, tuple[str, ...]]] = {
 
 def shape(kind: str) -> Kind:
     """The request shape a provider kind speaks (``anthropic`` or ``openai``)."""
-    return "anthropic" if kind in ANTHROPIC_SHAPE else "openai"
+    return "anthropic" if kind in ANTHROPIC_SHAPE else shape_of(kind)
 
 
 def same_shape(a: str, b: str) -> bool:
