@@ -32,11 +32,15 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-class Target(msgspec.Struct, frozen=True, kw_only=True):
-    """A provider and model a job may fail over to."""
+class Target(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A provider (and model) a job may fail over to.
+
+    Without ``model`` the job's own model follows it; the provider's ``model_map`` turns it
+    into that door's model id when it is called (``claude-sonnet-4-5`` -> a Bedrock id).
+    """
 
     provider: Token
-    model: Annotated[str, msgspec.Meta(min_length=1)]
+    model: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -61,6 +65,12 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     #: tenant's producers alone; without one, on ``ai.results.shared.<job_id>``. A
     #: producer's job must be published on its tenant's subject (``schemas.subjects``).
     tenant: Token | None = None
+    #: Beta flags the call sends (``anthropic-beta``; Bedrock carries them in the body as
+    #: ``anthropic_beta``): kept through park, replay and failover, dropped (with a note on
+    #: the result) only by a failover to a door that does not take them.
+    betas: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}$")]] = msgspec.field(
+        default_factory=list
+    )
 
 
 _decoder = msgspec.json.Decoder(Job)

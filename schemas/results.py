@@ -40,6 +40,16 @@ class Timings(msgspec.Struct, frozen=True, kw_only=True):
     total_ms: float = 0.0
 
 
+class ServedBy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The door that answered a job: the provider's name, its kind, and whether the job
+    came to it by failing over (``fallback_from``: the provider/model it left)."""
+
+    provider: str
+    kind: str = ""
+    fallback: bool = False
+    fallback_from: str = ""
+
+
 class JobResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The terminal outcome of a job.
 
@@ -60,6 +70,14 @@ class JobResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     worker: str = ""
     #: The job's tenant ("" for none): the result is stored on ``result_subject(job_id, tenant)``.
     tenant: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,128}$")] = ""
+    #: Which door answered (absent in results stored before it existed).
+    served_by: ServedBy | None = None
+    #: The provider's whole usage object as it sent it (prompt-cache token counts
+    #: included); ``usage`` keeps the two counts every provider has.
+    provider_usage: dict[str, Any] | None = None
+    #: What the worker changed on the way, for the producer to know (a beta flag the
+    #: fallback door does not take, dropped).
+    notes: list[str] = msgspec.field(default_factory=list)
 
 
 _decoder = msgspec.json.Decoder(JobResult)

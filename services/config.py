@@ -29,7 +29,11 @@ from services.errors import ConfigError
 DAY = 86_400.0
 
 
-ProviderKind = Literal["anthropic", "openai"]
+ProviderKind = Literal["anthropic", "openai", "anthropic-bedrock", "anthropic-vertex"]
+
+#: The kinds that speak the Anthropic Messages API (one request shape, three doors): a job
+#: fails over between them with its request unchanged but for the model id.
+ANTHROPIC_SHAPE: tuple[ProviderKind, ...] = ("anthropic", "anthropic-bedrock", "anthropic-vertex")
 
 
 class ProviderSettings(BaseModel):
@@ -68,6 +72,52 @@ class ProviderSettings(BaseModel):
         description="status page component (name or id) -> the model it covers, or '*' for "
         "the whole provider; a component not listed lowers no threshold (it is only shown)",
     )
+    model_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="a job's model -> this provider's id of it (claude-sonnet-4-5 -> "
+        "anthropic.claude-sonnet-4-5-20250929-v1:0 on Bedrock); applied when it is called, "
+        "so a fallback names only a provider and the model follows; unlisted models pass as-is",
+    )
+    # anthropic-bedrock: the AWS credential chain (environment, profile, instance role)
+    # unless keys are given here; a Bedrock API key goes in api_key / api_key_file.
+    aws_region: str | None = Field(None, description="Bedrock region (default: AWS_REGION)")
+    aws_profile: str | None = Field(None, description="a profile of ~/.aws/config")
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_secret_access_key_file: Path | None = Field(
+        None, description="file holding the secret access key (a mounted secret)"
+    )
+    aws_session_token: SecretStr | None = None
+    # anthropic-vertex: Google application default credentials unless an access token is
+    # given (gcp_access_token or a file a token refresher writes).
+    gcp_project_id: str | None = Field(
+        None, description="Vertex project (default: ANTHROPIC_VERTEX_PROJECT_ID or the ADC's)"
+    )
+    gcp_region: str | None = Field(None, description="Vertex region (default: CLOUD_ML_REGION)")
+    gcp_access_token: SecretStr | None = None
+    gcp_access_token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_door(self) -> ProviderSettings:
+        for model, target in self.model_map.items():
+            if not model.strip() or not target.strip():
+                raise ValueError("model_map entries must name a model on both sides")
+        aws = self.aws_access_key_id, self.aws_secret_access_key or self.aws_secret_access_key_file
+        if self.kind != "anthropic-bedrock" and (
+            any(aws) or self.aws_region or self.aws_profile or self.aws_session_token
+        ):
+            raise ValueError(f"aws_* settings are for kind anthropic-bedrock, not {self.kind}")
+        if (aws[0] is None) != (aws[1] is None):
+            raise ValueError("give aws_access_key_id and aws_secret_access_key together")
+        gcp = (self.gcp_project_id, self.gcp_region, self.gcp_access_token,
+               self.gcp_access_token_file)  # fmt: skip
+        if self.kind != "anthropic-vertex" and any(v is not None for v in gcp):
+            raise ValueError(f"gcp_* settings are for kind anthropic-vertex, not {self.kind}")
+        return self
+
+    def map_model(self, model: str) -> str:
+        """This provider's id of ``model`` (``model`` itself when ``model_map`` has none)."""
+        return self.model_map.get(model, model)
 
     def latency_budget(self, model: str) -> float | None:
         """Seconds a call of ``model`` may take before it counts as slow (None: no budget)."""
@@ -415,7 +465,7 @@ class Settings(BaseSettings):
         """The API key of provider ``name``: its own setting, else the SDK's usual variable."""
         p = self.providers[name]
         key = p.key()
-        if key is None:
+        if key is None and p.kind in ("anthropic", "openai"):
             fallback = self.anthropic_api_key if p.kind == "anthropic" else self.openai_api_key
             key = fallback.get_secret_value() if fallback is not None else None
         return key

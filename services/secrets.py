@@ -130,8 +130,15 @@ def register_settings(settings: Settings, into: Secrets = KNOWN) -> None:
 
 
 def _settings_secrets(settings: Settings) -> Iterator[str | None]:
-    for name in settings.providers:
+    for name, p in settings.providers.items():
         yield _provider_key(settings, name)
+        # A cloud door's own credentials (Bedrock's secret key and session token, a Vertex
+        # access token), from the settings or their files.
+        for secret in (p.aws_secret_access_key, p.aws_session_token, p.gcp_access_token):
+            yield secret.get_secret_value() if secret is not None else None
+        for path in (p.aws_secret_access_key_file, p.gcp_access_token_file):
+            text = _read(path)
+            yield text.strip() if text is not None else None
     for secret in (settings.anthropic_api_key, settings.openai_api_key):
         yield secret.get_secret_value() if secret is not None else None
     n = settings.nats

@@ -293,11 +293,12 @@ def demo(
     outage_at: Annotated[float, typer.Option(min=0.0, help="Seconds of load before it.")] = 3.0,
     seed: Annotated[int, typer.Option(help="Seed of the fake provider's latencies.")] = 1,
     scenario: Annotated[
-        Literal["provider-outage", "model-outage", "slow", "flapping"],
+        Literal["provider-outage", "model-outage", "slow", "flapping", "failover"],
         typer.Option(
             help="provider-outage: every model 529s; model-outage: one model 529s, the other "
             "stays healthy; slow: one model's calls time out; flapping: one model 529s, "
-            "recovers briefly, 529s again."
+            "recovers briefly, 529s again; failover: the first-party door 529s and jobs with "
+            "tools and images fail over to the Bedrock door, none parked."
         ),
     ] = "provider-outage",
     as_json: JsonFlag = False,
@@ -328,10 +329,15 @@ def demo(
     except RidethroughError as exc:
         fail(str(exc))
     if as_json:
-        print_json({key: report[key] for key in REPORT_KEYS})
+        extra = ("failover",) if "failover" in report else ()
+        print_json({key: report[key] for key in REPORT_KEYS + extra})
     else:
         typer.echo()  # the live table's last line has no newline of its own
         for line in report_lines(report):
             typer.echo(line)
     ok = report["lost"] == 0 and report["duplicates"] == 0
+    if "failover" in report:  # the drill's promise: nothing parked, every request whole
+        f = report["failover"]
+        parked = sum(m["parked"] for m in report["models"].values())
+        ok = ok and parked == 0 and f["identical_apart_from_model"] == f["requests_at_fallback"]
     raise typer.Exit(EXIT_OK if ok else EXIT_JOB_FAILED)

@@ -44,7 +44,8 @@ from services.config import ProviderKind, WorkerSettings
 from services.errors import PermanentError, ProviderError, RateLimited, Unmappable
 from services.overflow import fits
 from services.providers.base import Reply
-from services.providers.mapping import convert
+from services.providers.doors import check_door, same_shape, split_betas
+from services.providers.mapping import convert, shape_of
 
 
 class BreakerView(Protocol):
@@ -240,24 +241,41 @@ def on_outage(job: Job, view: BreakerView, policy: Policy, *, last_error: str) -
 
 def failover_copy(job: Job, view: BreakerView, policy: Policy) -> Job | None:
     """The job rewritten for its first closed fallback that can take it faithfully (the
-    request maps to the fallback's API, and the copy fits in a message); None if none."""
+    request maps to the fallback's API, and the copy fits in a message); None if none.
+
+    Between doors of the same API shape (``services.providers.doors``) the request goes
+    as it is, unchanged: only a feature the target door does not serve refuses it. A
+    target without a model takes the job's (its ``model_map`` names it when called).
+    Betas the target does not take are dropped and listed in ``betas_dropped``."""
     src_kind = policy.kinds.get(job.provider)
     for target in job.fallbacks:
         dst_kind = policy.kinds.get(target.provider)
-        closed = view.state(target.provider, target.model) == "closed"
+        model = target.model or job.model
+        closed = view.state(target.provider, model) == "closed"
         if src_kind is None or dst_kind is None or not closed:
             continue
         try:
-            request = convert(job.request, src_kind=src_kind, dst_kind=dst_kind)
+            if same_shape(src_kind, dst_kind):
+                check_door(job.request, dst_kind)
+                request = job.request  # byte for byte: jobs are never changed in place
+            else:
+                request = convert(
+                    job.request, src_kind=shape_of(src_kind), dst_kind=shape_of(dst_kind)
+                )
         except Unmappable:
             continue
+        metadata = {**job.metadata, "failover_from": f"{job.provider}/{job.model}"}
+        betas, dropped = split_betas(job.betas, dst_kind)
+        if dropped:
+            metadata["betas_dropped"] = ",".join(dropped)
         moved = msgspec.structs.replace(
             job,
             provider=target.provider,
-            model=target.model,
+            model=model,
             request=request,
             fallbacks=[],
-            metadata={**job.metadata, "failover_from": f"{job.provider}/{job.model}"},
+            metadata=metadata,
+            betas=betas,
         )
         if fits(encode(moved), policy.max_payload):
             return moved

@@ -39,7 +39,7 @@ from nats.js import JetStreamContext
 from schemas.codec import encode
 from schemas.jobs import Job
 from schemas.parking import DeadLetter, ParkedJob, ParkRecord
-from schemas.results import ErrorInfo, JobResult, Status, Timings, decode_result
+from schemas.results import ErrorInfo, JobResult, ServedBy, Status, Timings, decode_result
 from schemas.subjects import (
     MSG_ID_HEADER,
     REPLAY_HEADER,
@@ -70,6 +70,7 @@ from services.lifecycle.decide import (
     Succeeded,
 )
 from services.overflow import fits, put_aside, raw_fields
+from services.providers.doors import dropped_note
 
 log = logging.getLogger("ridethrough.settle")
 
@@ -130,8 +131,11 @@ class Settler:
         store_retry_s: float = 120.0,
         worker_id: str = "",
         stats: Stats | None = None,
+        kinds: dict[str, str] | None = None,
     ) -> None:
         self.js = js
+        #: The kind of each provider, named in a result's ``served_by``.
+        self.kinds = kinds or {}
         #: The server's max_payload (0: unknown); every record is checked against it.
         self.max_payload = max_payload
         self.publish_timeout_s = publish_timeout_s
@@ -314,8 +318,22 @@ class Settler:
         """Store what the provider answered (paid for): kept aside when it cannot fit in a
         message, retried in place while NATS is away, never released to be paid again."""
         reply = outcome.reply
+        origin = job.metadata.get("failover_from", "")
+        served = ServedBy(
+            provider=job.provider,
+            kind=self.kinds.get(job.provider, ""),
+            fallback=bool(origin),
+            fallback_from=origin,
+        )
         result = self._result(
-            d, job, "succeeded", response=reply.response, usage=reply.usage, model=reply.model
+            d,
+            job,
+            "succeeded",
+            response=reply.response,
+            usage=reply.usage,
+            model=reply.model,
+            served_by=served,
+            provider_usage=reply.provider_usage,
         )
         data = encode(result)
         until = time.monotonic() + self.store_retry_s
@@ -396,6 +414,9 @@ class Settler:
     ) -> JobResult:
         started = d.started if calling and d.started else time.time()
         provider_s = d.provider_s if calling else 0.0
+        dropped = job.metadata.get("betas_dropped")
+        if dropped:
+            fields["notes"] = [dropped_note(dropped.split(","), job.provider)]
         return JobResult(
             job_id=job.id,
             status=status,

@@ -28,7 +28,8 @@ from services.jetstream.connection import max_payload
 from services.jetstream.streams import delete, iter_stream
 from services.lifecycle.settle import Settler
 from services.ops.audit import audit
-from services.providers.mapping import convert
+from services.providers.doors import check_door, split_betas
+from services.providers.mapping import convert, shape_of
 
 Progress = Callable[[int, int], None]
 
@@ -156,9 +157,22 @@ def _retarget(job: Job, settings: Settings, to_provider: str | None, model: str 
     src = settings.providers.get(job.provider)
     dst = settings.providers[target]
     request = job.request
-    if src is not None and src.kind != dst.kind:
-        request = convert(job.request, src_kind=src.kind, dst_kind=dst.kind)
-    return msgspec.structs.replace(job, provider=target, model=model or job.model, request=request)
+    if src is not None and shape_of(src.kind) != shape_of(dst.kind):
+        request = convert(job.request, src_kind=shape_of(src.kind), dst_kind=shape_of(dst.kind))
+    elif src is not None:  # another door of the same API: the request as it is
+        check_door(job.request, dst.kind)
+    betas, dropped = split_betas(job.betas, dst.kind)
+    metadata = job.metadata
+    if dropped:  # the door does not take them: the result will say so
+        metadata = {**metadata, "betas_dropped": ",".join(dropped)}
+    return msgspec.structs.replace(
+        job,
+        provider=target,
+        model=model or job.model,
+        request=request,
+        betas=betas,
+        metadata=metadata,
+    )
 
 
 async def replay(

@@ -37,6 +37,7 @@ from services.errors import ProviderError, TransientError
 from services.lifecycle.decide import probe_says_up
 from services.prober.evidence import StatusPageWatch
 from services.providers.base import Provider
+from services.providers.mapping import shape_of
 from services.tasks import raise_if_cancelling
 
 log = logging.getLogger("ridethrough.prober")
@@ -47,7 +48,8 @@ _DEFAULT_MODELS = {"anthropic": "claude-haiku-4-5", "openai": "gpt-4o-mini"}
 def default_probe(settings: Settings, provider: str) -> tuple[str, dict[str, Any]]:
     """(model, request) of ``provider``'s probe: configured, else a one-token call."""
     p = settings.providers[provider]
-    model = p.probe_model or _DEFAULT_MODELS[p.kind]
+    # A Bedrock or Vertex door probes the same model (its model_map names the door's id).
+    model = p.probe_model or _DEFAULT_MODELS[shape_of(p.kind)]
     request = p.probe_request or {
         "max_tokens": 1,
         "messages": [{"role": "user", "content": "ping"}],

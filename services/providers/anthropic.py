@@ -12,12 +12,12 @@ failure leaves as exactly one ``ProviderError``, chosen by ``TABLE``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anthropic
 import httpx2
 import msgspec
-from anthropic.types import Message
 
 from schemas.results import Usage
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
@@ -156,53 +156,87 @@ def _reply(body: bytes) -> Reply:
     usage = Usage(
         input_tokens=head.usage.input_tokens or 0, output_tokens=head.usage.output_tokens or 0
     )
-    return Reply(response=data, usage=usage, model=head.model)
+    whole = data.get("usage")
+    return Reply(
+        response=data,
+        usage=usage,
+        model=head.model,
+        provider_usage=whole if isinstance(whole, dict) else None,
+    )
 
 
 class AnthropicProvider:
-    """A ``Provider`` over ``anthropic.AsyncAnthropic`` and the Messages API."""
+    """A ``Provider`` over ``anthropic.AsyncAnthropic`` and the Messages API.
+
+    The Bedrock and Vertex doors (``services.providers.clouds``) are this adapter over
+    the SDK's own ``AsyncAnthropicBedrock`` / ``AsyncAnthropicVertex`` clients."""
+
+    kind = "anthropic"
+    #: The classification table this door's errors go through.
+    classify = staticmethod(classify)
 
     def __init__(
         self,
         name: str,
         *,
-        api_key: str,
+        api_key: str | None,
         base_url: str | None,
         timeout_s: float = 600.0,
         deadline_s: float = 1200.0,
         max_connections: int = 1000,
         extra_headers: dict[str, str] | None = None,
+        model_map: Mapping[str, str] | None = None,
+        **door: Any,
     ) -> None:
         """Build one client, reused by every call; ``extra_headers`` go out on every request.
 
-        ``timeout_s`` bounds each read, ``deadline_s`` a whole call."""
+        ``timeout_s`` bounds each read, ``deadline_s`` a whole call; ``model_map`` turns a
+        job's model into this door's id of it; ``door``: the cloud client's credentials."""
         self.name = name
         self.deadline_s = deadline_s
+        self.model_map = dict(model_map or {})
         limits = httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
         timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, 5.0))
-        self._client = anthropic.AsyncAnthropic(
+        self._client = self._make_client(
             api_key=api_key,
             base_url=base_url,
             max_retries=0,
             timeout=timeout,
             default_headers=extra_headers,
             http_client=anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits),
+            **door,
         )
         self._create_params = sdk_params(self._client.messages.create)
         self._stream_params = sdk_params(self._client.messages.stream)
+        self._beta_create_params = sdk_params(self._client.beta.messages.create)
+        self._beta_stream_params = sdk_params(self._client.beta.messages.stream)
 
-    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
-        """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
+    def _make_client(self, **options: Any) -> Any:
+        """The SDK client this door calls through."""
+        return anthropic.AsyncAnthropic(**options)
+
+    async def call(
+        self,
+        model: str,
+        request: dict[str, Any],
+        *,
+        probe: bool = False,
+        betas: Sequence[str] = (),
+    ) -> Reply:
+        """Send ``request`` with ``model`` (through ``model_map``), and ``betas`` as the SDK
+        sends them (``client.beta.messages``); stream if it asks to; raise only
+        ``ProviderError``."""
         headers = _PROBE_HEADERS if probe else None
+        model = self.model_map.get(model, model)
         try:
             # `timeout_s` bounds each read; this bounds the whole call, so a provider that
             # keeps a call alive without finishing it (pings, a trickled body) cannot hold
             # a worker's slot for ever.
             async with asyncio.timeout(self.deadline_s):
                 if request.get("stream"):
-                    message = await self._stream(model, request, headers)
+                    message = await self._stream(model, request, headers, betas)
                     usage = message.usage
                     return Reply(
                         response=message.to_dict(mode="json"),
@@ -211,30 +245,52 @@ class AnthropicProvider:
                             output_tokens=usage.output_tokens or 0,
                         ),
                         model=message.model,
+                        provider_usage=usage.to_dict(mode="json"),
                     )
-                return await self._create(model, request, headers)
+                return await self._create(model, request, headers, betas)
         except Exception as exc:
-            raise classify(exc) from exc
+            raise self.classify(exc) from exc
 
     async def _create(
-        self, model: str, request: dict[str, Any], headers: dict[str, str] | None
+        self,
+        model: str,
+        request: dict[str, Any],
+        headers: dict[str, str] | None,
+        betas: Sequence[str],
     ) -> Reply:
-        kwargs, extra = split_known({**request, "model": model}, self._create_params)
+        body = {**request, "model": model}
+        if betas:
+            body["betas"] = list(betas)
+            kwargs, extra = split_known(body, self._beta_create_params)
+            messages: Any = self._client.beta.messages
+        else:
+            kwargs, extra = split_known(body, self._create_params)
+            messages = self._client.messages
         # The raw path: the SDK builds and sends the request and raises its own errors for
         # an error status, but builds no Message of the answer.
-        raw = await self._client.messages.with_raw_response.create(
+        raw = await messages.with_raw_response.create(
             **kwargs, extra_headers=headers, extra_body=extra or None
         )
         return _reply(await raw.read())
 
     async def _stream(
-        self, model: str, request: dict[str, Any], headers: dict[str, str] | None
-    ) -> Message:
+        self,
+        model: str,
+        request: dict[str, Any],
+        headers: dict[str, str] | None,
+        betas: Sequence[str],
+    ) -> Any:
         body = {k: v for k, v in request.items() if k != "stream"}
         body["model"] = model
-        kwargs, extra = split_known(body, self._stream_params)
+        if betas:
+            body["betas"] = list(betas)
+            kwargs, extra = split_known(body, self._beta_stream_params)
+            messages: Any = self._client.beta.messages
+        else:
+            kwargs, extra = split_known(body, self._stream_params)
+            messages = self._client.messages
         stopped = False
-        async with self._client.messages.stream(
+        async with messages.stream(
             **kwargs, extra_headers=headers, extra_body=extra or None
         ) as stream:
             try:

@@ -12,6 +12,7 @@ response models) and read the few fields they need with ``decode_body``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -30,6 +31,8 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True):
     response: dict[str, Any]
     usage: Usage
     model: str
+    #: The provider's whole usage object, as it sent it (None: it sent none).
+    provider_usage: dict[str, Any] | None = None
 
 
 class Provider(Protocol):
@@ -37,12 +40,21 @@ class Provider(Protocol):
 
     name: str
 
-    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
+    async def call(
+        self,
+        model: str,
+        request: dict[str, Any],
+        *,
+        probe: bool = False,
+        betas: Sequence[str] = (),
+    ) -> Reply:
         """Send ``request`` (provider-native body without ``model``) and return the reply.
 
         Streams when ``request`` has ``"stream": true`` and returns the assembled
         message. Raises ``ProviderError`` (never an SDK exception). ``probe`` marks
-        health probes so the far end can tell them apart.
+        health probes so the far end can tell them apart. ``betas``: the job's beta flags
+        (an Anthropic door sends them as the SDK does; no other door gets any). The
+        adapter maps ``model`` through its provider's ``model_map``.
         """
         ...
 

@@ -300,6 +300,12 @@ def convert(request: Mapping[str, Any], *, src_kind: Kind, dst_kind: Kind) -> di
     return to_anthropic(request)
 
 
+def shape_of(kind: str) -> Kind:
+    """The request shape of a provider kind: every ``anthropic*`` kind speaks the Messages
+    API (``services.providers.doors``), ``openai`` Chat Completions."""
+    return "anthropic" if kind.startswith("anthropic") else "openai"
+
+
 # --- shared checks -------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ exactly one ``ProviderError``, chosen by ``TABLE``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -277,12 +278,14 @@ class OpenAIProvider:
         deadline_s: float = 1200.0,
         max_connections: int = 1000,
         extra_headers: dict[str, str] | None = None,
+        model_map: Mapping[str, str] | None = None,
     ) -> None:
         """Build one client, reused by every call; ``extra_headers`` go out on every request.
 
         ``timeout_s`` bounds each read, ``deadline_s`` a whole call."""
         self.name = name
         self.deadline_s = deadline_s
+        self.model_map = dict(model_map or {})
         limits = httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
@@ -297,9 +300,19 @@ class OpenAIProvider:
         )
         self._params = sdk_params(self._client.chat.completions.create)
 
-    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
-        """Send ``request`` with ``model``; stream if it asks to; raise only ``ProviderError``."""
+    async def call(
+        self,
+        model: str,
+        request: dict[str, Any],
+        *,
+        probe: bool = False,
+        betas: Sequence[str] = (),
+    ) -> Reply:
+        """Send ``request`` with ``model`` (through ``model_map``); stream if it asks to;
+        raise only ``ProviderError``. ``betas`` are Anthropic's: an OpenAI door takes none
+        (a failover here drops them, with a note on the result)."""
         headers = _PROBE_HEADERS if probe else None
+        model = self.model_map.get(model, model)
         try:
             # `timeout_s` bounds each read; this bounds the whole call (see the Anthropic
             # adapter).

@@ -41,7 +41,7 @@ import signal
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -143,7 +143,14 @@ class InstantProvider:
         self.name = name
         self.calls = 0
 
-    async def call(self, model: str, request: dict[str, Any], *, probe: bool = False) -> Reply:
+    async def call(
+        self,
+        model: str,
+        request: dict[str, Any],
+        *,
+        probe: bool = False,
+        betas: Sequence[str] = (),
+    ) -> Reply:
         """The canned reply."""
         self.calls += 1
         return _CANNED

@@ -17,6 +17,16 @@ Scenarios (times from the first job; ``outage_at_s`` and ``outage_s`` set them):
 ``flapping``
     The sick model answers 529, recovers for ``recovery_s``, and answers 529 again: two
     outages of ``(outage_s - recovery_s) / 2`` each.
+``failover``
+    The first-party door of the fake answers 529 for ``outage_s``; its Bedrock door stays up.
+    Every job carries tools, an image and a cached system prompt, and names the provider
+    ``bedrock`` (kind ``anthropic-bedrock``, the real SDK client with dummy AWS keys, a
+    ``model_map`` to Bedrock ids) as its fallback: the jobs fail over instead of parking.
+    The fake records every request; the report's ``failover`` section says how many
+    reached the Bedrock door, how many of those were the job's request byte for byte (the
+    body without Bedrock's ``anthropic_version``, keys sorted, against the request the
+    drill submitted; the model, in the path, the job's through ``model_map``), and how many
+    results name the Bedrock door as a fallback (``served_by``).
 
 The fake plays the whole shape itself (scheduled windows of ``FaultConfig.outages``,
 installed when the first job goes out), so the drill's timing does not lean on this loop.
@@ -49,6 +59,7 @@ with the event, 0 or 1 in each scenario of ``scripts/outage_shapes.py``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import tempfile
@@ -66,10 +77,11 @@ from rich.table import Table
 
 from schemas import subjects as s
 from schemas.events import decode_health_event
+from schemas.jobs import Job, Target
 from schemas.parking import decode_parked
 from schemas.results import decode_result
 from services.breaker import decode_lease
-from services.config import Settings
+from services.config import ProviderSettings, Settings
 from services.jetstream.errors import NOT_FOUND
 from services.jetstream.streams import iter_stream
 from services.producer import Producer, make_job
@@ -93,8 +105,22 @@ REPORT_KEYS = (
     "models",
 )
 
-Scenario = Literal["provider-outage", "model-outage", "slow", "flapping"]
-SCENARIOS: Final[tuple[str, ...]] = get_args(Scenario)
+Scenario = Literal["provider-outage", "model-outage", "slow", "flapping", "failover"]
+#: The scenarios whose jobs park through the outage (``failover`` parks none).
+SCENARIOS: Final[tuple[str, ...]] = ("provider-outage", "model-outage", "slow", "flapping")
+ALL_SCENARIOS: Final[tuple[str, ...]] = get_args(Scenario)
+
+#: ``failover``: the fallback provider (the fake's Bedrock door) and its model ids.
+FALLBACK: Final = "bedrock"
+BEDROCK_IDS: Final = {
+    "claude-opus-4-1": "anthropic.claude-opus-4-1-20250805-v1:0",
+    "claude-haiku-4-5": "anthropic.claude-haiku-4-5-20251001-v1:0",
+}
+#: A 1x1 PNG: the image every ``failover`` job carries.
+_PNG: Final = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJ"
+    "RU5ErkJggg=="
+)
 
 #: The model that falls sick and the one that stays healthy (the prober's default probe
 #: model for an Anthropic provider is the healthy one).
@@ -128,8 +154,8 @@ class Drill:
 
     def __post_init__(self) -> None:
         """Refuse a scenario that does not exist or a drill without a model."""
-        if self.scenario not in SCENARIOS:
-            raise ValueError(f"scenario {self.scenario!r} is not one of {', '.join(SCENARIOS)}")
+        if self.scenario not in ALL_SCENARIOS:
+            raise ValueError(f"scenario {self.scenario!r} is not one of {', '.join(ALL_SCENARIOS)}")
         if not self.models:
             raise ValueError("a drill needs at least one model")
 
@@ -143,6 +169,8 @@ class Drill:
         at, length, sick = self.outage_at_s, self.outage_s, [self.sick]
         if self.scenario == "provider-outage":
             return [Outage(start_s=at, duration_s=length)]
+        if self.scenario == "failover":  # the first-party door only: Bedrock's stays up
+            return [Outage(start_s=at, duration_s=length, doors=["anthropic"])]
         if self.scenario == "model-outage":
             return [Outage(start_s=at, duration_s=length, models=sick)]
         if self.scenario == "slow":
@@ -196,6 +224,12 @@ def drill_settings(base: Settings, drill: Drill | None = None) -> Settings:
         ),
         worker=base.worker.model_copy(update={"backoff_base_s": 0.2, "backoff_max_s": 2.0}),
     )
+    if drill is not None and drill.scenario == "failover":
+        door = ProviderSettings(
+            kind="anthropic-bedrock",
+            model_map={m: BEDROCK_IDS.get(m, f"anthropic.{m}-v1:0") for m in drill.models},
+        )
+        settings = settings.with_changes(providers={**settings.providers, FALLBACK: door})
     if drill is not None and drill.scenario == "slow":
         provider = settings.providers[drill.provider].model_copy(
             update={"timeout_s": drill.timeout_s, "latency_budget_s": drill.timeout_s / 2}
@@ -384,6 +418,7 @@ async def _drive(
     js = producer.js
     progress = Progress(models={m: ModelProgress() for m in drill.models})
     jobs: dict[str, str] = {}  # job id -> model, in submission order
+    sent: list[Job] = []
     parks: dict[str, list[tuple[str, float]]] = {m: [] for m in drill.models}
     outages = drill.outages()
     last_end = max(o.start_s + o.duration_s for o in outages)
@@ -401,7 +436,13 @@ async def _drive(
             if delay > 0:
                 await asyncio.sleep(delay)
             model = drill.models[i % len(drill.models)]
-            job = make_job(drill.provider, model, prompt=f"Incident {i}: summarise.", max_tokens=16)
+            if drill.scenario == "failover":
+                job = failover_job(drill.provider, model, i)
+            else:
+                job = make_job(
+                    drill.provider, model, prompt=f"Incident {i}: summarise.", max_tokens=16
+                )
+            sent.append(job)
             jobs[await producer.submit(job)] = model
             progress.submitted += 1
             progress.models[model].submitted += 1
@@ -441,8 +482,10 @@ async def _drive(
             progress.first_replayed_result = now
         with contextlib.suppress(msgspec.DecodeError):
             result = decode_result(msg.data)
-            if result.status == "succeeded" and result.model in progress.models:
-                progress.models[result.model].succeeded += 1
+            # By the job's model: a result served through another door names that door's id.
+            model = jobs.get(result.job_id, result.model)
+            if result.status == "succeeded" and model in progress.models:
+                progress.models[model].succeeded += 1
 
     async def on_park(msg: Any) -> None:
         try:
@@ -479,6 +522,8 @@ async def _drive(
     try:
         with live_ctx as live:
             await asyncio.wait_for(workers_ready(), 60)
+            if drill.scenario == "failover":
+                fake.record_requests()
             # The fake plays the outage's shape from here, by its own clock.
             fake.set_config(msgspec.structs.replace(fake_cfg, outages=list(outages)))
             progress.load_started = time.time()
@@ -498,7 +543,93 @@ async def _drive(
     finally:
         for sub in subs:
             await sub.unsubscribe()
-    return await _report(drill, settings, js, fake, progress, jobs, parks)
+    report = await _report(drill, settings, js, fake, progress, jobs, parks)
+    if drill.scenario == "failover":
+        report["failover"] = await _failover_numbers(js, fake, sent, settings)
+    return report
+
+
+def failover_job(provider: str, model: str, i: int) -> Job:
+    """A ``failover`` job: tools, an image and a cached system prompt (all of which the
+    mapping to OpenAI would refuse), falling over to the Bedrock door, no model named."""
+    request = {
+        "system": [
+            {"type": "text", "text": "You triage incidents.",
+             "cache_control": {"type": "ephemeral"}}
+        ],
+        "max_tokens": 16,
+        "tools": [
+            {
+                "name": "page_oncall",
+                "description": "Page the on-call engineer.",
+                "input_schema": {"type": "object", "properties": {"team": {"type": "string"}}},
+            }
+        ],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": _PNG}},
+                    {"type": "text", "text": f"Incident {i}: summarise the graph."},
+                ],
+            }
+        ],
+    }  # fmt: skip
+    return make_job(
+        provider,
+        model,
+        request=request,
+        on_outage="failover",
+        fallbacks=[Target(provider=FALLBACK)],
+    )
+
+
+def _canonical(body: Any) -> bytes:
+    return msgspec.json.encode(body, order="sorted")
+
+
+async def _failover_numbers(
+    js: JetStreamContext, fake: Any, sent: list[Job], settings: Settings
+) -> dict[str, Any]:
+    """What reached the fake's Bedrock door, checked on the fake's side against what the
+    drill submitted; and what the results say of the door that served them."""
+    model_map = settings.providers[FALLBACK].model_map
+    wanted = {(model_map.get(j.model, j.model), _canonical(j.request)) for j in sent}
+    tools_and_images = 0
+    identical = 0
+    arrived = fake.recorded("bedrock")
+    for r in arrived:
+        body = msgspec.json.decode(base64.b64decode(r["body"]))
+        body.pop("anthropic_version", None)
+        if (r["model"], _canonical(body)) in wanted:
+            identical += 1
+        content = body.get("messages", [{}])[0].get("content", [])
+        if body.get("tools") and any(b.get("type") == "image" for b in content):
+            tools_and_images += 1
+    served: dict[str, int] = {}
+    by_fallback = 0
+    for job in sent:
+        try:
+            raw = await js.get_last_msg(
+                s.RESULTS_STREAM, s.result_subject(job.id, job.tenant), direct=True
+            )
+        except NOT_FOUND:
+            continue
+        result = decode_result(raw.data or b"")
+        door = result.served_by.provider if result.served_by is not None else "?"
+        served[door] = served.get(door, 0) + 1
+        if result.served_by is not None and result.served_by.fallback:
+            by_fallback += 1
+    return {
+        "fallback": FALLBACK,
+        "requests_at_fallback": len(arrived),
+        "identical_apart_from_model": identical,
+        "with_tools_and_images": tools_and_images,
+        "results_by_door": served,
+        "results_from_fallback": by_fallback,
+        "first_party_requests": len(fake.recorded("anthropic")),
+    }
 
 
 async def _report(
@@ -595,4 +726,18 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"{m['parked']:>8}{m['parked_while_healthy']:>22}{m['calls_while_open']:>18}"
             f"{m['calls_during_outage_beyond_trip']:>13}{trip:>9}"
         )
+    f = report.get("failover")
+    if f is not None:
+        parked = sum(m["parked"] for m in report["models"].values())
+        doors = ", ".join(f"{k} {v}" for k, v in sorted(f["results_by_door"].items()))
+        lines += [
+            f"  failover to {f['fallback']} (the fake's Bedrock door):",
+            f"    parked                            {parked}",
+            f"    requests at the fallback          {f['requests_at_fallback']}",
+            f"    identical apart from the model    {f['identical_apart_from_model']}"
+            f" of {f['requests_at_fallback']} (checked on the fake's side)",
+            f"    with their tools and image        {f['with_tools_and_images']}",
+            f"    results served by                 {doors}"
+            f" ({f['results_from_fallback']} as a fallback)",
+        ]
     return lines

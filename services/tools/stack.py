@@ -37,23 +37,61 @@ log = logging.getLogger("ridethrough.stack")
 FAKE_KEY = "fake-key-not-secret"
 
 
+#: The fake's dummy cloud credentials: SigV4 is computed with them (the fake ignores it);
+#: Vertex gets a static access token.
+FAKE_AWS_KEY_ID = "AKIDFAKENOTSECRET"
+FAKE_REGION = "us-east-1"
+FAKE_PROJECT = "fake-project"
+
+
+def _cloud_credentials(p: ProviderSettings) -> bool:
+    """Whether a Bedrock or Vertex door names a credential or an endpoint of its own (one
+    that names none would find the cloud's credentials itself: in ``ridethrough dev`` and
+    the drills it is pointed at the fake instead)."""
+    given = (
+        p.base_url, p.api_key, p.api_key_file, p.aws_profile, p.aws_access_key_id,
+        p.gcp_access_token, p.gcp_access_token_file,
+    )  # fmt: skip
+    return any(v is not None for v in given)
+
+
 def providers_without_keys(settings: Settings) -> list[str]:
     """Configured providers that have no credentials and no local endpoint."""
-    return [
-        name
-        for name, p in sorted(settings.providers.items())
-        if settings.provider_key(name) is None and not (p.kind == "openai" and p.base_url)
-    ]
+    out = []
+    for name, p in sorted(settings.providers.items()):
+        if p.kind in ("anthropic-bedrock", "anthropic-vertex"):
+            if not _cloud_credentials(p):
+                out.append(name)
+        elif settings.provider_key(name) is None and not p.base_url:
+            out.append(name)
+    return out
 
 
 def pointed_at_fake(settings: Settings, fake_url: str, names: list[str]) -> Settings:
-    """Settings whose providers ``names`` call the fake provider at ``fake_url``."""
+    """Settings whose providers ``names`` call the fake provider at ``fake_url`` (a cloud
+    door at the fake's door of that cloud, with dummy credentials)."""
     providers: dict[str, ProviderSettings] = dict(settings.providers)
     for name in names:
-        base = fake_url if providers[name].kind == "anthropic" else f"{fake_url}/v1"
-        providers[name] = providers[name].model_copy(
-            update={"base_url": base, "api_key": SecretStr(FAKE_KEY), "api_key_file": None}
-        )
+        kind = providers[name].kind
+        update: dict[str, Any]
+        if kind == "anthropic-bedrock":
+            update = {
+                "base_url": fake_url,
+                "aws_region": providers[name].aws_region or FAKE_REGION,
+                "aws_access_key_id": SecretStr(FAKE_AWS_KEY_ID),
+                "aws_secret_access_key": SecretStr(FAKE_KEY),
+            }
+        elif kind == "anthropic-vertex":
+            update = {
+                "base_url": f"{fake_url}/v1",
+                "gcp_region": providers[name].gcp_region or FAKE_REGION,
+                "gcp_project_id": providers[name].gcp_project_id or FAKE_PROJECT,
+                "gcp_access_token": SecretStr(FAKE_KEY),
+            }
+        else:
+            base = fake_url if kind == "anthropic" else f"{fake_url}/v1"
+            update = {"base_url": base, "api_key": SecretStr(FAKE_KEY), "api_key_file": None}
+        providers[name] = providers[name].model_copy(update=update)
     return settings.with_changes(providers=providers)
 
 
@@ -143,6 +181,12 @@ def child_env(settings: Settings) -> dict[str, str]:
         key = settings.provider_key(name)
         if key is not None:
             d["api_key"] = key
+        for secret in (
+            "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "gcp_access_token",
+        ):  # fmt: skip
+            value = getattr(p, secret)
+            if value is not None:
+                d[secret] = value.get_secret_value()
         providers[name] = d
     drop = ("NATS_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")
     env = {

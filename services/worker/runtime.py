@@ -96,6 +96,7 @@ class JobRunner:
             store_retry_s=store_retry_s,
             worker_id=worker_id,
             stats=self.stats,
+            kinds=dict(kinds or {}),
         )
         self.board = board
         #: What the providers' status pages say: a degraded scope trips sooner.
@@ -241,9 +242,13 @@ class JobRunner:
         if (m := metrics.active) is not None:
             m.call_started(job.provider)
         try:
-            answer: Reply | ProviderError = await self.providers[job.provider].call(
-                job.model, job.request
-            )
+            provider = self.providers[job.provider]
+            if job.betas:
+                answer: Reply | ProviderError = await provider.call(
+                    job.model, job.request, betas=job.betas
+                )
+            else:  # a job without betas calls as it always did
+                answer = await provider.call(job.model, job.request)
         except ProviderError as exc:
             answer = exc
             if exc.reason == "config":  # every job will fail alike until someone fixes it

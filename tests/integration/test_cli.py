@@ -163,3 +163,26 @@ async def test_demo_drill_reports_an_outage_with_nothing_lost() -> None:
     assert [m["role"] for m in models.values()] == ["sick", "sick"]
     assert sum(m["submitted"] for m in models.values()) == 80
     assert sum(m["succeeded"] for m in models.values()) == 80
+
+
+async def test_demo_failover_drill_rides_through_on_the_bedrock_door() -> None:
+    """`ridethrough demo --scenario failover`: the first-party door has an outage, jobs with
+    tools and images fail over to the fake's Bedrock door; none parked, lost or duplicated,
+    every request at the Bedrock door is the job's byte for byte (checked on the fake's
+    side), and the results name the door."""
+    code, out, err = await cli(
+        None, "demo", "--scenario", "failover", "--jobs", "80", "--rate", "40",
+        "--outage", "1.5", "--outage-at", "0.5", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["submitted"] == report["succeeded"] == 80
+    assert report["lost"] == report["duplicates"] == report["dead"] == 0
+    assert report["peak_parked"] == 0
+    assert sum(m["parked"] for m in report["models"].values()) == 0
+    f = report["failover"]
+    assert f["requests_at_fallback"] > 0
+    assert f["identical_apart_from_model"] == f["with_tools_and_images"]
+    assert f["identical_apart_from_model"] == f["requests_at_fallback"]
+    assert f["results_from_fallback"] == f["results_by_door"].get("bedrock", 0) > 0
+    assert sum(f["results_by_door"].values()) == 80

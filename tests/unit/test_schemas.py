@@ -35,7 +35,7 @@ def test_json_schema_files_match_the_structs(name: str) -> None:
         ({"on_outage": "retry"}, "$.on_outage"),
         ({"deadline": "2026-01-01T00:00:00"}, "$.deadline"),
         ({"request": []}, "$.request"),
-        ({"fallbacks": [{"provider": "openai"}]}, "$.fallbacks[0]"),
+        ({"fallbacks": [{"model": "gpt-4o"}]}, "$.fallbacks[0]"),
     ],
 )
 def test_validation_error_names_the_offending_field(patch: dict[str, object], field: str) -> None:

@@ -8,6 +8,11 @@ Endpoints
 ---------
 ``POST /v1/messages``
     Anthropic Messages API, JSON or SSE (``"stream": true``).
+``POST /model/{modelId}/invoke`` and ``/model/{modelId}/invoke-with-response-stream``
+    The Messages API as Amazon Bedrock serves it (the stream: AWS event-stream frames);
+    see ``cloud_wire``.
+``POST /v1/projects/{p}/locations/{r}/publishers/anthropic/models/{m}:rawPredict``
+    and ``:streamRawPredict``: the Messages API as Google Vertex AI serves it (SSE).
 ``POST /v1/chat/completions``
     OpenAI Chat Completions, JSON or SSE (``chat.completion.chunk`` ... ``data: [DONE]``;
     a final usage chunk when ``stream_options.include_usage`` is true).
@@ -29,6 +34,7 @@ Modules
 ``echo``            the reply text (an echo of the last user message) and token counts
 ``anthropic_wire``  the Messages API: request shape, reply, stream events, errors, models
 ``openai_wire``     the Chat Completions API: the same for OpenAI
+``cloud_wire``      the Bedrock and Vertex doors: their envelopes, event stream and errors
 ``faults``          ``FaultConfig``, the ``fault:...`` triggers, and which fault a request gets
 ``statuspage``      the status page (``summary.json``) and its scripted incidents
 ``server``          ``FakeProvider``: the aiohttp server, counters, admin API, ``serve()``

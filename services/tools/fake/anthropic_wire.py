@@ -57,6 +57,18 @@ class Request(msgspec.Struct):
 decode_request: Final = msgspec.json.Decoder(Request).decode
 
 
+class CloudRequest(msgspec.Struct):
+    """A Messages request on a cloud door (Bedrock, Vertex): the model is in the path."""
+
+    messages: list[Message]
+    max_tokens: int | None = None
+    metadata: Metadata | None = None
+    system: str | list[Block] | None = None
+
+
+decode_cloud_request: Final = msgspec.json.Decoder(CloudRequest).decode
+
+
 def input_tokens(req: Request) -> int:
     """The words of every message and the system prompt (at least 1)."""
     return count_words([m.content for m in req.messages] + [req.system])

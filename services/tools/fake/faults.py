@@ -118,12 +118,15 @@ class Outage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defa
     status: WindowStatus = 529
     slow_ms: float = 0.0
     models: list[str] = msgspec.field(default_factory=list)
+    #: The doors it hits (``DOORS``; empty: every door).
+    doors: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Reject values that cannot work (raises ``ValueError``)."""
         if self.start_s < 0 or self.duration_s < 0:
             raise ValueError("outage start_s and duration_s must be >= 0")
         check_window_status(self.status, self.slow_ms)
+        check_doors(self.doors)
 
 
 class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -317,6 +320,18 @@ def padding(fault: Fault | None) -> str:
     return " " + "x" * fault.status
 
 
+#: The fake's doors: the first-party Messages API, Chat Completions, and the Messages API
+#: as Amazon Bedrock and Google Vertex AI serve it. An outage may hit some of them only.
+DOORS: Final = ("anthropic", "openai", "bedrock", "vertex")
+
+
+def check_doors(doors: Sequence[str] | None) -> None:
+    """Refuse a door the fake does not have (``ValueError``)."""
+    for door in doors or ():
+        if door not in DOORS:
+            raise ValueError(f"unknown door {door!r}; the fake's doors are {', '.join(DOORS)}")
+
+
 @dataclass(slots=True)
 class _Outage:
     status: WindowStatus
@@ -324,6 +339,7 @@ class _Outage:
     models: frozenset[str] | None
     started_at: float
     slow_ms: float = 0.0
+    doors: frozenset[str] | None = None
 
     def describe(self, now: float) -> dict[str, Any]:
         described: dict[str, Any] = {
@@ -333,6 +349,8 @@ class _Outage:
             "remaining_s": None if self.until is None else max(0.0, self.until - now),
             "models": None if self.models is None else sorted(self.models),
         }
+        if self.doors is not None:
+            described["doors"] = sorted(self.doors)
         if self.status == "slow":
             described["slow_ms"] = self.slow_ms
         return described
@@ -344,6 +362,7 @@ class _Scheduled:
     end: float
     fault: Fault
     models: frozenset[str] | None
+    doors: frozenset[str] | None = None
 
 
 def _window(
@@ -398,6 +417,7 @@ class Faults:
                 now + o.start_s + o.duration_s,
                 outage_fault(o.status, o.slow_ms),
                 frozenset(o.models) if o.models else None,
+                frozenset(o.doors) if o.doors else None,
             )
             for o in outages
         ]
@@ -426,6 +446,7 @@ class Faults:
         duration_s: float | None = None,
         models: Sequence[str] | None = None,
         slow_ms: float = 0.0,
+        doors: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Answer every inference request (of ``models``, if given) with ``status``
         (``"slow"``: a normal reply after ``slow_ms``).
@@ -434,6 +455,7 @@ class Faults:
         previous one. Returns the outage state.
         """
         check_window_status(status, slow_ms)
+        check_doors(doors)
         if duration_s is not None and duration_s < 0:
             raise ValueError("duration_s must be >= 0")
         self.stop_outage()
@@ -445,6 +467,7 @@ class Faults:
             models=None if models is None else frozenset(models),
             started_at=wall,
             slow_ms=slow_ms,
+            doors=frozenset(doors) if doors else None,
         )
         self._runtime_windows.append(
             _window(
@@ -498,7 +521,7 @@ class Faults:
     # ---- per request
 
     def choose(
-        self, trigger: str | None, model: str, stream: bool
+        self, trigger: str | None, model: str, stream: bool, door: str = "anthropic"
     ) -> tuple[Fault | None, FaultSource | None]:
         """The fault of a request for ``model`` and why, or ``(None, None)`` for a normal reply.
 
@@ -516,11 +539,15 @@ class Faults:
         if outage is not None:
             if outage.until is not None and now >= outage.until:
                 self._outage = None
-            elif outage.models is None or model in outage.models:
+            elif (outage.models is None or model in outage.models) and (
+                outage.doors is None or door in outage.doors
+            ):
                 return outage_fault(outage.status, outage.slow_ms), "outage"
         for window in self._scheduled:
-            if window.start <= now < window.end and (
-                window.models is None or model in window.models
+            if (
+                window.start <= now < window.end
+                and (window.models is None or model in window.models)
+                and (window.doors is None or door in window.doors)
             ):
                 return window.fault, "scheduled_outage"
         if self._random_faults:

@@ -66,6 +66,14 @@ class FakeProviderThread:
         """End the runtime outage, if any."""
         self._call(self.provider.stop_outage)
 
+    def record_requests(self, on: bool = True) -> None:
+        """Start (or stop) keeping every inference request's exact bytes."""
+        self._call(lambda: self.provider.record_requests(on))
+
+    def recorded(self, door: str | None = None) -> list[dict[str, Any]]:
+        """The requests recorded (see ``FakeProvider.recorded``)."""
+        return self._call(lambda: self.provider.recorded(door))
+
     def status_page(self, **patch: Any) -> dict[str, Any]:
         """Script the status page (fields of ``statuspage.PagePatch``); return its state."""
         from services.tools.fake.statuspage import PagePatch

@@ -12,6 +12,12 @@ Admin API (JSON)
     "models": [str]?, "slow_ms": float?}`` starts a runtime outage: every inference request
     (for the listed models only, when given) gets that fault (``"slow"``: a normal reply
     after ``slow_ms``) until ``DELETE /admin/outage`` or until ``duration_s`` elapses.
+    With ``"doors": [...]`` (``anthropic``, ``openai``, ``bedrock``, ``vertex``) only those
+    doors have the outage: ``{"status": 529, "doors": ["anthropic"]}`` takes the first party
+    down and leaves Bedrock and Vertex up. A cloud door answers in its cloud's error shape.
+``POST /admin/requests`` / ``GET /admin/requests[?door=D]``
+    ``{"record": true}`` starts keeping every inference request's exact bytes (the newest
+    ``MAX_RECORDED``), ``false`` stops; GET lists them (``FakeProvider.recorded``).
 ``GET /admin/outage`` / ``DELETE /admin/outage``
     The runtime outage state / end it.
 ``GET /admin/counters`` / ``POST /admin/counters/reset``
@@ -32,6 +38,8 @@ header ``x-ridethrough-probe: 1`` is counted as a probe, any other as normal.
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import contextlib
 import itertools
 import math
@@ -46,7 +54,7 @@ from typing import Any, Final, TypeAlias
 import msgspec
 from aiohttp import web
 
-from services.tools.fake import anthropic_wire, openai_wire
+from services.tools.fake import anthropic_wire, cloud_wire, openai_wire
 from services.tools.fake.calls import CallLog
 from services.tools.fake.echo import echo, last_user_text
 from services.tools.fake.faults import (
@@ -74,10 +82,19 @@ class _OutageRequest(msgspec.Struct, forbid_unknown_fields=True):
     duration_s: float | None = None
     models: list[str] | None = None
     slow_ms: float = 0.0
+    doors: list[str] | None = None
 
+
+class _RecordRequest(msgspec.Struct, forbid_unknown_fields=True):
+    record: bool = True
+
+
+#: Requests kept while recording (``POST /admin/requests``): the newest this many.
+MAX_RECORDED: Final = 10_000
 
 _config_decoder: Final = msgspec.json.Decoder(FaultConfig)
 _outage_decoder: Final = msgspec.json.Decoder(_OutageRequest)
+_record_decoder: Final = msgspec.json.Decoder(_RecordRequest)
 _encoder: Final = msgspec.json.Encoder()
 _encode = _encoder.encode
 
@@ -175,6 +192,11 @@ class FakeProvider:
         self.stop_outage = self._faults.stop_outage
         self.outage_state = self._faults.outage_state
         self._error_cache: dict[tuple[bool, int], bytes] = {}
+        #: Inference requests as they arrived (door, model, body), while recording.
+        self._recorded: collections.deque[tuple[str, str, bytes, str]] = collections.deque(
+            maxlen=MAX_RECORDED
+        )
+        self.recording = False
         cfg = self._faults.config
         self.status_page = StatusPage(cfg.models, cfg.status_incidents)
         self.app = self._build_app()
@@ -316,6 +338,14 @@ class FakeProvider:
         app = web.Application(client_max_size=_MAX_BODY, middlewares=[self._capacity_gate])
         app[PROVIDER_KEY] = self
         app.router.add_post("/v1/messages", self._handle_messages)
+        app.router.add_post("/model/{model_id}/invoke", self._handle_bedrock)
+        app.router.add_post("/model/{model_id}/invoke-with-response-stream", self._handle_bedrock)
+        app.router.add_post(
+            "/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{spec}",
+            self._handle_vertex,
+        )
+        app.router.add_get("/admin/requests", self._admin_requests)
+        app.router.add_post("/admin/requests", self._admin_record)
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/v1/models/{model_id}", self._handle_model)
@@ -364,9 +394,9 @@ class FakeProvider:
                 future.set_exception(exc)
 
     def _choose_fault(
-        self, trigger: str | None, model: str, stream: bool, probe: bool
+        self, trigger: str | None, model: str, stream: bool, probe: bool, door: str = "anthropic"
     ) -> Fault | None:
-        fault, source = self._faults.choose(trigger, model, stream)
+        fault, source = self._faults.choose(trigger, model, stream, door)
         if source is not None:
             self._count_fault(source, probe)
         return fault
@@ -446,12 +476,16 @@ class FakeProvider:
         return kept
 
     async def _stream(
-        self, request: web.Request, events: list[bytes], request_id: str
+        self,
+        request: web.Request,
+        events: list[bytes],
+        request_id: str,
+        content_type: str = "text/event-stream",
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=200,
             headers={
-                "Content-Type": "text/event-stream",
+                "Content-Type": content_type,
                 "Cache-Control": "no-cache",
                 "request-id": request_id,
             },
@@ -550,20 +584,72 @@ class FakeProvider:
             return self._error(anthropic, 413)
 
     async def _handle_messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._messages(request, "anthropic")
+
+    async def _handle_bedrock(self, request: web.Request) -> web.StreamResponse:
+        stream = request.path.endswith("/invoke-with-response-stream")
+        return await self._messages(request, "bedrock", request.match_info["model_id"], stream)
+
+    async def _handle_vertex(self, request: web.Request) -> web.StreamResponse:
+        model, _, action = request.match_info["spec"].rpartition(":")
+        if not model or action not in ("rawPredict", "streamRawPredict"):
+            return await self._handle_unknown(request)
+        return await self._messages(request, "vertex", model, action == "streamRawPredict")
+
+    def _door_error(self, door: str, answer: web.StreamResponse) -> web.StreamResponse:
+        """A first-party error reply in the shape of ``door`` (others pass unchanged)."""
+        if door == "anthropic" or not isinstance(answer, web.Response) or answer.status < 400:
+            return answer
+        first_party = answer.body if isinstance(answer.body, bytes) else b""
+        message = cloud_wire.error_message(first_party)
+        kept = {k: v for k, v in answer.headers.items() if k.lower().startswith("retry-after")}
+        if door == "bedrock":
+            status, headers, body = cloud_wire.bedrock_error(answer.status, message)
+            return _json_response(body, status, {**kept, **headers})
+        body = cloud_wire.vertex_error(answer.status, message, first_party)
+        return _json_response(body, answer.status, kept)
+
+    def _decode_messages(
+        self, body: bytes, door: str, model: str | None, stream: bool
+    ) -> anthropic_wire.Request:
+        if model is None:
+            return anthropic_wire.decode_request(body)
+        # A cloud door: the model is in the path, the body carries anthropic_version.
+        req = anthropic_wire.decode_cloud_request(body)
+        return anthropic_wire.Request(
+            model=model,
+            messages=req.messages,
+            max_tokens=req.max_tokens,
+            stream=stream,
+            metadata=req.metadata,
+            system=req.system,
+        )
+
+    async def _messages(
+        self,
+        request: web.Request,
+        door: str,
+        path_model: str | None = None,
+        path_stream: bool = False,
+    ) -> web.StreamResponse:
         probe = self._count_request(request)
         body = await self._read_body(request, True)
         if isinstance(body, web.Response):
-            return body
+            return self._door_error(door, body)
         try:
-            req = anthropic_wire.decode_request(body)
+            req = self._decode_messages(body, door, path_model, path_stream)
         except msgspec.DecodeError as exc:
-            return self._error(True, 400, str(exc))
+            return self._door_error(door, self._error(True, 400, str(exc)))
+        if self.recording:
+            self._recorded.append(
+                (door, req.model, body, request.headers.get("anthropic-beta", ""))
+            )
         _bump(self._counters.by_model, req.model)
         self._calls.record(req.model, probe)
         trigger = request.headers.get(FAULT_HEADER)
         if (trigger is None or not trigger.startswith("fault:")) and req.metadata is not None:
             trigger = req.metadata.user_id
-        fault = self._choose_fault(trigger, req.model, req.stream, probe)
+        fault = self._choose_fault(trigger, req.model, req.stream, probe, door)
         midstream = False
         if fault is not None:
             if fault.kind == "midstream":
@@ -571,7 +657,7 @@ class FakeProvider:
             else:
                 answer = await self._apply_fault(request, True, fault)
                 if answer is not None:
-                    return answer
+                    return self._door_error(door, answer)
         elif self._faults.has_latency:
             await asyncio.sleep(self._faults.latency_s())
 
@@ -591,6 +677,11 @@ class FakeProvider:
         if midstream:
             events = self._broken_off(events, anthropic_wire.MIDSTREAM_ERROR)
         self._count_status("200")
+        if door == "bedrock":
+            frames = cloud_wire.bedrock_frames(events)
+            return await self._stream(
+                request, frames, self._next_id("req_"), cloud_wire.EVENTSTREAM
+            )
         return await self._stream(request, events, self._next_id("req_"))
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
@@ -700,7 +791,9 @@ class FakeProvider:
     async def _admin_start_outage(self, request: web.Request) -> web.StreamResponse:
         try:
             spec = _outage_decoder.decode(await request.read() or b"{}")
-            state = self.start_outage(spec.status, spec.duration_s, spec.models, spec.slow_ms)
+            state = self.start_outage(
+                spec.status, spec.duration_s, spec.models, spec.slow_ms, spec.doors
+            )
         except (msgspec.DecodeError, ValueError) as exc:
             return _admin_error(str(exc))
         return _json_response(_encode(state))
@@ -726,6 +819,34 @@ class FakeProvider:
         except ValueError:
             return _admin_error(f"since={since_text!r} is not a Unix time")
         return _json_response(_encode(self.calls(request.query.get("model"), since)))
+
+    def recorded(self, door: str | None = None) -> list[dict[str, Any]]:
+        """The inference requests recorded (``record_requests``), oldest first: ``door``,
+        ``model`` (the path's, on a cloud door), ``body`` (base64 of the exact bytes) and
+        ``anthropic_beta`` (the header, "" when none)."""
+        return [
+            {"door": d, "model": m, "body": base64.b64encode(b).decode(), "anthropic_beta": h}
+            for d, m, b, h in self._recorded
+            if door is None or d == door
+        ]
+
+    def record_requests(self, on: bool = True) -> None:
+        """Start (or stop) keeping every inference request's exact bytes; starting empties
+        what was kept."""
+        if on:
+            self._recorded.clear()
+        self.recording = on
+
+    async def _admin_requests(self, request: web.Request) -> web.StreamResponse:
+        return _json_response(_encode({"requests": self.recorded(request.query.get("door"))}))
+
+    async def _admin_record(self, request: web.Request) -> web.StreamResponse:
+        try:
+            spec = _record_decoder.decode(await request.read() or b"{}")
+        except msgspec.DecodeError as exc:
+            return _admin_error(str(exc))
+        self.record_requests(spec.record)
+        return _json_response(_encode({"recording": self.recording}))
 
     async def _admin_get_config(self, request: web.Request) -> web.StreamResponse:
         return _json_response(_encode(self.config))
