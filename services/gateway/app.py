@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from schemas.jobs import new_job_id
 from schemas.results import JobResult
 from schemas.subjects import is_token
-from services.config import Settings
+from services.config import ANTHROPIC_SHAPE, Settings
 from services.errors import (
     ConfigError,
     InvalidJob,
@@ -176,10 +176,10 @@ class Gateway:
         self.config = settings.gateway
         self.keys = keys if keys is not None else KeyRing.from_settings(settings.gateway)
         provider = settings.providers.get(self.config.anthropic_provider)
-        if provider is None or not provider.kind.startswith("anthropic"):
+        if provider is None or provider.kind not in ANTHROPIC_SHAPE:
             raise ConfigError(
                 f"gateway.anthropic_provider {self.config.anthropic_provider!r} must name a "
-                "configured provider of kind anthropic"
+                f"configured provider of an Anthropic kind ({', '.join(ANTHROPIC_SHAPE)})"
             )
         self.openai_provider = self.config.openai_provider
         if self.openai_provider is not None:
