@@ -259,7 +259,8 @@ def failover_copy(job: Job, view: BreakerView, policy: Policy) -> Job | None:
             fallbacks=[],
             metadata={**job.metadata, "failover_from": f"{job.provider}/{job.model}"},
         )
-        if fits(encode(moved), policy.max_payload):
+        # A job by reference goes on by reference (services/bodies.py): it fits.
+        if job.request_ref is not None or fits(encode(moved), policy.max_payload):
             return moved
     return None
 
