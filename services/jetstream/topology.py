@@ -295,6 +295,7 @@ def bodies_config(settings: Settings) -> api.StreamConfig:
         discard=api.DiscardPolicy.NEW,
         allow_rollup_hdrs=False,
         allow_direct=True,
+        duplicate_window=120.0,  # the server's default, said so that a rerun changes nothing
     )
 
 
