@@ -255,3 +255,49 @@ def test_a_body_reference_is_additive_to_the_job_schema() -> None:
     ):
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert(bad, BodyRef)
+
+
+async def test_operators_follow_the_reference(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """Large jobs ended dead (provider paused, `on_outage=fail`) keep their bodies:
+    `jobs show` says where the body is, `dead replay` sends one back and it succeeds with
+    its body (then deleted), `dead purge` deletes the other's body with its letter."""
+    from services.breaker import paused_key
+    from services.ops.inspect import locate_job, purge_dead
+    from services.ops.moves import replay
+
+    small = settings.with_changes(bodies=BodySettings(threshold_bytes=4096))
+    kv = await js.key_value(s.CONTROL_BUCKET)
+    await kv.put(paused_key("anthropic"), b'{"reason":"test","by":"test"}')
+    async with running_worker(small) as (_, worker), await Producer.connect(small) as producer:
+        ids = [
+            await producer.submit(
+                make_job(
+                    "anthropic", "m", request=_document_request(50_000, f"q{i}"), on_outage="fail"
+                )
+            )
+            for i in range(2)
+        ]
+        first = await producer.results(ids, timeout=60)
+        shown = await locate_job(js, ids[0])
+        await kv.delete(paused_key("anthropic"))
+
+        async def resumed() -> bool:
+            assert worker.board is not None
+            return worker.board.state("anthropic") == "closed"
+
+        await wait_until(resumed, timeout=30)
+        report = await replay(js, small, "anthropic", source="dead", limit=1)
+
+        async def replayed() -> bool:
+            found = await producer.peek_result(ids[0])
+            return found is not None and found.status == "succeeded"
+
+        await wait_until(replayed, timeout=60)
+        purged = await purge_dead(js, "anthropic", None)
+    assert {r.status for r in first.values()} == {"failed"}
+    assert shown["dead"]["reason"] == "provider_outage" and shown["body"]["present"] is True
+    assert report.moved == 1 and purged == 1
+    assert await _objects(js) == 0  # one body went with its result, the other with its letter
+    assert fake_provider.counters()["by_path"]["/v1/messages"] == 1
