@@ -301,3 +301,30 @@ async def test_operators_follow_the_reference(
     assert report.moved == 1 and purged == 1
     assert await _objects(js) == 0  # one body went with its result, the other with its letter
     assert fake_provider.counters()["by_path"]["/v1/messages"] == 1
+
+
+async def test_the_gateway_takes_a_20mb_request(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """A 20 MB Messages request through the gateway (the official SDK) is answered: its
+    body went by reference, the fake received its content whole, nothing is left behind."""
+    import anthropic
+
+    from services.config import GatewaySettings
+    from services.gateway import key_digest, running_gateway
+
+    gw = settings.with_changes(gateway=GatewaySettings(keys={key_digest("k"): "acme"}))
+    request = _document_request(20 * MB, "what is in it")
+    digest = content_digest(request)
+    async with (
+        running_worker(gw),
+        running_gateway(gw, "127.0.0.1", 0) as url,
+        anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client,
+    ):
+        message = await client.messages.create(model="claude-gw", **request)
+    assert message.content[0].type == "text" and message.content[0].text == "echo: what is in it"
+    received = [r for r in fake_provider.large_requests() if r["path"] == "/v1/messages"]
+    assert [r["digest"] for r in received] == [digest]
+    assert await _objects(js) == 0
+    counts = await count_outcomes(js)
+    assert counts["results"] == counts["succeeded"] == 1 and counts["dead"] == 0
