@@ -17,11 +17,12 @@ body (the JSON of ``request``) here as one object, and publishes the job with an
 The layout is JetStream's object store, so ``nats object get ai_bodies <name>`` reads a
 body; but it is written without the rollup header (the bucket refuses rollups: a
 producer's ``Nats-Rollup: all`` on a chunk would otherwise purge everyone's bodies) and
-read with plain stream lookups (no consumer), so a producer needs publish rights and
-nothing more. Producers may not read, list, look up or purge anything in the bucket
-(``deploy/nats/auth.conf``), and a name holds 128 random bits: a tenant can neither
-guess nor learn another's. The worker also checks that a body's name starts with its
-job's tenant, so a name that leaked cannot be used from another tenant's job.
+read with plain stream lookups (the meta from the leader, the chunks by direct get; no
+consumer), so a producer needs publish rights and nothing more. Producers may not read,
+list, look up or purge anything in the bucket (``deploy/nats/auth.conf``), and a name
+holds 128 random bits: a tenant can neither guess nor learn another's. The worker also
+checks that a body's name starts with its job's tenant, so a name that leaked cannot be
+used from another tenant's job.
 
 A dead letter keeps its job's body (``ridethrough dead replay`` needs it) until the letter
 is purged or the bucket's max age (``bodies.max_age_s``, 30 days, as the dead letters)
@@ -147,7 +148,7 @@ async def _fetch(js: JetStreamContext, ref: BodyRef) -> bytes:
     seq = 1
     while got < ref.size:
         try:
-            msg = await js.get_msg(BODIES_STREAM, seq=seq, subject=subject, next=True)
+            msg = await _chunk(js, subject, seq)
         except NOT_FOUND:
             raise BodyUnavailable(
                 "body_missing", f"the request body {ref.name} lost its chunks after {got} bytes"
@@ -163,6 +164,16 @@ async def _fetch(js: JetStreamContext, ref: BodyRef) -> bytes:
             "invalid", f"the request body {ref.name} is not the one submitted (SHA-256 differs)"
         )
     return data
+
+
+async def _chunk(js: JetStreamContext, subject: str, seq: int) -> Any:
+    """The first chunk on ``subject`` at or after ``seq``: by direct get (raw bytes, eight
+    times faster than the leader's base64 answer), from the leader when a replica that
+    answered has not stored it yet (a replica lags only at the tail of the log)."""
+    try:
+        return await js.get_msg(BODIES_STREAM, seq=seq, subject=subject, next=True, direct=True)
+    except NOT_FOUND:
+        return await js.get_msg(BODIES_STREAM, seq=seq, subject=subject, next=True)
 
 
 def _belongs(job: Job, ref: BodyRef) -> bool:

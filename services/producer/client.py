@@ -251,6 +251,8 @@ class Producer:
         # letter with the job inside must fit in one message too (services/overflow.py).
         # A job over that (or over the threshold) goes by reference (services/bodies.py);
         # one that already does and is still too large is refused.
+        if checked.request_ref is not None and checked.request:
+            raise InvalidJob(f"job {checked.id}: a job with request_ref has an empty request")
         limit = self.nc.max_payload
         if checked.request_ref is not None and limit and len(data) > limit - HEADROOM:
             raise PayloadTooLarge(len(data), limit - HEADROOM)

@@ -202,10 +202,9 @@ class JobRunner:
         self._calling.add(key)
         try:
             answer = await self._call(d, full)
-            after = Situation(full, d.attempts, outcome=answer)
+            after = decide(Situation(full, d.attempts, outcome=answer), self.policy, self.view)
             del full  # a large job's body: not held while the answer is stored
-            outcome = self._by_reference(job, decide(after, self.policy, self.view))
-            await self.settler.settle(d, outcome)
+            await self.settler.settle(d, self._by_reference(job, after))
         finally:
             self._calling.discard(key)
 
