@@ -337,3 +337,42 @@ async def test_the_gateway_takes_a_20mb_request(
     await _bucket_empties(js)
     counts = await count_outcomes(js)
     assert counts["results"] == counts["succeeded"] == 1 and counts["dead"] == 0
+
+
+async def test_a_large_job_that_expires_while_parked_loses_its_body(
+    settings: Settings, js: Any, fake_provider: Any
+) -> None:
+    """A large job parked (its provider paused) keeps its body while it waits; its deadline
+    passes, the replayer ends it `expired` and its body goes. No provider call."""
+    from datetime import UTC, datetime, timedelta
+
+    from services.breaker import paused_key
+
+    small = settings.with_changes(bodies=BodySettings(threshold_bytes=4096))
+    kv = await js.key_value(s.CONTROL_BUCKET)
+    await kv.put(paused_key("anthropic"), b'{"reason":"test","by":"test"}')
+    async with (
+        running_worker(small),
+        running_recovery(small),
+        await Producer.connect(small) as producer,
+    ):
+        deadline = datetime.now(UTC) + timedelta(seconds=5)  # time enough to park it
+        job = make_job("anthropic", "m", request=_document_request(50_000), deadline=deadline)
+        job_id = await producer.submit(job)
+        await wait_until(_parked(1, js), timeout=30)
+        kept = await _objects(js)
+        await wait_until(lambda: _past(deadline), timeout=30)
+        await kv.delete(paused_key("anthropic"))
+        result = await producer.result(job_id, timeout=60)
+        await _bucket_empties(js)
+    assert kept > 0  # parked: its body stays
+    assert result.status == "expired"
+    assert fake_provider.counters()["normal"] == 0  # probes only
+    counts = await count_outcomes(js)
+    assert counts["results"] == counts["expired"] == 1 and counts["dead"] == 0
+
+
+async def _past(when: Any) -> bool:
+    from datetime import UTC, datetime
+
+    return bool(datetime.now(UTC) > when)
