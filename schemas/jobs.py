@@ -43,11 +43,36 @@ class Target(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     model: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
 
+#: The name of a large job's body in the object store bucket ``ai_bodies``:
+#: ``<tenant or _>.<job id>.<128 random bits in hex>`` (nobody can guess another's).
+BodyName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z0-9_-]{1,128}\.[A-Za-z0-9_-]{1,128}\.[0-9a-f]{32}$",
+        description="<tenant or _>.<job id>.<32 random hex digits>",
+    ),
+]
+
+
+class BodyRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where the request body of a large job waits: object ``name`` of the JetStream
+    object store bucket ``ai_bodies`` (``services/bodies.py``), ``size`` bytes of JSON
+    whose SHA-256 is ``sha256``. ``kind`` is the API the body is written for when it is
+    not the job's provider's (a fail-over copy to another API: the worker maps it)."""
+
+    name: BodyName
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    kind: str | None = None
+
+
 class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One AI job.
 
     ``request`` is the provider-native request body (Anthropic Messages or
-    OpenAI Chat Completions) without ``model``, which travels in ``model``.
+    OpenAI Chat Completions) without ``model``, which travels in ``model``. A job
+    too large for one message carries ``request_ref`` instead, and an empty ``request``:
+    the body waits in the object store until the job ends.
     """
 
     id: Token
@@ -71,6 +96,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     betas: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}$")]] = msgspec.field(
         default_factory=list
     )
+    #: Where the body of a large job waits (``request`` is then empty); absent for every
+    #: job that fits in one message, so those are byte for byte what they always were.
+    request_ref: BodyRef | None = None
 
 
 _decoder = msgspec.json.Decoder(Job)

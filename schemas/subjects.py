@@ -25,6 +25,9 @@ CONTROL_BUCKET: Final = "ai_control"
 WORKERS_BUCKET: Final = "ai_workers"
 #: Object store: parts of records too large for one message (``services/overflow.py``).
 OVERFLOW_BUCKET: Final = "ai_overflow"
+#: Object store: request bodies of large jobs (``services/bodies.py``); producers may put,
+#: only workers, the replayer and operators read or delete.
+BODIES_BUCKET: Final = "ai_bodies"
 
 # Headers
 MSG_ID_HEADER: Final = "Nats-Msg-Id"

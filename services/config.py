@@ -414,6 +414,33 @@ class GatewaySettings(BaseModel):
         return self
 
 
+class BodySettings(BaseModel):
+    """Large jobs: a request body over ``threshold_bytes`` waits in the object store bucket
+    ``ai_bodies`` and the job carries a reference (``services/bodies.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold_bytes: int = Field(
+        1024 * 1024,
+        gt=0,
+        description="a job whose encoding is larger goes by reference (never above the "
+        "server's max_payload less the room a park record needs)",
+    )
+    max_bytes: int = Field(
+        MESSAGES_MAX_BYTES, gt=0, description="the largest request body a job may have"
+    )
+    max_age_s: float = Field(
+        30 * DAY,
+        gt=0,
+        description="bodies left behind (a dead letter's, a submit that failed half way, a "
+        "delete that failed) go after this long; keep it >= parked and dead max ages",
+    )
+    bucket_max_bytes: int = Field(
+        -1, description="the bucket's size cap (-1: none); a full bucket refuses new bodies"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="longest put or fetch of one body")
+
+
 def _default_providers() -> dict[str, ProviderSettings]:
     return {
         "anthropic": ProviderSettings(kind="anthropic"),
@@ -437,6 +464,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    bodies: BodySettings = Field(default_factory=BodySettings)
     providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
     anthropic_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("RIDETHROUGH_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")

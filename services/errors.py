@@ -9,6 +9,8 @@
     │   ├── PayloadTooLarge      the encoded job exceeds the server's max_payload
     │   └── UnknownProvider      no stream accepts jobs for this provider
     ├── ResultTimeout            no result arrived within the timeout
+    ├── BodyUnavailable          a large job's body cannot be used: gone (``body_missing``)
+    │                            or not the one submitted (``invalid``); the job is dead
     ├── Unmappable               a request cannot be translated faithfully to another API
     │                            (also a ValueError); the job is parked, never mangled
     ├── BenchError               a benchmark could not run (a child died, jobs went missing)
@@ -56,10 +58,10 @@ class InvalidJob(JobRejected):
 class PayloadTooLarge(JobRejected):
     """The encoded job is larger than the server accepts."""
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, why: str = "") -> None:
         super().__init__(
             f"job is {size} bytes, over the {limit} bytes a job may have on this server "
-            "(its max_payload less room for a park record or dead letter)"
+            + (why or "(its max_payload less room for a park record or dead letter)")
         )
         self.size = size
         self.limit = limit
@@ -71,6 +73,16 @@ class UnknownProvider(JobRejected):
 
 class ResultTimeout(RidethroughError):
     """No result arrived within the timeout."""
+
+
+class BodyUnavailable(RidethroughError):
+    """A large job's body (``services/bodies.py``) cannot be used; ``reason`` is the dead
+    letter's: ``body_missing`` (gone) or ``invalid`` (not the body submitted)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class Unmappable(RidethroughError, ValueError):

@@ -53,7 +53,8 @@ A key names one request: the same key with another body answers the first body's
 Errors are Anthropic's shape, ``{"type":"error","error":{"type":...,"message":...}}``: a
 body that is not JSON or lacks ``model``/``max_tokens``/``messages`` is a 400
 ``invalid_request_error`` (never a 500); a body over ``gateway.max_body_bytes`` (32 MB,
-the Messages API's limit) or a job over NATS's max_payload is a 413; a job that ended in
+the Messages API's limit) or a job over ``bodies.max_bytes`` is a 413 (a job over NATS's
+max_payload goes by reference: ``services/bodies.py``); a job that ended in
 a dead letter answers its reason's status (``anthropic_wire.FAILURES``: the provider's
 400 is a 400 ``invalid_request_error``) with ``x-should-retry: false``; NATS unreachable
 is a 503 with ``retry-after`` (nothing was stored).

@@ -197,7 +197,9 @@ class Gateway:
         from its scope, and it can claim no other tenant's job."""
         found = self._producers.get(tenant)
         if found is None:
-            found = self._producers[tenant] = Producer(self.nc, tenant=tenant)
+            found = self._producers[tenant] = Producer(
+                self.nc, tenant=tenant, bodies=self.settings.bodies
+            )
         return found
 
     def app(self) -> web.Application:

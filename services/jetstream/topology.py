@@ -279,6 +279,26 @@ async def _ensure_object_store(
     await _update_backing_stream(js, info.config, wanted, bucket, report)
 
 
+def bodies_config(settings: Settings) -> api.StreamConfig:
+    """The stream of the ``ai_bodies`` object store (``services/bodies.py``): the object
+    store's layout, with rollups refused (a producer's ``Nats-Rollup: all`` on a chunk
+    would purge every body) and bodies left behind removed after ``bodies.max_age_s``."""
+    bucket = s.BODIES_BUCKET
+    return api.StreamConfig(
+        name=f"OBJ_{bucket}",
+        description="request bodies of large jobs",
+        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        max_age=settings.bodies.max_age_s,
+        max_bytes=settings.bodies.bucket_max_bytes,
+        storage=_storage(settings),
+        num_replicas=settings.nats.replicas,
+        discard=api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=False,
+        allow_direct=True,
+        duplicate_window=120.0,  # the server's default, said so that a rerun changes nothing
+    )
+
+
 async def legacy_jobs_seq(js: JetStreamContext) -> int:
     """The last AI_JOBS sequence stored under the old trust rules (0: none, or unknown)."""
     kv = await js.key_value(s.CONTROL_BUCKET)
@@ -407,6 +427,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
         for bucket, history, ttl in bucket_configs(settings):
             await _ensure_bucket(js, bucket, history, ttl, settings, report)
         await _ensure_object_store(js, settings, report)
+        await _ensure_stream(js, bodies_config(settings), report)
         await _record_legacy_jobs(js, report)
         if moved := await migrate_results(js):
             report.updated.append(f"{s.RESULTS_STREAM}: {moved} results moved to scoped subjects")

@@ -277,7 +277,8 @@ def failover_copy(job: Job, view: BreakerView, policy: Policy) -> Job | None:
             metadata=metadata,
             betas=betas,
         )
-        if fits(encode(moved), policy.max_payload):
+        # A job by reference goes on by reference (services/bodies.py): it fits.
+        if job.request_ref is not None or fits(encode(moved), policy.max_payload):
             return moved
     return None
 

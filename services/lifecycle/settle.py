@@ -21,6 +21,11 @@ message and then acks or naks it ("then ack" means after the PubAck, never befor
     Expired     ``expired`` result, ack      Park       parked copy, ack (too large to
     FailOver    copy on the fallback, ack               park: dead ``too_large``)
     Dead        dead letter (+ ``failed`` result when answered), ack
+
+A large job's body (``services/bodies.py``) is deleted once the job has its result
+(Succeeded, Expired, Duplicate), after the result and before the ack; a parked job and
+a dead letter keep it. A delete that fails is logged and counted (``bodies_left``): the
+bucket's max age removes the body, and the result is never held back for it.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from schemas.subjects import (
     result_subject,
 )
 from services import metrics
+from services.bodies import drop_body
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.jetstream.streams import last_msg, publish, publish_if_last
 from services.lifecycle.decide import (
@@ -89,6 +95,8 @@ class Stats:
     parked: int = 0
     retried: int = 0
     succeeded: int = 0
+    bodies_deleted: int = 0
+    bodies_left: int = 0  # large jobs' bodies a delete failed for (the bucket's max age takes them)
 
     def as_dict(self) -> dict[str, int]:
         """A snapshot."""
@@ -196,6 +204,26 @@ class Settler:
             )
         return stored
 
+    async def release_body(self, job: Job) -> None:
+        """Delete the body of a large job that has its result (never of a parked one, nor
+        of a dead letter's). A failure is logged and counted, never raised: the result is
+        stored, and the bucket's max age removes what is left."""
+        ref = job.request_ref
+        if ref is None:
+            return
+        try:
+            await asyncio.wait_for(drop_body(self.js, ref.name), self.publish_timeout_s)
+        except Exception as exc:
+            self.stats.bodies_left += 1
+            log.warning(
+                "job %s: its body %s was not deleted (%s); the bucket's max age removes it",
+                job.id,
+                ref.name,
+                type(exc).__name__,
+            )
+            return
+        self.stats.bodies_deleted += 1
+
     async def dead_letter(
         self, letter: DeadLetter, *, provider: str, original: bytes, stream: str, seq: int
     ) -> None:
@@ -285,6 +313,7 @@ class Settler:
             raise TypeError(f"{outcome!r} needs a job; {msg.subject} has none")
         elif isinstance(outcome, Duplicate):
             self.stats.duplicates_skipped += 1
+            await self.release_body(job)
         elif isinstance(outcome, Succeeded):
             await self._store_answer(d, job, outcome)
             return  # acked there
@@ -292,6 +321,7 @@ class Settler:
             self.stats.expired += 1
             error = ErrorInfo(type="expired", message=outcome.message)
             await self.store_result(self._result(d, job, "expired", error=error), replay=d.replay)
+            await self.release_body(job)
         elif isinstance(outcome, Park):
             record = ParkRecord(
                 reason=outcome.reason,
@@ -343,6 +373,7 @@ class Settler:
                 if fits(data, self.max_payload):
                     await self.store_result(result, replay=d.replay, data=data)
                     self.stats.succeeded += 1
+                    await self.release_body(job)
                     break
                 name = await put_aside(self.js, f"response.{d.stream}.{d.seq}", data)
                 message = (

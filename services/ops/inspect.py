@@ -16,9 +16,10 @@ from schemas.events import (
     decode_health_event,
     decode_ops_event,
 )
-from schemas.jobs import decode_job
+from schemas.jobs import BodyRef, decode_job
 from schemas.parking import DeadLetter, decode_dead_letter, decode_parked
 from schemas.results import decode_result
+from services.bodies import body_status, drop_body
 from services.errors import InvalidJob
 from services.jetstream.errors import NOT_FOUND
 from services.jetstream.streams import iter_stream
@@ -79,12 +80,25 @@ async def count_dead(js: JetStreamContext, provider: str | None, reason: str | N
     return sum(int(v) for v in (info.state.subjects or {}).values())
 
 
+def _ref_of(letter: DeadLetter) -> BodyRef | None:
+    """The body reference of a dead letter's job (a large job's), if any."""
+    found = (letter.job or {}).get("request_ref")
+    try:
+        return msgspec.convert(found, BodyRef) if found else None
+    except msgspec.ValidationError:
+        return None
+
+
 async def purge_dead(js: JetStreamContext, provider: str | None, reason: str | None) -> int:
     """Delete dead letters (all, or of one provider and/or reason); return how many.
-    The purge is written to ``ai.events.ops``."""
+    The bodies of large jobs among them go too (a dead letter kept its job's body so that
+    it could be replayed). The purge is written to ``ai.events.ops``."""
     count = await count_dead(js, provider, reason)
+    refs = [r for h in await dead_letters(js, provider, reason) if (r := _ref_of(h.letter))]
     if count:
         await js.purge_stream(s.DEAD_STREAM, subject=s.dead_filter(provider, reason))
+    for ref in refs:
+        await drop_body(js, ref.name)
     await audit(
         js,
         "dead.purge",
@@ -112,8 +126,10 @@ async def locate_job(
         where["result"] = msgspec.to_builtins(result)
     except NOT_FOUND:
         pass
+    ref: BodyRef | None = None
     held = await find_dead(js, job_id)
     if held is not None:
+        ref = _ref_of(held.letter)
         where["dead"] = {"reason": held.letter.reason, "error": held.letter.error.message}
         if where["where"] == "unknown":
             where.update(where="dead", attempts=held.letter.attempts)
@@ -121,6 +137,7 @@ async def locate_job(
         async for msg in iter_stream(js, s.PARKED_STREAM):
             parked = decode_parked(msg.data or b"")
             if parked.job.id == job_id:
+                ref = parked.job.request_ref
                 park = parked.park
                 where.update(
                     where="parked", attempts=park.attempts, parked=msgspec.to_builtins(park)
@@ -135,6 +152,7 @@ async def locate_job(
                 except (msgspec.ValidationError, msgspec.DecodeError):
                     continue
                 if job.id == job_id:
+                    ref = job.request_ref
                     priority = (msg.subject or "").split(".")[3:4]
                     seen = (msg.seq or 0) <= delivered.get(priority[0] if priority else "", 0)
                     where["where"] = "in_flight" if seen else "waiting"
@@ -142,6 +160,8 @@ async def locate_job(
                     break
             if where["where"] != "unknown":
                 break
+    if ref is not None:  # a large job: where its body is (services/bodies.py)
+        where["body"] = await body_status(js, ref)
     where["history"] = await _history(js, job_id, outage_ids)
     return where
 

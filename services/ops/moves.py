@@ -22,8 +22,9 @@ from nats.js import JetStreamContext
 from schemas import subjects as s
 from schemas.jobs import Job, decode_job
 from schemas.parking import ParkRecord, decode_dead_letter, decode_parked
+from services.bodies import fetch_body
 from services.config import Settings
-from services.errors import RidethroughError, Unmappable
+from services.errors import BodyUnavailable, RidethroughError, Unmappable
 from services.jetstream.connection import max_payload
 from services.jetstream.streams import delete, iter_stream
 from services.lifecycle.settle import Settler
@@ -157,7 +158,14 @@ def _retarget(job: Job, settings: Settings, to_provider: str | None, model: str 
     src = settings.providers.get(job.provider)
     dst = settings.providers[target]
     request = job.request
-    if src is not None and shape_of(src.kind) != shape_of(dst.kind):
+    ref = job.request_ref
+    if ref is not None and src is not None:
+        # A large job stays by reference: its body is mapped by the worker that calls
+        # (``services/bodies.py``); ``replay`` checked that it can be. ``kind`` names the
+        # API shape it is written in, when the target speaks another.
+        written = ref.kind or shape_of(src.kind)
+        ref = msgspec.structs.replace(ref, kind=None if written == shape_of(dst.kind) else written)
+    elif src is not None and shape_of(src.kind) != shape_of(dst.kind):
         request = convert(job.request, src_kind=shape_of(src.kind), dst_kind=shape_of(dst.kind))
     elif src is not None:  # another door of the same API: the request as it is
         check_door(job.request, dst.kind)
@@ -170,9 +178,21 @@ def _retarget(job: Job, settings: Settings, to_provider: str | None, model: str 
         provider=target,
         model=model or job.model,
         request=request,
+        request_ref=ref,
         betas=betas,
         metadata=metadata,
     )
+
+
+async def _check_body_maps(js: JetStreamContext, job: Job, settings: Settings) -> None:
+    """Raise ``Unmappable`` if the body of large ``job`` (retargeted) cannot be mapped to
+    its provider's API, or ``BodyUnavailable`` if it is gone."""
+    ref = job.request_ref
+    dst = settings.providers.get(job.provider)
+    if ref is None or ref.kind is None or dst is None or shape_of(ref.kind) == shape_of(dst.kind):
+        return
+    request = msgspec.json.decode(await fetch_body(js, ref, timeout=settings.bodies.timeout_s))
+    convert(request, src_kind=shape_of(ref.kind), dst_kind=shape_of(dst.kind))
 
 
 async def replay(
@@ -219,7 +239,8 @@ async def replay(
                 continue
             try:
                 job = _retarget(job, settings, to_provider, to_model)
-            except Unmappable as exc:
+                await _check_body_maps(js, job, settings)
+            except (Unmappable, BodyUnavailable) as exc:
                 report.skipped += 1
                 report.notes.append(f"{job.id}: cannot be sent to {to_provider}: {exc}")
                 continue

@@ -29,7 +29,8 @@ from schemas.subjects import (
     jobs_subject,
     result_subject,
 )
-from services.config import Settings
+from services.bodies import body_name, chunk_size, put_body, request_bytes
+from services.config import BodySettings, Settings
 from services.errors import (
     ConfigError,
     InvalidJob,
@@ -190,6 +191,7 @@ class Producer:
         ack_timeout_s: float = 5.0,
         own_connection: bool = False,
         tenant: str | None = None,
+        bodies: BodySettings | None = None,
     ):
         if tenant is not None and not is_token(tenant):
             raise ConfigError(f"tenant {tenant!r} is not a subject token (A-Z a-z 0-9 _ -)")
@@ -200,12 +202,15 @@ class Producer:
         self.js = nc.jetstream(publish_async_max_pending=_MAX_PENDING)
         self.ack_timeout_s = ack_timeout_s
         self._own = own_connection
+        #: Large jobs: over ``threshold_bytes`` the body goes to ``ai_bodies`` by reference.
+        self.bodies = bodies or BodySettings()
 
     @classmethod
     async def connect(cls, settings: Settings, **kwargs: Any) -> Producer:
         """Connect to NATS with ``settings`` and return a producer owning that connection
         (for ``settings.tenant`` unless ``tenant=`` says otherwise)."""
         kwargs.setdefault("tenant", settings.tenant)
+        kwargs.setdefault("bodies", settings.bodies)
         nc = await connect(settings, name="ridethrough-producer")
         return cls(nc, own_connection=True, **kwargs)
 
@@ -244,12 +249,53 @@ class Producer:
             data = encode(checked)
         # Room is left under max_payload for what a job becomes: a park record or a dead
         # letter with the job inside must fit in one message too (services/overflow.py).
+        # A job over that (or over the threshold) goes by reference (services/bodies.py);
+        # one that already does and is still too large is refused.
+        if checked.request_ref is not None and checked.request:
+            raise InvalidJob(f"job {checked.id}: a job with request_ref has an empty request")
         limit = self.nc.max_payload
-        if limit and len(data) > limit - HEADROOM:
+        if checked.request_ref is not None and limit and len(data) > limit - HEADROOM:
             raise PayloadTooLarge(len(data), limit - HEADROOM)
         # The key already fixed the job id; the msg id is that id in the tenant's scope, so
         # that every copy of one job carries the same msg id (the worker checks it).
         return checked, data, job_msg_id(checked.id, checked.tenant)
+
+    def _inline_limit(self) -> int:
+        """The largest job sent whole: the threshold, and room for a park record under the
+        server's max_payload."""
+        limit = self.nc.max_payload
+        room = limit - HEADROOM if limit else self.bodies.threshold_bytes
+        return min(self.bodies.threshold_bytes, room)
+
+    async def _by_reference(self, job: Job, data: bytes) -> tuple[Job, bytes]:
+        """A job too large to go whole: its body stored in ``ai_bodies`` first, the job
+        (with ``request_ref``, an empty ``request``) after; (job, its bytes)."""
+        if len(data) <= self._inline_limit() or job.request_ref is not None:
+            return job, data
+        body = request_bytes(job)
+        if len(body) > self.bodies.max_bytes:
+            raise PayloadTooLarge(
+                len(body), self.bodies.max_bytes, "(bodies.max_bytes: the Messages API's limit)"
+            )
+        try:
+            ref = await put_body(
+                self.js,
+                body_name(job.id, job.tenant),
+                body,
+                chunk=chunk_size(self.nc.max_payload),
+                timeout=self.ack_timeout_s,
+            )
+        except RidethroughError:
+            raise
+        except TOO_LARGE as exc:
+            raise JobRejected(f"job {job.id}: a chunk of its body was refused: {exc}") from exc
+        except Exception as exc:
+            raise NatsUnavailable(
+                f"job {job.id}: its body could not be stored: {exc or type(exc).__name__}"
+            ) from exc
+        del body
+        light = msgspec.structs.replace(job, request={}, request_ref=ref)
+        return light, encode(light)
 
     def _check_connected(self) -> None:
         if not self.nc.is_connected:
@@ -264,6 +310,7 @@ class Producer:
         """
         checked, data, msg_id = self._prepare(job, idempotency_key)
         self._check_connected()
+        checked, data = await self._by_reference(checked, data)
         subject = _subject(checked)
         deadline = time.monotonic() + self.ack_timeout_s
         delay = _LEADERLESS_RETRY_S
@@ -335,6 +382,7 @@ class Producer:
         for i, (job, key) in enumerate(zip(jobs, keys, strict=True)):
             try:
                 checked, data, msg_id = self._prepare(job, key)
+                checked, data = await self._by_reference(checked, data)
             except RidethroughError as exc:
                 outcomes[i] = SubmitOutcome(job_id=_job_id_of(job, key), error=exc)
                 continue

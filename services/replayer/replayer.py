@@ -497,6 +497,7 @@ class Replayer(LeasedPerProvider):
             tenant=job.tenant or "",
         )
         await self.settler.store_result(result)
+        await self.settler.release_body(job)  # the job has ended: its body goes (if large)
         await msg.ack()
 
     async def _dead_invalid(self, name: str, msg: Msg, message: str) -> None:

@@ -51,11 +51,19 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) ->
     raise NatsUnavailable(f"nats-server did not listen on port {port} within {timeout:.0f}s")
 
 
+#: The largest message the embedded server takes, as deploy/nats/nats.conf sets it: 8 MB,
+#: NATS's recommended ceiling (its hard limit is 64 MB). Large jobs do not need more:
+#: their bodies go in 1 MiB chunks to the object store (``services/bodies.py``).
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
 class NatsServer:
     """One nats-server process with JetStream on ``127.0.0.1:port``.
 
     Use as a context manager, or ``start()``/``stop()``. ``restart()`` keeps the
-    port and the store directory, so file-stored streams survive it.
+    port and the store directory, so file-stored streams survive it. Its ``max_payload``
+    is ``MAX_PAYLOAD`` (a config file of its own, next to the store), unless
+    ``extra_args`` bring a config file (``-c``), which then decides.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class NatsServer:
             "-p", str(self.port),
             "-js",
             "-sd", str(self.data_dir),
+            *self._config_args(),
             *self.extra_args,
         ]  # fmt: skip
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
@@ -97,6 +106,14 @@ class NatsServer:
             self.stop()
             raise
         return self
+
+    def _config_args(self) -> list[str]:
+        """``-c <file>`` setting ``max_payload``, unless the caller gives a config file."""
+        if "-c" in self.extra_args or "--config" in self.extra_args:
+            return []
+        conf = self.data_dir / "ridethrough-server.conf"
+        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+        return ["-c", str(conf)]
 
     def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
         """Stop the server: SIGTERM (or SIGKILL with ``kill``), then wait for it to exit."""

@@ -200,6 +200,7 @@ def child_env(settings: Settings) -> dict[str, str]:
             "RIDETHROUGH_BREAKER": settings.breaker.model_dump_json(),
             "RIDETHROUGH_REPLAY": settings.replay.model_dump_json(),
             "RIDETHROUGH_GATEWAY": settings.gateway.model_dump_json(),
+            "RIDETHROUGH_BODIES": settings.bodies.model_dump_json(),
             "RIDETHROUGH_NATS": settings.nats.model_dump_json(exclude={"password", "token"}),
         }
     )

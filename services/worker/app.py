@@ -228,6 +228,7 @@ class Worker:
             breaker=self.settings.breaker,
             kinds={name: p.kind for name, p in self.settings.providers.items()},
             provider_settings=self.settings.providers,
+            bodies_timeout_s=self.settings.bodies.timeout_s,
         )
         self._ready.set()
         self._heartbeat = asyncio.create_task(self._heartbeats())

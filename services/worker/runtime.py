@@ -39,16 +39,21 @@ from schemas.subjects import (
     scope_model,
 )
 from services import metrics
+from services.bodies import by_reference, resolve
 from services.breaker import HealthBoard, SlidingWindow
 from services.breaker.evidence import EvidenceView
 from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
-from services.errors import ProviderError
+from services.errors import BodyUnavailable, ProviderError
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.lifecycle.decide import (
     AllClosed,
     BreakerView,
     Call,
     Dead,
+    Duplicate,
+    FailOver,
+    Outcome,
+    Park,
     Policy,
     Situation,
     backoff_delay,
@@ -82,8 +87,11 @@ class JobRunner:
         breaker: BreakerSettings | None = None,
         kinds: dict[str, ProviderKind] | None = None,
         provider_settings: Mapping[str, ProviderSettings] | None = None,
+        bodies_timeout_s: float = 60.0,
     ) -> None:
         self.worker_id = worker_id
+        #: Longest fetch of a large job's body.
+        self.bodies_timeout_s = bodies_timeout_s
         self.providers = providers
         self.settings = settings
         #: The last AI_JOBS sequence stored before the trusted-subject layout (0: none).
@@ -171,6 +179,17 @@ class JobRunner:
             has = await self.settler.has_result(job, replayed=bool(d.replay))
         s = Situation(job, d.attempts, refused=refused, has_result=has)
         outcome = decide(s, self.policy, self.view)
+        full = job
+        if job.request_ref is not None and _needs_body(job, outcome):
+            # A large job: its body is fetched only when a call or a fail-over needs it
+            # (a job parked or ended before the call leaves it where it is).
+            resolved = await self._resolve(d, job)
+            if resolved is None:
+                return  # settled: its body is gone or not the one submitted
+            full = resolved
+            outcome = self._by_reference(
+                job, decide(Situation(full, d.attempts), self.policy, self.view)
+            )
         if not isinstance(outcome, Call):
             await self.settler.settle(d, outcome)
             return
@@ -183,11 +202,35 @@ class JobRunner:
             return
         self._calling.add(key)
         try:
-            answer = await self._call(d, job)
-            after = Situation(job, d.attempts, outcome=answer)
-            await self.settler.settle(d, decide(after, self.policy, self.view))
+            answer = await self._call(d, full)
+            after = decide(Situation(full, d.attempts, outcome=answer), self.policy, self.view)
+            del full  # a large job's body: not held while the answer is stored
+            await self.settler.settle(d, self._by_reference(job, after))
         finally:
             self._calling.discard(key)
+
+    async def _resolve(self, d: Delivery, job: Job) -> Job | None:
+        """``job`` with its body (``services/bodies.py``); None once it is settled because
+        its body is gone (a dead letter ``body_missing``, or a duplicate when a copy of the
+        job has its result and took the body with it) or not the one submitted."""
+        try:
+            return await resolve(
+                self.settler.js, job, self.policy.kinds, timeout=self.bodies_timeout_s
+            )
+        except BodyUnavailable as exc:
+            if exc.reason == "body_missing" and await self.settler.has_result(
+                job, replayed=bool(d.replay)
+            ):
+                await self.settler.settle(d, Duplicate())
+                return None
+            await self.settler.settle(d, Dead(exc.reason, exc.message))
+            return None
+
+    def _by_reference(self, job: Job, outcome: Outcome) -> Outcome:
+        """A fail-over copy of a large job goes by reference, as the job came."""
+        if isinstance(outcome, FailOver) and job.request_ref is not None:
+            return FailOver(by_reference(outcome.job, job, self.policy.kinds))
+        return outcome
 
     def _decode(self, msg: Msg) -> tuple[Delivery, str]:
         """The delivery, and why its job is refused ("" when it is not). A job that does
@@ -210,6 +253,8 @@ class JobRunner:
             )
         if job.provider != d.provider:
             return d, f"job for provider {job.provider!r} arrived on {msg.subject}"
+        if job.request_ref is not None and job.request:
+            return d, "a job with request_ref must have an empty request"
         return d, ""
 
     def _check_origin(self, msg: Msg, job: Job, origin: JobOrigin | None) -> tuple[bool, str]:
@@ -373,6 +418,15 @@ class JobRunner:
             held = (epoch, SlidingWindow(self.breaker))
             self._windows[key] = held
         return held[1]
+
+
+def _needs_body(job: Job, outcome: Outcome) -> bool:
+    """Whether deciding on ``job`` by reference gave an outcome that needs its body: a
+    call, a fail-over (the body is mapped), or a park that a fail-over might replace
+    (the mapping could not be tried without the body)."""
+    if isinstance(outcome, Call | FailOver):
+        return True
+    return isinstance(outcome, Park) and job.on_outage == "failover" and bool(job.fallbacks)
 
 
 def _seq(msg: Msg) -> int:

@@ -373,6 +373,33 @@ async def test_a_producer_header_cannot_purge_expire_or_schedule_accepted_jobs(
     assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 1
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"Nats-Rollup": "all"},
+        {"Nats-Rollup": "sub"},
+        {"Nats-TTL": "1s"},
+        {"Nats-Schedule": "@at 2000-01-01T00:00:00Z"},
+    ],
+)
+@pytest.mark.parametrize("part", ["C", "M"])
+async def test_a_producer_header_cannot_purge_or_expire_anothers_body(
+    js: Any, header: dict[str, str], part: str
+) -> None:
+    """The same headers on a body chunk or meta (the subjects every producer may publish
+    on) are refused by the ai_bodies bucket's configuration: a stored body stays whole."""
+    import nats.js.errors
+
+    from services import bodies
+
+    kept = await bodies.put_body(js, bodies.body_name("kept", "acme"), b"k" * 3000, chunk=1024)
+    subject = f"$O.{s.BODIES_BUCKET}.{part}.mine"
+    with pytest.raises(nats.js.errors.APIError):
+        await js.publish(subject, b"hostile", headers=header)
+    assert await bodies.fetch_body(js, kept) == b"k" * 3000
+    assert (await js.stream_info(bodies.BODIES_STREAM)).state.messages == 4  # 3 chunks, 1 meta
+
+
 async def test_an_unreadable_parked_message_is_a_dead_letter_with_its_exact_bytes(
     settings: Settings, js: Any
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 from schemas import subjects as s
 from schemas.parking import decode_dead_letter
 from schemas.results import response_text
-from services.config import Settings
+from services.config import BodySettings, Settings
 from services.errors import InvalidJob, PayloadTooLarge, ResultTimeout, UnknownProvider
 from services.producer import Producer, make_job
 from services.tools.stack import running_worker
@@ -134,9 +134,12 @@ async def test_producer_errors_are_clear(settings: Settings, js: Any) -> None:
             await producer.submit(
                 {"id": "has.dot", "provider": "anthropic", "model": "m", "request": {}}
             )
+        # Over max_payload a job goes by reference (tests/integration/test_large_jobs.py);
+        # over bodies.max_bytes (the Messages API's 32 MB; smaller here) it is refused.
+        capped = Producer(producer.nc, bodies=BodySettings(max_bytes=producer.nc.max_payload))
         huge = make_job("anthropic", "m", prompt="x" * (producer.nc.max_payload + 1))
-        with pytest.raises(PayloadTooLarge):
-            await producer.submit(huge)
+        with pytest.raises(PayloadTooLarge, match="max_bytes"):
+            await capped.submit(huge)
         with pytest.raises(UnknownProvider, match="nosuch"):
             await producer.submit(make_job("nosuch", "m", prompt="hi"))
     assert (await js.stream_info(s.JOBS_STREAM)).state.messages == 0

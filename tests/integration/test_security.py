@@ -266,8 +266,58 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         s.evidence_event_subject("anthropic"),
         lambda c: c.js.publish(s.evidence_event_subject("anthropic"), b"{}"),
     )
+    bodies_stream = f"OBJ_{s.BODIES_BUCKET}"
+    read_body = (
+        "read a large job's body",
+        f"$JS.API.STREAM.MSG.GET.{bodies_stream}",
+        lambda c: c.js.get_msg(bodies_stream, seq=1),
+    )
+    overwrite_body = (
+        "overwrite a large job's body (the producers' put)",
+        f"$O.{s.BODIES_BUCKET}.M.bmFtZQ==",
+        lambda c: c.js.publish(f"$O.{s.BODIES_BUCKET}.M.bmFtZQ==", b"{}"),
+    )
+    # A producer may put bodies, nothing more: no read, lookup, listing, purge, consumer.
+    body_snooping = [
+        read_body,
+        (
+            "direct-get a large job's body",
+            f"$JS.API.DIRECT.GET.{bodies_stream}",
+            lambda c: c.js.get_msg(bodies_stream, seq=1, direct=True),
+        ),
+        (
+            "look a body up by its name",
+            f"$JS.API.DIRECT.GET.{bodies_stream}.$O.{s.BODIES_BUCKET}.M.bmFtZQ==",
+            lambda c: c.js.get_last_msg(
+                bodies_stream, f"$O.{s.BODIES_BUCKET}.M.bmFtZQ==", direct=True
+            ),
+        ),
+        (
+            "list the bodies' names (stream info with subjects)",
+            f"$JS.API.STREAM.INFO.{bodies_stream}",
+            lambda c: c.js.stream_info(bodies_stream, subjects_filter=">"),
+        ),
+        (
+            "delete the bodies",
+            f"$JS.API.STREAM.PURGE.{bodies_stream}",
+            lambda c: c.js.purge_stream(bodies_stream),
+        ),
+        (
+            "consume the bodies",
+            f"$JS.API.CONSUMER.CREATE.{bodies_stream}.sneaky",
+            lambda c: c.js.add_consumer(
+                bodies_stream, api.ConsumerConfig(name="sneaky", durable_name="sneaky")
+            ),
+        ),
+        (
+            "watch the bodies as they are put",
+            f"$O.{s.BODIES_BUCKET}.>",
+            lambda c: c.nc.subscribe(f"$O.{s.BODIES_BUCKET}.>"),
+        ),
+    ]
     table: dict[str, list[Any]] = {
         "producer": [
+            *body_snooping,
             purge_jobs,
             (
                 "delete AI_RESULTS",
@@ -309,6 +359,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             page_event,
         ],
         "worker": [
+            overwrite_body,
             purge_jobs,
             (
                 "delete AI_PARKED",
@@ -330,6 +381,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             page_event,
         ],
         "prober": [
+            read_body,
             consume_jobs,
             (
                 "submit a job",
@@ -359,6 +411,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             ),
         ],
         "replayer": [
+            overwrite_body,
             consume_jobs,
             pause,
             (
@@ -1224,3 +1277,99 @@ async def _publish_job_forms(
             continue
         stored.append((job.id, tenant))
     return stored
+
+
+# --------------------------------------------------------------------------- large jobs
+
+
+@pytest.mark.integration
+async def test_a_large_job_goes_through_under_least_privilege(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """acme's producer (user tenant-acme) puts a large job's body and submits it by
+    reference; the worker (user worker) reads it, calls with it whole and deletes it; the
+    replayer's user may read and delete a body too; the server logs no violation."""
+    from services import bodies
+
+    by_role, nc, js, procs = await _stack_with_a_worker(secured, fake_provider, tmp_path)
+    request = {
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "word " * 400_000 + "end"}],
+    }
+    try:
+        acme_settings = by_role["tenant-acme"].with_changes(tenant="acme")
+        async with await Producer.connect(acme_settings) as acme:
+            job_id = await acme.submit(make_job("anthropic", "m", request=request))
+            result = await acme.result(job_id, timeout=60)
+        (received,) = fake_provider.large_requests()
+
+        async def body_gone() -> bool:  # deleted right after the result is stored
+            return (await js.stream_info(bodies.BODIES_STREAM)).state.messages == 0
+
+        await wait_until(body_gone, timeout=30)
+        replayer = await RoleClient.connect(secured, "replayer")
+        try:
+            ref = await bodies.put_body(js, bodies.body_name("r", None), b"x" * 5000, chunk=1024)
+            assert await bodies.fetch_body(replayer.js, ref) == b"x" * 5000
+            assert await bodies.drop_body(replayer.js, ref.name)
+        finally:
+            await replayer.close()
+    finally:
+        for p in procs:
+            p.terminate(timeout=30)
+        await nc.close()
+    assert result.status == "succeeded" and result.tenant == "acme"
+    from services.tools.fake.received import content_digest
+
+    assert received["digest"] == content_digest(request)
+    assert secured.violations() == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", ["producer", "tenant-acme"])
+async def test_every_wildcard_form_of_a_producers_body_puts_stays_in_the_bucket(
+    secured: SecuredNats, role: str
+) -> None:
+    """The producers' body subjects (``$O.ai_bodies.C.*``, ``$O.ai_bodies.M.*``), published
+    with each token as a literal `*` or cut with `>`: whatever the server stores is a chunk
+    or a meta of the bodies bucket, nothing in any other stream; and a stored body is intact
+    after it all."""
+    from services import bodies
+
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    ojs = operator.jetstream()
+    await ensure_topology(ojs, base)
+    ref = await bodies.put_body(ojs, bodies.body_name("kept", None), b"k" * 3000, chunk=1024)
+    before = {
+        name: (await ojs.stream_info(name)).state.messages
+        for name in (s.JOBS_STREAM, s.PARKED_STREAM, s.RESULTS_STREAM, s.DEAD_STREAM)
+    }
+    scopes = [f"$O.{s.BODIES_BUCKET}.C.*", f"$O.{s.BODIES_BUCKET}.M.*"]
+    assert set(scopes) <= set(auth_users()[role]["publish"])
+    client = await RoleClient.connect(secured, role)
+    stored: list[str] = []
+    tried = 0
+    try:
+        for allowed in scopes:
+            for form in wildcard_forms(allowed):
+                tried += 1
+                try:
+                    await client.js.publish(form, b"not a body")
+                except Exception:  # refused (no ack), or no stream listens there
+                    continue
+                stored.append(form)
+    finally:
+        await client.close()
+    try:
+        info = await ojs.stream_info(bodies.BODIES_STREAM, subjects_filter=">")
+        subjects = list(info.state.subjects or {})
+        after = {name: (await ojs.stream_info(name)).state.messages for name in before}
+        kept = await bodies.fetch_body(ojs, ref)
+    finally:
+        await operator.close()
+    assert tried >= 8 and stored, stored
+    for subject in subjects:
+        assert any(nats_match(p, subject) for p in scopes), subject
+    assert after == before
+    assert kept == b"k" * 3000

@@ -17,9 +17,10 @@ async def test_second_run_changes_nothing(settings: Settings, js: Any) -> None:
     """Running the topology step again (the fixture ran it once) creates and updates nothing."""
     report = await ensure_topology(js, settings)
     assert not report.changed
-    # 5 streams, the workers' consumer per provider and priority, 3 buckets, ai_overflow
-    # (the replayer makes its consumers per priority and model when a model has parked jobs).
-    assert len(report.unchanged) == 5 + 3 * len(settings.providers) + 3 + 1
+    # 5 streams, the workers' consumer per provider and priority, 3 buckets, ai_overflow,
+    # ai_bodies (the replayer makes its consumers per priority and model when a model has
+    # parked jobs).
+    assert len(report.unchanged) == 5 + 3 * len(settings.providers) + 3 + 1 + 1
 
 
 async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> None:
@@ -46,6 +47,11 @@ async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> N
     for bucket in (s.HEALTH_BUCKET, s.CONTROL_BUCKET, s.WORKERS_BUCKET):
         await js.key_value(bucket)
     await js.object_store(s.OVERFLOW_BUCKET)
+    bodies = await js.stream_info(f"OBJ_{s.BODIES_BUCKET}")
+    assert bodies.config.subjects == [f"$O.{s.BODIES_BUCKET}.C.>", f"$O.{s.BODIES_BUCKET}.M.>"]
+    # A producer's `Nats-Rollup: all` on a chunk must not purge everyone's bodies.
+    assert not bodies.config.allow_rollup_hdrs
+    assert bodies.config.max_age == settings.bodies.max_age_s
 
 
 async def test_changed_settings_are_applied_to_existing_objects(

@@ -284,14 +284,22 @@ def test_every_deployed_role_has_its_user_and_inbox() -> None:
 REPLAYER_CREATES = f"$JS.API.CONSUMER.CREATE.{s.PARKED_STREAM}.*.ai.parked.>"
 
 
+#: The one purge a service may make: the worker and the replayer delete a large job's body
+#: (its subjects in OBJ_ai_bodies, ``services/bodies.py``) once the job has its result.
+BODY_DELETES = "$JS.API.STREAM.PURGE.OBJ_ai_bodies"
+
+
 def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
     """No user but the operator may call the JetStream API broadly, purge or delete; the
-    only create a service may make is the replayer's filtered consumers of AI_PARKED."""
+    only create a service may make is the replayer's filtered consumers of AI_PARKED, the
+    only purge the worker's and the replayer's of a finished job's body."""
     for name, perms in auth_users().items():
         if name in ("operator", "sys"):
             continue
         for subject in perms["publish"]:
             assert subject not in ("$JS.API.>", ">", "$KV.>"), (name, subject)
+            if subject == BODY_DELETES and name in ("worker", "replayer"):
+                continue
             assert "PURGE" not in subject and "DELETE" not in subject, (name, subject)
             if (name, subject) == ("replayer", REPLAYER_CREATES):
                 continue

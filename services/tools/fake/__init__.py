@@ -40,6 +40,7 @@ Modules
 ``server``          ``FakeProvider``: the aiohttp server, counters, admin API, ``serve()``
 ``harness``         ``run_in_thread()``: a server on its own loop, for synchronous tests
 ``calls``           the call log: arrival times of requests per model, probes apart
+``received``        digests of large request bodies (a large job arrived whole)
 
 Run it with ``ridethrough fake-provider --port 8787 [--latency-ms X] ...``, with
 ``serve()``, with ``FakeProvider`` inside an event loop, or with ``run_in_thread()`` from

@@ -58,6 +58,10 @@ class FakeProviderThread:
         """The call log (see ``FakeProvider.calls``)."""
         return self._call(lambda: self.provider.calls(model, since))
 
+    def large_requests(self) -> list[dict[str, Any]]:
+        """Large request bodies received (see ``FakeProvider.large_requests``)."""
+        return self._call(self.provider.large_requests)
+
     def start_outage(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Start a runtime outage (arguments of ``Faults.start_outage``)."""
         return self._call(lambda: self.provider.start_outage(*args, **kwargs))

@@ -66,6 +66,7 @@ from services.tools.fake.faults import (
     WindowStatus,
     padding,
 )
+from services.tools.fake.received import LargeRequests
 from services.tools.fake.statuspage import PAGE_PATH, StatusPage, decode_patch
 
 DEFAULT_PORT: Final = 8787
@@ -179,6 +180,7 @@ class FakeProvider:
         """Prepare a server with ``config`` (no faults when ``None``); ``start()`` serves it."""
         self._counters = _Counters()
         self._calls = CallLog()
+        self._large = LargeRequests()
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self._runner: web.AppRunner | None = None
@@ -231,6 +233,7 @@ class FakeProvider:
         """Zero every counter, empty the call log and forget past runtime outage windows."""
         self._counters = _Counters()
         self._calls = CallLog()
+        self._large = LargeRequests()
         self._faults.forget_windows()
 
     def calls(self, model: str | None = None, since: float | None = None) -> dict[str, Any]:
@@ -242,6 +245,10 @@ class FakeProvider:
             "models": self._calls.snapshot(model, since),
             "windows": self._faults.windows(),
         }
+
+    def large_requests(self) -> list[dict[str, Any]]:
+        """Large request bodies received: path, size, digest (``received.content_digest``)."""
+        return self._large.snapshot()
 
     def set_config(self, config: FaultConfig) -> None:
         """Replace the fault configuration; scheduled outages restart from now."""
@@ -636,6 +643,7 @@ class FakeProvider:
         body = await self._read_body(request, True)
         if isinstance(body, web.Response):
             return self._door_error(door, body)
+        self._large.record(request.path, body)
         try:
             req = self._decode_messages(body, door, path_model, path_stream)
         except msgspec.DecodeError as exc:
@@ -689,6 +697,7 @@ class FakeProvider:
         body = await self._read_body(request, False)
         if isinstance(body, web.Response):
             return body
+        self._large.record(request.path, body)
         try:
             req = openai_wire.decode_request(body)
         except msgspec.DecodeError as exc:
