@@ -7,6 +7,7 @@ env file made from ``deploy/compose/demo.env`` whose provider key is ``CANARY_KE
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -28,10 +29,22 @@ NATS_NODES = ("nats-1", "nats-2", "nats-3")
 UID = "10001"
 
 
-def run(args: Sequence[str], timeout: float = 300, check: bool = True) -> str:
+def run(
+    args: Sequence[str],
+    timeout: float = 300,
+    check: bool = True,
+    env_extra: dict[str, str] | None = None,
+) -> str:
     """Run a command, return its stdout; fail with its output when it fails."""
+    env = os.environ | (env_extra or {})
     proc = subprocess.run(
-        list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+        list(args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+        env=env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -115,8 +128,7 @@ class Stack:
         except AssertionError as exc:
             state = self.inspect(container)["State"]
             raise AssertionError(
-                f"{exc}\nstate: {state}\n{self.compose('ps', '-a')}\n"
-                f"{self.logs(container)[-4000:]}"
+                f"{exc}\nstate: {state}\n{self.compose('ps', '-a')}\n{self.logs(container)[-4000:]}"
             ) from None
 
     # ---- per container

@@ -14,6 +14,7 @@ and the compose plugin, and fails (never skips) without them.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -306,7 +307,7 @@ def test_health_checks_turn_unhealthy_without_nats_and_liveness_holds(stack: Sta
     assert all(Stack.inspect(c)["RestartCount"] == restarts[c] for c in services)
 
 
-def test_build_context_is_small_and_both_ignore_files_agree() -> None:
+def test_build_context_is_small_and_both_ignore_files_agree(stack: Stack) -> None:
     rules = [
         ln
         for ln in (ROOT / "deploy/Dockerfile.dockerignore").read_text().splitlines()
@@ -320,3 +321,13 @@ def test_build_context_is_small_and_both_ignore_files_agree() -> None:
     assert rules == root_rules
     path = Path(ROOT / "deploy/Dockerfile")
     assert "syntax=" not in path.read_text()  # BuildKit would fetch that frontend
+    # The classic builder says what it sends (a cached build: the fixture built it).
+    out = run(
+        ["docker", "build", "-f", "deploy/Dockerfile", "-t", "ridethrough:local", "."],
+        env_extra={"DOCKER_BUILDKIT": "0"},
+        timeout=900,
+    )
+    match = re.search(r"Sending build context to Docker daemon\s+([\d.]+)([kMG]?B)", out)
+    assert match, out
+    size = float(match[1]) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[match[2]]
+    assert size < 5e6, match[0]  # the tree with .venv is hundreds of MB
