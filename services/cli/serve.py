@@ -307,6 +307,14 @@ def demo(
             "recovers briefly, 529s again."
         ),
     ] = "provider-outage",
+    notify: Annotated[
+        bool,
+        typer.Option(
+            "--notify",
+            help="Also run the notifier, its webhook, Slack and PagerDuty sinks on a local "
+            "receiver that prints each notification it gets.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """The outage drill: a fleet on this machine rides through an outage of a real shape.
@@ -328,6 +336,7 @@ def demo(
         outage_at_s=outage_at,
         seed=seed,
         scenario=scenario,
+        notify=notify,
     )
     console = None if as_json else Console()
     try:

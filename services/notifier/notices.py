@@ -115,7 +115,9 @@ def closed(inc: Incident, dead_by_reason: dict[str, int] | None) -> Notice:
         f"Breaker of {inc.scope} closed after {_dur(inc.duration_s)}"
         + (f" ({inc.flaps} flaps coalesced)" if inc.flaps else "")
         + ".",
-        f"Detected on {d['failures']} failures of {d['calls']} calls ({d['reason'] or 'trip'}).",
+        f"Detected on {d['failures']} failures of {d['calls']} calls ({d['reason'] or 'trip'})."
+        if d["calls"]
+        else f"Opened because {d['reason'] or 'it tripped'}.",
         f"Jobs: {inc.parked} parked, {inc.replayed} replayed, "
         + ("dead letters not read" if dead is None else f"{dead} dead")
         + ".",
