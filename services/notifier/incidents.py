@@ -63,6 +63,16 @@ class Incident:
             return None
         return round((self.closed_at - self.opened_at).total_seconds(), 3)
 
+    @property
+    def time_to_detect_s(self) -> float | None:
+        """From the first failure in the tripping worker's window to the open (None when
+        the open event does not say: the last release's workers, or a provider opened
+        because its models were)."""
+        first = self.opened_by
+        if first is None or first.failing_since is None:
+            return None
+        return round(max(0.0, (first.at - first.failing_since).total_seconds()), 3)
+
     def numbers(self) -> dict[str, Any]:
         """The incident as JSON-ready numbers (without what is read from other streams)."""
         first = self.opened_by
@@ -75,6 +85,7 @@ class Incident:
             "opened_at": self.opened_at.isoformat() if self.opened_at else None,
             "closed_at": self.closed_at.isoformat() if self.closed_at else None,
             "duration_s": self.duration_s,
+            "time_to_detect_s": self.time_to_detect_s,
             "flaps": self.flaps,
             "reopened": self.reopened,
             "parked": self.parked,

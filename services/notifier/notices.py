@@ -12,9 +12,11 @@ sequence), so a receiver dedupes the copies at-least-once delivery may send.
 The closed summary's numbers
 ----------------------------
 ``duration_s``        first open to last close of the incident.
-``time_to_detect_s``  not measured: the breaker events do not carry when the failures
-                      began. ``detected_on`` says what opened it instead: ``failures`` of
-                      ``calls`` in the breaker window (``breaker.window_s``) of one worker.
+``time_to_detect_s``  from the first transient failure still in the tripping worker's
+                      breaker window (``breaker.window_s``) to the open (the open event's
+                      ``failing_since``); ``null`` when the event does not carry it (a
+                      provider opened because its models were, or workers of an older
+                      release). ``detected_on``: the trip's reason, ``failures`` of ``calls``.
 ``parked``            jobs parked during the incident (the replayer's count at each close:
                       those it replayed plus those still parked).
 ``replayed``          parked jobs the replayer put back on the queue.
@@ -74,6 +76,10 @@ def _dur(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
+def _after(detect: float | None) -> str:
+    return "" if detect is None else f" {detect:g}s after the first failure"
+
+
 def opened(inc: Incident) -> Notice:
     """The notification that an incident began."""
     e = inc.opened_by
@@ -81,7 +87,9 @@ def opened(inc: Incident) -> Notice:
     why = e.reason or "breaker tripped"
     lines = [f"Breaker of {inc.scope} opened: {why}."]
     if e.calls or e.failures:
-        lines.append(f"Detected on {e.failures} failures of {e.calls} calls in the window.")
+        lines.append(
+            f"Detected{_after(inc.time_to_detect_s)} on {e.failures} failures of {e.calls} calls."
+        )
     if e.last_error:
         lines.append(f"Last error: {scrub(e.last_error)[:300]}")
     lines.append("Jobs are parked (or failed over) until it recovers; the provider gets probes.")
@@ -103,7 +111,6 @@ def closed(inc: Incident, dead_by_reason: dict[str, int] | None) -> Notice:
     n = inc.numbers()
     dead = None if dead_by_reason is None else sum(dead_by_reason.values())
     n |= {
-        "time_to_detect_s": None,
         "dead": dead,
         "dead_by_reason": dict(dead_by_reason or {}),
         "expired": None,
@@ -115,7 +122,8 @@ def closed(inc: Incident, dead_by_reason: dict[str, int] | None) -> Notice:
         f"Breaker of {inc.scope} closed after {_dur(inc.duration_s)}"
         + (f" ({inc.flaps} flaps coalesced)" if inc.flaps else "")
         + ".",
-        f"Detected on {d['failures']} failures of {d['calls']} calls ({d['reason'] or 'trip'})."
+        f"Detected{_after(inc.time_to_detect_s)} on {d['failures']} failures of {d['calls']} "
+        f"calls ({d['reason'] or 'trip'})."
         if d["calls"]
         else f"Opened because {d['reason'] or 'it tripped'}.",
         f"Jobs: {inc.parked} parked, {inc.replayed} replayed, "

@@ -201,7 +201,9 @@ async def test_each_role_does_its_job_with_least_privilege(
         "closed",
     ]
     assert all(r.signed for r in receiver.of("webhook"))
-    assert list(receiver.webhook_events.values())[1]["data"]["parked"] == 20
+    summary = list(receiver.webhook_events.values())[1]["data"]
+    assert summary["parked"] == 20
+    assert summary["time_to_detect_s"] is not None and summary["time_to_detect_s"] >= 0
     assert secured.violations() == []
     assert set(codes.values()) == {0}, codes
 

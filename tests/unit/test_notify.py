@@ -45,7 +45,16 @@ def history(*events: HealthEvent) -> list[inc.Seen]:
 
 
 ONE = history(
-    ev(0, "open", "closed", "A", failures=5, calls=7, reason="5 failures in a row"),
+    ev(
+        0,
+        "open",
+        "closed",
+        "A",
+        failures=5,
+        calls=7,
+        reason="5 failures in a row",
+        failing_since=T0 - timedelta(seconds=2.5),
+    ),
     ev(10, "half_open", "open", "A"),
     ev(12, "open", "half_open", "A"),
     ev(20, "half_open", "open", "A"),
@@ -123,8 +132,11 @@ def test_the_summary_carries_every_number() -> None:
     assert (data["parked"], data["replayed"], data["dead"]) == (40, 38, 4)
     assert data["provider_calls_saved"] == 40 and data["reopened"] == 1
     assert data["failed_over"] is None and data["expired"] is None
-    assert data["time_to_detect_s"] is None
+    assert data["time_to_detect_s"] == 2.5
     assert "30.0s" in n.title and "40 parked" in n.text
+    assert "Detected 2.5s after the first failure on 5 failures of 7 calls" in n.text
+    d = inc.decide(FLAP, 6, flap_s=60, now=LATE)  # events without failing_since
+    assert isinstance(d, inc.Closed) and d.incident.time_to_detect_s is None
 
 
 @given(
