@@ -290,3 +290,36 @@ async def test_exactly_once_at_the_receiver_through_sigkills(
 
 async def _held(js: Any) -> bool:
     return await lease_holder(js, s.NOTIFIER_LEASE) != ""
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "no notification sink configured"),
+        ({"RIDETHROUGH_NOTIFY__WEBHOOK_URL": "http://127.0.0.1:9/x"}, "needs webhook_secret"),
+        ({"RIDETHROUGH_NOTIFY__PAGERDUTY_ROUTING_KEY_FILE": "/nonexistent/key"}, "cannot read"),
+    ],
+)
+def test_the_notifier_refuses_bad_settings_with_one_clear_line(
+    nats_server: Any, env: dict[str, str], message: str
+) -> None:
+    """`ridethrough notifier` without a sink, with a webhook but no secret, or with an
+    unreadable key file: exit code 2 and one line naming the problem, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from services.config import Settings
+    from services.tools.stack import child_env
+    from tests.support import ROOT
+
+    child = child_env(Settings(nats_url=nats_server.url))
+    child.pop("RIDETHROUGH_NOTIFY")
+    child |= env | {"PYTHONPATH": os.pathsep.join([str(ROOT), child.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "services", "notifier"],
+        env=child, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
