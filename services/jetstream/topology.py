@@ -127,13 +127,16 @@ def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]
     ] + [(s.EVENTS_STREAM, notifier_consumer_config(settings))]
 
 
+#: Most events the notifier holds unacknowledged at once (its consumer's max_ack_pending).
+NOTIFIER_MAX_PENDING = 256
+
+
 def notifier_consumer_config(settings: Settings) -> api.ConsumerConfig:
-    """The notifier's durable consumer: health events and the audit log, one at a time (in
-    order: a close is decided after the open before it), from its creation on (not the
-    30 days of events already stored: a first start would page for old outages)."""
-    cfg = _durable(
-        s.NOTIFIER_CONSUMER, s.NOTIFIER_FILTERS, settings.notify.ack_wait_s, max_pending=1
-    )
+    """The notifier's durable consumer: health events and the audit log (the notifier
+    keeps each subject's in order), from its creation on (not the 30 days of events already
+    stored: a first start would page for old outages)."""
+    n = settings.notify
+    cfg = _durable(s.NOTIFIER_CONSUMER, s.NOTIFIER_FILTERS, n.ack_wait_s, NOTIFIER_MAX_PENDING)
     cfg.deliver_policy = api.DeliverPolicy.NEW
     return cfg
 

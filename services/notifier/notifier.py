@@ -1,9 +1,11 @@
 """The notifier: breaker events and operator actions from AI_EVENTS, to the sinks.
 
 One notifier is active among replicas (a lease in ai_control, ``notify``). It reads the
-durable consumer ``notifier`` (``ai.events.health.>`` and ``ai.events.ops``) one event at
-a time, in order, and acknowledges an event only once every sink that carries its
-notification accepted it (2xx) or was given up on: at least once. A sink that refuses is
+durable consumer ``notifier`` (``ai.events.health.>`` and ``ai.events.ops``) and handles
+each subject's events in order, in a lane of its own (a scope's close waiting out the flap
+window holds that scope only; the audit log is one lane), and acknowledges an event only
+once every sink that carries its notification accepted it (2xx) or was given up on: at
+least once. Every event it holds unacknowledged is kept ``in progress``. A sink that refuses is
 retried with exponential backoff and jitter, ``notify.max_attempts`` times, then given up
 on with a warning and ``ridethrough_notifications_given_up_total``. Meanwhile the event is
 kept ``in progress``, so it is not redelivered; a notifier that dies (even by SIGKILL)
@@ -22,7 +24,6 @@ import contextlib
 import json
 import logging
 import random
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +41,7 @@ from services.config import Settings
 from services.jetstream.connection import client
 from services.jetstream.pull import ack_position
 from services.jetstream.streams import iter_stream
+from services.jetstream.topology import NOTIFIER_MAX_PENDING
 from services.notifier import incidents, notices
 from services.notifier.notices import Notice
 from services.notifier.sinks import Sink, SinkError
@@ -49,6 +51,8 @@ log = logging.getLogger("ridethrough.notifier")
 
 #: Most dead letters read for one summary (a bound on the work of one close).
 MAX_DEAD_READ = 100_000
+#: Most events held unacknowledged at once (the consumer's max_ack_pending).
+MAX_HELD = NOTIFIER_MAX_PENDING
 
 
 class Notifier:
@@ -67,6 +71,11 @@ class Notifier:
         self.fetching = False
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        # Per subject, its events in order (a lane); by stream sequence, the latest
+        # delivery of every event held (queued or under way), kept in progress.
+        self._lanes: dict[str, asyncio.Queue[int]] = {}
+        self._lane_tasks: dict[str, asyncio.Task[None]] = {}
+        self._held: dict[int, Msg] = {}
 
     async def start(self) -> Notifier:
         """Take part in the lease and start delivering."""
@@ -100,31 +109,76 @@ class Notifier:
     async def _run(self) -> None:
         assert self.lease is not None
         sub = await self.js.pull_subscribe_bind(s.NOTIFIER_CONSUMER, s.EVENTS_STREAM)
+        beat = asyncio.create_task(self._beat())
         try:
             while True:
                 raise_if_cancelling()
-                if not self.lease.held:
+                room = MAX_HELD - len(self._held)
+                if not self.lease.held or room <= 0:
                     self.fetching = False
                     await asyncio.sleep(self.settings.notify.lease_s / 4)
                     continue
                 self.fetching = True
                 try:
-                    msgs = await sub.fetch(1, timeout=1.0)
+                    msgs = await sub.fetch(min(room, 64), timeout=1.0)
                 except TimeoutError:
                     continue
                 for msg in msgs:
-                    await self.handle(msg)
+                    self._take(msg)
         finally:
+            beat.cancel()
+            for task in self._lane_tasks.values():
+                task.cancel()
+            for task in [beat, *self._lane_tasks.values()]:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._lanes.clear()
+            self._lane_tasks.clear()
+            self._held.clear()  # unacked: redelivered after ack_wait
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def handle(self, msg: Msg) -> None:
-        """Notify for one event of the consumer, then ack it."""
+    def _take(self, msg: Msg) -> None:
+        """Queue an event in its subject's lane (a redelivery of one already held only
+        replaces the delivery it will be acked through)."""
         seq, _ = ack_position(msg)
+        known = seq in self._held
+        self._held[seq] = msg
+        if known:
+            return
+        lane = msg.subject
+        if lane not in self._lanes:
+            self._lanes[lane] = asyncio.Queue()
+            self._lane_tasks[lane] = asyncio.create_task(self._lane(self._lanes[lane]))
+        self._lanes[lane].put_nowait(seq)
+
+    async def _lane(self, queue: asyncio.Queue[int]) -> None:
+        while True:
+            seq = await queue.get()
+            try:
+                await self.handle(self._held[seq], seq)
+            except Exception as exc:  # NATS away: the event stays unacked, redelivered
+                raise_if_cancelling()
+                log.warning("event %d not notified, left for redelivery: %r", seq, exc)
+            finally:
+                self._held.pop(seq, None)
+
+    async def _beat(self) -> None:
+        """Keep every held event in progress (so none is redelivered while it waits)."""
+        while True:
+            await asyncio.sleep(self.settings.notify.ack_wait_s / 3)
+            for msg in list(self._held.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    async def handle(self, msg: Msg, seq: int | None = None) -> None:
+        """Notify for one event of the consumer, then ack it (through its latest delivery)."""
+        if seq is None:
+            seq, _ = ack_position(msg)
         notice = await self._notice(msg, seq)
         if notice is not None:
-            await self.deliver(notice, msg)
-        await msg.ack()
+            await self.deliver(notice)
+        await self._held.get(seq, msg).ack()
 
     async def _notice(self, msg: Msg, seq: int) -> Notice | None:
         data = msg.data or b""
@@ -148,7 +202,7 @@ class Notifier:
             decision = incidents.decide(history, seq, flap_s=flap, now=datetime.now(UTC))
             if not isinstance(decision, incidents.Wait):
                 break
-            await self._hold(msg, (decision.until - datetime.now(UTC)).total_seconds())
+            await asyncio.sleep(max(0.0, (decision.until - datetime.now(UTC)).total_seconds()))
         if isinstance(decision, incidents.Opened):
             return notices.opened(decision.incident)
         if isinstance(decision, incidents.Closed):
@@ -167,15 +221,6 @@ class Notifier:
                 continue
         return out
 
-    async def _hold(self, msg: Msg, seconds: float) -> None:
-        """Wait ``seconds`` with ``msg`` kept in progress (not redelivered meanwhile)."""
-        beat = self.settings.notify.ack_wait_s / 3
-        end = time.monotonic() + max(0.0, seconds)
-        while (left := end - time.monotonic()) > 0:
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-            await asyncio.sleep(min(beat, left))
-
     async def _dead(self, inc: incidents.Incident) -> dict[str, int] | None:
         """Dead letters of the incident's scope stored between its open and close, by
         reason; None when they cannot be read (the summary says so)."""
@@ -189,9 +234,9 @@ class Notifier:
             log.warning("dead letters of %s not read for its summary: %r", inc.scope, exc)
             return None
 
-    async def deliver(self, notice: Notice, msg: Msg | None = None) -> None:
+    async def deliver(self, notice: Notice) -> None:
         """Send ``notice`` to every sink that carries it until each accepted it or was
-        given up on (``notify.max_attempts``), keeping ``msg`` in progress meanwhile."""
+        given up on (``notify.max_attempts``)."""
         n = self.settings.notify
         pending = [sink for sink in self.sinks if sink.wants(notice)]
         attempts = dict.fromkeys((sink.name for sink in pending), 0)
@@ -226,11 +271,8 @@ class Notifier:
             if pending:
                 tries = min(attempts[sink.name] for sink in pending)
                 delay = min(n.retry_max_s, n.retry_base_s * 2 ** (tries - 1))
-                delay = random.uniform(delay / 2, delay)  # jitter: not in step with others
-                if msg is not None:
-                    await self._hold(msg, delay)
-                else:
-                    await asyncio.sleep(delay)
+                # Full jitter on the upper half: not in step with other notifications.
+                await asyncio.sleep(random.uniform(delay / 2, delay))
 
     def _http(self) -> aiohttp.ClientSession:
         assert self._session is not None, "start() first"

@@ -115,11 +115,13 @@ async def test_one_outage_is_one_signed_open_and_one_signed_summary(
         await notifier.stop()
         await nc.close()
     hooks = receiver.of("webhook")
-    assert [h.body["id"] for h in hooks][:2] == [f"{outage}:opened", f"{outage}:closed"]
-    assert hooks[2].body["type"] == "dev.ridethrough.ops" and hooks[2].body["id"].startswith("ops:")
+    outages = [h for h in hooks if h.body["type"] != "dev.ridethrough.ops"]  # own lane
+    assert [h.body["id"] for h in outages] == [f"{outage}:opened", f"{outage}:closed"]
+    ops = [h for h in hooks if h.body["type"] == "dev.ridethrough.ops"]
+    assert len(ops) == 1 and ops[0].body["id"].startswith("ops:")
     assert all(h.signed for h in hooks)
     assert all(h.headers["Content-Type"].startswith("application/cloudevents+json") for h in hooks)
-    summary = hooks[1].body["data"]
+    summary = outages[1].body["data"]
     assert summary["incident_id"] == outage and summary["scope"] == "anthropic"
     assert (summary["parked"], summary["replayed"], summary["provider_calls_saved"]) == (12, 12, 12)
     assert summary["dead"] == 0 and summary["duration_s"] >= 0
@@ -130,11 +132,12 @@ async def test_one_outage_is_one_signed_open_and_one_signed_summary(
         ("resolve", outage),
     ]
     assert {e["routing_key"] for e in pd} == {ROUTING_KEY}
-    slack = [r.body for r in receiver.of("slack")]
-    assert slack[0]["text"].startswith("Outage: anthropic is down")
-    assert slack[1]["text"].startswith("Resolved: anthropic is back")
-    assert "pause anthropic" in slack[2]["text"]
-    assert all(m["blocks"][0]["type"] == "header" for m in slack)
+    slack = sorted(r.body["text"] for r in receiver.of("slack"))
+    assert [t.split(":")[0] for t in slack] == ["Operator", "Outage", "Resolved"]
+    assert slack[1].startswith("Outage: anthropic is down")
+    assert slack[2].startswith("Resolved: anthropic is back")
+    assert "pause anthropic" in slack[0]
+    assert all(r.body["blocks"][0]["type"] == "header" for r in receiver.of("slack"))
     await asyncio.sleep(0)  # nothing more is pending: the dry run sent nothing
     assert len(receiver.of("webhook")) == 3
 
@@ -323,3 +326,34 @@ def test_the_notifier_refuses_bad_settings_with_one_clear_line(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_close_waiting_out_the_flap_window_holds_only_its_scope(
+    nats_server: Any, fake_provider: Any, receiver: Receiver
+) -> None:
+    """While anthropic's close waits out a long flap window, a model's outage and an
+    operator action (other lanes) are notified; the close is not (yet)."""
+    settings, nc, js = await _stack(
+        nats_server, fake_provider, receiver, flap_window_s=600.0, slack_webhook_url=None,
+        pagerduty_routing_key=None,
+    )  # fmt: skip
+    notifier = await Notifier(js, settings, build_sinks(settings), owner="n1").start()
+    try:
+        first = await _outage(js)  # opened, then closed: held for 600 s
+        await wait_until(lambda: _has(receiver, f"{first}:opened"), timeout=30)
+        kv = await js.key_value(s.HEALTH_BUCKET)
+        model = await transition(
+            js, kv, "anthropic", "claude-x", to="open", allowed_from=("closed",), by="test"
+        )
+        assert model is not None
+        await audit(js, "drain", provider="openai")
+        await wait_until(lambda: _has(receiver, f"{model.outage_id}:opened"), timeout=60)
+        await wait_until(lambda: _count(receiver, "webhook", 3), timeout=60)
+        info = await js.consumer_info(s.EVENTS_STREAM, s.NOTIFIER_CONSUMER)
+    finally:
+        await notifier.stop()
+        await nc.close()
+    ids = [h.body["id"] for h in receiver.of("webhook")]
+    assert f"{first}:closed" not in ids
+    assert len(ids) == 3 and ids[0] == f"{first}:opened"
+    assert info.num_ack_pending == 1  # the close, held (in progress), not acked
