@@ -19,7 +19,9 @@ class HealthEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     of its models (``model`` set), on ``ai.events.health.<provider>.<model_token>``.
 
     ``opened`` and ``closed`` transitions mark the start and end of an outage;
-    ``parked`` and ``replayed`` count the jobs of that outage so far.
+    ``parked`` and ``replayed`` count the jobs of that outage so far. A trip's
+    ``failing_since`` is when the first failure still in the tripping worker's window
+    happened: from it to ``at`` is the time to detect.
     """
 
     provider: str
@@ -35,6 +37,7 @@ class HealthEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     by: str = ""
     at: Timestamp = msgspec.field(default_factory=_now)
     model: str = ""
+    failing_since: Timestamp | None = None
 
 
 _decoder = msgspec.json.Decoder(HealthEvent)

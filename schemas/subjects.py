@@ -394,6 +394,13 @@ EVENTS_SUBJECTS: Final = (
 )
 
 
+#: Durable consumer of ``ridethrough notifier`` on AI_EVENTS (health events and the
+#: operators' audit log), and its lease key in ai_control (one active notifier).
+NOTIFIER_CONSUMER: Final = "notifier"
+NOTIFIER_LEASE: Final = "notify"
+NOTIFIER_FILTERS: Final = (HEALTH_EVENTS_FILTER, OPS_EVENTS_SUBJECT)
+
+
 def worker_consumer(provider: str, priority: str) -> str:
     """Durable pull consumer shared by every worker process of ``provider`` for one priority.
 

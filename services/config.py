@@ -441,6 +441,116 @@ class BodySettings(BaseModel):
     timeout_s: float = Field(60.0, gt=0, description="longest put or fetch of one body")
 
 
+def _read_secret(value: SecretStr | None, path: Path | None, what: str) -> str | None:
+    """A secret from its setting, else from its file (stripped); None when neither is set."""
+    if value is not None:
+        return value.get_secret_value()
+    if path is None:
+        return None
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc}") from exc
+    if not text:
+        raise ConfigError(f"{what} file {path} is empty")
+    return text
+
+
+class NotifySettings(BaseModel):
+    """Where ``ridethrough notifier`` sends outage notifications, and how it retries.
+
+    Each sink is on when its URL (or key) is set, in the setting or in a file (a mounted
+    secret): a generic webhook (CloudEvents JSON signed with HMAC-SHA256 under
+    ``webhook_secret``), a Slack incoming webhook, PagerDuty Events v2. URLs are secrets
+    too (a Slack webhook URL is its own credential): they never print or log.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    webhook_url: SecretStr | None = Field(None, description="generic webhook (CloudEvents)")
+    webhook_url_file: Path | None = None
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key the webhook's notifications are signed with"
+    )
+    webhook_secret_file: Path | None = None
+    slack_webhook_url: SecretStr | None = Field(None, description="Slack incoming webhook URL")
+    slack_webhook_url_file: Path | None = None
+    pagerduty_routing_key: SecretStr | None = Field(
+        None, description="PagerDuty Events v2 integration (routing) key"
+    )
+    pagerduty_routing_key_file: Path | None = None
+    pagerduty_url: str = Field(
+        "https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events v2 endpoint"
+    )
+    source: str = Field("ridethrough", description="CloudEvents source of every notification")
+    flap_window_s: float = Field(
+        60.0,
+        ge=0,
+        description="a scope that re-opens within this many seconds of closing is one "
+        "incident: one open and one close notification (0: every outage its own)",
+    )
+    ops_events: bool = Field(True, description="notify operator actions (dry runs never)")
+    timeout_s: float = Field(10.0, gt=0, description="longest wait for a sink's answer")
+    retry_base_s: float = Field(1.0, ge=0, description="first delay between two attempts")
+    retry_max_s: float = Field(60.0, ge=0, description="cap of the delay between attempts")
+    max_attempts: int = Field(
+        10, gt=0, description="attempts per sink and notification before giving up on it"
+    )
+    ack_wait_s: float = Field(30.0, gt=0, description="ack_wait of the notifier's consumer")
+    lease_s: float = Field(5.0, gt=0, description="lease of the one active notifier")
+
+    @model_validator(mode="after")
+    def _check_sinks(self) -> NotifySettings:
+        for name in ("webhook_url", "webhook_secret", "slack_webhook_url", "pagerduty_routing_key"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
+                raise ValueError(f"give {name} or {name}_file, not both")
+        has_url = self.webhook_url is not None or self.webhook_url_file is not None
+        has_secret = self.webhook_secret is not None or self.webhook_secret_file is not None
+        if has_url and not has_secret:
+            raise ValueError("the webhook needs webhook_secret (or webhook_secret_file) to sign")
+        for name in ("webhook_url", "slack_webhook_url"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_url(name, value.get_secret_value())
+        _check_url("pagerduty_url", self.pagerduty_url)
+        return self
+
+    def webhook(self) -> tuple[str, str] | None:
+        """(URL, signing secret) of the generic webhook; None when it is off."""
+        url = _read_secret(self.webhook_url, self.webhook_url_file, "webhook_url")
+        if url is None:
+            return None
+        _url_or_error("webhook_url_file", url)
+        secret = _read_secret(self.webhook_secret, self.webhook_secret_file, "webhook_secret")
+        assert secret is not None  # the validator asks for one
+        return url, secret
+
+    def slack(self) -> str | None:
+        """The Slack incoming webhook URL; None when it is off."""
+        url = _read_secret(self.slack_webhook_url, self.slack_webhook_url_file, "slack_webhook_url")
+        if url is not None:
+            _url_or_error("slack_webhook_url_file", url)
+        return url
+
+    def pagerduty(self) -> str | None:
+        """The PagerDuty routing key; None when it is off."""
+        return _read_secret(
+            self.pagerduty_routing_key, self.pagerduty_routing_key_file, "pagerduty_routing_key"
+        )
+
+
+def _check_url(name: str, url: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{name} must be an http:// or https:// URL")
+
+
+def _url_or_error(name: str, url: str) -> None:
+    try:
+        _check_url(name, url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _default_providers() -> dict[str, ProviderSettings]:
     return {
         "anthropic": ProviderSettings(kind="anthropic"),
@@ -465,6 +575,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     bodies: BodySettings = Field(default_factory=BodySettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
     anthropic_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("RIDETHROUGH_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")

@@ -203,6 +203,25 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        # -- notifications (the notifier lease holder)
+        self.notifications_sent: Counter = Counter(
+            f"{p}notifications_sent_total",
+            "Notifications a sink accepted (2xx), by sink and kind (opened, closed, ops)",
+            ["sink", "kind"],
+            registry=r,
+        )
+        self.notification_failures: Counter = Counter(
+            f"{p}notification_attempts_failed_total",
+            "Attempts to deliver a notification that a sink refused or did not answer",
+            ["sink", "kind"],
+            registry=r,
+        )
+        self.notifications_given_up: Counter = Counter(
+            f"{p}notifications_given_up_total",
+            "Notifications given up on after notify.max_attempts attempts, by sink and kind",
+            ["sink", "kind"],
+            registry=r,
+        )
 
     # -- hooks (a line each at the call sites) ---------------------------------------------
 

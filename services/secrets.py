@@ -150,6 +150,23 @@ def _settings_secrets(settings: Settings) -> Iterator[str | None]:
     yield seed_file.strip() if seed_file is not None else None
     yield from _seeds(seed_file)
     yield from _url_secrets(settings.nats_servers)
+    yield from _notify_secrets(settings)
+
+
+def _notify_secrets(settings: Settings) -> Iterator[str | None]:
+    """The notifier's sink URLs and keys (from the settings or their files)."""
+    n = settings.notify
+    for value, path in (
+        (n.webhook_url, n.webhook_url_file),
+        (n.webhook_secret, n.webhook_secret_file),
+        (n.slack_webhook_url, n.slack_webhook_url_file),
+        (n.pagerduty_routing_key, n.pagerduty_routing_key_file),
+    ):
+        if value is not None:
+            yield value.get_secret_value()
+        else:
+            text = _read(path)
+            yield text.strip() if text is not None else None
 
 
 def _provider_key(settings: Settings, name: str) -> str | None:

@@ -99,6 +99,7 @@ async def transition(
     failures: int = 0,
     parked: int = 0,
     replayed: int = 0,
+    failing_since: datetime | None = None,
 ) -> BreakerState | None:
     """Move the breaker of ``provider`` (or of its ``model``) to ``to`` if it is in
     ``allowed_from``; CAS on the revision.
@@ -150,6 +151,7 @@ async def transition(
             replayed=replayed,
             by=by,
             model=model or "",
+            failing_since=failing_since,
         )
         subject = health_event_subject(provider, model)
         await _publish_event(js, subject, encode(event), f"health:{key}:{new_revision}")

@@ -22,13 +22,14 @@ class SlidingWindow:
 
     def __init__(self, settings: BreakerSettings) -> None:
         self.settings = settings
-        self._buckets: deque[list[int]] = deque()  # [second, calls, failures]
+        # [second, calls, failures, monotonic time of the second's first failure (0: none)]
+        self._buckets: deque[list[float]] = deque()
         self.consecutive = 0
 
-    def _bucket(self, now: float) -> list[int]:
+    def _bucket(self, now: float) -> list[float]:
         second = int(now)
         if not self._buckets or self._buckets[-1][0] != second:
-            self._buckets.append([second, 0, 0])
+            self._buckets.append([second, 0, 0, 0.0])
             horizon = second - self.settings.window_s
             while self._buckets and self._buckets[0][0] <= horizon:
                 self._buckets.popleft()
@@ -51,9 +52,12 @@ class SlidingWindow:
         lower thresholds of ``BreakerSettings.trip_thresholds`` apply (evidence, never
         proof: it only makes real failures trip sooner).
         """
-        b = self._bucket(time.monotonic() if now is None else now)
+        at = time.monotonic() if now is None else now
+        b = self._bucket(at)
         b[1] += 1
         b[2] += 1
+        if not b[3]:
+            b[3] = at
         self.consecutive += 1
         consecutive, rate = self.settings.trip_thresholds(degraded=degraded)
         if self.consecutive >= consecutive:
@@ -68,7 +72,12 @@ class SlidingWindow:
 
     def counts(self) -> tuple[int, int]:
         """(calls, failures) in the window."""
-        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+        return int(sum(b[1] for b in self._buckets)), int(sum(b[2] for b in self._buckets))
+
+    def first_failure(self) -> float | None:
+        """Monotonic time of the first transient failure still in the window (None: none):
+        where a trip's time to detect starts."""
+        return next((b[3] for b in self._buckets if b[2]), None)
 
     def reset(self) -> None:
         """Forget everything (after a state change)."""

@@ -134,6 +134,22 @@ def replayer(
     run(serve_recovery(_with_port(settings_for(nats_url), http_port), "replayer", alive_file))
 
 
+def notifier(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    nats_url: NatsUrl = None,
+    alive_file: AliveFile = None,
+    http_port: HttpPort = None,
+) -> None:
+    """Run the outage notifier: breaker events and operator actions to a signed webhook
+    (CloudEvents), Slack and PagerDuty (RIDETHROUGH_NOTIFY__* settings; one active among
+    replicas)."""
+    from services.notifier import serve_notifier
+    from services.runner import configure_logging
+
+    configure_logging(verbose)
+    run(serve_notifier(_with_port(settings_for(nats_url), http_port), alive_file))
+
+
 def gateway(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[
@@ -301,6 +317,14 @@ def demo(
             "tools and images fail over to the Bedrock door, none parked."
         ),
     ] = "provider-outage",
+    notify: Annotated[
+        bool,
+        typer.Option(
+            "--notify",
+            help="Also run the notifier, its webhook, Slack and PagerDuty sinks on a local "
+            "receiver that prints each notification it gets.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """The outage drill: a fleet on this machine rides through an outage of a real shape.
@@ -322,6 +346,7 @@ def demo(
         outage_at_s=outage_at,
         seed=seed,
         scenario=scenario,
+        notify=notify,
     )
     console = None if as_json else Console()
     try:

@@ -118,13 +118,27 @@ def worker_consumer_config(settings: Settings, provider: str, priority: str) -> 
 
 def consumer_configs(settings: Settings) -> list[tuple[str, api.ConsumerConfig]]:
     """(stream, config) of every durable consumer made up front: per provider and
-    priority, the workers' one. The replayer's, one per priority and model, are made when a
-    model has parked jobs (``replayer_consumer_config``)."""
+    priority, the workers' one; the notifier's on AI_EVENTS. The replayer's, one per
+    priority and model, are made when a model has parked jobs (``replayer_consumer_config``)."""
     return [
         (s.JOBS_STREAM, worker_consumer_config(settings, p, prio))
         for p in sorted(settings.providers)
         for prio in s.PRIORITIES
-    ]
+    ] + [(s.EVENTS_STREAM, notifier_consumer_config(settings))]
+
+
+#: Most events the notifier holds unacknowledged at once (its consumer's max_ack_pending).
+NOTIFIER_MAX_PENDING = 256
+
+
+def notifier_consumer_config(settings: Settings) -> api.ConsumerConfig:
+    """The notifier's durable consumer: health events and the audit log (the notifier
+    keeps each subject's in order), from its creation on (not the 30 days of events already
+    stored: a first start would page for old outages)."""
+    n = settings.notify
+    cfg = _durable(s.NOTIFIER_CONSUMER, s.NOTIFIER_FILTERS, n.ack_wait_s, NOTIFIER_MAX_PENDING)
+    cfg.deliver_policy = api.DeliverPolicy.NEW
+    return cfg
 
 
 async def _retire_legacy_consumers(

@@ -62,6 +62,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -71,8 +72,10 @@ from typing import Any, Final, Literal, get_args
 import aiohttp
 import msgspec
 from nats.js import JetStreamContext
+from pydantic import SecretStr
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from schemas import subjects as s
@@ -81,11 +84,12 @@ from schemas.jobs import Job, Target
 from schemas.parking import decode_parked
 from schemas.results import decode_result
 from services.breaker import decode_lease
-from services.config import ProviderSettings, Settings
+from services.config import NotifySettings, ProviderSettings, Settings
 from services.jetstream.errors import NOT_FOUND
 from services.jetstream.streams import iter_stream
 from services.producer import Producer, make_job
 from services.tools.fake import FaultConfig, Outage
+from services.tools.receiver import Received, Receiver
 from services.tools.stack import ServiceProcess, local_stack
 from services.tools.timeline import Transition, Window, model_numbers
 
@@ -151,6 +155,11 @@ class Drill:
     #: ``slow``: how late the sick model answers, and the provider's read timeout.
     slow_ms: float = 3000.0
     timeout_s: float = 1.0
+    #: Run ``ridethrough notifier`` too, its sinks on a local receiver that prints each
+    #: notification it gets (``--notify``).
+    notify: bool = False
+    #: The notifier's flap window in the drill (short: the drill waits for the summary).
+    flap_window_s: float = 3.0
 
     def __post_init__(self) -> None:
         """Refuse a scenario that does not exist or a drill without a model."""
@@ -383,15 +392,18 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
         models=list(drill.models),
     )
     logs = Path(tempfile.mkdtemp(prefix="ridethrough-drill-"))
+    receiver = await _receiver(console) if drill.notify else None
     with local_stack(settings, fake_config=fake_cfg) as stack:
         if drill.provider not in stack.fake_providers:
             raise RuntimeError(f"the drill needs {drill.provider} on the fake provider")
         st = stack.settings
+        if receiver is not None:
+            st = st.with_changes(notify=_notify_settings(receiver, drill))
         procs = [
             ServiceProcess(st, "worker", log_path=logs / f"worker{i}.log") for i in range(2)
         ] + [
             ServiceProcess(st, role, log_path=logs / f"{role}.log")
-            for role in ("prober", "replayer")
+            for role in ("prober", "replayer") + (("notifier",) if receiver else ())
         ]
         try:
             async with await Producer.connect(st) as producer:
@@ -400,11 +412,78 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
                 await ensure_topology(producer.js, st)
                 for proc in procs:
                     proc.start()
-                return await _drive(drill, st, stack.fake, fake_cfg, producer, console)
+                report = await _drive(drill, st, stack.fake, fake_cfg, producer, console)
+                if receiver is not None:
+                    report["notifications"] = await _notifications(receiver, drill)
+                return report
         finally:
             for proc in procs:
                 proc.terminate(timeout=30)
+            if receiver is not None:
+                await receiver.stop()
             log.info("service logs in %s", logs)
+
+
+async def _receiver(console: Console | None) -> Receiver:
+    """A local receiver of the notifier's webhook, Slack and PagerDuty requests that
+    prints each notification as it arrives (to ``console``; kept for the report anyway)."""
+
+    def show(got: Received) -> None:
+        if console is None:
+            return
+        body = got.body
+        if got.sink == "webhook":
+            sig = "signature ok" if got.signed else "BAD SIGNATURE"
+            console.print(
+                f"[bold]notification[/] webhook {body.get('type')} {body.get('subject')} "
+                f"({sig}, id {body.get('id')})"
+            )
+            for line in str((body.get("data") or {}).get("text", "")).splitlines():
+                console.print(f"    {escape(line)}")
+        elif got.sink == "slack":
+            first = str(body.get("text", "")).split("\n", 1)[0]
+            console.print(f"[bold]notification[/] slack: {escape(first)}")
+        elif got.sink == "pagerduty":
+            console.print(
+                f"[bold]notification[/] pagerduty: {body.get('event_action')} "
+                f"dedup_key {body.get('dedup_key')}"
+            )
+
+    return await Receiver(secret=secrets.token_hex(16), on_notice=show).start()
+
+
+def _notify_settings(receiver: Receiver, drill: Drill) -> NotifySettings:
+    """Every sink of the notifier on ``receiver`` (PagerDuty's endpoint included)."""
+    return NotifySettings(
+        webhook_url=SecretStr(f"{receiver.url}/webhook"),
+        webhook_secret=SecretStr(receiver.secret),
+        slack_webhook_url=SecretStr(f"{receiver.url}/slack"),
+        pagerduty_routing_key=SecretStr("drill-routing-key"),
+        pagerduty_url=f"{receiver.url}/pagerduty",
+        flap_window_s=drill.flap_window_s,
+        retry_base_s=0.2,
+        ack_wait_s=5.0,
+        lease_s=2.0,
+    )
+
+
+async def _notifications(receiver: Receiver, drill: Drill) -> list[dict[str, Any]]:
+    """Once every "opened" the webhook got has its "closed" (or a bound passed): what the
+    webhook got, once per id, in order."""
+
+    def complete() -> bool:
+        ids = list(receiver.webhook_events)
+        opened = [i.removesuffix(":opened") for i in ids if i.endswith(":opened")]
+        return bool(opened) and all(f"{o}:closed" in ids for o in opened)
+
+    deadline = time.monotonic() + drill.flap_window_s + 60
+    while not complete() and time.monotonic() < deadline:  # noqa: ASYNC110  # a poll of a dict
+        await asyncio.sleep(0.2)
+    return [
+        {"id": e.get("id"), "type": e.get("type"), "subject": e.get("subject"),
+         "title": (e.get("data") or {}).get("title")}
+        for e in receiver.webhook_events.values()
+    ]  # fmt: skip
 
 
 async def _drive(
@@ -740,4 +819,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"    results served by                 {doors}"
             f" ({f['results_from_fallback']} as a fallback)",
         ]
+    if "notifications" in report:
+        lines.append(f"  notifications sent    {len(report['notifications'])} (webhook, deduped)")
+        lines += [f"    {n['id']}: {n['title']}" for n in report["notifications"]]
     return lines

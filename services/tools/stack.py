@@ -211,6 +211,11 @@ def child_env(settings: Settings) -> dict[str, str]:
         env["RIDETHROUGH_NATS__TOKEN"] = n.token.get_secret_value()
     if settings.tenant is not None:
         env["RIDETHROUGH_TENANT"] = settings.tenant
+    notify = settings.notify.model_dump(mode="json", exclude_none=True)
+    for name, value in settings.notify:
+        if isinstance(value, SecretStr):
+            notify[name] = value.get_secret_value()
+    env["RIDETHROUGH_NOTIFY"] = json.dumps(notify)
     return env
 
 

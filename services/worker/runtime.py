@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -353,7 +354,11 @@ class JobRunner:
         """Open the breaker of a scope whose window tripped; whether this call opened it."""
         calls, failures = window.counts()
         reason = f"{window.consecutive} consecutive / {failures} of {calls} calls failed"
-        return await self._open(provider, model, reason, last_error, calls, failures)
+        first = window.first_failure()
+        since = None
+        if first is not None:  # the window keeps monotonic times; events carry wall-clock
+            since = datetime.now(UTC) - timedelta(seconds=max(0.0, time.monotonic() - first))
+        return await self._open(provider, model, reason, last_error, calls, failures, since)
 
     async def _open_provider_if_models_are(self, provider: str, last_error: str) -> None:
         """Open the provider when ``models_to_open_provider`` of its models are open: one
@@ -379,6 +384,7 @@ class JobRunner:
         last_error: str,
         calls: int = 0,
         failures: int = 0,
+        failing_since: datetime | None = None,
     ) -> bool:
         """Move a scope's breaker to open (from closed or half-open); whether this did."""
         assert self.board is not None
@@ -392,6 +398,7 @@ class JobRunner:
             last_error=last_error,
             calls=calls,
             failures=failures,
+            failing_since=failing_since,
         )
         return new is not None
 

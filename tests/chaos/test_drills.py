@@ -22,6 +22,7 @@ from services.tools.demo import (
     SICK_MODEL,
     Drill,
     Scenario,
+    report_lines,
     run_drill,
 )
 
@@ -103,3 +104,19 @@ def test_one_sick_model_leaves_the_other_served_throughout(
     assert healthy["role"] == "healthy" and sick["role"] == "sick", models
     assert sick["parked_while_healthy"] == 0, models
     assert healthy["parked"] == healthy["parked_while_healthy"] == 0, models
+
+
+def test_the_drill_with_notify_prints_a_signed_open_and_summary_per_incident() -> None:
+    """`ridethrough demo --notify`: the notifier runs with the fleet, and the local receiver
+    gets, for the one sick model, one "opened" and one "closed" (signed: the receiver
+    refuses others), the healthy model none; no job is lost."""
+    from dataclasses import replace
+
+    drill = replace(drill_of("model-outage"), notify=True)
+    report = asyncio.run(run_drill(drill, load_settings(), console=None))
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    kinds = [(n["subject"], n["type"].rsplit(".", 1)[1]) for n in report["notifications"]]
+    sick = f"{drill.provider}/{drill.models[0]}"
+    assert sorted(kinds) == [(sick, "closed"), (sick, "opened")]
+    lines = report_lines(report)
+    assert any("notifications sent    2" in line for line in lines)

@@ -31,12 +31,13 @@ from schemas import subjects as s
 from schemas.codec import encode
 from schemas.parking import decode_dead_letter
 from schemas.results import decode_result, response_text
-from services.config import NatsSettings, ProviderSettings, Settings
+from services.config import NatsSettings, NotifySettings, ProviderSettings, Settings
 from services.errors import InvalidJob
 from services.jetstream.connection import connect
 from services.jetstream.topology import ensure_topology
 from services.producer import Producer, make_job
 from services.tools.devstack import NatsServer
+from services.tools.receiver import Receiver
 from services.tools.stack import ServiceProcess
 from tests.conftest import make_settings
 from tests.support import count_outcomes, read_stream, wait_until
@@ -44,7 +45,9 @@ from tests.unit.test_deploy_files import auth_users, password_variable
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_CONF = ROOT / "deploy" / "nats" / "auth.conf"
-ROLES = ("producer", "tenant-acme", "worker", "prober", "replayer", "operator", "sys")
+ROLES = (
+    "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "operator", "sys"
+)  # fmt: skip
 
 
 def inbox_prefix(role: str) -> str:
@@ -152,15 +155,24 @@ async def _run_outage_cycle(
 async def test_each_role_does_its_job_with_least_privilege(
     secured: SecuredNats, fake_provider: Any, tmp_path: Path
 ) -> None:
-    """Operator applies the topology; worker, prober and replayer run as their own users;
-    a producer submits and reads results through an outage: every job succeeds, and the
-    server logs no permission violation at all."""
-    base = make_settings(secured.url, fake_provider.url)
+    """Operator applies the topology; worker, prober, replayer and notifier run as their
+    own users; a producer submits and reads results through an outage: every job succeeds,
+    the webhook gets the outage's signed open and close, and the server logs no permission
+    violation at all."""
+    receiver = await Receiver(secret="whsec-security-0123456789").start()
+    notify = NotifySettings(
+        webhook_url=SecretStr(f"{receiver.url}/webhook"),
+        webhook_secret=SecretStr(receiver.secret),
+        flap_window_s=0.0,
+    )
+    base = make_settings(secured.url, fake_provider.url).with_changes(notify=notify)
     by_role = {role: secured.settings(base, role) for role in ROLES}
     nc = await connect(by_role["operator"], name="operator")
     js = nc.jetstream()
     await ensure_topology(js, by_role["operator"])
-    procs = _services(by_role, tmp_path, ("worker", "--no-topology"), ("prober",), ("replayer",))
+    procs = _services(
+        by_role, tmp_path, ("worker", "--no-topology"), ("prober",), ("replayer",), ("notifier",)
+    )
     try:
         async with await Producer.connect(by_role["producer"]) as producer:
             ids = await _run_outage_cycle(producer, js, fake_provider, clean=10, parked=20)
@@ -173,11 +185,25 @@ async def test_each_role_does_its_job_with_least_privilege(
         await wait_until(closed, timeout=30)
         events = [e.state for e in await _health_events(js)]
         counts = await count_outcomes(js)
+
+        async def notified() -> bool:
+            return len(receiver.webhook_events) >= 2
+
+        await wait_until(notified, timeout=60)
     finally:
         codes = {p.role: p.terminate(timeout=30) for p in procs}
         await nc.close()
+        await receiver.stop()
     assert counts["results"] == counts["result_writes"] == counts["succeeded"] == 30
     assert events == ["open", "half_open", "closed"]
+    assert [e["type"].rsplit(".", 1)[1] for e in receiver.webhook_events.values()] == [
+        "opened",
+        "closed",
+    ]
+    assert all(r.signed for r in receiver.of("webhook"))
+    summary = list(receiver.webhook_events.values())[1]["data"]
+    assert summary["parked"] == 20
+    assert summary["time_to_detect_s"] is not None and summary["time_to_detect_s"] >= 0
     assert secured.violations() == []
     assert set(codes.values()) == {0}, codes
 
@@ -459,12 +485,56 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
                 lambda c: c.js.publish("ai.parked.anthropic.normal", b"{}"),
             ),
         ],
+        "notifier": [
+            consume_jobs,
+            pause,
+            (
+                "forge a breaker transition",
+                s.health_event_subject("anthropic"),
+                lambda c: c.js.publish(s.health_event_subject("anthropic"), b"{}"),
+            ),
+            (
+                "forge an operator audit event",
+                s.OPS_EVENTS_SUBJECT,
+                lambda c: c.js.publish(s.OPS_EVENTS_SUBJECT, b"{}"),
+            ),
+            (
+                "write ai_health",
+                "$KV.ai_health.anthropic",
+                lambda c: c.js.publish("$KV.ai_health.anthropic", b'{"state":"closed"}'),
+            ),
+            (
+                "take the prober's lease",
+                "$KV.ai_control.probe.anthropic",
+                lambda c: c.js.publish("$KV.ai_control.probe.anthropic", b"{}"),
+            ),
+            (
+                "read results",
+                f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}",
+                lambda c: c.js.get_msg(s.RESULTS_STREAM, seq=1, direct=True),
+            ),
+            (
+                "purge AI_EVENTS (the audit log)",
+                f"$JS.API.STREAM.PURGE.{s.EVENTS_STREAM}",
+                lambda c: c.js.purge_stream(s.EVENTS_STREAM),
+            ),
+            (
+                "delete its own consumer",
+                f"$JS.API.CONSUMER.DELETE.{s.EVENTS_STREAM}.{s.NOTIFIER_CONSUMER}",
+                lambda c: c.js.delete_consumer(s.EVENTS_STREAM, s.NOTIFIER_CONSUMER),
+            ),
+            (
+                "read the replies delivered to workers",
+                "_INBOX.worker.>",
+                lambda c: c.nc.subscribe("_INBOX.worker.>"),
+            ),
+        ],
     }
     return table[role]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("role", ["producer", "worker", "prober", "replayer"])
+@pytest.mark.parametrize("role", ["producer", "worker", "prober", "replayer", "notifier"])
 async def test_a_role_cannot_do_the_work_of_others(secured: SecuredNats, role: str) -> None:
     """Each role is refused what belongs to another (purge, delete, consume, pause,
     forge, snoop), and nothing it tried changed the streams."""

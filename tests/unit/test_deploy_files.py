@@ -258,7 +258,7 @@ def test_every_deployed_role_has_its_user_and_inbox() -> None:
     prefix is the one that user may subscribe to."""
     users = auth_users()
     assert set(users) == {
-        "producer", "tenant-acme", "worker", "prober", "replayer", "operator", "sys"
+        "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "operator", "sys"
     }  # fmt: skip
     seen: list[tuple[str, str | None]] = []
     for name, svc in compose()["services"].items():
