@@ -203,6 +203,39 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.oldest_age: Gauge = Gauge(
+            f"{p}queue_oldest_job_age_seconds",
+            "Age of the oldest job per provider, priority and state: waiting (still in "
+            "AI_JOBS: waiting, being called or backing off; since it was stored there) or "
+            "parked (since it was parked); 0 when there is none",
+            ["provider", "priority", "state"],
+            registry=r,
+        )
+        # -- JetStream storage (the holder of the first provider's replay lease)
+        self.stream_bytes: Gauge = Gauge(
+            f"{p}jetstream_stream_bytes",
+            "Bytes stored by each ridethrough stream",
+            ["stream"],
+            registry=r,
+        )
+        self.stream_max_bytes: Gauge = Gauge(
+            f"{p}jetstream_stream_max_bytes",
+            "The stream's byte limit (absent when it has none)",
+            ["stream"],
+            registry=r,
+        )
+        self.account_bytes: Gauge = Gauge(
+            f"{p}jetstream_account_bytes",
+            "JetStream storage the account uses, by storage (file, memory)",
+            ["storage"],
+            registry=r,
+        )
+        self.account_max_bytes: Gauge = Gauge(
+            f"{p}jetstream_account_max_bytes",
+            "The account's JetStream limit by storage (absent when it has none)",
+            ["storage"],
+            registry=r,
+        )
 
     # -- hooks (a line each at the call sites) ---------------------------------------------
 
@@ -276,6 +309,38 @@ class Metrics:
             self.dead_stored.labels(provider, label).set(n)
         self.workers_online.labels(provider).set(workers)
 
+    def backlog_ages(self, provider: str, ages: Mapping[tuple[str, str], float]) -> None:
+        """Age in seconds of the oldest job per (priority, state) of ``provider``."""
+        for (priority, state), age in ages.items():
+            self.oldest_age.labels(provider, priority, state).set(age)
+
+    def storage(
+        self,
+        streams: Mapping[str, tuple[int, int]],
+        account: Mapping[str, tuple[int, int]],
+    ) -> None:
+        """JetStream storage: per stream and per account storage kind, (bytes, limit); a
+        limit <= 0 (none) exports no limit series."""
+        self.forget_storage()
+        for gauge, limits, values in (
+            (self.stream_bytes, self.stream_max_bytes, streams),
+            (self.account_bytes, self.account_max_bytes, account),
+        ):
+            for name, (used, limit) in values.items():
+                gauge.labels(name).set(used)
+                if limit > 0:
+                    limits.labels(name).set(limit)
+
+    def forget_storage(self) -> None:
+        """Drop the storage gauges (another replica exports them now)."""
+        for gauge in (
+            self.stream_bytes,
+            self.stream_max_bytes,
+            self.account_bytes,
+            self.account_max_bytes,
+        ):
+            gauge.clear()
+
     def forget(self, provider: str) -> None:
         """Drop the fleet view of ``provider`` (this process no longer holds its lease: the
         new holder exports it, and two exporters would double the sums)."""
@@ -286,6 +351,7 @@ class Metrics:
             self.workers_online,
             self.replay_rate,
             self.replay_backlog,
+            self.oldest_age,
         ):
             for labels in _label_sets(gauge):
                 if labels[0] == provider:

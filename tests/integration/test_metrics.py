@@ -198,6 +198,20 @@ async def test_queue_depth_is_exported_once_for_the_fleet(
         assert _value(holder, queue, provider="anthropic", state="parked") == 0
         assert _value(holder, queue, provider="anthropic", state="in_flight") == 0
         assert _value(holder, "ridethrough_workers_online", provider="anthropic") == 0
+        age = "ridethrough_queue_oldest_job_age_seconds"
+        assert _value(holder, age, provider="anthropic", priority="high", state="waiting") > 0
+        assert _value(holder, age, provider="anthropic", priority="low", state="waiting") == 0
+        assert _value(holder, age, provider="anthropic", state="parked") == 0
+        # The storage of the streams: one exporter (the first provider's lease holder).
+        scrapes = [await _scrape(p) for p in ports]
+        jobs_bytes = [
+            _value(x, "ridethrough_jetstream_stream_bytes", stream="AI_JOBS") for x in scrapes
+        ]
+        assert sorted(v > 0 for v in jobs_bytes) == [False, True]
+        assert (
+            sum(_value(x, "ridethrough_jetstream_account_bytes", storage="file") for x in scrapes)
+            > 0
+        )
     finally:
         for proc in procs:
             proc.terminate()
