@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -38,7 +39,7 @@ from schemas.subjects import (
     scope_key,
     scope_model,
 )
-from services import metrics
+from services import metrics, tracing
 from services.breaker import HealthBoard, SlidingWindow
 from services.breaker.evidence import EvidenceView
 from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
@@ -165,12 +166,26 @@ class JobRunner:
         if job is None:  # not a job we can read or believe: its exact bytes are kept
             await self.settler.settle(d, Dead("invalid", refused, answered=False))
             return
+        if (t := tracing.active) is None:
+            await self._run(d, job, refused, None)
+            return
+        with t.process(
+            job, msg.headers, attempt=d.attempts, replay=d.replay, subject=msg.subject
+        ) as span:
+            await self._run(d, job, refused, span)
+
+    async def _run(self, d: Delivery, job: Job, refused: str, span: Any) -> None:
+        """Decide and settle a decoded delivery (``span``: its trace, when tracing is on)."""
+        msg = d.msg
+        traced = tracing.active if span is not None else None
         has = False
         if not refused and (d.attempts > 1 or d.replay):
             has = await self.settler.has_result(job, replayed=bool(d.replay))
         s = Situation(job, d.attempts, refused=refused, has_result=has)
         outcome = decide(s, self.policy, self.view)
         if not isinstance(outcome, Call):
+            if traced is not None:
+                traced.outcome(span, outcome)
             await self.settler.settle(d, outcome)
             return
         key = (job.tenant, job.id)
@@ -184,7 +199,10 @@ class JobRunner:
         try:
             answer = await self._call(d, job)
             after = Situation(job, d.attempts, outcome=answer)
-            await self.settler.settle(d, decide(after, self.policy, self.view))
+            outcome = decide(after, self.policy, self.view)
+            if traced is not None:
+                traced.outcome(span, outcome)
+            await self.settler.settle(d, outcome)
         finally:
             self._calling.discard(key)
 
@@ -240,15 +258,28 @@ class JobRunner:
         d.started = time.time()
         if (m := metrics.active) is not None:
             m.call_started(job.provider)
+        t = tracing.active
+        span = (
+            None
+            if t is None
+            else t.provider_call(job, self.policy.kinds.get(job.provider, job.provider))
+        )
         try:
-            answer: Reply | ProviderError = await self.providers[job.provider].call(
-                job.model, job.request
-            )
+            if span is None:
+                answer: Reply | ProviderError = await self.providers[job.provider].call(
+                    job.model, job.request
+                )
+            else:
+                assert t is not None
+                with t.tracer_span(span):
+                    answer = await self.providers[job.provider].call(job.model, job.request)
         except ProviderError as exc:
             answer = exc
             if exc.reason == "config":  # every job will fail alike until someone fixes it
                 log.error("provider %s is misconfigured (config): %s", job.provider, exc.message)
         d.provider_s = time.time() - d.started
+        if t is not None and span is not None:
+            t.call_ended(span, answer)
         if m is not None:
             m.call_ended(job, answer, d.provider_s)
         await self._count(job, answer, d.provider_s)

@@ -103,6 +103,20 @@ def test_metrics_off_import_no_prometheus_client() -> None:
     assert done.returncode == 0
 
 
+def test_tracing_off_imports_no_opentelemetry_sdk() -> None:
+    """With tracing off the services and the producer never import the OpenTelemetry SDK
+    (the API alone: a no-op), and the worker's hooks find ``tracing.active`` None."""
+    code = (
+        "import sys, services.runner, services.producer, services.worker.runtime; "
+        "from services import tracing; from services.config import TracingSettings; "
+        "tracing.configure(TracingSettings(enabled=False), 'worker'); "
+        "sys.exit(tracing.active is not None or "
+        "any(m.startswith('opentelemetry.sdk') for m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False)
+    assert done.returncode == 0
+
+
 # --------------------------------------------------------------------------- deploy/monitoring
 
 
