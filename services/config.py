@@ -299,6 +299,11 @@ class TracingSettings(BaseModel):
     exporter: Literal["otlp", "console"] = Field(
         "otlp", description="otlp (OTLP over HTTP, OTEL_EXPORTER_OTLP_*) or console"
     )
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces URL (.../v1/traces); default: the OTEL_EXPORTER_OTLP_* "
+        "variables, else http://localhost:4318/v1/traces",
+    )
 
 
 #: The Anthropic Messages API's request size limit (32 MB).

@@ -292,7 +292,9 @@ def configure(settings: TracingSettings, service: str) -> Tracing | None:
         return active
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    wanted = settings.enabled if settings.enabled is not None else _env_enabled()
+    wanted = settings.enabled if settings.enabled is not None else bool(
+        settings.endpoint or _env_enabled()
+    )
     if not wanted:
         return None
     registered = _sdk_registered()
@@ -322,7 +324,7 @@ def configure(settings: TracingSettings, service: str) -> Tracing | None:
             raise ConfigError(
                 "the OTLP exporter is not installed: pip install 'ridethrough[otel]'"
             ) from exc
-        exporter = OTLPSpanExporter()
+        exporter = OTLPSpanExporter(endpoint=settings.endpoint)
     name = os.environ.get("OTEL_SERVICE_NAME") or f"ridethrough-{service}"
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
     provider.add_span_processor(BatchSpanProcessor(exporter))

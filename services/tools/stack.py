@@ -155,6 +155,7 @@ def child_env(settings: Settings) -> dict[str, str]:
             "RIDETHROUGH_WORKER": settings.worker.model_dump_json(),
             "RIDETHROUGH_BREAKER": settings.breaker.model_dump_json(),
             "RIDETHROUGH_REPLAY": settings.replay.model_dump_json(),
+            "RIDETHROUGH_TRACING": settings.tracing.model_dump_json(),
             "RIDETHROUGH_NATS": settings.nats.model_dump_json(exclude={"password", "token"}),
         }
     )

@@ -30,8 +30,9 @@ def _env() -> dict[str, str]:
 
 
 def test_bench_json_reports_every_scenario() -> None:
-    """`bench --json` at tiny sizes prints one object with all five scenarios, each with
-    positive numbers, a null baseline and ratio only for latency, and the worker's RSS."""
+    """`bench --json` at tiny sizes prints one object with every scenario, each with
+    positive numbers, a null baseline and ratio only for latency, the worker's RSS, and
+    the tracing ratio of the metrics scenario."""
     proc = subprocess.run(
         [sys.executable, "-m", "services", "bench", "--json", *TINY],
         capture_output=True,
@@ -52,6 +53,9 @@ def test_bench_json_reports_every_scenario() -> None:
             assert figure["baseline"] > 0 and figure["ratio"] > 0, name
             assert figure["ratio"] == pytest.approx(figure["ours"] / figure["baseline"], rel=1e-2)
     assert report["provider"]["peak_rss_mb"] > 0
+    # Metrics on against off, and tracing on (its spans reached the OTLP sink) against off.
+    assert report["metrics"]["tracing_ratio"] > 0
+    assert report["metrics"]["otlp_requests"] >= 1
 
 
 def test_bench_replay_repeats_on_fresh_parked_jobs() -> None:
