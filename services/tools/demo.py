@@ -73,6 +73,7 @@ from services.config import Settings
 from services.jetstream.errors import NOT_FOUND
 from services.jetstream.streams import iter_stream
 from services.producer import Producer, make_job
+from services.tools.devstack import free_port
 from services.tools.fake import FaultConfig, Outage
 from services.tools.stack import ServiceProcess, local_stack
 from services.tools.timeline import Transition, Window, model_numbers
@@ -353,12 +354,19 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
         if drill.provider not in stack.fake_providers:
             raise RuntimeError(f"the drill needs {drill.provider} on the fake provider")
         st = stack.settings
+        # Each service serves /metrics (the replayer: the fleet's queues and breakers).
+        roles = [("worker 1", "worker"), ("worker 2", "worker"), ("prober", "prober")]
+        roles.append(("replayer", "replayer"))
+        ports = {name: free_port() for name, _ in roles}
         procs = [
-            ServiceProcess(st, "worker", log_path=logs / f"worker{i}.log") for i in range(2)
-        ] + [
-            ServiceProcess(st, role, log_path=logs / f"{role}.log")
-            for role in ("prober", "replayer")
-        ]
+            ServiceProcess(
+                st, role, "--http-port", str(ports[name]),
+                log_path=logs / f"{name.replace(' ', '')}.log",
+            )
+            for name, role in roles
+        ]  # fmt: skip
+        urls = {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
+        _say_metrics(urls, console)
         try:
             async with await Producer.connect(st) as producer:
                 from services.jetstream.topology import ensure_topology
@@ -366,11 +374,25 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
                 await ensure_topology(producer.js, st)
                 for proc in procs:
                     proc.start()
-                return await _drive(drill, st, stack.fake, fake_cfg, producer, console)
+                report = await _drive(drill, st, stack.fake, fake_cfg, producer, console)
+                report["metrics"] = urls
+                return report
         finally:
             for proc in procs:
                 proc.terminate(timeout=30)
             log.info("service logs in %s", logs)
+
+
+def _say_metrics(urls: dict[str, str], console: Console | None) -> None:
+    """Where the drill's metrics are, before it starts (on stderr under --json)."""
+    lines = ["metrics (Prometheus; the replayer's has the queues and breakers):"]
+    lines += [f"  {name:<9} {url}" for name, url in urls.items()]
+    if console is not None:
+        console.print("\n".join(lines), highlight=False)
+    else:
+        import sys
+
+        print("\n".join(lines), file=sys.stderr)
 
 
 async def _drive(
