@@ -219,11 +219,12 @@ async def _workers_online(js: JetStreamContext) -> dict[str, int]:
     """Per provider, the workers whose live heartbeat names it."""
     from schemas.health import try_decode_beat
 
+    from services.jetstream.kv import keys_of
+
     kv = await js.key_value(s.WORKERS_BUCKET)
-    try:
-        keys = await kv.keys()
-    except NOT_FOUND:  # no worker has beaten yet
-        return {}
+    # One stream-info request (kv.keys() would create a consumer: more than the
+    # replayer's user may do, and more than a scrape needs).
+    keys = await keys_of(js, s.WORKERS_BUCKET)
     out: dict[str, int] = {}
     for key in keys:
         with contextlib.suppress(Exception):
