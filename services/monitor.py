@@ -218,7 +218,6 @@ async def _storage(js: JetStreamContext, m: metrics.Metrics) -> None:
 async def _workers_online(js: JetStreamContext) -> dict[str, int]:
     """Per provider, the workers whose live heartbeat names it."""
     from schemas.health import try_decode_beat
-
     from services.jetstream.kv import keys_of
 
     kv = await js.key_value(s.WORKERS_BUCKET)

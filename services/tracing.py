@@ -292,8 +292,10 @@ def configure(settings: TracingSettings, service: str) -> Tracing | None:
         return active
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    wanted = settings.enabled if settings.enabled is not None else bool(
-        settings.endpoint or _env_enabled()
+    wanted = (
+        settings.enabled
+        if settings.enabled is not None
+        else bool(settings.endpoint or _env_enabled())
     )
     if not wanted:
         return None
