@@ -334,3 +334,40 @@ def test_alerts_fire_as_their_unit_tests_say(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     tested = set(re.findall(r"alertname: (\w+)", (MONITORING / "rules.test.yaml").read_text()))
     assert tested >= ALERTS, ALERTS - tested
+
+
+def test_the_per_job_hooks_count_alike_with_their_children_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hooks a worker calls per job keep their labelled children: the counts are the
+    ones ``labels()`` would give, for every model and tenant, past the cache's bound too."""
+    from schemas.results import JobResult, Usage
+    from services import metrics as metrics_module
+    from services.producer import make_job
+    from services.providers.base import Reply
+
+    monkeypatch.setattr(metrics_module, "_CACHE_MAX", 2)
+    m = Metrics()
+    reply = Reply(response={"usage": {}}, usage=Usage(input_tokens=3, output_tokens=5), model="")
+    jobs = [make_job("anthropic", f"m{i % 3}", prompt="x", tenant=f"t{i % 2}") for i in range(12)]
+    for job in jobs:
+        m.call_started(job.provider)
+        m.call_ended(job, reply, 0.2)
+        m.result_stored(
+            JobResult(job_id=job.id, status="succeeded", provider="anthropic", model="m")
+        )
+    text = _exposition(m)
+    assert 'ridethrough_jobs_finished_total{provider="anthropic",status="succeeded"} 12.0' in text
+    assert 'ridethrough_provider_calls_in_flight{provider="anthropic"} 0.0' in text
+    for model in ("m0", "m1", "m2"):
+        count = (
+            "ridethrough_provider_call_duration_seconds_count"
+            f'{{model="{model}",outcome="success",provider="anthropic"}} 4.0'
+        )
+        assert count in text
+    inputs = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ridethrough_tokens_total{") and 'kind="input"' in line
+    )
+    assert inputs == 12 * 3
