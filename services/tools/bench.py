@@ -737,10 +737,13 @@ async def bench_metrics(
         quiet = st.settings.with_changes(
             http=HttpSettings(), tracing=TracingSettings(enabled=False)
         )
-        for i in range(opts.repeat):
-            _progress(report, f"metrics: run {i + 1}/{opts.repeat}")
+        tracing_on = TracingSettings(enabled=True, endpoint=sink.url)
+
+        async def run_off() -> None:
             rate, _ = await _drain_jobs(st, quiet, "bench-child", args, opts.jobs, timeout=timeout)
             off.append(rate)
+
+        async def run_metrics() -> None:
             port = free_port()
             async with _scraping(port) as scraper:
                 rate, _ = await _drain_jobs(
@@ -748,12 +751,20 @@ async def bench_metrics(
                     timeout=timeout, pulling=scraper.start,
                 )  # fmt: skip
             on.append(rate)
-            tracing_on = TracingSettings(enabled=True, endpoint=sink.url)
+
+        async def run_traced() -> None:
             rate, _ = await _drain_jobs(
                 st, quiet.with_changes(tracing=tracing_on), "bench-child", args, opts.jobs,
                 timeout=timeout,
             )  # fmt: skip
             traced.append(rate)
+
+        variants = [run_off, run_metrics, run_traced]
+        for i in range(opts.repeat):
+            _progress(report, f"metrics: run {i + 1}/{opts.repeat}")
+            # Each round in another order: no variant always runs after the same one.
+            for variant in variants[i % 3 :] + variants[: i % 3]:
+                await variant()
     baseline = statistics.median(off)
     return Figure(
         statistics.median(on),
