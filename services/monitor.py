@@ -93,6 +93,14 @@ async def http_port(
             metrics.disable()
 
 
+def preload() -> None:
+    """Import what serving the port needs now, so that a service's ``freeze_heap`` keeps
+    those modules out of the cyclic GC's scans (imported later, every full collection
+    walks them)."""
+    import aiohttp.web  # noqa: F401
+    import prometheus_client.exposition  # noqa: F401
+
+
 def _bound_port(site: Any) -> int | None:
     server = getattr(site, "_server", None)
     for sock in getattr(server, "sockets", None) or []:

@@ -72,8 +72,10 @@ async def serve_worker(
     tracing.configure(settings.tracing, "worker")
     if settings.http.port is not None:
         from services import metrics
+        from services.monitor import preload
 
         metrics.enable(settings.http)  # before the first job: its hooks count from the start
+        preload()  # before freeze_heap: the web server's modules out of the GC's scans
     app, w = build_app(settings, providers, apply_topology=topology)
     freeze_heap()
     try:

@@ -313,6 +313,12 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident set size of process ``pid`` (``VmHWM``), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -480,6 +486,7 @@ async def _drain_jobs(
     *,
     timeout: float,
     pulling: Callable[[], Awaitable[None]] | None = None,
+    cpu: list[float] | None = None,
 ) -> tuple[float, float]:
     """Load ``n`` jobs behind a paused consumer, start ``role``, resume, and measure how
     fast the results arrive (``pulling`` is awaited once the child pulls, before the
@@ -491,8 +498,11 @@ async def _drain_jobs(
         await _wait_pulling(st.js, child)
         if pulling is not None:
             await pulling()
+        cpu_before = cpu_seconds(child.pid)
         await _resume_workers(st.js)
         rate = await _drained(st.js, RESULTS_STREAM, n, alive=child.check, timeout=timeout)
+        if cpu is not None:  # CPU per job: far less moved by a busy machine than jobs/s
+            cpu.append((cpu_seconds(child.pid) - cpu_before) / n)
         return rate, peak_rss_mb(child.pid)
 
 
@@ -731,6 +741,7 @@ async def bench_metrics(
     off: list[float] = []
     on: list[float] = []
     traced: list[float] = []
+    cpu: dict[str, list[float]] = {"off": [], "metrics": [], "tracing": []}
     timeout = 120 + opts.jobs / 200
     args = ("worker", "--as-service")
     async with stage(base, opts, "metrics") as st, _otlp_sink() as sink:
@@ -740,7 +751,9 @@ async def bench_metrics(
         tracing_on = TracingSettings(enabled=True, endpoint=sink.url)
 
         async def run_off() -> None:
-            rate, _ = await _drain_jobs(st, quiet, "bench-child", args, opts.jobs, timeout=timeout)
+            rate, _ = await _drain_jobs(
+                st, quiet, "bench-child", args, opts.jobs, timeout=timeout, cpu=cpu["off"]
+            )
             off.append(rate)
 
         async def run_metrics() -> None:
@@ -748,14 +761,14 @@ async def bench_metrics(
             async with _scraping(port) as scraper:
                 rate, _ = await _drain_jobs(
                     st, quiet, "bench-child", (*args, "--http-port", str(port)), opts.jobs,
-                    timeout=timeout, pulling=scraper.start,
+                    timeout=timeout, pulling=scraper.start, cpu=cpu["metrics"],
                 )  # fmt: skip
             on.append(rate)
 
         async def run_traced() -> None:
             rate, _ = await _drain_jobs(
                 st, quiet.with_changes(tracing=tracing_on), "bench-child", args, opts.jobs,
-                timeout=timeout,
+                timeout=timeout, cpu=cpu["tracing"],
             )  # fmt: skip
             traced.append(rate)
 
@@ -775,6 +788,12 @@ async def bench_metrics(
             "tracing_ratio": statistics.median(traced) / baseline,
             "tracing_jobs_s": statistics.median(traced),
             "otlp_requests": float(sink.requests),
+            # The worker's CPU per job during the drain (µs), and its ratio off / on.
+            **{f"cpu_us_per_job_{k}": statistics.median(v) * 1e6 for k, v in cpu.items()},
+            "cpu_ratio": statistics.median(cpu["off"])
+            / max(statistics.median(cpu["metrics"]), 1e-9),
+            "tracing_cpu_ratio": statistics.median(cpu["off"])
+            / max(statistics.median(cpu["tracing"]), 1e-9),
         },
     )
 
@@ -1014,7 +1033,10 @@ def table(figures: dict[str, Figure], info: dict[str, str] | None = None) -> Any
         elif name == "latency":
             note = f"p99 {f.extra['p99_ms']:.1f} ms at {f.extra['rate']:.0f} jobs/s"
         elif name == "metrics":
-            note = f"metrics on / off; tracing on / off {f.extra['tracing_ratio']:.2f}"
+            note = (
+                f"metrics on / off (CPU per job {f.extra['cpu_ratio']:.2f}); tracing on / off "
+                f"{f.extra['tracing_ratio']:.2f} (CPU {f.extra['tracing_cpu_ratio']:.2f})"
+            )
         met = f.met
         mark = "" if met is None else ("[green]ok[/]" if met else "[red]below[/]")
         t.add_row(

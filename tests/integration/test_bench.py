@@ -56,6 +56,7 @@ def test_bench_json_reports_every_scenario() -> None:
     # Metrics on against off, and tracing on (its spans reached the OTLP sink) against off.
     assert report["metrics"]["tracing_ratio"] > 0
     assert report["metrics"]["otlp_requests"] >= 1
+    assert report["metrics"]["cpu_us_per_job_off"] >= 0 and "cpu_ratio" in report["metrics"]
 
 
 def test_bench_replay_repeats_on_fresh_parked_jobs() -> None:
