@@ -23,6 +23,17 @@ Token = Annotated[
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True, extra_json_schema={"format": "date-time"})]
 
 
+#: A propagator's carrier: a few short header-like entries (W3C ``tracestate`` is at most
+#: 512 characters).
+TraceCarrier = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=64)],
+        Annotated[str, msgspec.Meta(max_length=1024)],
+    ],
+    msgspec.Meta(max_length=8, description="OpenTelemetry trace context (traceparent...)"),
+]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -99,6 +110,11 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     #: Where the body of a large job waits (``request`` is then empty); absent for every
     #: job that fits in one message, so those are byte for byte what they always were.
     request_ref: BodyRef | None = None
+    #: The trace context of the job's submit (W3C ``traceparent`` / ``tracestate``, or what
+    #: the producer's OpenTelemetry propagator writes), kept in the job because parking,
+    #: replay and fail-over publish it again: a replayed attempt links to it. Empty when
+    #: the producer traces nothing. Never prompts: trace ids only.
+    trace: TraceCarrier = msgspec.field(default_factory=dict)
 
 
 _decoder = msgspec.json.Decoder(Job)

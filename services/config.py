@@ -355,6 +355,29 @@ class HttpSettings(BaseModel):
     max_reasons: int = Field(50, ge=1, description="distinct reason labels; the rest: other")
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces of the services (``services/tracing.py``).
+
+    ``enabled`` None (the default) follows the standard variables: on when
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set, or
+    ``OTEL_TRACES_EXPORTER`` names an exporter; ``OTEL_SDK_DISABLED=true`` turns it off.
+    The exporter, sampler and resource are read by the SDK from the ``OTEL_*`` variables.
+    Needs the ``otel`` extra (``pip install 'ridethrough[otel]'``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool | None = Field(None, description="None: on when OTEL_* names an exporter")
+    exporter: Literal["otlp", "console"] = Field(
+        "otlp", description="otlp (OTLP over HTTP, OTEL_EXPORTER_OTLP_*) or console"
+    )
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces URL (.../v1/traces); default: the OTEL_EXPORTER_OTLP_* "
+        "variables, else http://localhost:4318/v1/traces",
+    )
+
+
 #: The Anthropic Messages API's request size limit (32 MB).
 MESSAGES_MAX_BYTES = 32 * 1024 * 1024
 
@@ -573,6 +596,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     bodies: BodySettings = Field(default_factory=BodySettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)

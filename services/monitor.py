@@ -93,6 +93,14 @@ async def http_port(
             metrics.disable()
 
 
+def preload() -> None:
+    """Import what serving the port needs now, so that a service's ``freeze_heap`` keeps
+    those modules out of the cyclic GC's scans (imported later, every full collection
+    walks them)."""
+    import aiohttp.web  # noqa: F401
+    import prometheus_client.exposition  # noqa: F401
+
+
 def _bound_port(site: Any) -> int | None:
     server = getattr(site, "_server", None)
     for sock in getattr(server, "sockets", None) or []:
@@ -113,6 +121,12 @@ def fleet_view(js: JetStreamContext, replayer: Any) -> Refresh:
         for name in replayer.leases():
             if name not in held:
                 m.forget(name)
+        # The fleet-wide storage: the holder of the first provider's lease alone.
+        first = min(replayer.leases(), default=None)
+        if first is None or first not in held:
+            m.forget_storage()
+        else:
+            await _step("storage", _storage(js, m))
         if not held:
             return
         parked = await subject_counts(js, s.PARKED_STREAM, s.parked_filter())
@@ -143,19 +157,81 @@ def fleet_view(js: JetStreamContext, replayer: Any) -> Refresh:
             states: dict[str | None, str] = {None: board.state(name)}
             states.update({model: board.state(name, model) for model in board.models(name)})
             m.fleet_view(name, states, queue, reasons, online.get(name, 0))
+            await _step("backlog age", _ages(js, m, name))
 
     return refresh
+
+
+async def _step(what: str, step: Awaitable[None]) -> None:
+    """One optional part of a scrape's refresh: its failure (a permission the user lacks,
+    NATS away) leaves its gauges as they were and the rest of the scrape unharmed."""
+    try:
+        await step
+    except Exception as exc:
+        log.debug("metrics refresh of %s failed: %r", what, exc)
+
+
+async def _oldest(js: JetStreamContext, stream: str, subjects: Sequence[str]) -> float:
+    """Seconds since the oldest message of ``stream`` on ``subjects`` was stored (0: none)."""
+    import time
+
+    oldest: float | None = None
+    for subject in subjects:
+        try:
+            msg = await js.get_msg(stream, seq=1, subject=subject, next=True)
+        except NOT_FOUND:
+            continue
+        if msg.time is not None:
+            at = msg.time.timestamp()
+            oldest = at if oldest is None else min(oldest, at)
+    return 0.0 if oldest is None else max(time.time() - oldest, 0.0)
+
+
+async def _ages(js: JetStreamContext, m: metrics.Metrics, provider: str) -> None:
+    """The backlog age of ``provider``: its oldest job per priority, waiting and parked."""
+    ages: dict[tuple[str, str], float] = {}
+    for prio in s.PRIORITIES:
+        ages[prio, "waiting"] = await _oldest(
+            js, s.JOBS_STREAM, s.jobs_priority_filters(provider, prio)
+        )
+        ages[prio, "parked"] = await _oldest(
+            js,
+            s.PARKED_STREAM,
+            (s.legacy_parked_subject(provider, prio), f"ai.parked.{provider}.{prio}.*"),
+        )
+    m.backlog_ages(provider, ages)
+
+
+#: The streams whose storage is exported.
+STREAMS = (s.JOBS_STREAM, s.PARKED_STREAM, s.RESULTS_STREAM, s.DEAD_STREAM, s.EVENTS_STREAM)
+
+
+async def _storage(js: JetStreamContext, m: metrics.Metrics) -> None:
+    """Bytes and limits of the ridethrough streams and of the account's JetStream."""
+    streams: dict[str, tuple[int, int]] = {}
+    for name in STREAMS:
+        try:
+            info = await js.stream_info(name)
+        except NOT_FOUND:
+            continue
+        streams[name] = (int(info.state.bytes or 0), int(info.config.max_bytes or -1))
+    account: dict[str, tuple[int, int]] = {}
+    with contextlib.suppress(Exception):  # $JS.API.INFO may be refused to this user
+        acc = await js.account_info()
+        account["file"] = (int(acc.storage), int(acc.limits.max_storage))
+        account["memory"] = (int(acc.memory), int(acc.limits.max_memory))
+    m.storage(streams, account)
 
 
 async def _workers_online(js: JetStreamContext) -> dict[str, int]:
     """Per provider, the workers whose live heartbeat names it."""
     from schemas.health import try_decode_beat
+    from services.jetstream.kv import keys_of
 
     kv = await js.key_value(s.WORKERS_BUCKET)
-    try:
-        keys = await kv.keys()
-    except NOT_FOUND:  # no worker has beaten yet
-        return {}
+    # One stream-info request (kv.keys() would create a consumer: more than the
+    # replayer's user may do, and more than a scrape needs).
+    keys = await keys_of(js, s.WORKERS_BUCKET)
     out: dict[str, int] = {}
     for key in keys:
         with contextlib.suppress(Exception):

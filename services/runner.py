@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from services import tracing
 from services.config import Settings
 from services.liveness import alive_file, nats_connected
 from services.monitor import fleet_view, http_port
@@ -68,17 +69,23 @@ async def serve_worker(
     settings: Settings, providers: dict[str, Provider], topology: bool, alive_path: Path | None
 ) -> None:
     """The worker's FastStream app, beating the alive file while its broker is connected."""
+    tracing.configure(settings.tracing, "worker")
     if settings.http.port is not None:
         from services import metrics
+        from services.monitor import preload
 
         metrics.enable(settings.http)  # before the first job: its hooks count from the start
+        preload()  # before freeze_heap: the web server's modules out of the GC's scans
     app, w = build_app(settings, providers, apply_topology=topology)
     freeze_heap()
-    async with (
-        alive_file(alive_path, lambda: nats_connected(w.broker)),
-        http_port(settings.http, w.readiness),
-    ):
-        await app.run()
+    try:
+        async with (
+            alive_file(alive_path, lambda: nats_connected(w.broker)),
+            http_port(settings.http, w.readiness),
+        ):
+            await app.run()
+    finally:
+        tracing.shutdown()  # queued spans are sent
 
 
 async def serve_recovery(settings: Settings, role: str, alive_path: Path | None = None) -> None:
@@ -87,6 +94,7 @@ async def serve_recovery(settings: Settings, role: str, alive_path: Path | None 
     from services.breaker.recovery import service_owner
     from services.jetstream.connection import connect
 
+    tracing.configure(settings.tracing, role)
     if settings.http.port is not None:
         from services import metrics
 
@@ -125,6 +133,7 @@ async def serve_recovery(settings: Settings, role: str, alive_path: Path | None 
             logging.getLogger(f"ridethrough.{role}").warning(
                 "%s did not stop within %.0fs; exiting anyway", role, STOP_BUDGET_S
             )
+        tracing.shutdown()
 
 
 async def _stop(service: Prober | Replayer, nc: Any) -> None:
@@ -191,6 +200,7 @@ async def serve_dev(settings: Settings, gateway_port: int | None = 8080) -> None
     from services.tools.stack import running_recovery, running_worker
 
     stop = signalled()
+    tracing.configure(settings.tracing, "dev")
     gateway: contextlib.AbstractAsyncContextManager[str | None] = _no_gateway()
     if gateway_port is not None:
         from services.gateway import running_gateway

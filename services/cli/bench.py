@@ -21,6 +21,7 @@ class ScenarioName(StrEnum):
     replay = "replay"
     latency = "latency"
     gateway = "gateway"
+    metrics = "metrics"
 
 
 class ChildKind(StrEnum):
@@ -109,6 +110,12 @@ def bench_child(
     jobs: Annotated[int, typer.Option(min=1)] = 1000,
     concurrency: Annotated[int, typer.Option(min=1)] = 1000,
     out: Annotated[Path | None, typer.Option()] = None,
+    as_service: Annotated[
+        bool, typer.Option(help="Run the worker as `ridethrough worker` does (metrics, tracing).")
+    ] = False,
+    http_port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="With --as-service: metrics on here.")
+    ] = None,
 ) -> None:
     """A process ``ridethrough bench`` starts: a worker with the instant provider, the raw
     nats-py loop, or the bare SDK loop. Settings come from the environment."""
@@ -121,7 +128,18 @@ def bench_child(
         from services.worker.app import run_worker
 
         providers: dict[str, Provider] = {n: b.InstantProvider(n) for n in settings.providers}
-        run(run_worker(settings, providers, apply_topology=False))
+        if as_service:
+            # Metrics when RIDETHROUGH_HTTP's port is set, tracing when RIDETHROUGH_TRACING
+            # turns it on: the `metrics` scenario's variants, all through one path.
+            from services.runner import serve_worker
+
+            if http_port is not None:
+                http = settings.http.model_copy(update={"port": http_port, "host": "127.0.0.1"})
+                settings = settings.with_changes(http=http)
+
+            run(serve_worker(settings, providers, False, None))
+        else:
+            run(run_worker(settings, providers, apply_topology=False))
     elif kind is ChildKind.raw:
         run(b.raw_worker_loop(settings, batch))
     else:

@@ -104,6 +104,10 @@ def worker(
         settings = settings.with_changes(
             worker=settings.worker.model_copy(update={"concurrency": concurrency})
         )
+    from services import tracing
+
+    # Before the providers: their SDK clients trace (metadata only) only when we do.
+    check(tracing.configure, settings.tracing, "worker")
     providers = check(build_providers, settings, provider)
     run(serve_worker(settings, providers, topology, alive_file))
 
@@ -161,11 +165,14 @@ def gateway(
     """Serve the HTTP gateway: the Anthropic Messages API (POST /v1/messages), each call
     a durable job that rides through outages. Keys: RIDETHROUGH_GATEWAY__KEYS or
     RIDETHROUGH_GATEWAY__KEYS_FILE (SHA-256 digests -> tenants)."""
+    from services import tracing
     from services.gateway import serve_gateway
     from services.runner import configure_logging
 
     configure_logging(verbose)
-    run(serve_gateway(settings_for(nats_url), host, port))
+    settings = settings_for(nats_url)
+    check(tracing.configure, settings.tracing, "gateway")
+    run(serve_gateway(settings, host, port))
 
 
 def fake_provider(

@@ -61,7 +61,7 @@ from schemas.subjects import (
     result_msg_id,
     result_subject,
 )
-from services import metrics
+from services import metrics, tracing
 from services.bodies import drop_body
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.jetstream.streams import last_msg, publish, publish_if_last
@@ -195,6 +195,8 @@ class Settler:
         )
         if stored and (m := metrics.active) is not None:
             m.result_stored(result)
+        if (t := tracing.active) is not None:
+            t.event("result", {"ridethrough.status": result.status, "ridethrough.stored": stored})
         if not stored:
             self.stats.duplicates_skipped += 1
             log.info(
@@ -275,6 +277,8 @@ class Settler:
             headers = {MSG_ID_HEADER: failover_msg_id(*failover_of)}
         else:
             raise ValueError("a republished job is a replay or a fail-over")
+        if (t := tracing.active) is not None:
+            t.inject_current(headers)  # the worker's span of a fail-over, the replay's
         return requeue_subject(job.provider, job.priority, job.tenant), encode(job), headers
 
     async def republish(

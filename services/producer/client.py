@@ -10,9 +10,10 @@ A job of a tenant is published on its tenant's subject and its result read there
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -29,6 +30,7 @@ from schemas.subjects import (
     jobs_subject,
     result_subject,
 )
+from services import tracing
 from services.bodies import body_name, chunk_size, put_body, request_bytes
 from services.config import BodySettings, Settings
 from services.errors import (
@@ -204,6 +206,9 @@ class Producer:
         self._own = own_connection
         #: Large jobs: over ``threshold_bytes`` the body goes to ``ai_bodies`` by reference.
         self.bodies = bodies or BodySettings()
+        #: Traces of submits: this process's tracing, or the application's own SDK (None:
+        #: off, and free).
+        self._tracing = tracing.for_library()
 
     @classmethod
     async def connect(cls, settings: Settings, **kwargs: Any) -> Producer:
@@ -225,7 +230,12 @@ class Producer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _prepare(self, job: Job | Mapping[str, Any], key: str | None) -> tuple[Job, bytes, str]:
+    def _prepare(
+        self,
+        job: Job | Mapping[str, Any],
+        key: str | None,
+        spans: list[Any] | None = None,
+    ) -> tuple[Job, bytes, str]:
         if isinstance(job, Job) and key is None:
             # Checked by decoding its encoding (as validate_job does); send those bytes
             # rather than encoding the decoded copy again, which gives the same bytes.
@@ -246,6 +256,13 @@ class Producer:
                     f"this producer submits for {self.tenant!r}"
                 )
             checked = msgspec.structs.replace(checked, tenant=self.tenant)
+            data = encode(checked)
+        if spans is not None and (t := self._tracing) is not None:
+            # The submit's span: its context travels in the job (parking, replay and
+            # fail-over keep it) and in the message's headers (``_headers``).
+            span = t.submit(checked, _subject(checked))
+            spans.append(span)
+            checked = msgspec.structs.replace(checked, trace=t.carrier(span))
             data = encode(checked)
         # Room is left under max_payload for what a job becomes: a park record or a dead
         # letter with the job inside must fit in one message too (services/overflow.py).
@@ -308,7 +325,19 @@ class Producer:
 
         Raises ``InvalidJob``, ``PayloadTooLarge``, ``UnknownProvider`` or ``NatsUnavailable``.
         """
-        checked, data, msg_id = self._prepare(job, idempotency_key)
+        spans: list[Any] | None = None if self._tracing is None else []
+        try:
+            checked, data, msg_id = self._prepare(job, idempotency_key, spans)
+        except Exception:
+            for span in spans or ():
+                span.end()
+            raise
+        if not spans:
+            return await self._submit(checked, data, msg_id, {MSG_ID_HEADER: msg_id})
+        with _ending(spans[0]):
+            return await self._submit(checked, data, msg_id, _headers(checked, msg_id))
+
+    async def _submit(self, checked: Job, data: bytes, msg_id: str, headers: dict[str, str]) -> str:
         self._check_connected()
         checked, data = await self._by_reference(checked, data)
         subject = _subject(checked)
@@ -317,9 +346,7 @@ class Producer:
         stream_known = False
         while True:
             try:
-                await self.js.publish(
-                    subject, data, timeout=self.ack_timeout_s, headers={MSG_ID_HEADER: msg_id}
-                )
+                await self.js.publish(subject, data, timeout=self.ack_timeout_s, headers=headers)
                 return checked.id
             except Exception as exc:
                 if not _no_responders(exc):
@@ -371,6 +398,20 @@ class Producer:
             raise InvalidJob("idempotency_keys must have one entry per job")
         self._check_connected()
         outcomes: list[SubmitOutcome | None] = [None] * len(jobs)
+        spans: list[Any] | None = None if self._tracing is None else []
+        try:
+            return await self._submit_many(jobs, keys, outcomes, spans)
+        finally:
+            for span in spans or ():
+                span.end()
+
+    async def _submit_many(
+        self,
+        jobs: list[Job | Mapping[str, Any]],
+        keys: list[str | None],
+        outcomes: list[SubmitOutcome | None],
+        spans: list[Any] | None,
+    ) -> list[SubmitOutcome]:
         # Jobs awaiting their PubAck, as parallel lists of plain values: thousands of
         # live Jobs (or tuples) made the garbage collector rescan them over and over
         # (measured: a quarter of the throughput).
@@ -381,20 +422,19 @@ class Producer:
         subjects: list[str] = []
         for i, (job, key) in enumerate(zip(jobs, keys, strict=True)):
             try:
-                checked, data, msg_id = self._prepare(job, key)
+                checked, data, msg_id = self._prepare(job, key, spans)
                 checked, data = await self._by_reference(checked, data)
             except RidethroughError as exc:
                 outcomes[i] = SubmitOutcome(job_id=_job_id_of(job, key), error=exc)
                 continue
+            headers = _headers(checked, msg_id) if spans else {MSG_ID_HEADER: msg_id}
             subject = _subject(checked)
             # Bound the wait only when nats-py's window is full: on Python 3.11 a bounded
             # wait runs in a task of its own, which yields to the flusher and sends every
             # message in a syscall of its own (measured: a third of the throughput).
             stall = self.ack_timeout_s if self.js.publish_async_pending() >= _MAX_PENDING else None
             try:
-                fut = await self.js.publish_async(
-                    subject, data, headers={MSG_ID_HEADER: msg_id}, wait_stall=stall
-                )
+                fut = await self.js.publish_async(subject, data, headers=headers, wait_stall=stall)
             except Exception as exc:
                 outcomes[i] = SubmitOutcome(checked.id, _translate_publish_error(exc, checked))
                 continue
@@ -515,6 +555,25 @@ class Producer:
                 return jid, await self.result(jid, timeout)
 
         return dict(await asyncio.gather(*(one(j) for j in job_ids)))
+
+
+def _headers(job: Job, msg_id: str) -> dict[str, str]:
+    """A traced job's headers: its msg id and its submit's trace context."""
+    return {MSG_ID_HEADER: msg_id, **job.trace}
+
+
+@contextlib.contextmanager
+def _ending(span: Any) -> Iterator[None]:
+    """End ``span`` when the block ends, marked as an error if it raised."""
+    try:
+        yield
+    except Exception as exc:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        raise
+    finally:
+        span.end()
 
 
 def _job_id_of(job: Job | Mapping[str, Any], key: str | None) -> str:

@@ -20,6 +20,7 @@ import httpx2
 import msgspec
 
 from schemas.results import Usage
+from services import tracing
 from services.errors import PermanentError, ProviderError, RateLimited, TransientError
 from services.providers.base import Reply, decode_body, read_fields, sdk_params, split_known
 from services.providers.classify import (
@@ -206,6 +207,8 @@ class AnthropicProvider:
             timeout=timeout,
             default_headers=extra_headers,
             http_client=anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits),
+            # The SDK's own spans: off while ours are, metadata only (no prompt) when on.
+            open_telemetry=tracing.sdk_option(),
             **door,
         )
         self._create_params = sdk_params(self._client.messages.create)

@@ -49,7 +49,7 @@ from schemas.subjects import (
     replay_tag,
     worker_consumer,
 )
-from services import metrics
+from services import metrics, tracing
 from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
 from services.config import ReplaySettings, Settings
@@ -455,7 +455,12 @@ class Replayer(LeasedPerProvider):
                 await self._expire(msg, job, parked.park.attempts)
                 expired += 1
                 continue
-            fut = await self.settler.republish_async(job, replay=replay_tag(seq))
+            tag = replay_tag(seq)
+            if (t := tracing.active) is None:
+                fut = await self.settler.republish_async(job, replay=tag)
+            else:
+                with t.replay(job, tag):
+                    fut = await self.settler.republish_async(job, replay=tag)
             pending.append((msg, fut))
         if expired:
             self._prog(name, None, time.monotonic()).expired += expired

@@ -18,6 +18,11 @@
               in flight, one worker process with     flight, the same worker; then both
               the instant provider)                  paced at half the gateway's rate:
                                                      the latency it adds (p50, p99)
+    metrics   the worker scenario's worker      vs  the same worker with metrics and
+              with metrics on (its /metrics            tracing off; in the same runs, the
+              scraped every second)                    worker with tracing on (spans
+                                                       exported over OTLP/HTTP to a sink
+                                                       in this process): ``tracing_ratio``
 
 Every scenario gets its own embedded nats-server (file storage in a temp dir)
 and the topology of one provider, ``anthropic``. Throughput is counted on the
@@ -41,7 +46,7 @@ import signal
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -90,7 +95,9 @@ BENCH_PRIORITY: Final = "normal"
 JOB_BYTES: Final = 1024
 FAKE_KEY: Final = "bench-key-not-secret"
 
-SCENARIOS: Final = ("publish", "worker", "provider", "replay", "latency", "gateway")
+SCENARIOS: Final = (
+    "publish", "worker", "provider", "replay", "latency", "gateway", "metrics"
+)  # fmt: skip
 #: The ratio each scenario should reach (latency has no baseline).
 TARGETS: Final[dict[str, float | None]] = {
     "publish": 0.8,
@@ -99,6 +106,8 @@ TARGETS: Final[dict[str, float | None]] = {
     "replay": 0.5,
     "latency": None,
     "gateway": 0.5,
+    # Metrics on within 0.05 of metrics off (the issue's cost bound).
+    "metrics": 0.95,
 }
 #: The gateway's added p50 at half load should stay under this (ms).
 GATEWAY_ADDED_P50_MS: Final = 5.0
@@ -326,6 +335,12 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident set size of process ``pid`` (``VmHWM``), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -492,16 +507,24 @@ async def _drain_jobs(
     n: int,
     *,
     timeout: float,
+    pulling: Callable[[], Awaitable[None]] | None = None,
+    cpu: list[float] | None = None,
 ) -> tuple[float, float]:
     """Load ``n`` jobs behind a paused consumer, start ``role``, resume, and measure how
-    fast the results arrive. Returns (jobs/s, the child's peak RSS in MB)."""
+    fast the results arrive (``pulling`` is awaited once the child pulls, before the
+    clock). Returns (jobs/s, the child's peak RSS in MB)."""
     await _purge(st.js, JOBS_STREAM, RESULTS_STREAM)
     await _pause_workers(st.js)
     await _publish_raw(st.js, _wire(bench_jobs(n)))
     with st.running(settings, role, *args) as child:
         await _wait_pulling(st.js, child)
+        if pulling is not None:
+            await pulling()
+        cpu_before = cpu_seconds(child.pid)
         await _resume_workers(st.js)
         rate = await _drained(st.js, RESULTS_STREAM, n, alive=child.check, timeout=timeout)
+        if cpu is not None:  # CPU per job: far less moved by a busy machine than jobs/s
+            cpu.append((cpu_seconds(child.pid) - cpu_before) / n)
         return rate, peak_rss_mb(child.pid)
 
 
@@ -860,6 +883,166 @@ async def bench_gateway(
     )
 
 
+async def bench_metrics(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """One worker process with metrics on (scraped every second), and one with tracing on,
+    each against the same worker with both off, in alternating runs."""
+    from services.config import HttpSettings, TracingSettings
+    from services.tools.devstack import free_port
+
+    off: list[float] = []
+    on: list[float] = []
+    traced: list[float] = []
+    cpu: dict[str, list[float]] = {"off": [], "metrics": [], "tracing": []}
+    timeout = 120 + opts.jobs / 200
+    args = ("worker", "--as-service")
+    async with stage(base, opts, "metrics") as st, _otlp_sink() as sink:
+        quiet = st.settings.with_changes(
+            http=HttpSettings(), tracing=TracingSettings(enabled=False)
+        )
+        tracing_on = TracingSettings(enabled=True, endpoint=sink.url)
+
+        async def run_off() -> None:
+            rate, _ = await _drain_jobs(
+                st, quiet, "bench-child", args, opts.jobs, timeout=timeout, cpu=cpu["off"]
+            )
+            off.append(rate)
+
+        async def run_metrics() -> None:
+            port = free_port()
+            async with _scraping(port) as scraper:
+                rate, _ = await _drain_jobs(
+                    st, quiet, "bench-child", (*args, "--http-port", str(port)), opts.jobs,
+                    timeout=timeout, pulling=scraper.start, cpu=cpu["metrics"],
+                )  # fmt: skip
+            on.append(rate)
+
+        async def run_traced() -> None:
+            rate, _ = await _drain_jobs(
+                st, quiet.with_changes(tracing=tracing_on), "bench-child", args, opts.jobs,
+                timeout=timeout, cpu=cpu["tracing"],
+            )  # fmt: skip
+            traced.append(rate)
+
+        variants = [run_off, run_metrics, run_traced]
+        for i in range(opts.repeat):
+            _progress(report, f"metrics: run {i + 1}/{opts.repeat}")
+            # Each round in another order: no variant always runs after the same one.
+            for variant in variants[i % 3 :] + variants[: i % 3]:
+                await variant()
+    baseline = statistics.median(off)
+    return Figure(
+        statistics.median(on),
+        baseline,
+        "jobs/s",
+        TARGETS["metrics"],
+        extra={
+            "tracing_ratio": statistics.median(traced) / baseline,
+            "tracing_jobs_s": statistics.median(traced),
+            "otlp_requests": float(sink.requests),
+            # The worker's CPU per job during the drain (µs), and its ratio off / on.
+            **{f"cpu_us_per_job_{k}": statistics.median(v) * 1e6 for k, v in cpu.items()},
+            "cpu_ratio": statistics.median(cpu["off"])
+            / max(statistics.median(cpu["metrics"]), 1e-9),
+            "tracing_cpu_ratio": statistics.median(cpu["off"])
+            / max(statistics.median(cpu["tracing"]), 1e-9),
+        },
+    )
+
+
+@dataclass
+class _Sink:
+    """An OTLP/HTTP receiver that accepts every export and counts the requests."""
+
+    url: str = ""
+    requests: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _otlp_sink() -> AsyncIterator[_Sink]:
+    """A local OTLP/HTTP endpoint (``POST /v1/traces`` answered 200, bodies dropped), in a
+    thread of its own: the bench's loop blocks while it waits for a child to stop, and a
+    child flushes its last spans as it stops."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sink = _Sink()
+
+    class Export(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            sink.requests += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            """Quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Export)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sink.url = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    try:
+        yield sink
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Scraper:
+    """GETs a worker's /metrics every second once started (as Prometheus would, but 15
+    times as often)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.sizes: list[int] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def _get(self, session: Any) -> None:
+        import aiohttp
+
+        async with session.get(self.url, timeout=aiohttp.ClientTimeout(5)) as r:
+            if r.status != 200:
+                raise BenchError(f"{self.url} answered {r.status}")
+            self.sizes.append(len(await r.read()))
+
+    async def start(self) -> None:
+        """One scrape now (the child is up: it must answer), then one a second."""
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            try:
+                await self._get(session)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise BenchError(f"the worker's /metrics did not answer: {exc!r}") from exc
+        self.task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, BenchError):
+                    await self._get(session)
+
+
+@contextlib.asynccontextmanager
+async def _scraping(port: int) -> AsyncIterator[_Scraper]:
+    """A scraper of the worker's /metrics on ``port``, stopped when the block ends."""
+    scraper = _Scraper(port)
+    try:
+        yield scraper
+    finally:
+        if scraper.task is not None:
+            scraper.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scraper.task
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -881,6 +1064,8 @@ async def run_bench(
             figures[name] = await bench_replay(base, opts, report)
         elif name == "gateway":
             figures[name] = await bench_gateway(base, opts, report)
+        elif name == "metrics":
+            figures[name] = await bench_metrics(base, opts, report)
         else:
             worker = figures.get("worker")
             figures[name] = await bench_latency(base, opts, worker.ours if worker else None, report)
@@ -1006,6 +1191,11 @@ def table(figures: dict[str, Figure], info: dict[str, str] | None = None) -> Any
             note = (
                 f"adds p50 {f.extra['added_p50_ms']:.1f} ms (≤ {GATEWAY_ADDED_P50_MS:.0f}), "
                 f"p99 {f.extra['added_p99_ms']:.1f} ms at {f.extra['half_load_rate']:.0f}/s"
+            )
+        elif name == "metrics":
+            note = (
+                f"metrics on / off (CPU per job {f.extra['cpu_ratio']:.2f}); tracing on / off "
+                f"{f.extra['tracing_ratio']:.2f} (CPU {f.extra['tracing_cpu_ratio']:.2f})"
             )
         met = f.met
         mark = "" if met is None else ("[green]ok[/]" if met else "[red]below[/]")

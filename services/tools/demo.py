@@ -88,6 +88,7 @@ from services.config import NotifySettings, ProviderSettings, Settings
 from services.jetstream.errors import NOT_FOUND
 from services.jetstream.streams import iter_stream
 from services.producer import Producer, make_job
+from services.tools.devstack import free_port
 from services.tools.fake import FaultConfig, Outage
 from services.tools.receiver import Received, Receiver
 from services.tools.stack import ServiceProcess, local_stack
@@ -399,12 +400,21 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
         st = stack.settings
         if receiver is not None:
             st = st.with_changes(notify=_notify_settings(receiver, drill))
+        # Each service serves /metrics (the replayer: the fleet's queues and breakers).
+        roles = [("worker 1", "worker"), ("worker 2", "worker"), ("prober", "prober")]
+        roles.append(("replayer", "replayer"))
+        if receiver is not None:
+            roles.append(("notifier", "notifier"))
+        ports = {name: free_port() for name, _ in roles}
         procs = [
-            ServiceProcess(st, "worker", log_path=logs / f"worker{i}.log") for i in range(2)
-        ] + [
-            ServiceProcess(st, role, log_path=logs / f"{role}.log")
-            for role in ("prober", "replayer") + (("notifier",) if receiver else ())
-        ]
+            ServiceProcess(
+                st, role, "--http-port", str(ports[name]),
+                log_path=logs / f"{name.replace(' ', '')}.log",
+            )
+            for name, role in roles
+        ]  # fmt: skip
+        urls = {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
+        _say_metrics(urls, console)
         try:
             async with await Producer.connect(st) as producer:
                 from services.jetstream.topology import ensure_topology
@@ -415,6 +425,7 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
                 report = await _drive(drill, st, stack.fake, fake_cfg, producer, console)
                 if receiver is not None:
                     report["notifications"] = await _notifications(receiver, drill)
+                report["metrics"] = urls
                 return report
         finally:
             for proc in procs:
@@ -484,6 +495,18 @@ async def _notifications(receiver: Receiver, drill: Drill) -> list[dict[str, Any
          "title": (e.get("data") or {}).get("title")}
         for e in receiver.webhook_events.values()
     ]  # fmt: skip
+
+
+def _say_metrics(urls: dict[str, str], console: Console | None) -> None:
+    """Where the drill's metrics are, before it starts (on stderr under --json)."""
+    lines = ["metrics (Prometheus; the replayer's has the queues and breakers):"]
+    lines += [f"  {name:<9} {url}" for name, url in urls.items()]
+    if console is not None:
+        console.print("\n".join(lines), highlight=False)
+    else:
+        import sys
+
+        print("\n".join(lines), file=sys.stderr)
 
 
 async def _drive(

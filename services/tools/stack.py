@@ -201,6 +201,7 @@ def child_env(settings: Settings) -> dict[str, str]:
             "RIDETHROUGH_REPLAY": settings.replay.model_dump_json(),
             "RIDETHROUGH_GATEWAY": settings.gateway.model_dump_json(),
             "RIDETHROUGH_BODIES": settings.bodies.model_dump_json(),
+            "RIDETHROUGH_TRACING": settings.tracing.model_dump_json(),
             "RIDETHROUGH_NATS": settings.nats.model_dump_json(exclude={"password", "token"}),
         }
     )

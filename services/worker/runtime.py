@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -39,7 +40,7 @@ from schemas.subjects import (
     scope_key,
     scope_model,
 )
-from services import metrics
+from services import metrics, tracing
 from services.bodies import by_reference, resolve
 from services.breaker import HealthBoard, SlidingWindow
 from services.breaker.evidence import EvidenceView
@@ -175,6 +176,18 @@ class JobRunner:
         if job is None:  # not a job we can read or believe: its exact bytes are kept
             await self.settler.settle(d, Dead("invalid", refused, answered=False))
             return
+        if (t := tracing.active) is None:
+            await self._run(d, job, refused, None)
+            return
+        with t.process(
+            job, msg.headers, attempt=d.attempts, replay=d.replay, subject=msg.subject
+        ) as span:
+            await self._run(d, job, refused, span)
+
+    async def _run(self, d: Delivery, job: Job, refused: str, span: Any) -> None:
+        """Decide and settle a decoded delivery (``span``: its trace, when tracing is on)."""
+        msg = d.msg
+        traced = tracing.active if span is not None else None
         has = False
         if not refused and (d.attempts > 1 or d.replay):
             has = await self.settler.has_result(job, replayed=bool(d.replay))
@@ -192,6 +205,8 @@ class JobRunner:
                 job, decide(Situation(full, d.attempts), self.policy, self.view)
             )
         if not isinstance(outcome, Call):
+            if traced is not None:
+                traced.outcome(span, outcome)
             await self.settler.settle(d, outcome)
             return
         key = (job.tenant, job.id)
@@ -206,7 +221,10 @@ class JobRunner:
             answer = await self._call(d, full)
             after = decide(Situation(full, d.attempts, outcome=answer), self.policy, self.view)
             del full  # a large job's body: not held while the answer is stored
-            await self.settler.settle(d, self._by_reference(job, after))
+            outcome = self._by_reference(job, after)
+            if traced is not None:
+                traced.outcome(span, outcome)
+            await self.settler.settle(d, outcome)
         finally:
             self._calling.discard(key)
 
@@ -287,19 +305,27 @@ class JobRunner:
         d.started = time.time()
         if (m := metrics.active) is not None:
             m.call_started(job.provider)
+        t = tracing.active
+        span = (
+            None
+            if t is None
+            else t.provider_call(job, self.policy.kinds.get(job.provider, job.provider))
+        )
         try:
             provider = self.providers[job.provider]
-            if job.betas:
-                answer: Reply | ProviderError = await provider.call(
-                    job.model, job.request, betas=job.betas
-                )
-            else:  # a job without betas calls as it always did
-                answer = await provider.call(job.model, job.request)
+            if span is None:
+                answer: Reply | ProviderError = await _call_provider(provider, job)
+            else:
+                assert t is not None
+                with t.tracer_span(span):
+                    answer = await _call_provider(provider, job)
         except ProviderError as exc:
             answer = exc
             if exc.reason == "config":  # every job will fail alike until someone fixes it
                 log.error("provider %s is misconfigured (config): %s", job.provider, exc.message)
         d.provider_s = time.time() - d.started
+        if t is not None and span is not None:
+            t.call_ended(span, answer)
         if m is not None:
             m.call_ended(job, answer, d.provider_s)
         await self._count(job, answer, d.provider_s)
@@ -456,3 +482,10 @@ async def _quiet_nak(msg: Msg, delay: float) -> None:
         await msg.nak(delay=delay or None)
     except Exception as exc:  # the connection may be gone; ack_wait will redeliver
         log.warning("could not release %s: %s", msg.subject, exc)
+
+
+async def _call_provider(provider: Provider, job: Job) -> Reply:
+    """One call of ``job``; a job without betas calls as it always did."""
+    if job.betas:
+        return await provider.call(job.model, job.request, betas=job.betas)
+    return await provider.call(job.model, job.request)

@@ -155,6 +155,11 @@ async def test_demo_drill_reports_an_outage_with_nothing_lost() -> None:
     assert code == 0, err
     report = json.loads(out)
     assert list(report) == list(REPORT_KEYS)
+    # Where its metrics are: one port per service, said before the drill (on stderr).
+    import re
+
+    urls = re.findall(r"(worker 1|worker 2|prober|replayer) +http://127\.0\.0\.1:\d+/metrics", err)
+    assert urls == ["worker 1", "worker 2", "prober", "replayer"], err
     assert report["submitted"] == report["succeeded"] == 80
     assert report["lost"] == report["duplicates"] == report["dead"] == 0
     assert report["detect_s"] is not None and report["peak_parked"] > 0

@@ -198,6 +198,142 @@ async def test_queue_depth_is_exported_once_for_the_fleet(
         assert _value(holder, queue, provider="anthropic", state="parked") == 0
         assert _value(holder, queue, provider="anthropic", state="in_flight") == 0
         assert _value(holder, "ridethrough_workers_online", provider="anthropic") == 0
+        age = "ridethrough_queue_oldest_job_age_seconds"
+        assert _value(holder, age, provider="anthropic", priority="high", state="waiting") > 0
+        assert _value(holder, age, provider="anthropic", priority="low", state="waiting") == 0
+        assert _value(holder, age, provider="anthropic", state="parked") == 0
+        # The storage of the streams: one exporter (the first provider's lease holder).
+        scrapes = [await _scrape(p) for p in ports]
+        jobs_bytes = [
+            _value(x, "ridethrough_jetstream_stream_bytes", stream="AI_JOBS") for x in scrapes
+        ]
+        assert sorted(v > 0 for v in jobs_bytes) == [False, True]
+        assert (
+            sum(_value(x, "ridethrough_jetstream_account_bytes", storage="file") for x in scrapes)
+            > 0
+        )
     finally:
         for proc in procs:
             proc.terminate()
+
+
+async def _status_json(settings: Settings) -> dict[str, Any]:
+    """`ridethrough status --json`, run as a user runs it."""
+    import asyncio
+    import json
+    import sys
+
+    from tests.support import ROOT, settings_env
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services", "status", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=settings_env(settings), cwd=ROOT,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    status: dict[str, Any] = json.loads(out)
+    return status
+
+
+def _shared_counts(status: dict[str, Any], fleet: Samples, workers: Samples) -> list[Any]:
+    """Every count `status --json` and the metrics both show, as (what, status, metrics)."""
+    pairs: list[Any] = []
+    for name, p in status["providers"].items():
+        pairs.append((f"{name} state", 1.0, _value(
+            fleet, "ridethrough_breaker_state", provider=name, model="", state=p["state"]
+        )))  # fmt: skip
+        for prio in s.PRIORITIES:
+            pairs.append((f"{name} {prio} waiting", p["waiting_by_priority"].get(prio, 0), _value(
+                fleet, "ridethrough_queue_jobs", provider=name, priority=prio, state="waiting"
+            )))  # fmt: skip
+        q, dead = "ridethrough_queue_jobs", "ridethrough_dead_letters_jobs"
+        online = sum(name in w["providers"] for w in status["workers"])
+        pairs += [
+            (f"{name} busy", p["in_flight"], _value(fleet, q, provider=name, state="in_flight")),
+            (f"{name} parked", p["parked"], _value(fleet, q, provider=name, state="parked")),
+            (f"{name} dead", p["dead"], _value(fleet, dead, provider=name)),
+            (f"{name} workers", online, _value(fleet, "ridethrough_workers_online", provider=name)),
+        ]  # fmt: skip
+        for model, m in p["models"].items():
+            token = s.scope_model(model) or ""
+            exported = _value(fleet, "ridethrough_breaker_state", provider=name, model=token)
+            if exported:  # a scope the board knows (a model with parked jobs alone has none)
+                pairs.append((f"{name}/{model} state", 1.0, _value(
+                    fleet, "ridethrough_breaker_state", provider=name, model=token,
+                    state=m["state"],
+                )))  # fmt: skip
+    # What the worker counted since it started: every dead letter and every park is there.
+    pairs.append(
+        (
+            "anthropic dead (worker's counter)",
+            status["providers"]["anthropic"]["dead"],
+            _value(workers, "ridethrough_jobs_dead_total", provider="anthropic"),
+        )
+    )
+    pairs.append(
+        (
+            "anthropic parked (worker's counter)",
+            status["providers"]["anthropic"]["parked"],
+            _value(workers, "ridethrough_jobs_parked_total", provider="anthropic"),
+        )
+    )
+    return pairs
+
+
+async def test_status_and_metrics_agree_during_an_outage(
+    nats_server: Any, fake_provider: Any, js: Any, tmp_path: Path
+) -> None:
+    """During an outage (anthropic open, jobs parked; openai jobs waiting with no worker
+    of theirs; dead letters from before), every count `ridethrough status --json` shows
+    is the one the metrics show: breaker states, waiting per priority, in flight, parked,
+    dead letters, workers online."""
+    settings = make_settings(nats_server.url, fake_provider.url)
+    wport, rport = free_port(), free_port()
+    procs = [
+        ServiceProcess(
+            settings, "worker", "--provider", "anthropic", "--http-port", str(wport),
+            log_path=tmp_path / "w.log",
+        ).start(),
+        ServiceProcess(
+            settings, "replayer", "--http-port", str(rport), log_path=tmp_path / "r.log"
+        ).start(),
+    ]  # fmt: skip
+    try:
+        await wait_until(lambda: _ready(wport), timeout=60)
+        await wait_until(lambda: _ready(rport), timeout=60)
+        kv = await js.key_value(s.HEALTH_BUCKET)
+        async with await Producer.connect(settings) as producer:
+            bad = [
+                await producer.submit(
+                    make_job("anthropic", "m", request=fault_request("fault:400", f"bad {i}"))
+                )
+                for i in range(2)
+            ]
+            for job_id in bad:
+                await producer.result(job_id, timeout=60)
+            await transition(js, kv, "anthropic", to="open", allowed_from=("closed",), by="t")
+            for i, prio in enumerate(["normal"] * 4 + ["high"] * 2):
+                await producer.submit(make_job("anthropic", "m", prompt=f"p {i}", priority=prio))
+            for i in range(3):
+                await producer.submit(make_job("openai", "gpt-x", prompt=f"o {i}", priority="low"))
+
+        async def settled() -> bool:
+            parked = (await stream_state(js, s.PARKED_STREAM)).messages == 6
+            fleet = await _scrape(rport)
+            return parked and _value(fleet, "ridethrough_workers_online", provider="anthropic") == 1
+
+        await wait_until(settled, timeout=60, interval=0.3)
+        before = await _status_json(settings)
+        fleet, workers = await _scrape(rport), await _scrape(wport)
+        after = await _status_json(settings)
+    finally:
+        for proc in procs:
+            proc.terminate()
+    pairs = _shared_counts(before, fleet, workers)
+    assert pairs == _shared_counts(after, fleet, workers)  # nothing moved meanwhile
+    assert [p for p in pairs if p[1] != p[2]] == []
+    named = {what: got for what, got, _ in pairs}
+    assert named["anthropic parked"] == 6 and named["anthropic dead"] == 2
+    assert named["openai low waiting"] == 3 and named["openai workers"] == 0
+    assert before["providers"]["anthropic"]["state"] == "open"

@@ -40,7 +40,7 @@ from services.tools.devstack import NatsServer
 from services.tools.receiver import Receiver
 from services.tools.stack import ServiceProcess
 from tests.conftest import make_settings
-from tests.support import count_outcomes, read_stream, wait_until
+from tests.support import count_outcomes, fault_request, read_stream, wait_until
 from tests.unit.test_deploy_files import auth_users, password_variable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1443,3 +1443,58 @@ async def test_every_wildcard_form_of_a_producers_body_puts_stays_in_the_bucket(
         assert any(nats_match(p, subject) for p in scopes), subject
     assert after == before
     assert kept == b"k" * 3000
+
+
+@pytest.mark.integration
+async def test_the_replayer_exports_the_fleet_view_under_its_own_user(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """A replayer running as `replayer` (deploy/nats/auth.conf) exports the fleet's gauges
+    on /metrics: queue depth, backlog age, workers online, dead letters, storage; and the
+    server logs no permission violation for it."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.tools.devstack import free_port
+
+    by_role, nc, _, procs = await _stack_with_a_worker(secured, fake_provider, tmp_path)
+    port = free_port()
+    procs += _services(by_role, tmp_path, ("replayer", "--http-port", str(port)))
+    names: set[str] = set()
+    try:
+        async with await Producer.connect(by_role["producer"]) as producer:
+            job_id = await producer.submit(
+                make_job("anthropic", "m", request=fault_request("fault:400", "bad"))
+            )
+            await producer.result(job_id, timeout=60)
+
+        async def exported() -> bool:
+            names.clear()
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{port}/metrics") as r,
+                ):
+                    text = await r.text()
+            except aiohttp.ClientError:
+                return False
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    names.add(sample.name)
+                    if sample.value:
+                        names.add(f"{sample.name}:{sample.labels.get('provider', '')}")
+            return "ridethrough_workers_online:anthropic" in names
+
+        await wait_until(exported, timeout=60, interval=0.5)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        await nc.close()
+    assert {
+        "ridethrough_queue_jobs",
+        "ridethrough_queue_oldest_job_age_seconds",
+        "ridethrough_dead_letters_jobs:anthropic",
+        "ridethrough_jetstream_stream_bytes:",
+        "ridethrough_jetstream_account_bytes",
+    } <= names, names
+    assert secured.violations() == []
