@@ -332,6 +332,15 @@ def demo(
             "receiver that prints each notification it gets.",
         ),
     ] = False,
+    gateway: Annotated[
+        int,
+        typer.Option(
+            "--gateway",
+            min=0,
+            help="Also make this many calls through the HTTP gateway with the official "
+            "anthropic SDK as the outage starts: they wait, then get their answers.",
+        ),
+    ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """The outage drill: a fleet on this machine rides through an outage of a real shape.
@@ -354,6 +363,7 @@ def demo(
         seed=seed,
         scenario=scenario,
         notify=notify,
+        gateway_calls=gateway,
     )
     console = None if as_json else Console()
     try:
@@ -361,7 +371,7 @@ def demo(
     except RidethroughError as exc:
         fail(str(exc))
     if as_json:
-        extra = ("failover",) if "failover" in report else ()
+        extra = tuple(k for k in ("failover", "gateway") if k in report)
         print_json({key: report[key] for key in REPORT_KEYS + extra})
     else:
         typer.echo()  # the live table's last line has no newline of its own
@@ -372,4 +382,7 @@ def demo(
         f = report["failover"]
         parked = sum(m["parked"] for m in report["models"].values())
         ok = ok and parked == 0 and f["identical_apart_from_model"] == f["requests_at_fallback"]
+    if "gateway" in report:  # every call answered, one job and one result each
+        g = report["gateway"]
+        ok = ok and g["answered"] == g["jobs"] == g["results_stored"] == g["calls"]
     raise typer.Exit(EXIT_OK if ok else EXIT_JOB_FAILED)

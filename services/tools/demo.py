@@ -65,6 +65,7 @@ import logging
 import secrets
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
@@ -161,6 +162,9 @@ class Drill:
     notify: bool = False
     #: The notifier's flap window in the drill (short: the drill waits for the summary).
     flap_window_s: float = 3.0
+    #: Calls through the HTTP gateway (the official anthropic SDK, only ``base_url``
+    #: changed), made as the outage starts (``--gateway N``); 0: no gateway.
+    gateway_calls: int = 0
 
     def __post_init__(self) -> None:
         """Refuse a scenario that does not exist or a drill without a model."""
@@ -422,7 +426,15 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
                 await ensure_topology(producer.js, st)
                 for proc in procs:
                     proc.start()
-                report = await _drive(drill, st, stack.fake, fake_cfg, producer, console)
+                async with _gateway(drill, st) as gateway_url:
+                    calls = (
+                        asyncio.create_task(gateway_calls(gateway_url, drill, console))
+                        if gateway_url is not None
+                        else None
+                    )
+                    report = await _drive(drill, st, stack.fake, fake_cfg, producer, console)
+                    if calls is not None:
+                        report["gateway"] = await _gateway_report(producer.js, await calls)
                 if receiver is not None:
                     report["notifications"] = await _notifications(receiver, drill)
                 report["metrics"] = urls
@@ -433,6 +445,92 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
             if receiver is not None:
                 await receiver.stop()
             log.info("service logs in %s", logs)
+
+
+#: The drill gateway's key and tenant (a private stack: never a real key).
+DRILL_GATEWAY_KEY: Final = "ridethrough-drill-gateway-key"
+DRILL_GATEWAY_TENANT: Final = "drill"
+
+
+@contextlib.asynccontextmanager
+async def _gateway(drill: Drill, settings: Settings) -> AsyncIterator[str | None]:
+    """The HTTP gateway on a free port of this loop while the drill runs (None: none)."""
+    if not drill.gateway_calls:
+        yield None
+        return
+    from services.config import GatewaySettings
+    from services.gateway import key_digest, running_gateway
+
+    gw = GatewaySettings(
+        keys={key_digest(DRILL_GATEWAY_KEY): DRILL_GATEWAY_TENANT},
+        anthropic_provider=drill.provider,
+        openai_provider=None,
+        retry_after_s=1.0,
+    )
+    async with running_gateway(settings.with_changes(gateway=gw), "127.0.0.1", 0) as url:
+        yield url
+
+
+async def gateway_calls(url: str, drill: Drill, console: Console | None) -> list[dict[str, Any]]:
+    """``drill.gateway_calls`` calls of the official anthropic SDK through the gateway,
+    made together a quarter into the outage, each with its own Idempotency-Key: during the
+    outage each waits 2 s and gets the gateway's 529 naming its job, which the SDK itself
+    retries (after retry-after) with the same key, until the job's answer is in."""
+    import anthropic
+
+    await asyncio.sleep(drill.outage_at_s + drill.outage_s / 4)
+    started = time.monotonic()
+    async with anthropic.AsyncAnthropic(
+        base_url=url, api_key=DRILL_GATEWAY_KEY, max_retries=1000, timeout=60.0
+    ) as client:
+
+        async def one(i: int) -> dict[str, Any]:
+            key = f"drill-gateway-{i}"
+            try:
+                raw = await client.messages.with_raw_response.create(
+                    model=drill.sick,
+                    max_tokens=16,
+                    messages=[{"role": "user", "content": f"Gateway call {i}: summarise."}],
+                    extra_headers={"Idempotency-Key": key, "x-ridethrough-wait-s": "2"},
+                )
+                message = await raw.parse()
+            except anthropic.APIError as exc:
+                return {"key": key, "ok": False, "error": str(exc)[:200]}
+            return {
+                "key": key,
+                "ok": bool(message.content),
+                "job": raw.headers.get("x-ridethrough-job-id"),
+                "answered_s": round(time.monotonic() - started, 2),
+            }
+
+        calls = await asyncio.gather(*(one(i) for i in range(drill.gateway_calls)))
+    if console is not None:
+        ok = sum(1 for c in calls if c["ok"])
+        console.print(f"gateway: {ok} of {len(calls)} SDK calls answered")
+    return list(calls)
+
+
+async def _gateway_report(js: JetStreamContext, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the gateway's calls got: answers, one job each, one result each."""
+    jobs = {c.get("job") for c in calls if c.get("job")}
+    stored = 0
+    attempts: list[int] = []
+    for job in sorted(j for j in jobs if j):
+        subject = s.result_subject(job, DRILL_GATEWAY_TENANT)
+        info = await js.stream_info(s.RESULTS_STREAM, subjects_filter=subject)
+        stored += int((info.state.subjects or {}).get(subject, 0))
+        with contextlib.suppress(Exception):
+            raw = await js.get_last_msg(s.RESULTS_STREAM, subject, direct=True)
+            attempts.append(int(decode_result(raw.data or b"").attempts))
+    answered = [c for c in calls if c["ok"]]
+    return {
+        "calls": len(calls),
+        "answered": len(answered),
+        "jobs": len(jobs),
+        "results_stored": stored,
+        "last_answer_s": max((c["answered_s"] for c in answered), default=None),
+        "max_attempts": max(attempts, default=None),
+    }
 
 
 async def _receiver(console: Console | None) -> Receiver:
@@ -845,4 +943,13 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     if "notifications" in report:
         lines.append(f"  notifications sent    {len(report['notifications'])} (webhook, deduped)")
         lines += [f"    {n['id']}: {n['title']}" for n in report["notifications"]]
+    g = report.get("gateway")
+    if g is not None:
+        lines += [
+            "  through the gateway (the anthropic SDK, only base_url changed; calls made in"
+            " the outage):",
+            f"    calls answered        {g['answered']} of {g['calls']}"
+            f" (the last {g['last_answer_s']} s after they started)",
+            f"    jobs                  {g['jobs']}, results stored {g['results_stored']}",
+        ]
     return lines

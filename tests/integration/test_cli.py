@@ -170,6 +170,21 @@ async def test_demo_drill_reports_an_outage_with_nothing_lost() -> None:
     assert sum(m["succeeded"] for m in models.values()) == 80
 
 
+async def test_demo_gateway_calls_made_in_the_outage_get_their_answers() -> None:
+    """`ridethrough demo --gateway 6`: six calls of the official anthropic SDK through the
+    gateway, made during the outage, all get answers once it ends: six jobs, six results,
+    nothing lost or duplicated (the command's exit code says the same)."""
+    code, out, err = await cli(
+        None, "demo", "--jobs", "80", "--rate", "40", "--outage", "3", "--outage-at", "0.5",
+        "--gateway", "6", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["lost"] == report["duplicates"] == 0
+    g = report["gateway"]
+    assert (g["calls"], g["answered"], g["jobs"], g["results_stored"]) == (6, 6, 6, 6)
+
+
 async def test_demo_failover_drill_rides_through_on_the_bedrock_door() -> None:
     """`ridethrough demo --scenario failover`: the first-party door has an outage, jobs with
     tools and images fail over to the fake's Bedrock door; none parked, lost or duplicated,
