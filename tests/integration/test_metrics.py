@@ -323,7 +323,7 @@ async def test_status_and_metrics_agree_during_an_outage(
             fleet = await _scrape(rport)
             return parked and _value(fleet, "ridethrough_workers_online", provider="anthropic") == 1
 
-        await wait_until(settled, timeout=60, interval=0.3)
+        await wait_until(settled, timeout=120, interval=0.3)
         before = await _status_json(settings)
         fleet, workers = await _scrape(rport), await _scrape(wport)
         after = await _status_json(settings)
