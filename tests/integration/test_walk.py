@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nats.js.api import StreamConfig
+from nats.js.api import RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
 from services.jetstream import streams
-from services.jetstream.streams import iter_stream, iter_stream_naive
+from services.jetstream.streams import iter_stream, iter_stream_naive, scan_stream
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +84,39 @@ async def test_walk_property(
     finally:
         streams.WALK_BATCH = old
     assert fast == await _walk(iter_stream_naive(js, "PROP", filt))
+
+
+async def _naive_many(js: Any, stream: str, filters: list[str]) -> list[tuple[int, str, bytes]]:
+    found: list[tuple[int, str, bytes]] = []
+    for filt in filters:
+        found += await _walk(iter_stream_naive(js, stream, filt))
+    return sorted(set(found))
+
+
+async def test_scan_equals_the_naive_walk(js: Any, monkeypatch: Any) -> None:
+    await _fill(js, "WALK", 600)
+    for batch in (2000, 7, 1):
+        monkeypatch.setattr(streams, "WALK_BATCH", batch)
+        for filt in FILTERS:
+            fast = await _walk(scan_stream(js, "WALK", filt))
+            assert fast == await _walk(iter_stream_naive(js, "WALK", filt)), (batch, filt)
+        for filters in (["w.a.x", "w.c.z"], ["w.b.>", "w.a.y"]):
+            assert await _walk(scan_stream(js, "WALK", filters)) == await _naive_many(
+                js, "WALK", filters
+            )
+    # The scans' consumers are gone.
+    assert (await js.stream_info("WALK")).state.consumer_count == 0
+
+
+async def test_scan_of_a_work_queue_stream_walks(js: Any) -> None:
+    await js.add_stream(
+        StreamConfig(
+            name="WQ", subjects=["q.>"], allow_direct=True, retention=RetentionPolicy.WORK_QUEUE
+        )
+    )
+    for i in range(50):
+        await js.publish(f"q.{i % 3}", str(i).encode())
+    assert await _walk(scan_stream(js, "WQ", "q.1")) == await _walk(
+        iter_stream_naive(js, "WQ", "q.1")
+    )
+    assert len(await _walk(scan_stream(js, "WQ", ["q.0", "q.2"]))) == 50 - 17
