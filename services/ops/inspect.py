@@ -237,7 +237,7 @@ async def _history(js: JetStreamContext, job_id: str, outage_ids: set[str]) -> l
 async def _page_events(js: JetStreamContext) -> dict[str, list[EvidenceEvent]]:
     """Every status page change on AI_EVENTS, per provider, oldest first."""
     pages: dict[str, list[EvidenceEvent]] = {}
-    async for msg in scan_stream(js, s.EVENTS_STREAM, s.evidence_event_subject("*")):
+    async for msg in iter_stream(js, s.EVENTS_STREAM, s.evidence_event_subject("*")):
         try:
             event = decode_evidence_event(msg.data or b"")
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -278,7 +278,7 @@ async def outage_timeline(
     model's outages (and its provider's, which held its jobs too); and what the provider's
     status page said meanwhile (``status_page``)."""
     outages: dict[str, dict[str, Any]] = {}
-    async for msg in scan_stream(js, s.EVENTS_STREAM, s.HEALTH_EVENTS_FILTER):
+    async for msg in iter_stream(js, s.EVENTS_STREAM, s.HEALTH_EVENTS_FILTER):
         try:
             e = decode_health_event(msg.data or b"")
         except (msgspec.ValidationError, msgspec.DecodeError):
