@@ -9,6 +9,7 @@ import pytest
 from schemas import subjects as s
 from services.config import Settings
 from services.ops import moves
+from services.ops.inspect import locate_job
 from services.producer import Producer, make_job
 
 pytestmark = pytest.mark.integration
@@ -72,3 +73,20 @@ async def test_counted_dry_runs_equal_the_walks(settings: Settings, js: Any) -> 
     # A filter the subjects do not carry still walks (and so still lists the job ids).
     filtered = await moves.replay(js, settings, model="m1", dry_run=True, count_only=True)
     assert 0 < filtered.matched == len(filtered.job_ids) < 80
+
+
+async def test_jobs_show_finds_a_parked_job_among_many(settings: Settings, js: Any) -> None:
+    """The parked lookup decodes only messages holding the id's bytes, and still tells a
+    job from one whose id merely contains it."""
+    async with await Producer.connect(settings) as producer:
+        outcomes = await producer.submit_many(
+            [make_job("anthropic", "m", prompt=f"p {i}", max_tokens=4) for i in range(300)]
+        )
+    ids = [o.job_id for o in outcomes]
+    assert (await moves.drain(js, "anthropic")).moved == 300
+    found = await locate_job(js, ids[150])
+    assert found["where"] == "parked" and found["parked"]["reason"] == "drained"
+    # The drain's audit event names the job: its history has it.
+    assert [e["event"] for e in found["history"]] == ["drain"]
+    assert (await locate_job(js, ids[150][:-1]))["where"] == "unknown"
+    assert (await locate_job(js, "nosuchjob"))["where"] == "unknown"
