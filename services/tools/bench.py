@@ -25,7 +25,8 @@
                                                        in this process): ``tracing_ratio``
     scale     operator commands at outage scale: ``scale_parked`` jobs parked and as many
               waiting (no worker), each of ``status --json``, ``jobs show <newest parked>``,
-              ``replay --dry-run`` and ``drain --dry-run`` timed as a whole process, with
+              ``replay --dry-run`` (and with ``--json``, which lists the job ids) and
+              ``drain --dry-run`` timed as a whole process, with
               its peak RSS (no baseline: the issue's targets are absolute, < 1 s and < 5 s)
 
 Every scenario gets its own embedded nats-server (file storage in a temp dir)
@@ -121,6 +122,8 @@ SCALE_COMMANDS: Final = (
     ("jobs_show", ("jobs", "show", "{newest}", "--json")),
     ("replay_dry_run", ("replay", PROVIDER, "--dry-run")),
     ("drain_dry_run", ("drain", PROVIDER, "--dry-run")),
+    # With --json a dry run lists the job ids: it reads every parked job.
+    ("replay_dry_run_ids", ("replay", PROVIDER, "--dry-run", "--json")),
 )
 #: Jobs published per chunk while filling the scale scenario's streams.
 _FILL_CHUNK: Final = 10_000
