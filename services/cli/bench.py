@@ -22,6 +22,7 @@ class ScenarioName(StrEnum):
     latency = "latency"
     gateway = "gateway"
     metrics = "metrics"
+    scale = "scale"
 
 
 class ChildKind(StrEnum):
@@ -56,6 +57,9 @@ def bench(
         int, typer.Option(min=10, help="Requests per run of each path of the gateway scenario.")
     ] = 3_000,
     repeat: Annotated[int, typer.Option(min=1, help="Runs per figure (the median is kept).")] = 5,
+    scale_parked: Annotated[
+        int, typer.Option(min=1, help="Jobs parked (and as many waiting) in the scale scenario.")
+    ] = 10_000,
     plot: Annotated[
         Path | None, typer.Option(help="Also draw the ratios into this PNG (needs matplotlib).")
     ] = None,
@@ -88,6 +92,7 @@ def bench(
         gateway_requests=gateway_requests,
         repeat=repeat,
         data_dir=data_dir,
+        scale_parked=scale_parked,
     )
     settings = settings_for(None)
     if as_json:

@@ -157,7 +157,8 @@ def drain(
         return await _progress_runner(
             "draining", as_json,
             lambda cb: moves.drain(js, provider, priority=priority, older_than=age, limit=limit,
-                                   dry_run=dry_run, progress=cb, model=model),
+                                   dry_run=dry_run, progress=cb, model=model,
+                                   count_only=not as_json),
         )  # fmt: skip
 
     _print_move(with_js(settings, go), as_json, "drain", dry_run)
@@ -210,7 +211,7 @@ def replay(
             lambda cb: moves.replay(js, settings, provider, source=source, reason=reason,
                                     since=when, limit=limit, rate=rate, to_provider=to_provider,
                                     to_model=to_model, dry_run=dry_run, progress=cb,
-                                    model=model),
+                                    model=model, count_only=not as_json),
         )  # fmt: skip
 
     _print_move(with_js(settings, go), as_json, "replay", dry_run)

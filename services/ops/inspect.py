@@ -22,7 +22,7 @@ from schemas.results import decode_result
 from services.bodies import body_status, drop_body
 from services.errors import InvalidJob
 from services.jetstream.errors import NOT_FOUND
-from services.jetstream.streams import iter_stream
+from services.jetstream.streams import iter_stream, scan_stream
 from services.ops.audit import audit
 
 
@@ -48,7 +48,7 @@ async def dead_letters(
     """Dead letters, oldest first, optionally of one provider and reason."""
     out: list[HeldLetter] = []
     subject = s.dead_filter(provider, reason)
-    async for msg in iter_stream(js, s.DEAD_STREAM, subject):
+    async for msg in scan_stream(js, s.DEAD_STREAM, subject):
         try:
             letter = decode_dead_letter(msg.data or b"")
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -68,9 +68,17 @@ async def find_dead(js: JetStreamContext, key: str) -> HeldLetter | None:
             return None
         return HeldLetter(int(key), msg.subject or "", decode_dead_letter(msg.data or b""))
     found = None
-    for held in await dead_letters(js):
-        if held.letter.job_id == key:
-            found = held  # the newest one wins
+    needle = key.encode()
+    async for stored in scan_stream(js, s.DEAD_STREAM, s.dead_filter()):
+        data = stored.data
+        if needle not in data:  # an id is a token: stored as it is, never escaped
+            continue
+        try:
+            letter = decode_dead_letter(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue
+        if letter.job_id == key:
+            found = HeldLetter(stored.seq, stored.subject, letter)  # the newest one wins
     return found
 
 
@@ -117,6 +125,9 @@ async def locate_job(
     if not s.is_token(job_id):
         raise InvalidJob(f"{job_id!r} is not a valid job id (A-Z a-z 0-9 _ -, 1-128)")
     where: dict[str, Any] = {"job_id": job_id, "where": "unknown", "attempts": None}
+    # The id is in no subject of AI_PARKED, AI_DEAD or AI_JOBS: those are scanned, and only
+    # the messages whose bytes hold the id (a token, never escaped in JSON) are decoded.
+    needle = job_id.encode()
     outage_ids: set[str] = set()
     try:
         subject = s.result_subject(job_id, tenant)
@@ -135,7 +146,12 @@ async def locate_job(
             where.update(where="dead", attempts=held.letter.attempts)
     if where["where"] == "unknown":
         async for msg in iter_stream(js, s.PARKED_STREAM):
-            parked = decode_parked(msg.data or b"")
+            if needle not in (msg.data or b""):  # cheaper than decoding every parked job
+                continue
+            try:
+                parked = decode_parked(msg.data or b"")
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
             if parked.job.id == job_id:
                 ref = parked.job.request_ref
                 park = parked.park
@@ -147,6 +163,8 @@ async def locate_job(
     if where["where"] == "unknown":
         for provider, delivered in (await _delivered(js)).items():
             async for msg in iter_stream(js, s.JOBS_STREAM, s.jobs_filter(provider)):
+                if needle not in (msg.data or b""):
+                    continue
                 try:
                     job = decode_job(msg.data or b"")
                 except (msgspec.ValidationError, msgspec.DecodeError):
@@ -182,10 +200,16 @@ async def _delivered(js: JetStreamContext) -> dict[str, dict[str, int]]:
 
 
 async def _history(js: JetStreamContext, job_id: str, outage_ids: set[str]) -> list[dict[str, Any]]:
+    """The operator actions that named ``job_id`` and the health events of its outages:
+    only those subjects of AI_EVENTS are read, and only events naming the job decoded."""
     events: list[dict[str, Any]] = []
-    async for msg in iter_stream(js, s.EVENTS_STREAM):
+    needle = job_id.encode()
+    filters = [s.OPS_EVENTS_SUBJECT] + ([s.HEALTH_EVENTS_FILTER] if outage_ids else [])
+    async for msg in scan_stream(js, s.EVENTS_STREAM, filters):
         subject = msg.subject or ""
         if subject == s.OPS_EVENTS_SUBJECT:
+            if needle not in (msg.data or b""):
+                continue
             ops = decode_ops_event(msg.data or b"")
             if job_id in ops.job_ids:
                 events.append(

@@ -26,7 +26,7 @@ from services.bodies import fetch_body
 from services.config import Settings
 from services.errors import BodyUnavailable, RidethroughError, Unmappable
 from services.jetstream.connection import max_payload
-from services.jetstream.streams import delete, iter_stream
+from services.jetstream.streams import delete, iter_stream, subject_counts
 from services.lifecycle.settle import Settler
 from services.ops.audit import audit
 from services.providers.doors import check_door, split_betas
@@ -66,12 +66,18 @@ async def drain(
     dry_run: bool = False,
     progress: Progress | None = None,
     model: str | None = None,
+    count_only: bool = False,
 ) -> MoveReport:
     """Move waiting jobs of ``provider`` (of its ``model`` only, if given) from AI_JOBS to
     AI_PARKED.
 
     Only jobs no worker has received yet are moved (those past the consumer's
     delivered sequence); in-flight and retrying jobs are counted as skipped.
+
+    ``count_only`` (with ``dry_run``, when only the numbers are wanted, no job ids): with no
+    filter but the priority, the answer comes from the stream's per-subject counts and a walk
+    of the in-flight jobs alone, not from reading every waiting job (an unreadable message,
+    which a drain would skip, is counted as a job then).
     """
     report = MoveReport()
     settler = Settler(js, max_payload=max_payload(js))
@@ -90,7 +96,13 @@ async def drain(
         ).values()
     )
     cutoff = datetime.now(UTC) - older_than if older_than else None
+    counting = dry_run and count_only and older_than is None and model is None and limit is None
     try:
+        if counting:
+            await _count_waiting(js, subject, priority, delivered, report)
+            if progress:
+                progress(report.examined, total)
+            return report
         async for msg in iter_stream(js, s.JOBS_STREAM, subject):
             token = (msg.subject or "").split(".")[3:4]
             if priority and token != [priority]:
@@ -144,6 +156,34 @@ async def drain(
                 dry_run=dry_run,
             )
     return report
+
+
+async def _count_waiting(
+    js: JetStreamContext,
+    subject: str,
+    priority: str | None,
+    delivered: dict[str, int],
+    report: MoveReport,
+) -> None:
+    """``report``'s numbers for a dry-run drain without filters but the priority: every job
+    on ``subject`` (of ``priority``) is examined; those a worker has (stored at or below its
+    consumer's delivered sequence: on a work-queue stream, only the unacked ones) are
+    skipped; the rest would move."""
+    counts = await subject_counts(js, s.JOBS_STREAM, subject)
+    report.examined = sum(
+        n for subj, n in counts.items() if not priority or subj.split(".")[3:4] == [priority]
+    )
+    upto = max(delivered.values(), default=0)
+    if upto:
+        async for msg in iter_stream(js, s.JOBS_STREAM, subject):
+            if msg.seq > upto:
+                break
+            token = msg.subject.split(".")[3:4]
+            if priority and token != [priority]:
+                continue
+            if msg.seq <= delivered.get(token[0] if token else "", 0):
+                report.skipped += 1
+    report.matched = report.examined - report.skipped
 
 
 def _retarget(job: Job, settings: Settings, to_provider: str | None, model: str | None) -> Job:
@@ -210,9 +250,14 @@ async def replay(
     dry_run: bool = False,
     progress: Progress | None = None,
     model: str | None = None,
+    count_only: bool = False,
 ) -> MoveReport:
     """Put parked jobs or dead letters back on AI_JOBS, with filters (``model``: only that
-    model's jobs) and a rate cap; ``to_provider`` / ``to_model`` send them elsewhere."""
+    model's jobs) and a rate cap; ``to_provider`` / ``to_model`` send them elsewhere.
+
+    ``count_only`` (with ``dry_run``, when only the numbers are wanted, no job ids): parked
+    jobs with no filter but the provider are counted from the stream's per-subject counts,
+    not read (an unreadable message, which a replay would skip, is counted as a job then)."""
     if source not in ("parked", "dead"):
         raise RidethroughError(f"--from must be parked or dead, not {source!r}")
     report = MoveReport()
@@ -222,7 +267,18 @@ async def replay(
     info = await js.stream_info(stream, subjects_filter=subject)
     total = sum(int(v) for v in (info.state.subjects or {}).values())
     gap = 1.0 / rate if rate else 0.0
+    counting = (
+        dry_run
+        and count_only
+        and source == "parked"
+        and (reason, since, limit, model, to_provider, to_model) == (None,) * 6
+    )
     try:
+        if counting:
+            report.examined = report.matched = total
+            if progress:
+                progress(total, total)
+            return report
         async for msg in iter_stream(js, stream, subject):
             report.examined += 1
             if progress:

@@ -23,6 +23,11 @@
               scraped every second)                    worker with tracing on (spans
                                                        exported over OTLP/HTTP to a sink
                                                        in this process): ``tracing_ratio``
+    scale     operator commands at outage scale: ``scale_parked`` jobs parked and as many
+              waiting (no worker), each of ``status --json``, ``jobs show <newest parked>``,
+              ``replay --dry-run`` (and with ``--json``, which lists the job ids) and
+              ``drain --dry-run`` timed as a whole process, with
+              its peak RSS (no baseline: the issue's targets are absolute, < 1 s and < 5 s)
 
 Every scenario gets its own embedded nats-server (file storage in a temp dir)
 and the topology of one provider, ``anthropic``. Throughput is counted on the
@@ -44,6 +49,7 @@ import platform
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -96,7 +102,7 @@ JOB_BYTES: Final = 1024
 FAKE_KEY: Final = "bench-key-not-secret"
 
 SCENARIOS: Final = (
-    "publish", "worker", "provider", "replay", "latency", "gateway", "metrics"
+    "publish", "worker", "provider", "replay", "latency", "gateway", "metrics", "scale"
 )  # fmt: skip
 #: The ratio each scenario should reach (latency has no baseline).
 TARGETS: Final[dict[str, float | None]] = {
@@ -108,7 +114,19 @@ TARGETS: Final[dict[str, float | None]] = {
     "gateway": 0.5,
     # Metrics on within 0.05 of metrics off (the issue's cost bound).
     "metrics": 0.95,
+    "scale": None,
 }
+#: The commands of the scale scenario: (name, arguments; ``{newest}`` is a job id).
+SCALE_COMMANDS: Final = (
+    ("status", ("status", "--json")),
+    ("jobs_show", ("jobs", "show", "{newest}", "--json")),
+    ("replay_dry_run", ("replay", PROVIDER, "--dry-run")),
+    ("drain_dry_run", ("drain", PROVIDER, "--dry-run")),
+    # With --json a dry run lists the job ids: it reads every parked job.
+    ("replay_dry_run_ids", ("replay", PROVIDER, "--dry-run", "--json")),
+)
+#: Jobs published per chunk while filling the scale scenario's streams.
+_FILL_CHUNK: Final = 10_000
 #: The gateway's added p50 at half load should stay under this (ms).
 GATEWAY_ADDED_P50_MS: Final = 5.0
 #: Requests in flight in the gateway scenario (each path).
@@ -223,6 +241,7 @@ class BenchOptions:
     gateway_requests: int = 3_000
     repeat: int = 5
     data_dir: Path | None = None
+    scale_parked: int = 10_000
 
 
 def machine() -> dict[str, str]:
@@ -1043,6 +1062,83 @@ async def _scraping(port: int) -> AsyncIterator[_Scraper]:
                 await scraper.task
 
 
+async def _fill_scale(st: Stage, n: int, report: Callable[[str], None] | None) -> str:
+    """``n`` jobs parked (as the settle path parks them) and ``n`` waiting on AI_JOBS;
+    the newest parked job's id."""
+    await _pause_workers(st.js)  # nothing takes the waiting ones
+    newest = ""
+    for start in range(0, n, _FILL_CHUNK):
+        _progress(report, f"scale: parking {start:,}/{n:,}")
+        jobs = bench_jobs(min(_FILL_CHUNK, n - start))
+        await _publish_raw(
+            st.js,
+            [
+                (
+                    parked_subject(j.provider, j.priority, j.model),
+                    encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
+                    {MSG_ID_HEADER: park_msg_id(JOBS_STREAM, start + seq)},
+                )
+                for seq, j in enumerate(jobs, start=1)
+            ],
+        )
+        newest = jobs[-1].id
+        await _publish_raw(st.js, _wire(bench_jobs(min(_FILL_CHUNK, n - start))))
+    return newest
+
+
+# Runs a command and prints its wall seconds, peak RSS (kB) and exit code: a small launcher,
+# so the command's peak RSS is its own (a child forked from the bench would start with the
+# bench's, which the kernel keeps in the child's peak across exec).
+_LAUNCHER: Final = """
+import os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
+def _timed_cli(settings: Settings, args: Sequence[str]) -> tuple[float, float, int]:
+    """``ridethrough ARGS`` as an operator runs it: (wall seconds, peak RSS in MB, exit code)."""
+    import subprocess
+
+    from services.tools.stack import child_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "services", *args],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return float(out[0]), int(out[1]) / 1024, int(out[2])
+
+
+async def bench_scale(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """Operator commands with ``opts.scale_parked`` jobs parked and as many waiting: each
+    command's seconds (median of ``repeat`` runs) and peak RSS (the largest)."""
+    extra: dict[str, float] = {"parked": float(opts.scale_parked)}
+    async with stage(base, opts, "scale") as st:
+        newest = await _fill_scale(st, opts.scale_parked, report)
+        for name, args in SCALE_COMMANDS:
+            times: list[float] = []
+            rss = 0.0
+            for i in range(opts.repeat):
+                _progress(report, f"scale: {name} {i + 1}/{opts.repeat}")
+                argv = [a.format(newest=newest) for a in args]
+                elapsed, peak, code = await asyncio.to_thread(_timed_cli, st.settings, argv)
+                if code != 0:
+                    raise BenchError(f"ridethrough {' '.join(argv)} exited with code {code}")
+                times.append(elapsed)
+                rss = max(rss, peak)
+            extra[f"{name}_s"] = statistics.median(times)
+            extra[f"{name}_rss_mb"] = rss
+    slowest = max(extra[f"{name}_s"] for name, _ in SCALE_COMMANDS)
+    return Figure(slowest, None, "s (slowest)", TARGETS["scale"], extra)
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -1066,6 +1162,8 @@ async def run_bench(
             figures[name] = await bench_gateway(base, opts, report)
         elif name == "metrics":
             figures[name] = await bench_metrics(base, opts, report)
+        elif name == "scale":
+            figures[name] = await bench_scale(base, opts, report)
         else:
             worker = figures.get("worker")
             figures[name] = await bench_latency(base, opts, worker.ours if worker else None, report)
@@ -1191,6 +1289,11 @@ def table(figures: dict[str, Figure], info: dict[str, str] | None = None) -> Any
             note = (
                 f"adds p50 {f.extra['added_p50_ms']:.1f} ms (≤ {GATEWAY_ADDED_P50_MS:.0f}), "
                 f"p99 {f.extra['added_p99_ms']:.1f} ms at {f.extra['half_load_rate']:.0f}/s"
+            )
+        elif name == "scale":
+            note = f"{f.extra['parked']:,.0f} parked: " + ", ".join(
+                f"{cmd} {f.extra[cmd + '_s']:.2f} s ({f.extra[cmd + '_rss_mb']:.0f} MB)"
+                for cmd, _ in SCALE_COMMANDS
             )
         elif name == "metrics":
             note = (

@@ -9,14 +9,17 @@ import sys
 
 import pytest
 
+from services.tools.bench import SCALE_COMMANDS as _SCALE
 from services.tools.bench import SCENARIOS, Figure, InstantProvider
 from tests.support import ROOT
 
 pytestmark = pytest.mark.integration
 
+SCALE_COMMANDS = [name for name, _ in _SCALE]
+
 TINY = (
     "--jobs", "200", "--provider-jobs", "60", "--in-flight", "20", "--latency-ms", "20",
-    "--latency-s", "0.5", "--repeat", "1", "--gateway-requests", "100",
+    "--latency-s", "0.5", "--repeat", "1", "--gateway-requests", "100", "--scale-parked", "50",
 )  # fmt: skip
 
 
@@ -50,10 +53,18 @@ def test_bench_json_reports_every_scenario() -> None:
         if name == "latency":
             assert figure["baseline"] is None and figure["ratio"] is None
             assert figure["p99_ms"] >= figure["ours"]
+        elif name == "scale":  # absolute targets: no baseline
+            assert figure["baseline"] is None and figure["ratio"] is None
         else:
             assert figure["baseline"] > 0 and figure["ratio"] > 0, name
             assert figure["ratio"] == pytest.approx(figure["ours"] / figure["baseline"], rel=1e-2)
     assert report["provider"]["peak_rss_mb"] > 0
+    # Every operator command ran (and succeeded: jobs show found the newest parked job).
+    scale = report["scale"]
+    assert scale["parked"] == 50
+    for cmd in SCALE_COMMANDS:
+        assert scale[f"{cmd}_s"] > 0 and scale[f"{cmd}_rss_mb"] > 0, cmd
+        assert scale[f"{cmd}_s"] <= scale["ours"]
     gateway = report["gateway"]
     assert gateway["p99_ms"] >= gateway["p50_ms"] > 0
     assert gateway["added_p50_ms"] == pytest.approx(
