@@ -428,7 +428,7 @@ async def run_drill(drill: Drill, base: Settings, *, console: Console | None) ->
                     proc.start()
                 async with _gateway(drill, st) as gateway_url:
                     calls = (
-                        asyncio.create_task(gateway_calls(gateway_url, drill, console))
+                        asyncio.create_task(gateway_calls(gateway_url, drill, producer.js, console))
                         if gateway_url is not None
                         else None
                     )
@@ -471,14 +471,18 @@ async def _gateway(drill: Drill, settings: Settings) -> AsyncIterator[str | None
         yield url
 
 
-async def gateway_calls(url: str, drill: Drill, console: Console | None) -> list[dict[str, Any]]:
+async def gateway_calls(
+    url: str, drill: Drill, js: JetStreamContext, console: Console | None
+) -> list[dict[str, Any]]:
     """``drill.gateway_calls`` calls of the official anthropic SDK through the gateway,
-    made together a quarter into the outage, each with its own Idempotency-Key: during the
-    outage each waits 2 s and gets the gateway's 529 naming its job, which the SDK itself
-    retries (after retry-after) with the same key, until the job's answer is in."""
+    made together once the outage has parked a job, each with its own Idempotency-Key:
+    during the outage each waits 2 s and gets the gateway's 529 naming its job, which the
+    SDK itself retries (after retry-after) with the same key, until the answer is in."""
     import anthropic
 
-    await asyncio.sleep(drill.outage_at_s + drill.outage_s / 4)
+    deadline = time.monotonic() + drill.outage_at_s + drill.outage_s + 60
+    while await _count(js, s.PARKED_STREAM) == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
     started = time.monotonic()
     async with anthropic.AsyncAnthropic(
         base_url=url, api_key=DRILL_GATEWAY_KEY, max_retries=1000, timeout=60.0
@@ -950,6 +954,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             " the outage):",
             f"    calls answered        {g['answered']} of {g['calls']}"
             f" (the last {g['last_answer_s']} s after they started)",
-            f"    jobs                  {g['jobs']}, results stored {g['results_stored']}",
+            f"    jobs                  {g['jobs']}, results stored {g['results_stored']},"
+            f" most deliveries of one {g['max_attempts']}",
         ]
     return lines

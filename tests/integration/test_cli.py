@@ -178,7 +178,7 @@ async def test_demo_gateway_calls_made_in_the_outage_get_their_answers() -> None
         None, "demo", "--jobs", "80", "--rate", "40", "--outage", "3", "--outage-at", "0.5",
         "--gateway", "6", "--json",
     )  # fmt: skip
-    assert code == 0, err
+    assert code == 0, out + err
     report = json.loads(out)
     assert report["lost"] == report["duplicates"] == 0
     g = report["gateway"]
