@@ -22,18 +22,20 @@ principle: each label keeps its first ``max_models`` / ``max_tenants`` distinct 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from services.config import HttpSettings
+from services.errors import ProviderError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+    from prometheus_client.metrics_core import Metric
 
     from schemas.jobs import Job
     from schemas.results import JobResult
-    from services.errors import ProviderError
     from services.providers.base import Reply
 
 #: The metrics of this process, when they are on (``enable``).
@@ -46,6 +48,9 @@ BREAKER_STATES = ("closed", "open", "half_open", "paused")
 QUEUE_STATES = ("waiting", "in_flight", "parked")
 #: Provider call duration buckets (seconds): LLM calls run from 100 ms to minutes.
 CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+_CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 class Capped:
@@ -68,6 +73,116 @@ class Capped:
         return v
 
 
+class _Cell:
+    """One labelled series of a ``Plain`` counter or gauge: a number."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _Buckets:
+    """One labelled series of a ``Plain`` histogram: a count per bucket (not cumulative;
+    the last one is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # le: the first bound >= amount
+        self.sum += amount
+
+
+class Plain:
+    """A labelled counter, gauge or histogram kept as plain numbers, and exposed as
+    ``prometheus_client`` would expose it (same names, labels, buckets, values) when the
+    registry is collected: at scrape time.
+
+    The worker's per-job hooks update these. ``prometheus_client``'s metrics take a lock
+    and go through a value object per update (a histogram observe walks its buckets and
+    takes the lock twice): measured with ``ridethrough bench -s metrics``, most of the
+    CPU metrics on cost a job. These are updated and collected on the service's event
+    loop (one thread: the scrape handler runs there too), so they need no lock.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        registry: CollectorRegistry,
+        buckets: tuple[float, ...] = (),
+    ) -> None:
+        self.kind = kind  # "counter", "gauge" or "histogram"
+        self.name = name
+        self.documentation = documentation
+        self._labelnames = tuple(labelnames)  # as prometheus_client names it
+        self.bounds = tuple(float(b) for b in buckets)
+        self.children: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Any:
+        """The series of these label values (created at zero)."""
+        key = tuple(str(v) for v in values)
+        child = self.children.get(key)
+        if child is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(
+                    f"{self.name}: {self._labelnames} want {len(self._labelnames)} values"
+                )
+            child = _Buckets(self.bounds) if self.kind == "histogram" else _Cell()
+            self.children[key] = child
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        """The family (what the registry checks names against when it is registered)."""
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        """The family with every series, as ``prometheus_client`` would render it."""
+        from prometheus_client.metrics_core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        from prometheus_client.utils import floatToGoString
+
+        labels = list(self._labelnames)
+        series = list(self.children.items())
+        if self.kind == "histogram":
+            hist = HistogramMetricFamily(self.name, self.documentation, labels=labels)
+            les = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+            les.append("+Inf")
+            for key, child in series:
+                total, buckets = 0, []
+                for le, n in zip(les, list(child.counts), strict=True):
+                    total += n
+                    buckets.append((le, float(total)))
+                hist.add_metric(list(key), buckets, child.sum)
+            yield hist
+            return
+        kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = kind(self.name, self.documentation, labels=labels)
+        for key, child in series:
+            family.add_metric(list(key), child.value)
+        yield family
+
+
 class Metrics:
     """Every metric of a ridethrough process, in its own registry."""
 
@@ -76,7 +191,6 @@ class Metrics:
             CollectorRegistry,
             Counter,
             Gauge,
-            Histogram,
             disable_created_metrics,
         )
 
@@ -107,26 +221,30 @@ class Metrics:
             registry=r,
         )
         # -- provider calls (workers)
-        self.call_duration: Histogram = Histogram(
+        self.call_duration: Plain = Plain(
+            "histogram",
             f"{p}provider_call_duration_seconds",
             "Duration of provider calls by outcome (success, transient, permanent)",
             ["provider", "model", "outcome"],
             buckets=CALL_BUCKETS,
             registry=r,
         )
-        self.call_errors: Counter = Counter(
+        self.call_errors: Plain = Plain(
+            "counter",
             f"{p}provider_errors_total",
             "Failed provider calls by classification reason",
             ["provider", "model", "reason"],
             registry=r,
         )
-        self.calls_in_flight: Gauge = Gauge(
+        self.calls_in_flight: Plain = Plain(
+            "gauge",
             f"{p}provider_calls_in_flight",
             "Provider calls under way in this process",
             ["provider"],
             registry=r,
         )
-        self.tokens: Counter = Counter(
+        self.tokens: Plain = Plain(
+            "counter",
             f"{p}tokens_total",
             "Tokens billed by the provider, by kind (input, output, cache)",
             ["provider", "model", "tenant", "kind"],
@@ -139,20 +257,23 @@ class Metrics:
             registry=r,
         )
         # -- jobs (the settle writers)
-        self.results: Counter = Counter(
+        self.results: Plain = Plain(
+            "counter",
             f"{p}jobs_finished_total",
             "Results stored, by status (succeeded, failed, expired); a failed job also "
             "counts in jobs_dead_total",
             ["provider", "status"],
             registry=r,
         )
-        self.dead: Counter = Counter(
+        self.dead: Plain = Plain(
+            "counter",
             f"{p}jobs_dead_total",
             "Dead letters written, by reason",
             ["provider", "reason"],
             registry=r,
         )
-        self.parked: Counter = Counter(
+        self.parked: Plain = Plain(
+            "counter",
             f"{p}jobs_parked_total",
             "Jobs parked in AI_PARKED",
             ["provider", "priority"],
@@ -164,13 +285,15 @@ class Metrics:
             ["provider", "model"],
             registry=r,
         )
-        self.failed_over: Counter = Counter(
+        self.failed_over: Plain = Plain(
+            "counter",
             f"{p}jobs_failed_over_total",
             "Jobs republished to another provider (by the provider they left)",
             ["provider"],
             registry=r,
         )
-        self.retries: Counter = Counter(
+        self.retries: Plain = Plain(
+            "counter",
             f"{p}job_retries_total",
             "Deliveries released for a retry (nak with delay)",
             ["provider"],
@@ -263,9 +386,10 @@ class Metrics:
 
     # -- hooks (a line each at the call sites) ---------------------------------------------
     #
-    # The per-job hooks keep the labelled children they touch (``labels()`` costs a few
+    # The per-job hooks keep the labelled series they touch (``labels()`` costs a few
     # microseconds each, several per job: measured, a tenth of the worker's throughput);
-    # the caches are emptied when they grow past ``_CACHE_MAX`` keys.
+    # the caches are emptied when they grow past ``_CACHE_MAX`` keys (the series stay in
+    # their metric). The metrics they update are ``Plain``: numbers, rendered at scrape.
 
     def _in_flight(self, provider: str) -> Any:
         child = self._flight_kids.get(provider)
@@ -279,8 +403,6 @@ class Metrics:
 
     def call_ended(self, job: Job, answer: Reply | ProviderError, took_s: float) -> None:
         """A provider call ended with ``answer`` after ``took_s`` seconds."""
-        from services.errors import ProviderError
-
         provider = job.provider
         self._in_flight(provider).dec()
         if isinstance(answer, ProviderError):
@@ -434,13 +556,14 @@ def cache_tokens(response: Mapping[str, Any]) -> int:
     ``cache_read_input_tokens`` + ``cache_creation_input_tokens``; OpenAI:
     ``prompt_tokens_details.cached_tokens``); 0 when it names none."""
     usage = response.get("usage")
-    if not isinstance(usage, dict):
+    if not usage or not isinstance(usage, dict):
         return 0
     n = 0
-    for key in ("cache_read_input_tokens", "cache_creation_input_tokens"):
-        v = usage.get(key)
-        if isinstance(v, int) and not isinstance(v, bool):
-            n += v
+    for key in _CACHE_KEYS:
+        if key in usage:  # most answers name none: one lookup each
+            v = usage[key]
+            if isinstance(v, int) and not isinstance(v, bool):
+                n += v
     details = usage.get("prompt_tokens_details")
     if isinstance(details, dict):
         v = details.get("cached_tokens")

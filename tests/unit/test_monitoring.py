@@ -371,3 +371,38 @@ def test_the_per_job_hooks_count_alike_with_their_children_kept(
         if line.startswith("ridethrough_tokens_total{") and 'kind="input"' in line
     )
     assert inputs == 12 * 3
+
+
+@pytest.mark.parametrize("kind", ["counter", "gauge", "histogram"])
+def test_plain_metrics_render_as_prometheus_client_would(kind: str) -> None:
+    """The worker's per-job metrics are ``Plain`` (numbers, rendered at scrape): a scrape
+    shows exactly what ``prometheus_client``'s own metric would after the same updates,
+    values on a bucket's bound and past the last one included."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from services.metrics import CALL_BUCKETS, Plain
+
+    ours_reg, theirs_reg = CollectorRegistry(), CollectorRegistry()
+    name = {"counter": "x_total", "gauge": "x", "histogram": "x_seconds"}[kind]
+    labels = ["provider", "model"]
+    ours = Plain(kind, name, "doc", labels, registry=ours_reg, buckets=CALL_BUCKETS)
+    theirs: Any
+    if kind == "counter":
+        theirs = Counter(name, "doc", labels, registry=theirs_reg)
+    elif kind == "gauge":
+        theirs = Gauge(name, "doc", labels, registry=theirs_reg)
+    else:
+        theirs = Histogram(name, "doc", labels, buckets=CALL_BUCKETS, registry=theirs_reg)
+    values = [0.0, 0.05, 0.07, 0.1, 1.0, 2.4, 300.0, 301.0, 7.5, 0.05]
+    for i, v in enumerate(values):
+        for metric in (ours, theirs):
+            child = metric.labels("anthropic", f"m{i % 3}")
+            if kind == "histogram":
+                child.observe(v)
+            else:
+                child.inc(v)
+                if kind == "gauge" and i % 4 == 0:
+                    child.dec(0.5)
+    rendered = generate_latest(ours_reg).decode()
+    assert rendered == generate_latest(theirs_reg).decode()
+    assert 'model="m2"' in rendered
