@@ -65,15 +65,21 @@ class ParsedRequest:
     include_usage: bool = False
 
 
-def parse_messages_request(body: bytes) -> ParsedRequest:
-    """Check the parts of a Messages body the gateway relies on; ``BadRequest`` says what is
-    wrong. The provider checks the rest (a job it refuses ends as a 400 all the same)."""
+def decode_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; ``BadRequest`` when it is not one."""
     try:
         data = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    return data
+
+
+def parse_messages_request(body: bytes) -> ParsedRequest:
+    """Check the parts of a Messages body the gateway relies on; ``BadRequest`` says what is
+    wrong. The provider checks the rest (a job it refuses ends as a 400 all the same)."""
+    data = decode_object(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("model: a non-empty string is required")
@@ -98,10 +104,16 @@ def error_body(status: int, message: str, error_type: str | None = None) -> byte
 
 def failure(result: JobResult) -> tuple[int, bytes]:
     """The status and error body of a job that did not succeed."""
+    reason, message = failure_reason(result)
+    status, kind = FAILURES.get(reason, (500, "api_error"))
+    return status, error_body(status, message, kind)
+
+
+def failure_reason(result: JobResult) -> tuple[str, str]:
+    """Why a job did not succeed (its dead letter's reason, or ``expired``), and the
+    message its error answer carries (naming the job)."""
     reason = result.error.type if result.error is not None else result.status
     if result.status == "expired":
         reason = "expired"
-    status, kind = FAILURES.get(reason, (500, "api_error"))
     detail = result.error.message if result.error is not None else result.status
-    message = f"job {result.job_id} {result.status} ({reason}): {detail}"
-    return status, error_body(status, message, kind)
+    return reason, f"job {result.job_id} {result.status} ({reason}): {detail}"

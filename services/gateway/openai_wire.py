@@ -9,7 +9,12 @@ from __future__ import annotations
 import msgspec
 
 from schemas.results import JobResult
-from services.gateway.anthropic_wire import BadRequest, ParsedRequest
+from services.gateway.anthropic_wire import (
+    BadRequest,
+    ParsedRequest,
+    decode_object,
+    failure_reason,
+)
 
 #: OpenAI's error ``type`` by HTTP status (its API answers these; the SDK raises its
 #: exception class from the status, and retries 408, 409, 429 and 5xx).
@@ -52,12 +57,7 @@ _CALL_ONLY = ("model", "stream", "stream_options")
 def parse_chat_request(body: bytes) -> ParsedRequest:
     """Check the parts of a Chat Completions body the gateway relies on; ``BadRequest``
     says what is wrong. The provider checks the rest."""
-    try:
-        data = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
+    data = decode_object(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("model: a non-empty string is required")
@@ -104,10 +104,6 @@ def door_error_body(status: int, message: str, error_type: str | None = None) ->
 
 def failure(result: JobResult) -> tuple[int, bytes]:
     """The status and error body of a job that did not succeed."""
-    reason = result.error.type if result.error is not None else result.status
-    if result.status == "expired":
-        reason = "expired"
+    reason, message = failure_reason(result)
     status, kind, code = FAILURES.get(reason, (500, "server_error", None))
-    detail = result.error.message if result.error is not None else result.status
-    message = f"job {result.job_id} {result.status} ({reason}): {detail}"
     return status, error_body(status, message, kind, code)
