@@ -692,7 +692,10 @@ async def test_the_prober_records_status_page_evidence_under_its_own_user(
             raw, _ = await read_entry(control, s.evidence_key("anthropic"))
             e = try_decode_evidence(raw) if raw else None
             gone, _ = await read_entry(control, s.evidence_key("openai"))
-            return e is not None and e.degrades("claude-fake") and gone is None
+            # The event goes out a moment after the entry is written: wait for both.
+            seen = await read_stream(js, s.EVENTS_STREAM, s.evidence_event_subject("*"))
+            published = len({m.subject for m in seen}) >= 2
+            return e is not None and e.degrades("claude-fake") and gone is None and published
 
         await wait_until(recorded, timeout=30)
         events = await read_stream(js, s.EVENTS_STREAM, s.evidence_event_subject("*"))
