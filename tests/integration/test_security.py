@@ -258,6 +258,27 @@ class RoleClient:
         await self.nc.close()
 
 
+async def _publish_every_form(
+    client: RoleClient, scopes: list[str], payload: bytes
+) -> tuple[int, list[str]]:
+    """Publish ``payload`` through JetStream on every wildcard form of each scope (each as
+    a literal subject), then close ``client``: how many were tried, and which were stored."""
+    stored: list[str] = []
+    tried = 0
+    try:
+        for allowed in scopes:
+            for form in wildcard_forms(allowed):
+                tried += 1
+                try:
+                    await client.js.publish(form, payload)
+                except Exception:  # refused (no ack), or no stream listens there
+                    continue
+                stored.append(form)
+    finally:
+        await client.close()
+    return tried, stored
+
+
 async def _fetch(client: RoleClient, stream: str, consumer: str) -> Any:
     sub = await client.js.pull_subscribe_bind(durable=consumer, stream=stream)
     return await sub.fetch(1, timeout=1)
@@ -728,19 +749,7 @@ async def test_every_wildcard_form_of_the_probers_writes_stays_in_its_scope(
     scopes = ["$KV.ai_control.evidence.*", "ai.events.evidence.*"]
     assert set(scopes) <= set(auth_users()["prober"]["publish"])
     client = await RoleClient.connect(secured, "prober")
-    stored: list[str] = []
-    tried = 0
-    try:
-        for allowed in scopes:
-            for form in wildcard_forms(allowed):
-                tried += 1
-                try:
-                    await client.js.publish(form, b'{"provider": "anthropic"}')
-                except Exception:  # refused (no ack), or no stream listens there
-                    continue
-                stored.append(form)
-    finally:
-        await client.close()
+    tried, stored = await _publish_every_form(client, scopes, b'{"provider": "anthropic"}')
     try:
         subjects: list[str] = []
         for stream in ("KV_" + s.CONTROL_BUCKET, s.EVENTS_STREAM):
@@ -1421,19 +1430,7 @@ async def test_every_wildcard_form_of_a_producers_body_puts_stays_in_the_bucket(
     scopes = [f"$O.{s.BODIES_BUCKET}.C.*", f"$O.{s.BODIES_BUCKET}.M.*"]
     assert set(scopes) <= set(auth_users()[role]["publish"])
     client = await RoleClient.connect(secured, role)
-    stored: list[str] = []
-    tried = 0
-    try:
-        for allowed in scopes:
-            for form in wildcard_forms(allowed):
-                tried += 1
-                try:
-                    await client.js.publish(form, b"not a body")
-                except Exception:  # refused (no ack), or no stream listens there
-                    continue
-                stored.append(form)
-    finally:
-        await client.close()
+    tried, stored = await _publish_every_form(client, scopes, b"not a body")
     try:
         info = await ojs.stream_info(bodies.BODIES_STREAM, subjects_filter=">")
         subjects = list(info.state.subjects or {})
