@@ -261,20 +261,31 @@ class AnthropicProvider:
         headers: dict[str, str] | None,
         betas: Sequence[str],
     ) -> Reply:
-        body = {**request, "model": model}
-        if betas:
-            body["betas"] = list(betas)
-            kwargs, extra = split_known(body, self._beta_create_params)
-            messages: Any = self._client.beta.messages
-        else:
-            kwargs, extra = split_known(body, self._create_params)
-            messages = self._client.messages
+        messages, kwargs, extra = self._messages(
+            {**request, "model": model}, betas, self._create_params, self._beta_create_params
+        )
         # The raw path: the SDK builds and sends the request and raises its own errors for
         # an error status, but builds no Message of the answer.
         raw = await messages.with_raw_response.create(
             **kwargs, extra_headers=headers, extra_body=extra or None
         )
         return _reply(await raw.read())
+
+    def _messages(
+        self,
+        body: dict[str, Any],
+        betas: Sequence[str],
+        params: frozenset[str],
+        beta_params: frozenset[str],
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """The SDK resource a call goes through (``beta.messages`` when the job has betas,
+        sent as the SDK sends them) and the body split into its known keyword arguments
+        and the rest (``extra_body``)."""
+        if betas:
+            kwargs, extra = split_known({**body, "betas": list(betas)}, beta_params)
+            return self._client.beta.messages, kwargs, extra
+        kwargs, extra = split_known(body, params)
+        return self._client.messages, kwargs, extra
 
     async def _stream(
         self,
@@ -285,13 +296,9 @@ class AnthropicProvider:
     ) -> Any:
         body = {k: v for k, v in request.items() if k != "stream"}
         body["model"] = model
-        if betas:
-            body["betas"] = list(betas)
-            kwargs, extra = split_known(body, self._beta_stream_params)
-            messages: Any = self._client.beta.messages
-        else:
-            kwargs, extra = split_known(body, self._stream_params)
-            messages = self._client.messages
+        messages, kwargs, extra = self._messages(
+            body, betas, self._stream_params, self._beta_stream_params
+        )
         stopped = False
         async with messages.stream(
             **kwargs, extra_headers=headers, extra_body=extra or None
