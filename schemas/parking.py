@@ -54,6 +54,15 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     overflow: str | None = None
 
 
+class Location(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a job was last parked or dead-lettered: message ``seq`` of ``stream``
+    (``AI_PARKED`` or ``AI_DEAD``). The value of its key in ``ai_locator``; only a hint
+    until the message is read (a replay or a purge leaves it behind)."""
+
+    stream: str
+    seq: int
+
+
 _decoder = msgspec.json.Decoder(DeadLetter)
 _parked_decoder = msgspec.json.Decoder(ParkedJob)
 
@@ -66,3 +75,11 @@ def decode_parked(data: bytes) -> ParkedJob:
 def decode_dead_letter(data: bytes) -> DeadLetter:
     """Decode a stored dead letter."""
     return _decoder.decode(data)
+
+
+_location_decoder = msgspec.json.Decoder(Location)
+
+
+def decode_location(data: bytes) -> Location:
+    """Decode a location."""
+    return _location_decoder.decode(data)

@@ -28,6 +28,9 @@ OVERFLOW_BUCKET: Final = "ai_overflow"
 #: Object store: request bodies of large jobs (``services/bodies.py``); producers may put,
 #: only workers, the replayer and operators read or delete.
 BODIES_BUCKET: Final = "ai_bodies"
+#: Where each job that was parked or dead-lettered was last put: key ``<tenant|_>.<job_id>``,
+#: value a ``schemas.parking.Location`` (``services/lifecycle/locator.py``).
+LOCATOR_BUCKET: Final = "ai_locator"
 
 # Headers
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
@@ -433,3 +436,18 @@ def legacy_replayer_consumer(provider: str, priority: str) -> str:
     """The replayer's consumer of the legacy parked layout (``ridethrough topology``
     deletes it once the jobs under it are moved)."""
     return f"replayer-{provider}-{priority}"
+
+
+def locator_key(job_id: str, tenant: str | None = None) -> str:
+    """The ``ai_locator`` key of job ``job_id`` of ``tenant``: ``<tenant|_>.<job_id>``."""
+    return f"{tenant or NO_TENANT}.{job_id}"
+
+
+def locator_subject(job_id: str, tenant: str | None = None) -> str:
+    """The subject a location of job ``job_id`` of ``tenant`` is written on."""
+    return f"$KV.{LOCATOR_BUCKET}.{locator_key(job_id, tenant)}"
+
+
+def locator_filter(job_id: str) -> str:
+    """The locations of every tenant's job ``job_id`` (an operator's ``jobs show``)."""
+    return f"$KV.{LOCATOR_BUCKET}.*.{job_id}"

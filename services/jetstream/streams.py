@@ -37,12 +37,14 @@ async def publish(
     msg_id: str | None = None,
     headers: dict[str, str] | None = None,
     timeout: float | None = None,
-) -> None:
-    """Store ``data`` on ``subject`` and wait for the PubAck (``msg_id``: the stream's
-    dedup window drops a second publish with it)."""
+) -> int:
+    """Store ``data`` on ``subject`` and wait for the PubAck; return its sequence (``msg_id``:
+    the stream's dedup window drops a second publish with it, and the PubAck of the second
+    names the first's sequence)."""
     if msg_id is not None:
         headers = {**(headers or {}), MSG_ID_HEADER: msg_id}
-    await js.publish(subject, data, timeout=timeout, headers=headers)
+    ack = await js.publish(subject, data, timeout=timeout, headers=headers)
+    return int(ack.seq)
 
 
 async def publish_if_last(

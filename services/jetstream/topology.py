@@ -181,6 +181,8 @@ def bucket_configs(settings: Settings) -> list[tuple[str, int, float | None]]:
         (s.HEALTH_BUCKET, 16, None),
         (s.CONTROL_BUCKET, 8, None),
         (s.WORKERS_BUCKET, 1, settings.nats.worker_ttl_s),
+        # A location outlives neither what it points at.
+        (s.LOCATOR_BUCKET, 1, max(settings.nats.parked_max_age_s, settings.nats.dead_max_age_s)),
     ]
 
 
@@ -235,6 +237,8 @@ async def _ensure_bucket(
     report: TopologyReport,
 ) -> None:
     stream = f"KV_{bucket}"
+    # The index is read by direct get (``services/lifecycle/locator.py``).
+    direct = bucket == s.LOCATOR_BUCKET
     try:
         info = await js.stream_info(stream)
     except NotFoundError:
@@ -244,14 +248,17 @@ async def _ensure_bucket(
             ttl=ttl,
             replicas=settings.nats.replicas,
             storage=_storage(settings),
+            direct=direct,
         )
         report.created.append(bucket)
         return
-    wanted = {
+    wanted: dict[str, Any] = {
         "max_msgs_per_subject": history,
         "num_replicas": settings.nats.replicas,
         "max_age": ttl or 0.0,
     }
+    if direct:
+        wanted["allow_direct"] = True
     await _update_backing_stream(js, info.config, wanted, bucket, report)
 
 
@@ -394,6 +401,7 @@ async def migrate_parked(js: JetStreamContext, provider: str | None = None) -> i
     """
     from schemas.parking import decode_parked
     from services.jetstream.streams import delete, iter_stream, publish, subject_counts
+    from services.lifecycle.locator import record
 
     moved = 0
     counts = await subject_counts(js, s.PARKED_STREAM, s.parked_filter(provider))
@@ -402,6 +410,7 @@ async def migrate_parked(js: JetStreamContext, provider: str | None = None) -> i
         async for msg in iter_stream(js, s.PARKED_STREAM, subject):
             priority = tokens[3] if tokens[3] in s.PRIORITIES else "normal"
             model: str | None = None
+            job = None
             try:
                 job = decode_parked(msg.data or b"").job
                 priority, model = job.priority, job.model
@@ -409,7 +418,10 @@ async def migrate_parked(js: JetStreamContext, provider: str | None = None) -> i
                 pass
             target = s.parked_subject(tokens[2], priority, model)
             seq = int(msg.seq or 0)
-            await publish(js, target, msg.data or b"", msg_id=s.park_msg_id(s.PARKED_STREAM, seq))
+            data = msg.data or b""
+            stored = await publish(js, target, data, msg_id=s.park_msg_id(s.PARKED_STREAM, seq))
+            if job is not None:
+                await record(js, job.id, job.tenant, s.PARKED_STREAM, stored)
             await delete(js, s.PARKED_STREAM, seq)
             moved += 1
     return moved
@@ -440,6 +452,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
             await _ensure_consumer(js, stream, ccfg, report)
         for bucket, history, ttl in bucket_configs(settings):
             await _ensure_bucket(js, bucket, history, ttl, settings, report)
+        indexing = s.LOCATOR_BUCKET in report.created
         await _ensure_object_store(js, settings, report)
         await _ensure_stream(js, bodies_config(settings), report)
         await _record_legacy_jobs(js, report)
@@ -450,6 +463,11 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> TopologyR
                 f"{s.PARKED_STREAM}: {moved} parked jobs moved to per-model subjects"
             )
         await _drop_legacy_replayers(js, settings, report)
+        if indexing:  # a new index learns what is already parked and dead
+            from services.lifecycle.locator import backfill
+
+            if written := await backfill(js):
+                report.updated.append(f"{s.LOCATOR_BUCKET}: {written} jobs indexed")
     except APIError as exc:
         raise TopologyError(f"cannot apply the JetStream topology: {exc}") from exc
     return report

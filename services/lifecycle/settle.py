@@ -7,6 +7,9 @@ Every record that ends or holds a job is written here and nowhere else:
     park           AI_PARKED   a job waiting for its provider to recover
     republish      AI_JOBS     a replay (parked or dead → jobs) or a fail-over copy
 
+and, for a parked job or a job's dead letter, where it was put (``ai_locator``, after the
+PubAck and before the ack: ``services/lifecycle/locator.py``),
+
 with the msg ids of ``schemas.subjects`` (so a write a crash repeats is dropped by the
 stream's dedup window) and every record checked against the server's ``max_payload``
 (``services.overflow``). The worker, the replayer, the operator's moves and ``import``
@@ -46,7 +49,9 @@ from schemas.jobs import Job
 from schemas.parking import DeadLetter, ParkedJob, ParkRecord
 from schemas.results import ErrorInfo, JobResult, ServedBy, Status, Timings, decode_result
 from schemas.subjects import (
+    DEAD_STREAM,
     MSG_ID_HEADER,
+    PARKED_STREAM,
     REPLAY_HEADER,
     RESULTS_STREAM,
     dead_msg_id,
@@ -65,6 +70,7 @@ from services import metrics, tracing
 from services.bodies import drop_body
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.jetstream.streams import last_msg, publish, publish_if_last
+from services.lifecycle import locator
 from services.lifecycle.decide import (
     Dead,
     Duplicate,
@@ -239,13 +245,17 @@ class Settler:
             data = encode(
                 msgspec.structs.replace(letter, job=None, raw=None, raw_base64=None, overflow=name)
             )
-        await publish(
+        stored = await publish(
             self.js,
             dead_subject(provider if is_token(provider) else "unknown", letter.reason),
             data,
             msg_id=dead_msg_id(stream, seq),
             timeout=self.publish_timeout_s,
         )
+        if (owner := locator.letter_owner(letter)) is not None:
+            await locator.record(
+                self.js, *owner, DEAD_STREAM, stored, timeout=self.publish_timeout_s
+            )
         self.stats.dead += 1
         if (m := metrics.active) is not None:
             m.dead_lettered(provider, letter.reason)
@@ -256,12 +266,15 @@ class Settler:
         data = encode(ParkedJob(job=job, park=record))
         if not fits(data, self.max_payload):
             return False
-        await publish(
+        stored = await publish(
             self.js,
             parked_subject(job.provider, job.priority, job.model),
             data,
             msg_id=park_msg_id(stream, seq),
             timeout=self.publish_timeout_s,
+        )
+        await locator.record(
+            self.js, job.id, job.tenant, PARKED_STREAM, stored, timeout=self.publish_timeout_s
         )
         self.stats.parked += 1
         if (m := metrics.active) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,12 +18,13 @@ from schemas.events import (
     decode_ops_event,
 )
 from schemas.jobs import BodyRef, decode_job
-from schemas.parking import DeadLetter, decode_dead_letter, decode_parked
+from schemas.parking import DeadLetter, decode_dead_letter
 from schemas.results import decode_result
 from services.bodies import body_status, drop_body
 from services.errors import InvalidJob
 from services.jetstream.errors import NOT_FOUND
-from services.jetstream.streams import iter_stream, scan_stream
+from services.jetstream.streams import StoredMsg, iter_stream, scan_stream
+from services.lifecycle import locator
 from services.ops.audit import audit
 
 
@@ -60,26 +62,22 @@ async def dead_letters(
 
 
 async def find_dead(js: JetStreamContext, key: str) -> HeldLetter | None:
-    """The dead letter of job id ``key`` (or at sequence ``key``)."""
+    """The dead letter of job id ``key`` (or at sequence ``key``): read where the
+    ``ai_locator`` index points (any tenant's job of that id; the newest letter wins)."""
     if key.isdigit():
         try:
             msg = await js.get_msg(s.DEAD_STREAM, seq=int(key), direct=True)
         except NOT_FOUND:
             return None
         return HeldLetter(int(key), msg.subject or "", decode_dead_letter(msg.data or b""))
-    found = None
-    needle = key.encode()
-    async for stored in scan_stream(js, s.DEAD_STREAM, s.dead_filter()):
-        data = stored.data
-        if needle not in data:  # an id is a token: stored as it is, never escaped
-            continue
-        try:
-            letter = decode_dead_letter(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            continue
-        if letter.job_id == key:
-            found = HeldLetter(stored.seq, stored.subject, letter)  # the newest one wins
-    return found
+    if not s.is_token(key):
+        return None
+    letters = [f for f in await locator.find(js, key, any_tenant=True) if f.dead is not None]
+    if not letters:
+        return None
+    newest = max(letters, key=lambda f: f.seq)
+    assert newest.dead is not None
+    return HeldLetter(newest.seq, newest.subject, newest.dead)
 
 
 async def count_dead(js: JetStreamContext, provider: str | None, reason: str | None) -> int:
@@ -125,8 +123,10 @@ async def locate_job(
     if not s.is_token(job_id):
         raise InvalidJob(f"{job_id!r} is not a valid job id (A-Z a-z 0-9 _ -, 1-128)")
     where: dict[str, Any] = {"job_id": job_id, "where": "unknown", "attempts": None}
-    # The id is in no subject of AI_PARKED, AI_DEAD or AI_JOBS: those are scanned, and only
-    # the messages whose bytes hold the id (a token, never escaped in JSON) are decoded.
+    # Parked jobs and dead letters are found through the ``ai_locator`` index (one read
+    # each); only AI_JOBS is scanned (of the tenant's subjects when a tenant asks), and
+    # there only the messages whose bytes hold the id (a token, never escaped in JSON)
+    # are decoded.
     needle = job_id.encode()
     outage_ids: set[str] = set()
     try:
@@ -138,31 +138,31 @@ async def locate_job(
     except NOT_FOUND:
         pass
     ref: BodyRef | None = None
-    held = await find_dead(js, job_id)
+    found = await locator.find(js, job_id, tenant, any_tenant=tenant is None)
+    # Without a tenant: the job of no tenant if there is one, else the first tenant's by
+    # name (the others are named).
+    owners = sorted({f.tenant or "" for f in found})
+    owner = tenant if tenant is not None or not owners else (owners[0] or None)
+    if owner != tenant:
+        where["tenant"] = owner
+    if others := [o for o in owners if o and o != owner]:
+        where["also_tenants"] = others
+    mine = sorted((f for f in found if f.tenant == owner), key=lambda f: -f.seq)
+    held = next((f.dead for f in mine if f.dead is not None), None)
     if held is not None:
-        ref = _ref_of(held.letter)
-        where["dead"] = {"reason": held.letter.reason, "error": held.letter.error.message}
+        ref = _ref_of(held)
+        where["dead"] = {"reason": held.reason, "error": held.error.message}
         if where["where"] == "unknown":
-            where.update(where="dead", attempts=held.letter.attempts)
-    if where["where"] == "unknown":
-        async for msg in iter_stream(js, s.PARKED_STREAM):
-            if needle not in (msg.data or b""):  # cheaper than decoding every parked job
-                continue
-            try:
-                parked = decode_parked(msg.data or b"")
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                continue
-            if parked.job.id == job_id:
-                ref = parked.job.request_ref
-                park = parked.park
-                where.update(
-                    where="parked", attempts=park.attempts, parked=msgspec.to_builtins(park)
-                )
-                outage_ids.add(park.outage_id)
-                break
+            where.update(where="dead", attempts=held.attempts)
+    parked_copy = next((f.parked for f in mine if f.parked is not None), None)
+    if where["where"] == "unknown" and parked_copy is not None:
+        ref = parked_copy.job.request_ref
+        park = parked_copy.park
+        where.update(where="parked", attempts=park.attempts, parked=msgspec.to_builtins(park))
+        outage_ids.add(park.outage_id)
     if where["where"] == "unknown":
         for provider, delivered in (await _delivered(js)).items():
-            async for msg in iter_stream(js, s.JOBS_STREAM, s.jobs_filter(provider)):
+            async for msg in _waiting(js, provider, tenant):
                 if needle not in (msg.data or b""):
                     continue
                 try:
@@ -182,6 +182,20 @@ async def locate_job(
         where["body"] = await body_status(js, ref)
     where["history"] = await _history(js, job_id, outage_ids)
     return where
+
+
+async def _waiting(
+    js: JetStreamContext, provider: str, tenant: str | None
+) -> AsyncIterator[StoredMsg]:
+    """The jobs of ``provider`` on AI_JOBS: all, or only those on ``tenant``'s subjects
+    (its own and the ones ridethrough requeued for it)."""
+    if tenant is None:
+        filters = [s.jobs_filter(provider)]
+    else:
+        filters = [f"ai.jobs.{provider}.*.{tenant}", f"ai.jobs.{provider}.*.{tenant}.{s.REQUEUED}"]
+    for subject in filters:
+        async for msg in iter_stream(js, s.JOBS_STREAM, subject):
+            yield msg
 
 
 async def _delivered(js: JetStreamContext) -> dict[str, dict[str, int]]:

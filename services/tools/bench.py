@@ -65,7 +65,7 @@ from pydantic import SecretStr
 
 from schemas.codec import encode
 from schemas.jobs import Job, decode_job, new_job_id
-from schemas.parking import ParkedJob, ParkRecord
+from schemas.parking import Location, ParkedJob, ParkRecord
 from schemas.results import JobResult, Usage
 from schemas.subjects import (
     JOBS_STREAM,
@@ -75,6 +75,7 @@ from schemas.subjects import (
     REPLAY_HEADER,
     RESULTS_STREAM,
     jobs_subject,
+    locator_subject,
     park_msg_id,
     parked_subject,
     replay_msg_id,
@@ -286,13 +287,15 @@ def _wire(jobs: Iterable[Job]) -> list[tuple[str, bytes, dict[str, str]]]:
     return [(jobs_subject(j.provider, j.priority), encode(j), {MSG_ID_HEADER: j.id}) for j in jobs]
 
 
-async def _publish_raw(js: JetStreamContext, wire: list[tuple[str, bytes, dict[str, str]]]) -> None:
-    """publish_async every message, then wait for every PubAck."""
+async def _publish_raw(
+    js: JetStreamContext, wire: list[tuple[str, bytes, dict[str, str]]]
+) -> list[int]:
+    """publish_async every message, then wait for every PubAck; their sequences."""
     futures = [
         await js.publish_async(subject, data, headers=dict(headers))
         for subject, data, headers in wire
     ]
-    await asyncio.gather(*futures)
+    return [int(ack.seq) for ack in await asyncio.gather(*futures)]
 
 
 async def _count(js: JetStreamContext, stream: str) -> int:
@@ -1070,7 +1073,7 @@ async def _fill_scale(st: Stage, n: int, report: Callable[[str], None] | None) -
     for start in range(0, n, _FILL_CHUNK):
         _progress(report, f"scale: parking {start:,}/{n:,}")
         jobs = bench_jobs(min(_FILL_CHUNK, n - start))
-        await _publish_raw(
+        seqs = await _publish_raw(
             st.js,
             [
                 (
@@ -1079,6 +1082,18 @@ async def _fill_scale(st: Stage, n: int, report: Callable[[str], None] | None) -
                     {MSG_ID_HEADER: park_msg_id(JOBS_STREAM, start + seq)},
                 )
                 for seq, j in enumerate(jobs, start=1)
+            ],
+        )
+        # Where each went, as the settle path writes it (services/lifecycle/locator.py).
+        await _publish_raw(
+            st.js,
+            [
+                (
+                    locator_subject(j.id, j.tenant),
+                    encode(Location(stream=PARKED_STREAM, seq=seq)),
+                    {},
+                )
+                for j, seq in zip(jobs, seqs, strict=True)
             ],
         )
         newest = jobs[-1].id

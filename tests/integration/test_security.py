@@ -313,6 +313,17 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         s.evidence_event_subject("anthropic"),
         lambda c: c.js.publish(s.evidence_event_subject("anthropic"), b"{}"),
     )
+    where = s.locator_subject("someone-elses-job", "acme")
+    forge_location = (
+        "point the job locator elsewhere (the settle path's)",
+        where,
+        lambda c: c.js.publish(where, b'{"stream": "AI_PARKED", "seq": 1}'),
+    )
+    read_location = (
+        "read where another's job is",
+        f"$JS.API.DIRECT.GET.KV_{s.LOCATOR_BUCKET}.{where}",
+        lambda c: c.js.get_last_msg(f"KV_{s.LOCATOR_BUCKET}", where, direct=True),
+    )
     bodies_stream = f"OBJ_{s.BODIES_BUCKET}"
     read_body = (
         "read a large job's body",
@@ -404,6 +415,8 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             ),
             evidence,
             page_event,
+            forge_location,
+            read_location,
         ],
         "worker": [
             overwrite_body,
@@ -429,6 +442,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         ],
         "prober": [
             read_body,
+            forge_location,
             consume_jobs,
             (
                 "submit a job",
@@ -508,6 +522,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         ],
         "notifier": [
             consume_jobs,
+            forge_location,
             pause,
             (
                 "forge a breaker transition",
@@ -768,6 +783,39 @@ async def test_every_wildcard_form_of_the_probers_writes_stays_in_its_scope(
         assert any(nats_match(p, subject) for p in scopes), subject
     assert not view.degraded("anthropic") and not view.degraded("anthropic", "m")
     assert status["providers"]["anthropic"]["state"] == "closed"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", ["worker", "replayer"])
+async def test_every_wildcard_form_of_a_job_location_stays_a_job_location(
+    secured: SecuredNats, role: str
+) -> None:
+    """The settle path's index writes, `$KV.ai_locator.<tenant|_>.<job_id>`, published by a
+    worker and a replayer with each token as a literal `*` or cut with `>`: every key the
+    server stores is two tokens (tenant, job id), none reaches another bucket, and a lookup
+    of a job is not misled by them."""
+    from services.ops.inspect import locate_job
+
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    ojs = operator.jetstream()
+    await ensure_topology(ojs, base)
+    scope = f"$KV.{s.LOCATOR_BUCKET}.*.*"
+    assert scope in auth_users()[role]["publish"]
+    client = await RoleClient.connect(secured, role)
+    payload = b'{"stream": "AI_PARKED", "seq": 1}'
+    tried, stored = await _publish_every_form(client, [scope], payload)
+    try:
+        info = await ojs.stream_info(f"KV_{s.LOCATOR_BUCKET}", subjects_filter=">")
+        subjects = list(info.state.subjects or {})
+        control = await ojs.stream_info(f"KV_{s.CONTROL_BUCKET}", subjects_filter=">")
+        shown = await locate_job(ojs, "acme")
+    finally:
+        await operator.close()
+    assert tried >= 4 and stored, stored
+    assert subjects and all(nats_match(scope, subject) for subject in subjects), subjects
+    assert not any("ai_locator" in k for k in (control.state.subjects or {}))
+    assert shown["where"] == "unknown"  # sequence 1 of AI_PARKED is no job of that id
 
 
 @pytest.mark.integration

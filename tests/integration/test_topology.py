@@ -17,10 +17,10 @@ async def test_second_run_changes_nothing(settings: Settings, js: Any) -> None:
     """Running the topology step again (the fixture ran it once) creates and updates nothing."""
     report = await ensure_topology(js, settings)
     assert not report.changed
-    # 5 streams, the workers' consumer per provider and priority, the notifier's, 3 buckets,
-    # ai_overflow, ai_bodies (the replayer makes its consumers per priority and model when a
-    # model has parked jobs).
-    assert len(report.unchanged) == 5 + 3 * len(settings.providers) + 1 + 3 + 1 + 1
+    # 5 streams, the workers' consumer per provider and priority, the notifier's, 4 buckets
+    # (ai_locator too), ai_overflow, ai_bodies (the replayer makes its consumers per priority
+    # and model when a model has parked jobs).
+    assert len(report.unchanged) == 5 + 3 * len(settings.providers) + 1 + 4 + 1 + 1
 
 
 async def test_every_name_of_the_design_exists(settings: Settings, js: Any) -> None:
