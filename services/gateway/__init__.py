@@ -60,9 +60,13 @@ a dead letter answers its reason's status (``anthropic_wire.FAILURES``: the prov
 is a 503 with ``retry-after`` (nothing was stored).
 
 ``Prefer: respond-async`` answers 202 with the job id and ``Location: /v1/jobs/{id}``;
-``GET /v1/jobs/{id}`` answers ``{"state": "done", "status": ..., "result": ...}`` or
-``{"state": "pending"}`` (for the caller's tenant only: another tenant's job reads as
-pending, like one that does not exist).
+``GET /v1/jobs/{id}`` answers ``{"type": "job", "id": ..., "state": ...}`` with ``state``
+``waiting`` (stored, no worker has it), ``in_flight`` (a worker has it, or it waits between
+attempts), ``parked`` (with ``parked: {reason, since, outage_id}``), or ``done`` (with
+``status`` and the ``result`` or the ``error``); a 404 ``not_found_error`` for a job the
+caller's tenant does not have (another tenant's job is indistinguishable from none). Parked
+jobs are found through the job locator (``services/lifecycle/locator.py``); waiting ones by
+reading the tenant's subjects of AI_JOBS.
 """
 
 from services.gateway.app import (

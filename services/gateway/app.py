@@ -43,6 +43,7 @@ from services.gateway.anthropic_wire import (
     parse_messages_request,
 )
 from services.gateway.keys import KeyRing
+from services.jetstream.errors import NATS_UNAVAILABLE
 from services.producer import Producer, job_id_for_key, make_job
 
 log = logging.getLogger("ridethrough.gateway")
@@ -386,28 +387,63 @@ class Gateway:
         )
 
     async def job(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/jobs/{id}``: the caller's job, ``done`` with its result, or ``pending``
-        (one not done yet, or none: another tenant's job is indistinguishable from none)."""
+        """``GET /v1/jobs/{id}``: where the caller's job is (``waiting``, ``in_flight``,
+        ``parked``), or ``done`` with its result; 404 for a job the caller has not (another
+        tenant's job is indistinguishable from none)."""
         tenant = self._tenant(request)
         if isinstance(tenant, web.Response):
             return tenant
         job_id = request.match_info["job_id"]
         if not is_token(job_id):
-            return _error(404, f"no job {job_id!r}")
+            return _error(404, f"no job {job_id!r}", error_type="not_found_error")
         try:
-            result = await self.producer(tenant).peek_result(job_id)
+            state = await self._job_state(tenant, job_id)
         except NatsUnavailable as exc:
             return _error(503, str(exc), headers={"retry-after": "1"})
-        state: dict[str, Any] = {"type": "job", "id": job_id, "state": "pending"}
-        if result is not None:
-            state.update(state="done", status=result.status)
-            if result.status == "succeeded":
-                state["result"] = result.response
-            else:
-                state["error"] = msgspec.json.decode(failure(result)[1])["error"]
+        except NATS_UNAVAILABLE as exc:
+            return _error(
+                503, f"NATS is unavailable ({type(exc).__name__})", headers={"retry-after": "1"}
+            )
+        if state is None:
+            return _error(404, f"no job {job_id!r}", error_type="not_found_error")
         return web.Response(
             body=msgspec.json.encode(state), content_type=_JSON, headers={JOB_ID_HEADER: job_id}
         )
+
+    async def _job_state(self, tenant: str, job_id: str) -> dict[str, Any] | None:
+        """The state ``GET /v1/jobs/{id}`` answers; None when the tenant has no such job."""
+        from services.ops.inspect import locate_job
+
+        state: dict[str, Any] = {"type": "job", "id": job_id}
+        # A job moving between two places while it is looked for (parked and acked, or
+        # answered and acked, between two reads) is looked for once more.
+        for _ in range(2):
+            result = await self.producer(tenant).peek_result(job_id)
+            if result is not None:
+                state.update(state="done", status=result.status)
+                if result.status == "succeeded":
+                    state["result"] = result.response
+                else:
+                    state["error"] = msgspec.json.decode(failure(result)[1])["error"]
+                return state
+            where = await locate_job(self.nc.jetstream(), job_id, tenant, history=False)
+            place = where["where"]
+            if place in ("waiting", "in_flight"):
+                return state | {"state": place}
+            if place == "parked":
+                park = where["parked"]
+                return state | {
+                    "state": "parked",
+                    "parked": {
+                        "reason": park["reason"],
+                        "since": park["parked_at"],
+                        "outage_id": park.get("outage_id", ""),
+                    },
+                }
+            if place == "dead":  # a dead letter with no result: the job never got an answer
+                error = {"type": where["dead"]["reason"], "message": where["dead"]["error"]}
+                return state | {"state": "done", "status": "dead", "error": error}
+        return None
 
 
 def _retry_after(seconds: float) -> str:

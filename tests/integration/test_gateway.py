@@ -186,7 +186,7 @@ async def test_a_wrong_or_missing_key_is_a_401_authentication_error(gateway: str
 async def test_a_tenant_reads_its_own_jobs_and_not_anothers(
     gw_settings: Settings, gateway: str, js: Any
 ) -> None:
-    """globex's job reads as done with its result for globex, and as pending with no result
+    """globex's job reads as done with its result for globex, and as no job at all (404)
     for acme; acme sending globex's job id gets a job of its own, not globex's answer."""
     async with running_worker(gw_settings), _client(gateway, key=GLOBEX_KEY) as globex:
         raw = await globex.messages.with_raw_response.create(**_ask("globex secret"))
@@ -205,8 +205,12 @@ async def test_a_tenant_reads_its_own_jobs_and_not_anothers(
             assert mine["state"] == "done"
             theirs_message = await raw.parse()
             assert mine["result"] == theirs_message.to_dict(mode="json")
-            snooped = await look(ACME_KEY)
-            assert snooped == {"type": "job", "id": theirs, "state": "pending"}
+            async with http.get(
+                f"{gateway}/v1/jobs/{theirs}", headers={"x-api-key": ACME_KEY}
+            ) as resp:
+                assert resp.status == 404  # as for a job that does not exist
+                snooped = await resp.json()
+            assert snooped["error"]["type"] == "not_found_error"
         async with _client(gateway) as acme:
             own = await acme.messages.with_raw_response.create(
                 **_ask("acme's own"), extra_headers={JOB_ID_HEADER: theirs}
@@ -215,6 +219,53 @@ async def test_a_tenant_reads_its_own_jobs_and_not_anothers(
     assert (await own.parse()).id != theirs_message.id  # a message of its own
     counts = await count_outcomes(js)
     assert (counts["results"], counts["result_writes"], counts["dead"]) == (2, 2, 0)
+
+
+async def test_a_job_reads_waiting_in_flight_parked_and_done(
+    gw_settings: Settings, gateway: str, js: Any
+) -> None:
+    """An async job's location says where it is: waiting (no worker yet), parked (drained by
+    an operator), waiting again (replayed), in flight (taken, not acked), then done with its
+    result once a worker answers it."""
+    from services.ops import moves
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{gateway}/v1/messages",
+            json=_ask("where am I"),
+            headers={"x-api-key": ACME_KEY, "prefer": "respond-async"},
+        ) as resp:
+            assert resp.status == 202
+            location = resp.headers["location"]
+
+        async def state() -> dict[str, Any]:
+            async with http.get(f"{gateway}{location}", headers={"x-api-key": ACME_KEY}) as r:
+                assert r.status == 200
+                body: dict[str, Any] = await r.json()
+                return body
+
+        assert (await state())["state"] == "waiting"
+        assert (await moves.drain(js, "anthropic")).moved == 1
+        parked = await state()
+        assert parked["state"] == "parked" and parked["parked"]["reason"] == "drained"
+        assert (await moves.replay(js, gw_settings, "anthropic")).moved == 1
+        assert (await state())["state"] == "waiting"
+        sub = await js.pull_subscribe_bind(
+            durable=s.worker_consumer("anthropic", "normal"), stream=s.JOBS_STREAM
+        )
+        (taken,) = await sub.fetch(1, timeout=5)
+        assert (await state())["state"] == "in_flight"
+        await taken.nak()  # between attempts: still in flight until a worker settles it
+        async with running_worker(gw_settings):
+
+            async def done() -> bool:
+                return (await state())["state"] == "done"
+
+            await wait_until(done, timeout=60)
+        final = await state()
+    assert final["status"] == "succeeded" and final["result"]["type"] == "message"
+    counts = await count_outcomes(js)
+    assert (counts["results"], counts["result_writes"], counts["dead"]) == (1, 1, 0)
 
 
 async def test_respond_async_answers_202_and_the_job_is_read_at_its_location(
