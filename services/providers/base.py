@@ -12,7 +12,7 @@ response models) and read the few fields they need with ``decode_body``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -67,6 +67,22 @@ def sdk_params(method: Any) -> frozenset[str]:
     """The request fields an SDK ``method`` takes as keywords (not its transport options)."""
     names = inspect.signature(method).parameters
     return frozenset(names) - {"extra_headers", "extra_query", "extra_body", "timeout"}
+
+
+def sdk_required(method: Any) -> frozenset[str]:
+    """The request fields an SDK ``method`` cannot be called without."""
+    return frozenset(
+        name
+        for name, param in inspect.signature(method).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is inspect.Parameter.empty
+    )
+
+
+def refuse_missing(body: Mapping[str, Any], required: frozenset[str]) -> None:
+    """Refuse ``body`` as the SDK's own call would (a ``TypeError``, before any request) when
+    it lacks a field the SDK requires."""
+    if missing := sorted(required.difference(body)):
+        raise TypeError(f"missing required keyword argument(s): {', '.join(map(repr, missing))}")
 
 
 def split_known(

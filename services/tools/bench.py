@@ -585,6 +585,8 @@ async def bench_provider(
     raw: list[float] = []
     rss: list[float] = []
     raw_rss: list[float] = []
+    cpu: list[float] = []
+    raw_cpu: list[float] = []
     runs = max(1, min(opts.repeat, 2))  # each run takes seconds of wall time at 1 s latency
     timeout = 120 + opts.provider_jobs * opts.latency_ms / 1000
     try:
@@ -597,13 +599,14 @@ async def bench_provider(
                 _progress(report, f"provider: run {i + 1}/{runs}")
                 rate, peak = await _drain_jobs(
                     st, settings, "worker", ("--no-topology",), opts.provider_jobs,
-                    timeout=timeout,
+                    timeout=timeout, cpu=cpu,
                 )  # fmt: skip
                 ours.append(rate)
                 rss.append(peak)
-                rate, peak = await _sdk_loop(st, settings, opts, timeout)
+                rate, peak, per_call = await _sdk_loop(st, settings, opts, timeout)
                 raw.append(rate)
                 raw_rss.append(peak)
+                raw_cpu.append(per_call)
     finally:
         handle.stop()
     return Figure(
@@ -611,14 +614,24 @@ async def bench_provider(
         statistics.median(raw),
         "calls/s",
         TARGETS["provider"],
-        extra={"peak_rss_mb": max(rss), "baseline_peak_rss_mb": max(raw_rss)},
+        extra={
+            "peak_rss_mb": max(rss),
+            "baseline_peak_rss_mb": max(raw_rss),
+            # CPU per job of the worker and per call of the bare loop: what calls/s come to
+            # when the cores are the limit (an instant provider), far less moved by a busy
+            # machine than the rates; cpu_ratio > 1 means the worker is the cheaper one.
+            "cpu_us_per_job": statistics.median(cpu) * 1e6,
+            "baseline_cpu_us_per_call": statistics.median(raw_cpu) * 1e6,
+            "cpu_ratio": statistics.median(raw_cpu) / statistics.median(cpu),
+        },
     )
 
 
 async def _sdk_loop(
     st: Stage, settings: Settings, opts: BenchOptions, timeout: float
-) -> tuple[float, float]:
-    """Run the bare SDK loop in a child process; (calls/s, its peak RSS in MB)."""
+) -> tuple[float, float, float]:
+    """Run the bare SDK loop in a child process; (calls/s, its peak RSS in MB, its CPU
+    seconds per call)."""
     out = st.workdir / f"sdk-{st.started + 1}.json"
     args = ("sdk", "--jobs", str(opts.provider_jobs), "--concurrency", str(opts.in_flight))
     with st.running(settings, "bench-child", *args, "--out", str(out)) as child:
@@ -631,7 +644,7 @@ async def _sdk_loop(
     outcome = msgspec.json.decode(out.read_bytes())
     if outcome["errors"]:
         raise BenchError(f"the bare SDK loop saw {outcome['errors']} failed calls")
-    return float(outcome["rate"]), float(outcome["peak_rss_mb"])
+    return float(outcome["rate"]), float(outcome["peak_rss_mb"]), float(outcome["cpu_s_per_call"])
 
 
 async def bench_replay(
@@ -1265,11 +1278,18 @@ async def sdk_loop(settings: Settings, jobs: int, concurrency: int) -> dict[str,
             done.append(time.perf_counter())
 
     started = time.perf_counter()
+    cpu_before = time.process_time()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
+    cpu = time.process_time() - cpu_before
     await client.close()
     # The same count as the worker's: from the first call done to the last.
     rate = _rate_from(jobs, started, (done[0], 1), done[-1])
-    return {"rate": rate, "errors": errors, "peak_rss_mb": peak_rss_mb(os.getpid())}
+    return {
+        "rate": rate,
+        "errors": errors,
+        "peak_rss_mb": peak_rss_mb(os.getpid()),
+        "cpu_s_per_call": cpu / jobs,
+    }
 
 
 # --------------------------------------------------------------------------- output

@@ -20,6 +20,7 @@ from services.breaker import transition
 from services.config import ProviderSettings, Settings
 from services.errors import ProviderError, RateLimited, TransientError
 from services.producer import Producer, make_job
+from services.providers.base import split_known
 from services.providers.registry import build_provider
 from services.tools.stack import pointed_at_fake, running_worker
 from tests.support import count_outcomes, wait_until
@@ -116,6 +117,35 @@ async def test_door_answers_through_the_real_sdk_client(
 @pytest.fixture(autouse=True)
 def _recording(fake_provider: Any) -> None:
     fake_provider.record_requests()
+
+
+@pytest.mark.parametrize("door", ["anthropic", "bedrock", "vertex"])
+async def test_the_plain_call_sends_what_messages_create_sends(
+    settings: Settings, fake_provider: Any, door: str
+) -> None:
+    """The adapter posts a plain job's body through the client instead of through
+    ``messages.create`` (cheaper): each door receives the same model, body (envelope
+    included) and beta header that ``messages.create`` sends for the same request."""
+    provider: Any = build_provider(door_settings(settings, fake_provider.url), door)
+    assert provider is not None
+    request = {**rich_request(3), "metadata": {"user_id": "u-1"}, "not_in_the_sdk": [1, 2]}
+    model = provider.model_map.get(SONNET, SONNET)
+    try:
+        ours = await provider.call(SONNET, request)
+        kwargs, extra = split_known({**request, "model": model}, provider._create_params)
+        raw = await provider._client.messages.with_raw_response.create(
+            **kwargs, extra_body=extra
+        )
+        theirs = msgspec.json.decode(await raw.read())
+    finally:
+        await provider.aclose()
+    assert ours.response["content"] == theirs["content"]
+    first, second = fake_provider.recorded(door)
+    assert first["model"] == second["model"]
+    assert msgspec.json.decode(base64.b64decode(first["body"])) == msgspec.json.decode(
+        base64.b64decode(second["body"])
+    )
+    assert first["anthropic_beta"] == second["anthropic_beta"] == ""
 
 
 @pytest.mark.parametrize(
