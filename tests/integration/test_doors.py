@@ -125,7 +125,8 @@ async def test_the_plain_call_sends_what_messages_create_sends(
 ) -> None:
     """The adapter posts a plain job's body through the client instead of through
     ``messages.create`` (cheaper): each door receives the same model, body (envelope
-    included) and beta header that ``messages.create`` sends for the same request."""
+    included), beta header, credential and API version that ``messages.create`` sends
+    for the same request (the first party's goes out on a bare aiohttp session)."""
     provider: Any = build_provider(door_settings(settings, fake_provider.url), door)
     assert provider is not None
     request = {**rich_request(3), "metadata": {"user_id": "u-1"}, "not_in_the_sdk": [1, 2]}
@@ -133,9 +134,7 @@ async def test_the_plain_call_sends_what_messages_create_sends(
     try:
         ours = await provider.call(SONNET, request)
         kwargs, extra = split_known({**request, "model": model}, provider._create_params)
-        raw = await provider._client.messages.with_raw_response.create(
-            **kwargs, extra_body=extra
-        )
+        raw = await provider._client.messages.with_raw_response.create(**kwargs, extra_body=extra)
         theirs = msgspec.json.decode(await raw.read())
     finally:
         await provider.aclose()
@@ -146,6 +145,10 @@ async def test_the_plain_call_sends_what_messages_create_sends(
         base64.b64decode(second["body"])
     )
     assert first["anthropic_beta"] == second["anthropic_beta"] == ""
+    assert first["anthropic_version"] == second["anthropic_version"]
+    if door == "anthropic":  # a cloud door signs each request (the signature differs)
+        assert first["credential"] == second["credential"] != ""
+        assert first["anthropic_version"]
 
 
 @pytest.mark.parametrize(

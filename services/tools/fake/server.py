@@ -195,8 +195,8 @@ class FakeProvider:
         self.outage_state = self._faults.outage_state
         self._error_cache: dict[tuple[bool, int], bytes] = {}
         #: Inference requests as they arrived (door, model, body), while recording.
-        self._recorded: collections.deque[tuple[str, str, bytes, str]] = collections.deque(
-            maxlen=MAX_RECORDED
+        self._recorded: collections.deque[tuple[str, str, bytes, str, str, str]] = (
+            collections.deque(maxlen=MAX_RECORDED)
         )
         self.recording = False
         cfg = self._faults.config
@@ -649,8 +649,17 @@ class FakeProvider:
         except msgspec.DecodeError as exc:
             return self._door_error(door, self._error(True, 400, str(exc)))
         if self.recording:
+            h = request.headers
+            credential = h.get("x-api-key") or h.get("authorization") or ""
             self._recorded.append(
-                (door, req.model, body, request.headers.get("anthropic-beta", ""))
+                (
+                    door,
+                    req.model,
+                    body,
+                    h.get("anthropic-beta", ""),
+                    credential,
+                    h.get("anthropic-version", ""),
+                )
             )
         _bump(self._counters.by_model, req.model)
         self._calls.record(req.model, probe)
@@ -831,11 +840,19 @@ class FakeProvider:
 
     def recorded(self, door: str | None = None) -> list[dict[str, Any]]:
         """The inference requests recorded (``record_requests``), oldest first: ``door``,
-        ``model`` (the path's, on a cloud door), ``body`` (base64 of the exact bytes) and
-        ``anthropic_beta`` (the header, "" when none)."""
+        ``model`` (the path's, on a cloud door), ``body`` (base64 of the exact bytes),
+        ``anthropic_beta`` (the header, "" when none), ``credential`` (the ``x-api-key`` or
+        ``authorization`` header) and ``anthropic_version``."""
         return [
-            {"door": d, "model": m, "body": base64.b64encode(b).decode(), "anthropic_beta": h}
-            for d, m, b, h in self._recorded
+            {
+                "door": d,
+                "model": m,
+                "body": base64.b64encode(b).decode(),
+                "anthropic_beta": h,
+                "credential": c,
+                "anthropic_version": v,
+            }
+            for d, m, b, h, c, v in self._recorded
             if door is None or d == door
         ]
 
