@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nats.js.api import DeliverPolicy
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas import subjects as s
@@ -89,7 +91,7 @@ async def drain(n: int, pace: str, capacity: int, latency_ms: float) -> dict[str
                 counters = stack.fake.counters()
                 events = []
                 sub = await js.subscribe(
-                    s.HEALTH_EVENTS_FILTER, ordered_consumer=True, deliver_policy="all"
+                    s.HEALTH_EVENTS_FILTER, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
                 )
                 try:
                     while True:
