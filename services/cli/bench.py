@@ -30,6 +30,7 @@ class ChildKind(StrEnum):
 
     worker = "worker"
     raw = "raw"
+    raw_replay = "raw-replay"
     sdk = "sdk"
 
 
@@ -123,7 +124,8 @@ def bench_child(
     ] = None,
 ) -> None:
     """A process ``ridethrough bench`` starts: a worker with the instant provider, the raw
-    nats-py loop, or the bare SDK loop. Settings come from the environment."""
+    nats-py loop of the worker or of the replayer, or the bare SDK loop. Settings come from
+    the environment."""
     from services.tools import bench as b
 
     logging.basicConfig(level=logging.WARNING)
@@ -147,6 +149,8 @@ def bench_child(
             run(run_worker(settings, providers, apply_topology=False))
     elif kind is ChildKind.raw:
         run(b.raw_worker_loop(settings, batch))
+    elif kind is ChildKind.raw_replay:
+        run(b.raw_replay_loop(settings, batch))
     else:
         outcome = run(b.sdk_loop(settings, jobs, concurrency))
         if out is None:

@@ -9,8 +9,12 @@
               anthropic SDK against the fake           same SDK and transport, same fake,
               provider (1 s latency, 1,000 jobs        same concurrency, no queue
               in flight); also its peak RSS
-    replay    one replayer process draining        vs  publish_async of the same jobs
-              parked jobs, uncapped
+    replay    one replayer process draining        vs  a minimal nats-py loop in its own
+              parked jobs, uncapped                    process: fetch parked jobs, decode,
+                                                       publish_async each as the replayer
+                                                       does, wait for the PubAcks, ack
+                                                       (also: publish_async alone, as
+                                                       ``publish_baseline``)
     latency   submit → result p50 and p99 with one worker process, at half of the
               worker's measured maximum throughput (no baseline)
     gateway   requests/s through one gateway     vs  the Python producer's submit and
@@ -109,7 +113,7 @@ TARGETS: Final[dict[str, float | None]] = {
     "publish": 0.8,
     "worker": 0.6,
     "provider": 0.7,
-    "replay": 0.5,
+    "replay": 0.8,  # of the raw consume-publish-ack loop (issue 17)
     "latency": None,
     "gateway": 0.5,
     # Metrics on within 0.05 of metrics off (the issue's cost bound).
@@ -323,8 +327,10 @@ async def _drained(
     *,
     alive: Callable[[], None],
     timeout: float,
+    on_first: Callable[[], None] | None = None,
 ) -> float:
-    """Poll ``stream`` until it holds ``n`` messages; return the throughput (see ``_rate_from``)."""
+    """Poll ``stream`` until it holds ``n`` messages; return the throughput (see ``_rate_from``).
+    ``on_first`` is called when the first message is seen."""
     started = time.perf_counter()
     first: tuple[float, int] | None = None
     deadline = started + timeout
@@ -333,6 +339,8 @@ async def _drained(
         now = time.perf_counter()
         if count and first is None:
             first = (now, count)
+            if on_first is not None:
+                on_first()
         if count >= n:
             assert first is not None
             return _rate_from(n, started, first, now)
@@ -634,40 +642,59 @@ async def _sdk_loop(
 async def bench_replay(
     base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
 ) -> Figure:
-    """A replayer process draining parked jobs uncapped, against publish_async of the
-    same jobs (the same bytes and headers the replayer publishes)."""
+    """A replayer process draining parked jobs uncapped, against a raw consume-publish-ack
+    loop in a process (``raw_replay_loop``: the least a replayer must do). The old baseline,
+    publish_async of the same messages alone, is kept as ``publish_baseline``."""
     ours: list[float] = []
     raw: list[float] = []
+    publish: list[float] = []
+    cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
     timeout = 120 + opts.jobs / 200
+    runs = 0
     async with stage(base, opts, "replay") as st:
         settings = st.settings.with_changes(
             # Uncapped, and no slow start: this measures the machinery, not the ramp.
             replay=st.settings.replay.model_copy(update={"max_rate": 0.0, "initial_rate": 1e9})
         )
-        for i in range(opts.repeat):
-            _progress(report, f"replay: run {i + 1}/{opts.repeat}")
+
+        async def park() -> None:
+            """Park ``opts.jobs`` fresh jobs; as if parked from AI_JOBS: sequences go on
+            across runs (the same msg ids would meet the dedup window and park nothing)."""
+            nonlocal runs
             await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
-            jobs = bench_jobs(opts.jobs)
             parked = [
                 (
                     parked_subject(j.provider, j.priority, j.model),
                     encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
-                    # As if parked from AI_JOBS: sequences go on across runs (the same
-                    # msg ids would meet the dedup window and park nothing).
-                    {MSG_ID_HEADER: park_msg_id(JOBS_STREAM, i * opts.jobs + seq)},
+                    {MSG_ID_HEADER: park_msg_id(JOBS_STREAM, runs * opts.jobs + seq)},
                 )
-                for seq, j in enumerate(jobs, start=1)
+                for seq, j in enumerate(bench_jobs(opts.jobs), start=1)
             ]
+            runs += 1
             await _publish_raw(st.js, parked)
-            with st.running(settings, "replayer") as child:
+
+        async def drain(role: str, *args: str) -> float:
+            await park()
+            with st.running(settings, role, *args) as child:
+                # CPU from the first job replayed, as the rate: not the child's start-up.
+                before: list[float] = []
                 rate = await _drained(
-                    st.js, JOBS_STREAM, opts.jobs, alive=child.check, timeout=timeout
+                    st.js, JOBS_STREAM, opts.jobs, alive=child.check, timeout=timeout,
+                    on_first=lambda: before.append(cpu_seconds(child.pid)),
+                )  # fmt: skip
+                cpu["ours" if role == "replayer" else "baseline"].append(
+                    (cpu_seconds(child.pid) - before[0]) / opts.jobs
                 )
-            ours.append(rate)
-            await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
+            return rate
+
+        for i in range(opts.repeat):
+            _progress(report, f"replay: run {i + 1}/{opts.repeat}")
+            ours.append(await drain("replayer"))
+            raw.append(await drain("bench-child", "raw-replay", "--batch", str(RAW_BATCH)))
 
             # What the replayer sends: the job, a fresh msg id, the replay header (other
             # jobs: the same ids would meet the dedup window).
+            await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
             jobs = bench_jobs(opts.jobs)
             wire = [
                 (
@@ -683,8 +710,20 @@ async def bench_replay(
             with _gc_frozen():
                 started = time.perf_counter()
                 await _publish_raw(st.js, wire)
-                raw.append(opts.jobs / (time.perf_counter() - started))
-    return Figure(statistics.median(ours), statistics.median(raw), "jobs/s", TARGETS["replay"])
+                publish.append(opts.jobs / (time.perf_counter() - started))
+    ours_rate = statistics.median(ours)
+    return Figure(
+        ours_rate,
+        statistics.median(raw),
+        "jobs/s",
+        TARGETS["replay"],
+        extra={
+            "publish_baseline": statistics.median(publish),
+            "publish_ratio": ours_rate / statistics.median(publish),
+            "cpu_us_per_job": statistics.median(cpu["ours"]) * 1e6,
+            "baseline_cpu_us_per_job": statistics.median(cpu["baseline"]) * 1e6,
+        },
+    )
 
 
 async def bench_latency(
@@ -1216,6 +1255,42 @@ async def raw_worker_loop(settings: Settings, batch: int) -> None:
         await nc.close()
 
 
+async def raw_replay_loop(settings: Settings, batch: int) -> None:
+    """The baseline of ``replay``: a plain nats-py pull consumer on the bench's parked jobs
+    (the replayer's consumer config); each batch: decode each parked job, publish_async it
+    to AI_JOBS with the bytes and headers the replayer sends, wait for the PubAcks, ack the
+    parked messages. Runs until SIGTERM."""
+    from schemas.parking import decode_parked
+    from services.jetstream.topology import replayer_consumer_config
+
+    nc = await connect(settings, name="ridethrough-bench-raw-replay")
+    js = nc.jetstream()
+    cfg = replayer_consumer_config(settings, PROVIDER, BENCH_PRIORITY, MODEL)
+    await js.add_consumer(PARKED_STREAM, cfg)
+    assert cfg.durable_name is not None
+    sub = await js.pull_subscribe_bind(durable=cfg.durable_name, stream=PARKED_STREAM)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=settings.worker.fetch_timeout_s)
+            except TIMEOUT:
+                continue
+            futures = []
+            for msg in msgs:
+                job = decode_parked(msg.data).job
+                tag = replay_tag(msg.metadata.sequence.stream)
+                headers = {REPLAY_HEADER: tag, MSG_ID_HEADER: replay_msg_id(job.id, tag)}
+                subject = requeue_subject(job.provider, job.priority, job.tenant)
+                futures.append(await js.publish_async(subject, encode(job), headers=headers))
+            await asyncio.gather(*futures)
+            for msg in msgs:
+                await msg.ack()
+    finally:
+        await nc.close()
+
+
 async def sdk_loop(settings: Settings, jobs: int, concurrency: int) -> dict[str, float]:
     """The baseline of ``provider``: ``jobs`` calls through the anthropic SDK with
     ``concurrency`` in flight, configured as the worker's adapter configures it."""
@@ -1349,6 +1424,7 @@ __all__ = [
     "InstantProvider",
     "machine",
     "plot",
+    "raw_replay_loop",
     "raw_worker_loop",
     "run_bench",
     "sdk_loop",
