@@ -72,6 +72,7 @@ from schemas.jobs import Job, decode_job, new_job_id
 from schemas.parking import ParkedJob, ParkRecord
 from schemas.results import JobResult, Usage
 from schemas.subjects import (
+    EXPECTED_LAST_SUBJECT_SEQ,
     JOBS_STREAM,
     MSG_ID_HEADER,
     PARKED_STREAM,
@@ -84,6 +85,7 @@ from schemas.subjects import (
     replay_msg_id,
     replay_tag,
     requeue_subject,
+    result_msg_id,
     result_subject,
     worker_consumer,
 )
@@ -558,24 +560,36 @@ async def _drain_jobs(
 async def bench_worker(
     base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
 ) -> Figure:
-    """One worker process (instant provider) against a raw nats-py loop in a process."""
+    """One worker process (instant provider) against a raw nats-py loop in a process; also
+    each one's CPU time per job."""
     ours: list[float] = []
     raw: list[float] = []
+    cpu: list[float] = []
+    raw_cpu: list[float] = []
     timeout = 120 + opts.jobs / 200
     async with stage(base, opts, "worker") as st:
         batch = str(RAW_BATCH)
         for i in range(opts.repeat):
             _progress(report, f"worker: run {i + 1}/{opts.repeat}")
             rate, _ = await _drain_jobs(
-                st, st.settings, "bench-child", ("worker",), opts.jobs, timeout=timeout
+                st, st.settings, "bench-child", ("worker",), opts.jobs, timeout=timeout, cpu=cpu
             )
             ours.append(rate)
             rate, _ = await _drain_jobs(
                 st, st.settings, "bench-child", ("raw", "--batch", batch), opts.jobs,
-                timeout=timeout,
+                timeout=timeout, cpu=raw_cpu,
             )  # fmt: skip
             raw.append(rate)
-    return Figure(statistics.median(ours), statistics.median(raw), "jobs/s", TARGETS["worker"])
+    return Figure(
+        statistics.median(ours),
+        statistics.median(raw),
+        "jobs/s",
+        TARGETS["worker"],
+        extra={
+            "cpu_us_per_job": statistics.median(cpu) * 1e6,
+            "baseline_cpu_us_per_job": statistics.median(raw_cpu) * 1e6,
+        },
+    )
 
 
 async def bench_provider(
@@ -1213,8 +1227,8 @@ async def run_bench(
 
 
 async def raw_worker_loop(settings: Settings, batch: int) -> None:
-    """The baseline of ``worker``: fetch a batch, decode each job, publish its result,
-    wait for the PubAcks, ack. Runs until SIGTERM."""
+    """The baseline of ``worker``: fetch a batch, decode each job, publish its result (with
+    the worker's headers), wait for the PubAcks, ack. Runs until SIGTERM."""
     nc = await connect(settings, name="ridethrough-bench-raw")
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(
@@ -1243,11 +1257,15 @@ async def raw_worker_loop(settings: Settings, batch: int) -> None:
                     attempts=msg.metadata.num_delivered or 1,
                     worker="raw",
                 )
-                futures.append(
-                    await js.publish_async(
-                        result_subject(job.id), encode(result), headers={MSG_ID_HEADER: job.id}
-                    )
-                )
+                # The headers the worker's result carries: its msg id, and the condition
+                # that makes it the subject's only message (exactly-once results).
+                tenant = job.tenant or None
+                headers = {
+                    EXPECTED_LAST_SUBJECT_SEQ: "0",
+                    MSG_ID_HEADER: result_msg_id(job.id, tenant),
+                }
+                subject = result_subject(job.id, tenant)
+                futures.append(await js.publish_async(subject, encode(result), headers=headers))
             await asyncio.gather(*futures)
             for msg in msgs:
                 await msg.ack()
