@@ -53,6 +53,7 @@ import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,6 +111,10 @@ FAKE_KEY: Final = "bench-key-not-secret"
 SCENARIOS: Final = (
     "publish", "worker", "provider", "replay", "latency", "gateway", "metrics", "scale"
 )  # fmt: skip
+#: Scenarios that run only when asked for (``-s``): ``peers`` builds an environment of
+#: other libraries first, which needs the package index.
+OPT_IN_SCENARIOS: Final = ("peers",)
+ALL_SCENARIOS: Final = (*SCENARIOS, *OPT_IN_SCENARIOS)
 #: The ratio each scenario should reach (latency has no baseline).
 TARGETS: Final[dict[str, float | None]] = {
     "publish": 0.8,
@@ -121,6 +126,8 @@ TARGETS: Final[dict[str, float | None]] = {
     # Metrics on within 0.05 of metrics off (the issue's cost bound).
     "metrics": 0.95,
     "scale": None,
+    # Ahead of every peer doing the same SDK call (issue 17).
+    "peers": 1.0,
 }
 #: The commands of the scale scenario: (name, arguments; ``{newest}`` is a job id).
 SCALE_COMMANDS: Final = (
@@ -248,6 +255,14 @@ class BenchOptions:
     repeat: int = 5
     data_dir: Path | None = None
     scale_parked: int = 10_000
+    #: The peers scenario: which peers, jobs per run, calls in flight (ours and theirs),
+    #: and the peers' Python (None: the environment ``services.tools.peers`` builds under
+    #: ``peers_env``, by default ``~/.cache/ridethrough/bench-peers``).
+    peers: tuple[str, ...] = ("taskiq", "faststream")
+    peer_jobs: int = 5_000
+    peer_in_flight: int = 64
+    peers_python: Path | None = None
+    peers_env: Path | None = None
 
 
 def machine() -> dict[str, str]:
@@ -1192,6 +1207,183 @@ async def bench_scale(
     return Figure(slowest, None, "s (slowest)", TARGETS["scale"], extra)
 
 
+# --------------------------------------------------------------------------- peers
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` and every live descendant of it, in seconds."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += cpu_seconds(p)
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [
+                    int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                ]
+    return total
+
+
+@dataclass
+class _PeerChild:
+    """A peer's worker process, in a session of its own (it may start children)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def check(self) -> None:
+        """Raise ``BenchError`` (with the last line of its log) if it has exited."""
+        if self.proc.poll() is not None:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines() or [""]
+            raise BenchError(
+                f"peers: {self.name}'s worker exited with code {self.proc.returncode}: {lines[-1]}"
+            )
+
+
+@contextlib.contextmanager
+def _peer_process(
+    name: str, cmd: list[str], env: dict[str, str], log_path: Path
+) -> Iterator[_PeerChild]:
+    """``cmd`` in a new session, stopped with its children on exit: SIGTERM to its
+    process group, SIGKILL if it lingers."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
+    try:
+        yield _PeerChild(name, proc, log_path)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(15)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+async def _drain_peer(
+    st: Stage,
+    python: Path,
+    peer: str,
+    n: int,
+    fake_url: str | None,
+    opts: BenchOptions,
+    *,
+    timeout: float,
+    cpu: list[float],
+) -> float:
+    """Load ``n`` jobs on ``peer``'s queue (its own stream, made anew), start its worker,
+    and measure how fast the results arrive on AI_RESULTS (as ``_drain_jobs`` does)."""
+    from services.tools import peers
+
+    await _purge(st.js, RESULTS_STREAM)
+    with contextlib.suppress(Exception):  # none yet
+        await st.js.delete_stream(peers.STREAMS[peer])
+    jobs_file = st.workdir / "peer-jobs.jsonl"
+    jobs_file.write_bytes(b"\n".join(encode(j) for j in bench_jobs(n)) + b"\n")
+    env = peers.child_env(
+        nats_url=st.settings.nats_servers[0],
+        fake_url=fake_url,
+        api_key=FAKE_KEY,
+        results_prefix=result_subject("x")[:-2],
+        in_flight=opts.peer_in_flight,
+        batch=st.settings.worker.batch_size,
+        canned=_CANNED.response,
+    )
+    load = await asyncio.to_thread(
+        subprocess.run,
+        peers.load_command(peer, python, jobs_file),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if load.returncode != 0:
+        lines = (load.stderr or load.stdout).strip().splitlines() or ["no output"]
+        raise BenchError(f"peers: loading {peer}'s jobs failed: {lines[-1]}")
+    st.started += 1
+    log_path = st.workdir / f"peer-{peer}-{st.started}.log"
+    cmd = peers.worker_command(peer, python, opts.peer_in_flight)
+    with _peer_process(peer, cmd, env, log_path) as child:
+        before: list[float] = []
+        rate = await _drained(
+            st.js, RESULTS_STREAM, n, alive=child.check, timeout=timeout,
+            on_first=lambda: before.append(tree_cpu_seconds(child.proc.pid)),
+        )  # fmt: skip
+        cpu.append((tree_cpu_seconds(child.proc.pid) - before[0]) / n)
+    return rate
+
+
+async def bench_peers(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """The same jobs consumed by one worker process of ours and by each peer's (taskiq with
+    taskiq-nats, a FastStream subscriber; ``services.tools.peers``), each making the same
+    anthropic SDK call to the fake provider at no latency with ``peer_in_flight`` calls at
+    once, and storing the answer on AI_RESULTS; then the same without the call (ours with
+    the instant provider, the peers with a canned answer: queue work only)."""
+    from services.tools import fake, peers
+
+    unknown = set(opts.peers) - set(peers.PEERS)
+    if unknown or not opts.peers:
+        raise BenchError(f"peers: choose among {', '.join(peers.PEERS)} (got {sorted(unknown)})")
+    python = opts.peers_python
+    if python is None:
+        _progress(report, "peers: building their environment (once)")
+        root = opts.peers_env or peers.default_env_root()
+        python = await asyncio.to_thread(peers.ensure_env, root)
+    n = opts.peer_jobs
+    timeout = 120 + n / 20
+    contenders = ("ours", *opts.peers)
+    rates: dict[str, list[float]] = {f"{c}{v}": [] for c in contenders for v in ("", "_queue_only")}
+    cpu: dict[str, list[float]] = {k: [] for k in rates}
+    handle = fake.run_in_thread(fake.FaultConfig(latency_ms=0.0))
+    try:
+        async with stage(base, opts, "peers") as st:
+            in_flight = {"concurrency": opts.peer_in_flight}
+            with_sdk = bench_settings(base, st.settings.nats_servers[0], handle.url)
+            with_sdk = with_sdk.with_changes(worker=with_sdk.worker.model_copy(update=in_flight))
+            queue_only = st.settings.with_changes(
+                worker=st.settings.worker.model_copy(update=in_flight)
+            )
+            ours: dict[str, tuple[Settings, str, tuple[str, ...], str | None]] = {
+                "": (with_sdk, "worker", ("--no-topology",), handle.url),
+                "_queue_only": (queue_only, "bench-child", ("worker",), None),
+            }
+            for i in range(opts.repeat):
+                for variant, (settings, role, args, fake_url) in ours.items():
+                    what = "the SDK call" if fake_url else "queue only"
+                    _progress(report, f"peers: run {i + 1}/{opts.repeat}, ours, {what}")
+                    rate, _ = await _drain_jobs(
+                        st, settings, role, args, n, timeout=timeout, cpu=cpu[f"ours{variant}"]
+                    )
+                    rates[f"ours{variant}"].append(rate)
+                    for peer in opts.peers:
+                        _progress(report, f"peers: run {i + 1}/{opts.repeat}, {peer}, {what}")
+                        rates[f"{peer}{variant}"].append(
+                            await _drain_peer(
+                                st, python, peer, n, fake_url, opts,
+                                timeout=timeout, cpu=cpu[f"{peer}{variant}"],
+                            )
+                        )  # fmt: skip
+    finally:
+        handle.stop()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    # ours (the figure), ours_queue_only; per peer: <peer>, <peer>_ratio (ours / it),
+    # <peer>_queue_only, <peer>_queue_only_ratio; for each: <name>_cpu_us_per_job.
+    extra: dict[str, float] = {"ours_queue_only": med["ours_queue_only"]}
+    for key, rate in med.items():
+        if not key.startswith("ours"):
+            extra[key] = rate
+            mine = med["ours_queue_only" if key.endswith("_queue_only") else "ours"]
+            extra[f"{key}_ratio"] = mine / rate if rate > 0 else 0.0
+        extra[f"{key}_cpu_us_per_job"] = statistics.median(cpu[key]) * 1e6
+    best = max(med[p] for p in opts.peers)
+    return Figure(med["ours"], best, "jobs/s", TARGETS["peers"], extra=extra)
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -1200,7 +1392,7 @@ async def run_bench(
 ) -> dict[str, Figure]:
     """Run the chosen scenarios in order; ``report`` hears what is running."""
     figures: dict[str, Figure] = {}
-    for name in SCENARIOS:
+    for name in ALL_SCENARIOS:
         if name not in opts.scenarios:
             continue
         if name == "publish":
@@ -1217,6 +1409,8 @@ async def run_bench(
             figures[name] = await bench_metrics(base, opts, report)
         elif name == "scale":
             figures[name] = await bench_scale(base, opts, report)
+        elif name == "peers":
+            figures[name] = await bench_peers(base, opts, report)
         else:
             worker = figures.get("worker")
             figures[name] = await bench_latency(base, opts, worker.ours if worker else None, report)
