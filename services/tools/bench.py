@@ -32,6 +32,16 @@
               ``replay --dry-run`` (and with ``--json``, which lists the job ids) and
               ``drain --dry-run`` timed as a whole process, with
               its peak RSS (no baseline: the issue's targets are absolute, < 1 s and < 5 s)
+    peers     one worker process of ours      vs  the best of the peers doing the same job
+              (only with ``-s peers``): each       the way their docs show, each in one
+              job's anthropic SDK call to the      process with the same calls in flight
+              fake provider (no latency), its      (``services.tools.peers``): taskiq with
+              answer stored on AI_RESULTS          taskiq-nats (``taskiq worker``), a
+                                                   FastStream pull subscriber
+                                                   (``faststream run``); then all of them
+                                                   again without the call (queue only).
+                                                   The peers run from an environment the
+                                                   bench builds (needs the package index)
 
 Every scenario gets its own embedded nats-server (file storage in a temp dir)
 and the topology of one provider, ``anthropic``. Throughput is counted on the
@@ -1582,6 +1592,14 @@ def table(figures: dict[str, Figure], info: dict[str, str] | None = None) -> Any
                 f"{cmd} {f.extra[cmd + '_s']:.2f} s ({f.extra[cmd + '_rss_mb']:.0f} MB)"
                 for cmd, _ in SCALE_COMMANDS
             )
+        elif name == "peers":
+            names = [k[: -len("_ratio")] for k in f.extra if k.endswith("_ratio")]
+            note = "ours / " + ", ".join(
+                f"{k.replace('_queue_only', ' (queue only)')} {f.extra[k + '_ratio']:.2f}"
+                f" ({f.extra[k]:,.0f}/s)"
+                for k in names
+            )
+            note += f"; ours queue only {f.extra['ours_queue_only']:,.0f}/s"
         elif name == "metrics":
             note = (
                 f"metrics on / off (CPU per job {f.extra['cpu_ratio']:.2f}); tracing on / off "
