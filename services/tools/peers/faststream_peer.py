@@ -3,9 +3,10 @@
 Written the way FastStream's NATS docs show: a ``NatsBroker``, a ``JStream``, one pull
 subscriber (``pull_sub=PullSub(batch_size=...)``, ``max_workers`` = the calls in flight
 ours gets, FastStream's default ack policy: acked once the handler returns), run by
-``faststream run faststream_peer:app``. The handler makes the anthropic SDK call of the job
-to the fake provider and publishes the answer to AI_RESULTS with ``broker.publish``; with
-``PEER_FAKE_URL`` empty it publishes a canned answer instead (the queue-only run).
+``faststream run faststream_peer:app``, its per-message log lines at DEBUG. The handler
+makes the anthropic SDK call of the job to the fake provider and publishes the answer to
+AI_RESULTS with ``broker.publish``; with ``PEER_FAKE_URL`` empty it publishes a canned
+answer instead (the queue-only run).
 
     python faststream_peer.py load JOBS_FILE    # one job (JSON) a line, published with nats-py
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -37,7 +39,9 @@ CANNED = json.loads(os.environ.get("PEER_CANNED", "{}"))
 STREAM = "PEERS_FASTSTREAM"
 SUBJECT = "peers.faststream"
 
-broker = NatsBroker(NATS_URL)
+# Each message's "Received"/"Processed" lines at DEBUG (FastStream's docs' way to quiet
+# them): its logger, at INFO, then drops them as cheaply as ours logs nothing per job.
+broker = NatsBroker(NATS_URL, log_level=logging.DEBUG)
 app = FastStream(broker)
 stream = JStream(name=STREAM, subjects=[SUBJECT])
 
