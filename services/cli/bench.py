@@ -23,6 +23,14 @@ class ScenarioName(StrEnum):
     gateway = "gateway"
     metrics = "metrics"
     scale = "scale"
+    peers = "peers"
+
+
+class PeerName(StrEnum):
+    """The peers of the ``peers`` scenario (see ``services.tools.peers``)."""
+
+    taskiq = "taskiq"
+    faststream = "faststream"
 
 
 class ChildKind(StrEnum):
@@ -30,6 +38,7 @@ class ChildKind(StrEnum):
 
     worker = "worker"
     raw = "raw"
+    raw_replay = "raw-replay"
     sdk = "sdk"
 
 
@@ -60,6 +69,24 @@ def bench(
     scale_parked: Annotated[
         int, typer.Option(min=1, help="Jobs parked (and as many waiting) in the scale scenario.")
     ] = 10_000,
+    peer: Annotated[
+        list[PeerName] | None,
+        typer.Option("--peer", help="Peers scenario: only this peer (repeatable; default: all)."),
+    ] = None,
+    peer_jobs: Annotated[
+        int, typer.Option(min=10, help="Jobs per run of each contender of the peers scenario.")
+    ] = 5_000,
+    peer_in_flight: Annotated[
+        int, typer.Option(min=1, help="Calls in flight, ours and each peer's (peers scenario).")
+    ] = 64,
+    peers_python: Annotated[
+        Path | None,
+        typer.Option(help="Run the peers with this Python (it has their packages) instead."),
+    ] = None,
+    peers_env: Annotated[
+        Path | None,
+        typer.Option(help="Where the peers' environment is built (default ~/.cache/ridethrough)."),
+    ] = None,
     plot: Annotated[
         Path | None, typer.Option(help="Also draw the ratios into this PNG (needs matplotlib).")
     ] = None,
@@ -72,7 +99,9 @@ def bench(
 
     Starts its own nats-servers, worker and replayer processes and the fake provider
     (no existing NATS is touched), and prints a table; with --json, one object
-    {scenario: {"ours", "baseline", "ratio", "unit", ...}}.
+    {scenario: {"ours", "baseline", "ratio", "unit", ...}}. The peers scenario (taskiq and
+    FastStream doing the worker's job) runs only when asked for with -s peers: it first
+    builds the peers' own environment, which needs the package index.
     """
     from services.tools import bench as b
 
@@ -93,6 +122,11 @@ def bench(
         repeat=repeat,
         data_dir=data_dir,
         scale_parked=scale_parked,
+        peers=tuple(p.value for p in (peer or PeerName)),
+        peer_jobs=peer_jobs,
+        peer_in_flight=peer_in_flight,
+        peers_python=peers_python,
+        peers_env=peers_env,
     )
     settings = settings_for(None)
     if as_json:
@@ -123,7 +157,8 @@ def bench_child(
     ] = None,
 ) -> None:
     """A process ``ridethrough bench`` starts: a worker with the instant provider, the raw
-    nats-py loop, or the bare SDK loop. Settings come from the environment."""
+    nats-py loop of the worker or of the replayer, or the bare SDK loop. Settings come from
+    the environment."""
     from services.tools import bench as b
 
     logging.basicConfig(level=logging.WARNING)
@@ -147,6 +182,8 @@ def bench_child(
             run(run_worker(settings, providers, apply_topology=False))
     elif kind is ChildKind.raw:
         run(b.raw_worker_loop(settings, batch))
+    elif kind is ChildKind.raw_replay:
+        run(b.raw_replay_loop(settings, batch))
     else:
         outcome = run(b.sdk_loop(settings, jobs, concurrency))
         if out is None:

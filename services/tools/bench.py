@@ -9,8 +9,12 @@
               anthropic SDK against the fake           same SDK and transport, same fake,
               provider (1 s latency, 1,000 jobs        same concurrency, no queue
               in flight); also its peak RSS
-    replay    one replayer process draining        vs  publish_async of the same jobs
-              parked jobs, uncapped
+    replay    one replayer process draining        vs  a minimal nats-py loop in its own
+              parked jobs, uncapped                    process: fetch parked jobs, decode,
+                                                       publish_async each as the replayer
+                                                       does, wait for the PubAcks, ack
+                                                       (also: publish_async alone, as
+                                                       ``publish_baseline``)
     latency   submit → result p50 and p99 with one worker process, at half of the
               worker's measured maximum throughput (no baseline)
     gateway   requests/s through one gateway     vs  the Python producer's submit and
@@ -28,6 +32,16 @@
               ``replay --dry-run`` (and with ``--json``, which lists the job ids) and
               ``drain --dry-run`` timed as a whole process, with
               its peak RSS (no baseline: the issue's targets are absolute, < 1 s and < 5 s)
+    peers     one worker process of ours      vs  the best of the peers doing the same job
+              (only with ``-s peers``): each       the way their docs show, each in one
+              job's anthropic SDK call to the      process with the same calls in flight
+              fake provider (no latency), its      (``services.tools.peers``): taskiq with
+              answer stored on AI_RESULTS          taskiq-nats (``taskiq worker``), a
+                                                   FastStream pull subscriber
+                                                   (``faststream run``); then all of them
+                                                   again without the call (queue only).
+                                                   The peers run from an environment the
+                                                   bench builds (needs the package index)
 
 Every scenario gets its own embedded nats-server (file storage in a temp dir)
 and the topology of one provider, ``anthropic``. Throughput is counted on the
@@ -49,6 +63,7 @@ import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +83,7 @@ from schemas.jobs import Job, decode_job, new_job_id
 from schemas.parking import Location, ParkedJob, ParkRecord
 from schemas.results import JobResult, Usage
 from schemas.subjects import (
+    EXPECTED_LAST_SUBJECT_SEQ,
     JOBS_STREAM,
     MSG_ID_HEADER,
     PARKED_STREAM,
@@ -81,6 +97,7 @@ from schemas.subjects import (
     replay_msg_id,
     replay_tag,
     requeue_subject,
+    result_msg_id,
     result_subject,
     worker_consumer,
 )
@@ -105,17 +122,23 @@ FAKE_KEY: Final = "bench-key-not-secret"
 SCENARIOS: Final = (
     "publish", "worker", "provider", "replay", "latency", "gateway", "metrics", "scale"
 )  # fmt: skip
+#: Scenarios that run only when asked for (``-s``): ``peers`` builds an environment of
+#: other libraries first, which needs the package index.
+OPT_IN_SCENARIOS: Final = ("peers",)
+ALL_SCENARIOS: Final = (*SCENARIOS, *OPT_IN_SCENARIOS)
 #: The ratio each scenario should reach (latency has no baseline).
 TARGETS: Final[dict[str, float | None]] = {
     "publish": 0.8,
     "worker": 0.6,
     "provider": 0.7,
-    "replay": 0.5,
+    "replay": 0.8,  # of the raw consume-publish-ack loop (issue 17)
     "latency": None,
     "gateway": 0.5,
     # Metrics on within 0.05 of metrics off (the issue's cost bound).
     "metrics": 0.95,
     "scale": None,
+    # Ahead of every peer doing the same SDK call (issue 17).
+    "peers": 1.0,
 }
 #: The commands of the scale scenario: (name, arguments; ``{newest}`` is a job id).
 SCALE_COMMANDS: Final = (
@@ -243,6 +266,14 @@ class BenchOptions:
     repeat: int = 5
     data_dir: Path | None = None
     scale_parked: int = 10_000
+    #: The peers scenario: which peers, jobs per run, calls in flight (ours and theirs),
+    #: and the peers' Python (None: the environment ``services.tools.peers`` builds under
+    #: ``peers_env``, by default ``~/.cache/ridethrough/bench-peers``).
+    peers: tuple[str, ...] = ("taskiq", "faststream")
+    peer_jobs: int = 5_000
+    peer_in_flight: int = 64
+    peers_python: Path | None = None
+    peers_env: Path | None = None
 
 
 def machine() -> dict[str, str]:
@@ -326,8 +357,10 @@ async def _drained(
     *,
     alive: Callable[[], None],
     timeout: float,
+    on_first: Callable[[], None] | None = None,
 ) -> float:
-    """Poll ``stream`` until it holds ``n`` messages; return the throughput (see ``_rate_from``)."""
+    """Poll ``stream`` until it holds ``n`` messages; return the throughput (see ``_rate_from``).
+    ``on_first`` is called when the first message is seen."""
     started = time.perf_counter()
     first: tuple[float, int] | None = None
     deadline = started + timeout
@@ -336,6 +369,8 @@ async def _drained(
         now = time.perf_counter()
         if count and first is None:
             first = (now, count)
+            if on_first is not None:
+                on_first()
         if count >= n:
             assert first is not None
             return _rate_from(n, started, first, now)
@@ -553,24 +588,36 @@ async def _drain_jobs(
 async def bench_worker(
     base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
 ) -> Figure:
-    """One worker process (instant provider) against a raw nats-py loop in a process."""
+    """One worker process (instant provider) against a raw nats-py loop in a process; also
+    each one's CPU time per job."""
     ours: list[float] = []
     raw: list[float] = []
+    cpu: list[float] = []
+    raw_cpu: list[float] = []
     timeout = 120 + opts.jobs / 200
     async with stage(base, opts, "worker") as st:
         batch = str(RAW_BATCH)
         for i in range(opts.repeat):
             _progress(report, f"worker: run {i + 1}/{opts.repeat}")
             rate, _ = await _drain_jobs(
-                st, st.settings, "bench-child", ("worker",), opts.jobs, timeout=timeout
+                st, st.settings, "bench-child", ("worker",), opts.jobs, timeout=timeout, cpu=cpu
             )
             ours.append(rate)
             rate, _ = await _drain_jobs(
                 st, st.settings, "bench-child", ("raw", "--batch", batch), opts.jobs,
-                timeout=timeout,
+                timeout=timeout, cpu=raw_cpu,
             )  # fmt: skip
             raw.append(rate)
-    return Figure(statistics.median(ours), statistics.median(raw), "jobs/s", TARGETS["worker"])
+    return Figure(
+        statistics.median(ours),
+        statistics.median(raw),
+        "jobs/s",
+        TARGETS["worker"],
+        extra={
+            "cpu_us_per_job": statistics.median(cpu) * 1e6,
+            "baseline_cpu_us_per_job": statistics.median(raw_cpu) * 1e6,
+        },
+    )
 
 
 async def bench_provider(
@@ -650,40 +697,59 @@ async def _sdk_loop(
 async def bench_replay(
     base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
 ) -> Figure:
-    """A replayer process draining parked jobs uncapped, against publish_async of the
-    same jobs (the same bytes and headers the replayer publishes)."""
+    """A replayer process draining parked jobs uncapped, against a raw consume-publish-ack
+    loop in a process (``raw_replay_loop``: the least a replayer must do). The old baseline,
+    publish_async of the same messages alone, is kept as ``publish_baseline``."""
     ours: list[float] = []
     raw: list[float] = []
+    publish: list[float] = []
+    cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
     timeout = 120 + opts.jobs / 200
+    runs = 0
     async with stage(base, opts, "replay") as st:
         settings = st.settings.with_changes(
             # Uncapped, and no slow start: this measures the machinery, not the ramp.
             replay=st.settings.replay.model_copy(update={"max_rate": 0.0, "initial_rate": 1e9})
         )
-        for i in range(opts.repeat):
-            _progress(report, f"replay: run {i + 1}/{opts.repeat}")
+
+        async def park() -> None:
+            """Park ``opts.jobs`` fresh jobs; as if parked from AI_JOBS: sequences go on
+            across runs (the same msg ids would meet the dedup window and park nothing)."""
+            nonlocal runs
             await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
-            jobs = bench_jobs(opts.jobs)
             parked = [
                 (
                     parked_subject(j.provider, j.priority, j.model),
                     encode(ParkedJob(job=j, park=ParkRecord(reason="provider_open", attempts=1))),
-                    # As if parked from AI_JOBS: sequences go on across runs (the same
-                    # msg ids would meet the dedup window and park nothing).
-                    {MSG_ID_HEADER: park_msg_id(JOBS_STREAM, i * opts.jobs + seq)},
+                    {MSG_ID_HEADER: park_msg_id(JOBS_STREAM, runs * opts.jobs + seq)},
                 )
-                for seq, j in enumerate(jobs, start=1)
+                for seq, j in enumerate(bench_jobs(opts.jobs), start=1)
             ]
+            runs += 1
             await _publish_raw(st.js, parked)
-            with st.running(settings, "replayer") as child:
+
+        async def drain(role: str, *args: str) -> float:
+            await park()
+            with st.running(settings, role, *args) as child:
+                # CPU from the first job replayed, as the rate: not the child's start-up.
+                before: list[float] = []
                 rate = await _drained(
-                    st.js, JOBS_STREAM, opts.jobs, alive=child.check, timeout=timeout
+                    st.js, JOBS_STREAM, opts.jobs, alive=child.check, timeout=timeout,
+                    on_first=lambda: before.append(cpu_seconds(child.pid)),
+                )  # fmt: skip
+                cpu["ours" if role == "replayer" else "baseline"].append(
+                    (cpu_seconds(child.pid) - before[0]) / opts.jobs
                 )
-            ours.append(rate)
-            await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
+            return rate
+
+        for i in range(opts.repeat):
+            _progress(report, f"replay: run {i + 1}/{opts.repeat}")
+            ours.append(await drain("replayer"))
+            raw.append(await drain("bench-child", "raw-replay", "--batch", str(RAW_BATCH)))
 
             # What the replayer sends: the job, a fresh msg id, the replay header (other
             # jobs: the same ids would meet the dedup window).
+            await _purge(st.js, JOBS_STREAM, PARKED_STREAM)
             jobs = bench_jobs(opts.jobs)
             wire = [
                 (
@@ -699,8 +765,20 @@ async def bench_replay(
             with _gc_frozen():
                 started = time.perf_counter()
                 await _publish_raw(st.js, wire)
-                raw.append(opts.jobs / (time.perf_counter() - started))
-    return Figure(statistics.median(ours), statistics.median(raw), "jobs/s", TARGETS["replay"])
+                publish.append(opts.jobs / (time.perf_counter() - started))
+    ours_rate = statistics.median(ours)
+    return Figure(
+        ours_rate,
+        statistics.median(raw),
+        "jobs/s",
+        TARGETS["replay"],
+        extra={
+            "publish_baseline": statistics.median(publish),
+            "publish_ratio": ours_rate / statistics.median(publish),
+            "cpu_us_per_job": statistics.median(cpu["ours"]) * 1e6,
+            "baseline_cpu_us_per_job": statistics.median(cpu["baseline"]) * 1e6,
+        },
+    )
 
 
 async def bench_latency(
@@ -1167,6 +1245,183 @@ async def bench_scale(
     return Figure(slowest, None, "s (slowest)", TARGETS["scale"], extra)
 
 
+# --------------------------------------------------------------------------- peers
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` and every live descendant of it, in seconds."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += cpu_seconds(p)
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [
+                    int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                ]
+    return total
+
+
+@dataclass
+class _PeerChild:
+    """A peer's worker process, in a session of its own (it may start children)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def check(self) -> None:
+        """Raise ``BenchError`` (with the last line of its log) if it has exited."""
+        if self.proc.poll() is not None:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines() or [""]
+            raise BenchError(
+                f"peers: {self.name}'s worker exited with code {self.proc.returncode}: {lines[-1]}"
+            )
+
+
+@contextlib.contextmanager
+def _peer_process(
+    name: str, cmd: list[str], env: dict[str, str], log_path: Path
+) -> Iterator[_PeerChild]:
+    """``cmd`` in a new session, stopped with its children on exit: SIGTERM to its
+    process group, SIGKILL if it lingers."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
+    try:
+        yield _PeerChild(name, proc, log_path)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(15)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+async def _drain_peer(
+    st: Stage,
+    python: Path,
+    peer: str,
+    n: int,
+    fake_url: str | None,
+    opts: BenchOptions,
+    *,
+    timeout: float,
+    cpu: list[float],
+) -> float:
+    """Load ``n`` jobs on ``peer``'s queue (its own stream, made anew), start its worker,
+    and measure how fast the results arrive on AI_RESULTS (as ``_drain_jobs`` does)."""
+    from services.tools import peers
+
+    await _purge(st.js, RESULTS_STREAM)
+    with contextlib.suppress(Exception):  # none yet
+        await st.js.delete_stream(peers.STREAMS[peer])
+    jobs_file = st.workdir / "peer-jobs.jsonl"
+    jobs_file.write_bytes(b"\n".join(encode(j) for j in bench_jobs(n)) + b"\n")
+    env = peers.child_env(
+        nats_url=st.settings.nats_servers[0],
+        fake_url=fake_url,
+        api_key=FAKE_KEY,
+        results_prefix=result_subject("x")[:-2],
+        in_flight=opts.peer_in_flight,
+        batch=st.settings.worker.batch_size,
+        canned=_CANNED.response,
+    )
+    load = await asyncio.to_thread(
+        subprocess.run,
+        peers.load_command(peer, python, jobs_file),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if load.returncode != 0:
+        lines = (load.stderr or load.stdout).strip().splitlines() or ["no output"]
+        raise BenchError(f"peers: loading {peer}'s jobs failed: {lines[-1]}")
+    st.started += 1
+    log_path = st.workdir / f"peer-{peer}-{st.started}.log"
+    cmd = peers.worker_command(peer, python, opts.peer_in_flight)
+    with _peer_process(peer, cmd, env, log_path) as child:
+        before: list[float] = []
+        rate = await _drained(
+            st.js, RESULTS_STREAM, n, alive=child.check, timeout=timeout,
+            on_first=lambda: before.append(tree_cpu_seconds(child.proc.pid)),
+        )  # fmt: skip
+        cpu.append((tree_cpu_seconds(child.proc.pid) - before[0]) / n)
+    return rate
+
+
+async def bench_peers(
+    base: Settings, opts: BenchOptions, report: Callable[[str], None] | None = None
+) -> Figure:
+    """The same jobs consumed by one worker process of ours and by each peer's (taskiq with
+    taskiq-nats, a FastStream subscriber; ``services.tools.peers``), each making the same
+    anthropic SDK call to the fake provider at no latency with ``peer_in_flight`` calls at
+    once, and storing the answer on AI_RESULTS; then the same without the call (ours with
+    the instant provider, the peers with a canned answer: queue work only)."""
+    from services.tools import fake, peers
+
+    unknown = set(opts.peers) - set(peers.PEERS)
+    if unknown or not opts.peers:
+        raise BenchError(f"peers: choose among {', '.join(peers.PEERS)} (got {sorted(unknown)})")
+    python = opts.peers_python
+    if python is None:
+        _progress(report, "peers: building their environment (once)")
+        root = opts.peers_env or peers.default_env_root()
+        python = await asyncio.to_thread(peers.ensure_env, root)
+    n = opts.peer_jobs
+    timeout = 120 + n / 20
+    contenders = ("ours", *opts.peers)
+    rates: dict[str, list[float]] = {f"{c}{v}": [] for c in contenders for v in ("", "_queue_only")}
+    cpu: dict[str, list[float]] = {k: [] for k in rates}
+    handle = fake.run_in_thread(fake.FaultConfig(latency_ms=0.0))
+    try:
+        async with stage(base, opts, "peers") as st:
+            in_flight = {"concurrency": opts.peer_in_flight}
+            with_sdk = bench_settings(base, st.settings.nats_servers[0], handle.url)
+            with_sdk = with_sdk.with_changes(worker=with_sdk.worker.model_copy(update=in_flight))
+            queue_only = st.settings.with_changes(
+                worker=st.settings.worker.model_copy(update=in_flight)
+            )
+            ours: dict[str, tuple[Settings, str, tuple[str, ...], str | None]] = {
+                "": (with_sdk, "worker", ("--no-topology",), handle.url),
+                "_queue_only": (queue_only, "bench-child", ("worker",), None),
+            }
+            for i in range(opts.repeat):
+                for variant, (settings, role, args, fake_url) in ours.items():
+                    what = "the SDK call" if fake_url else "queue only"
+                    _progress(report, f"peers: run {i + 1}/{opts.repeat}, ours, {what}")
+                    rate, _ = await _drain_jobs(
+                        st, settings, role, args, n, timeout=timeout, cpu=cpu[f"ours{variant}"]
+                    )
+                    rates[f"ours{variant}"].append(rate)
+                    for peer in opts.peers:
+                        _progress(report, f"peers: run {i + 1}/{opts.repeat}, {peer}, {what}")
+                        rates[f"{peer}{variant}"].append(
+                            await _drain_peer(
+                                st, python, peer, n, fake_url, opts,
+                                timeout=timeout, cpu=cpu[f"{peer}{variant}"],
+                            )
+                        )  # fmt: skip
+    finally:
+        handle.stop()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    # ours (the figure), ours_queue_only; per peer: <peer>, <peer>_ratio (ours / it),
+    # <peer>_queue_only, <peer>_queue_only_ratio; for each: <name>_cpu_us_per_job.
+    extra: dict[str, float] = {"ours_queue_only": med["ours_queue_only"]}
+    for key, rate in med.items():
+        if not key.startswith("ours"):
+            extra[key] = rate
+            mine = med["ours_queue_only" if key.endswith("_queue_only") else "ours"]
+            extra[f"{key}_ratio"] = mine / rate if rate > 0 else 0.0
+        extra[f"{key}_cpu_us_per_job"] = statistics.median(cpu[key]) * 1e6
+    best = max(med[p] for p in opts.peers)
+    return Figure(med["ours"], best, "jobs/s", TARGETS["peers"], extra=extra)
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -1175,7 +1430,7 @@ async def run_bench(
 ) -> dict[str, Figure]:
     """Run the chosen scenarios in order; ``report`` hears what is running."""
     figures: dict[str, Figure] = {}
-    for name in SCENARIOS:
+    for name in ALL_SCENARIOS:
         if name not in opts.scenarios:
             continue
         if name == "publish":
@@ -1192,6 +1447,8 @@ async def run_bench(
             figures[name] = await bench_metrics(base, opts, report)
         elif name == "scale":
             figures[name] = await bench_scale(base, opts, report)
+        elif name == "peers":
+            figures[name] = await bench_peers(base, opts, report)
         else:
             worker = figures.get("worker")
             figures[name] = await bench_latency(base, opts, worker.ours if worker else None, report)
@@ -1202,8 +1459,8 @@ async def run_bench(
 
 
 async def raw_worker_loop(settings: Settings, batch: int) -> None:
-    """The baseline of ``worker``: fetch a batch, decode each job, publish its result,
-    wait for the PubAcks, ack. Runs until SIGTERM."""
+    """The baseline of ``worker``: fetch a batch, decode each job, publish its result (with
+    the worker's headers), wait for the PubAcks, ack. Runs until SIGTERM."""
     nc = await connect(settings, name="ridethrough-bench-raw")
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(
@@ -1232,11 +1489,51 @@ async def raw_worker_loop(settings: Settings, batch: int) -> None:
                     attempts=msg.metadata.num_delivered or 1,
                     worker="raw",
                 )
-                futures.append(
-                    await js.publish_async(
-                        result_subject(job.id), encode(result), headers={MSG_ID_HEADER: job.id}
-                    )
-                )
+                # The headers the worker's result carries: its msg id, and the condition
+                # that makes it the subject's only message (exactly-once results).
+                tenant = job.tenant or None
+                headers = {
+                    EXPECTED_LAST_SUBJECT_SEQ: "0",
+                    MSG_ID_HEADER: result_msg_id(job.id, tenant),
+                }
+                subject = result_subject(job.id, tenant)
+                futures.append(await js.publish_async(subject, encode(result), headers=headers))
+            await asyncio.gather(*futures)
+            for msg in msgs:
+                await msg.ack()
+    finally:
+        await nc.close()
+
+
+async def raw_replay_loop(settings: Settings, batch: int) -> None:
+    """The baseline of ``replay``: a plain nats-py pull consumer on the bench's parked jobs
+    (the replayer's consumer config); each batch: decode each parked job, publish_async it
+    to AI_JOBS with the bytes and headers the replayer sends, wait for the PubAcks, ack the
+    parked messages. Runs until SIGTERM."""
+    from schemas.parking import decode_parked
+    from services.jetstream.topology import replayer_consumer_config
+
+    nc = await connect(settings, name="ridethrough-bench-raw-replay")
+    js = nc.jetstream()
+    cfg = replayer_consumer_config(settings, PROVIDER, BENCH_PRIORITY, MODEL)
+    await js.add_consumer(PARKED_STREAM, cfg)
+    assert cfg.durable_name is not None
+    sub = await js.pull_subscribe_bind(durable=cfg.durable_name, stream=PARKED_STREAM)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=settings.worker.fetch_timeout_s)
+            except TIMEOUT:
+                continue
+            futures = []
+            for msg in msgs:
+                job = decode_parked(msg.data).job
+                tag = replay_tag(msg.metadata.sequence.stream)
+                headers = {REPLAY_HEADER: tag, MSG_ID_HEADER: replay_msg_id(job.id, tag)}
+                subject = requeue_subject(job.provider, job.priority, job.tenant)
+                futures.append(await js.publish_async(subject, encode(job), headers=headers))
             await asyncio.gather(*futures)
             for msg in msgs:
                 await msg.ack()
@@ -1330,6 +1627,14 @@ def table(figures: dict[str, Figure], info: dict[str, str] | None = None) -> Any
                 f"{cmd} {f.extra[cmd + '_s']:.2f} s ({f.extra[cmd + '_rss_mb']:.0f} MB)"
                 for cmd, _ in SCALE_COMMANDS
             )
+        elif name == "peers":
+            names = [k[: -len("_ratio")] for k in f.extra if k.endswith("_ratio")]
+            note = "ours / " + ", ".join(
+                f"{k.replace('_queue_only', ' (queue only)')} {f.extra[k + '_ratio']:.2f}"
+                f" ({f.extra[k]:,.0f}/s)"
+                for k in names
+            )
+            note += f"; ours queue only {f.extra['ours_queue_only']:,.0f}/s"
         elif name == "metrics":
             note = (
                 f"metrics on / off (CPU per job {f.extra['cpu_ratio']:.2f}); tracing on / off "
@@ -1384,6 +1689,7 @@ __all__ = [
     "InstantProvider",
     "machine",
     "plot",
+    "raw_replay_loop",
     "raw_worker_loop",
     "run_bench",
     "sdk_loop",

@@ -6,11 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from services.tools.bench import SCALE_COMMANDS as _SCALE
-from services.tools.bench import SCENARIOS, Figure, InstantProvider
+from services.tools.bench import (
+    SCENARIOS,
+    Figure,
+    InstantProvider,
+    cpu_seconds,
+    tree_cpu_seconds,
+)
 from tests.support import ROOT
 
 pytestmark = pytest.mark.integration
@@ -119,3 +127,63 @@ def test_figure_ratio_and_target() -> None:
     latency = Figure(12.0, None, "ms p50")
     assert latency.ratio is None and latency.met is None
     assert latency.as_json()["baseline"] is None
+
+
+def test_bench_peers_runs_ours_and_the_faststream_peer() -> None:
+    """`bench -s peers` at a tiny size, with the FastStream peer run by this environment's
+    Python (FastStream, nats-py and the SDK are dependencies of the project; taskiq is not,
+    and its environment needs the package index): every contender stored a result for every
+    job, with and without the SDK call, and the ratios are ours over the peer's."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "services", "bench", "--json", "-s", "peers",
+         "--peer", "faststream", "--peers-python", sys.executable,
+         "--peer-jobs", "60", "--peer-in-flight", "8", "--repeat", "1"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    peers = json.loads(proc.stdout)["peers"]
+    assert peers["baseline"] == peers["faststream"] > 0 and peers["ours"] > 0
+    assert peers["faststream_ratio"] == pytest.approx(peers["ours"] / peers["faststream"], rel=1e-2)
+    assert peers["faststream_queue_only_ratio"] == pytest.approx(
+        peers["ours_queue_only"] / peers["faststream_queue_only"], rel=1e-2
+    )
+    for name in ("ours", "ours_queue_only", "faststream", "faststream_queue_only"):
+        assert peers[f"{name}_cpu_us_per_job"] > 0, name
+    assert not any(key.startswith("taskiq") for key in peers)
+
+
+def test_bench_peers_says_when_their_environment_cannot_be_built(tmp_path: Path) -> None:
+    """Without the package index the peers' environment cannot be built: the bench says so
+    in one line and exits 2 (as every command does on our errors), and leaves no half-built
+    environment behind."""
+    env = {**_env(), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services", "bench", "-s", "peers", "--peers-env", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "cannot build the peers' environment" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tree_cpu_counts_a_process_and_its_children() -> None:
+    """The CPU time of a process tree includes its children's: a parent waiting on a child
+    that has spun for a while counts at least its own time plus the child's."""
+    spin = "import sys; sum(range(10**7)); sys.stdin.read()"
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+        while not children.read_text().strip():  # its one child, once started
+            time.sleep(0.01)
+        child = int(children.read_text())
+        while cpu_seconds(child) < 0.05:  # the child has spun
+            time.sleep(0.01)
+        # Read the parts first: CPU times only grow, so the total read after is no less.
+        parts = cpu_seconds(parent.pid) + cpu_seconds(child)
+        assert parts >= 0.05
+        assert tree_cpu_seconds(parent.pid) >= parts
+    finally:
+        parent.kill()
+        parent.wait()
