@@ -120,18 +120,27 @@ def test_a_flapping_incident_adds_up_its_outages() -> None:
 
 
 def test_the_summary_carries_every_number() -> None:
-    """The closed notice: duration, detection, parked, replayed, dead (by reason), calls
-    saved, and explicit nulls for what is not measured."""
+    """The closed notice: duration, detection, parked, replayed, failed over and expired
+    (lower bounds, from the tallies), dead (by reason), calls saved; explicit nulls for
+    what could not be read."""
     d = inc.decide(ONE, 5, flap_s=0, now=LATE)
     assert isinstance(d, inc.Closed)
-    n = notices.closed(d.incident, {"provider_outage": 3, "retries_exhausted": 1})
+    unread = notices.closed(d.incident, {"provider_outage": 3, "retries_exhausted": 1})
+    assert unread.data["failed_over"] is None and unread.data["expired"] is None
+    assert "failed over not read, expired not read" in unread.text
+    n = notices.closed(
+        d.incident,
+        {"provider_outage": 3, "retries_exhausted": 1},
+        {"failed_over": 7, "expired": 2},
+    )
     assert n.id == "A:closed" and n.incident == "A" and n.type == notices.CLOSED
     data = n.data
     assert data["duration_s"] == 30.0
     assert data["detected_on"] == {"reason": "5 failures in a row", "failures": 5, "calls": 7}
     assert (data["parked"], data["replayed"], data["dead"]) == (40, 38, 4)
     assert data["provider_calls_saved"] == 40 and data["reopened"] == 1
-    assert data["failed_over"] is None and data["expired"] is None
+    assert (data["failed_over"], data["expired"]) == (7, 2)
+    assert "at least 7 failed over, at least 2 expired, 4 dead" in n.text
     assert data["time_to_detect_s"] == 2.5
     assert "30.0s" in n.title and "40 parked" in n.text
     assert "Detected 2.5s after the first failure on 5 failures of 7 calls" in n.text
