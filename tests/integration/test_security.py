@@ -313,6 +313,11 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         s.evidence_event_subject("anthropic"),
         lambda c: c.js.publish(s.evidence_event_subject("anthropic"), b"{}"),
     )
+    forge_tally = (
+        "forge an outage's tally of jobs failed over and expired (workers' and replayer's)",
+        s.tally_subject("anthropic"),
+        lambda c: c.js.publish(s.tally_subject("anthropic"), b'{"failed_over": 1000}'),
+    )
     bodies_stream = f"OBJ_{s.BODIES_BUCKET}"
     read_body = (
         "read a large job's body",
@@ -404,6 +409,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             ),
             evidence,
             page_event,
+            forge_tally,
         ],
         "worker": [
             overwrite_body,
@@ -428,6 +434,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             page_event,
         ],
         "prober": [
+            forge_tally,
             read_body,
             consume_jobs,
             (
@@ -509,6 +516,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         "notifier": [
             consume_jobs,
             pause,
+            forge_tally,
             (
                 "forge a breaker transition",
                 s.health_event_subject("anthropic"),
@@ -582,6 +590,8 @@ async def test_a_role_cannot_do_the_work_of_others(secured: SecuredNats, role: s
         control = await js.key_value(s.CONTROL_BUCKET)
         assert await _keys(control) == [s.LEGACY_JOBS_KEY]  # written by the topology step
         assert (await js.stream_info(s.RESULTS_STREAM)).state.messages == 0
+        events = await js.stream_info(s.EVENTS_STREAM, subjects_filter=s.TALLY_FILTER)
+        assert not events.state.subjects  # no tally forged
         assert job_id
     finally:
         await operator.close()
@@ -768,6 +778,48 @@ async def test_every_wildcard_form_of_the_probers_writes_stays_in_its_scope(
         assert any(nats_match(p, subject) for p in scopes), subject
     assert not view.degraded("anthropic") and not view.degraded("anthropic", "m")
     assert status["providers"]["anthropic"]["state"] == "closed"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", ["worker", "replayer"])
+async def test_every_wildcard_form_of_a_tally_stays_in_its_scope(
+    secured: SecuredNats, role: str
+) -> None:
+    """The tally subject of the worker and the replayer (`ai.events.tally.*`), published
+    with each token as a literal `*` or cut with `>`: whatever the server stores is a
+    tally, never a health event, an audit event or evidence; the notifier's consumer gets
+    none of it; and the summary's reader skips what does not decode."""
+    from datetime import UTC, datetime, timedelta
+
+    from services.notifier.notifier import tallied
+
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    ojs = operator.jetstream()
+    await ensure_topology(ojs, base)
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    scopes = [s.TALLY_FILTER]
+    assert auth_users()[role]["publish"].count(s.TALLY_FILTER) == 1
+    for other in ("producer", "prober", "notifier", "tenant-acme"):
+        assert not any(
+            nats_match(p, s.tally_subject("anthropic")) for p in auth_users()[other]["publish"]
+        ), other
+    client = await RoleClient.connect(secured, role)
+    tried, stored = await _publish_every_form(client, scopes, b'{"provider": "anthropic"')
+    try:
+        info = await ojs.stream_info(s.EVENTS_STREAM, subjects_filter=">")
+        subjects = list(info.state.subjects or {})
+        notifier = await ojs.consumer_info(s.EVENTS_STREAM, s.NOTIFIER_CONSUMER)
+        sums = await tallied(ojs, "anthropic", {"any"}, since)
+    finally:
+        await operator.close()
+    assert tried >= 4 and stored, stored
+    assert subjects, subjects
+    for subject in subjects:
+        assert nats_match(s.TALLY_FILTER, subject), subject
+    assert notifier.num_pending == 0
+    assert sums == {"failed_over": 0, "expired": 0}
+    assert secured.violations()  # the forms outside the scope were refused
 
 
 @pytest.mark.integration
