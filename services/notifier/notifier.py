@@ -398,7 +398,8 @@ async def serve_notifier(settings: Settings, alive_path: Any = None) -> None:
         raise ConfigError(
             "no notification sink configured: set RIDETHROUGH_NOTIFY__WEBHOOK_URL (with "
             "..._WEBHOOK_SECRET), ..._SLACK_WEBHOOK_URL or ..._PAGERDUTY_ROUTING_KEY "
-            "(or their *_FILE forms)"
+            "(or their *_FILE forms, or files of those names in "
+            "RIDETHROUGH_NOTIFY__SECRETS_DIR)"
         )
     if settings.http.port is not None:
         metrics.enable(settings.http)

@@ -283,3 +283,23 @@ def test_sinks_read_their_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read pagerduty_routing_key file"):
         build_sinks(Settings(notify=notify))
     assert build_sinks(Settings()) == []
+
+
+def test_sinks_come_from_a_mounted_secrets_directory(tmp_path: Path) -> None:
+    """With ``secrets_dir`` (a Kubernetes Secret or compose secret mounted as a directory)
+    each file named like a sink setting that is there turns its sink on; an explicit
+    setting wins; a webhook URL there without its signing secret is a ConfigError."""
+    (tmp_path / "slack_webhook_url").write_text("https://hooks.slack.example/T0/B0/x\n")
+    (tmp_path / "pagerduty_routing_key").write_text("R0UTINGKEY0123456789\n")
+    sinks = build_sinks(Settings(notify={"secrets_dir": tmp_path}))
+    assert [s.name for s in sinks] == ["slack", "pagerduty"]
+    explicit = {"secrets_dir": tmp_path, "pagerduty_routing_key": "OTHERKEY0123456789"}
+    chosen = build_sinks(Settings(notify=explicit))[1]
+    assert chosen.routing_key == "OTHERKEY0123456789"  # type: ignore[attr-defined]
+    (tmp_path / "webhook_url").write_text("http://127.0.0.1:9/hook\n")
+    with pytest.raises(ConfigError, match="needs webhook_secret"):
+        build_sinks(Settings(notify={"secrets_dir": tmp_path}))
+    (tmp_path / "webhook_secret").write_text("whsec-0123456789\n")
+    hook = build_sinks(Settings(notify={"secrets_dir": tmp_path}))[0]
+    assert hook.name == "webhook" and hook.secret == "whsec-0123456789"  # type: ignore[attr-defined]
+    assert build_sinks(Settings(notify={"secrets_dir": tmp_path / "none"})) == []
