@@ -127,10 +127,21 @@ def _services(by_role: dict[str, Settings], tmp_path: Path, *specs: tuple[str, .
 
 
 async def _run_outage_cycle(
-    producer: Producer, operator_js: Any, fake_provider: Any, *, clean: int, parked: int
+    producer: Producer,
+    operator_js: Any,
+    fake_provider: Any,
+    *,
+    clean: int,
+    parked: int,
+    expired: int = 0,
 ) -> list[str]:
     """Submit ``clean`` jobs, then ``parked`` more during a 529 outage, end the outage,
-    and wait for every result: the whole pipeline (park, probe, replay) runs."""
+    and wait for every result: the whole pipeline (park, probe, replay) runs. With
+    ``expired``, once jobs park, that many more past their deadline (the worker expires
+    them while the breaker is open) and that many due in a second (parked, then expired by
+    the replayer: the outage ends after their deadline)."""
+    from datetime import UTC, datetime, timedelta
+
     ids = [
         await producer.submit(make_job("anthropic", "m", prompt=f"clean {i}", max_tokens=8))
         for i in range(clean)
@@ -146,6 +157,20 @@ async def _run_outage_cycle(
         return bool((await operator_js.stream_info(s.PARKED_STREAM)).state.messages > 0)
 
     await wait_until(some_parked, timeout=30)
+    now = datetime.now(UTC)
+    soon = now + timedelta(seconds=1)
+    for i in range(expired):
+        for when in (now - timedelta(seconds=1), soon):
+            job = make_job("anthropic", "m", prompt=f"late {i}", max_tokens=8, deadline=when)
+            more.append(await producer.submit(job))
+    if expired:
+
+        async def all_expired_or_parked() -> bool:
+            waiting = (await operator_js.stream_info(s.PARKED_STREAM)).state.messages
+            ended = (await operator_js.stream_info(s.RESULTS_STREAM)).state.messages - clean
+            return datetime.now(UTC) > soon and waiting + ended >= parked + 2 * expired
+
+        await wait_until(all_expired_or_parked, timeout=30)
     fake_provider.stop_outage()
     await producer.results(more, timeout=60)
     return ids + more
@@ -156,9 +181,10 @@ async def test_each_role_does_its_job_with_least_privilege(
     secured: SecuredNats, fake_provider: Any, tmp_path: Path
 ) -> None:
     """Operator applies the topology; worker, prober, replayer and notifier run as their
-    own users; a producer submits and reads results through an outage: every job succeeds,
-    the webhook gets the outage's signed open and close, and the server logs no permission
-    violation at all."""
+    own users; a producer submits and reads results through an outage: every job succeeds
+    (or expires: its deadline passed), the webhook gets the outage's signed open and close
+    (its summary counting the expired jobs from the worker's and the replayer's tallies),
+    and the server logs no permission violation at all."""
     receiver = await Receiver(secret="whsec-security-0123456789").start()
     notify = NotifySettings(
         webhook_url=SecretStr(f"{receiver.url}/webhook"),
@@ -175,7 +201,9 @@ async def test_each_role_does_its_job_with_least_privilege(
     )
     try:
         async with await Producer.connect(by_role["producer"]) as producer:
-            ids = await _run_outage_cycle(producer, js, fake_provider, clean=10, parked=20)
+            ids = await _run_outage_cycle(
+                producer, js, fake_provider, clean=10, parked=20, expired=2
+            )
             assert (await producer.peek_result(ids[0])) is not None
 
         async def closed() -> bool:  # the replayer closes the breaker once the backlog is gone
@@ -194,7 +222,8 @@ async def test_each_role_does_its_job_with_least_privilege(
         codes = {p.role: p.terminate(timeout=30) for p in procs}
         await nc.close()
         await receiver.stop()
-    assert counts["results"] == counts["result_writes"] == counts["succeeded"] == 30
+    assert counts["results"] == counts["result_writes"] == 34
+    assert (counts["succeeded"], counts["expired"], counts["dead"]) == (30, 4, 0)
     assert events == ["open", "half_open", "closed"]
     assert [e["type"].rsplit(".", 1)[1] for e in receiver.webhook_events.values()] == [
         "opened",
@@ -203,6 +232,7 @@ async def test_each_role_does_its_job_with_least_privilege(
     assert all(r.signed for r in receiver.of("webhook"))
     summary = list(receiver.webhook_events.values())[1]["data"]
     assert summary["parked"] == 20
+    assert (summary["expired"], summary["failed_over"]) == (4, 0)
     assert summary["time_to_detect_s"] is not None and summary["time_to_detect_s"] >= 0
     assert secured.violations() == []
     assert set(codes.values()) == {0}, codes
