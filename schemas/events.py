@@ -1,4 +1,5 @@
-"""Events on ``AI_EVENTS``: breaker transitions, the operator audit log, status page changes."""
+"""Events on ``AI_EVENTS``: breaker transitions, the operator audit log, status page changes,
+and the tallies of jobs an outage failed over or expired."""
 
 from __future__ import annotations
 
@@ -91,3 +92,29 @@ _evidence_decoder = msgspec.json.Decoder(EvidenceEvent)
 def decode_evidence_event(data: bytes) -> EvidenceEvent:
     """Decode a status page event."""
     return _evidence_decoder.decode(data)
+
+
+class TallyEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Jobs of one outage a process failed over or expired since its last tally, on
+    ``ai.events.tally.<provider>`` (``provider``: the one whose outage it is).
+
+    Workers and the replayer count in memory and publish at most one tally per outage
+    about once a second, never one per job; the notifier adds up the tallies of an
+    incident's outages for its summary. A process killed before its flush loses its last
+    tally: the sums are lower bounds.
+    """
+
+    provider: str
+    outage_id: str
+    failed_over: int = 0
+    expired: int = 0
+    by: str = ""
+    at: Timestamp = msgspec.field(default_factory=_now)
+
+
+_tally_decoder = msgspec.json.Decoder(TallyEvent)
+
+
+def decode_tally_event(data: bytes) -> TallyEvent:
+    """Decode a tally event."""
+    return _tally_decoder.decode(data)

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.events import EvidenceEvent, HealthEvent
+from schemas.events import EvidenceEvent, HealthEvent, TallyEvent
 from schemas.health import BreakerState
 from schemas.jobs import Job
 from schemas.parking import DeadLetter, ParkedJob
@@ -31,6 +31,7 @@ SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "breaker_state.json": BreakerState,
     "health_event.json": HealthEvent,
     "evidence_event.json": EvidenceEvent,
+    "tally_event.json": TallyEvent,
 }
 
 

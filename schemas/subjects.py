@@ -57,6 +57,7 @@ LEGACY_JOBS_KEY: Final = "legacy.jobs_seq"
 #   park:<stream>:<seq>            the parked copy of a stored message (park_msg_id)
 #   dead:<stream>:<seq>            the dead letter of a stored message (dead_msg_id)
 #   failover:<stream>:<seq>        the fail-over copy of a stored job  (failover_msg_id)
+#   tally:<process>:<n>            a process's n-th tally of an outage  (tally_msg_id)
 #
 # A replay's tag (REPLAY_HEADER) is the parked message's sequence, or ``d<seq>`` for a
 # dead letter's: a job replayed from the dead letters may replace its ``failed`` result.
@@ -85,6 +86,12 @@ def replay_tag(seq: int, *, from_dead: bool = False) -> str:
 def replaces_failed(tag: str) -> bool:
     """Whether a replay with ``tag`` came from the dead letters (and may replace ``failed``)."""
     return tag.startswith("d")
+
+
+def tally_msg_id(by: str, n: int) -> str:
+    """Msg id of the ``n``-th tally published by process ``by`` (a retried publish of it
+    is dropped by the dedup window, never counted twice)."""
+    return f"tally:{by}:{n}"
 
 
 def replay_msg_id(job_id: str, tag: str) -> str:
@@ -366,6 +373,16 @@ HEALTH_EVENTS_FILTER: Final = "ai.events.health.>"
 OPS_EVENTS_SUBJECT: Final = "ai.events.ops"
 
 
+def tally_subject(provider: str) -> str:
+    """Subject of the tallies of jobs failed over or expired in ``provider``'s outages (of
+    the provider or of one of its models: ``schemas.events.TallyEvent``)."""
+    return f"ai.events.tally.{provider}"
+
+
+#: Every tally, of every provider.
+TALLY_FILTER: Final = "ai.events.tally.*"
+
+
 # Status pages: evidence, never proof. The prober holding ``probe.<provider>`` writes what
 # the provider's page says to ai_control and announces each change as an event.
 
@@ -394,6 +411,7 @@ EVENTS_SUBJECTS: Final = (
     "ai.events.health.*.*",
     OPS_EVENTS_SUBJECT,
     "ai.events.evidence.*",
+    TALLY_FILTER,
 )
 
 

@@ -486,6 +486,11 @@ class NotifySettings(BaseModel):
     secret): a generic webhook (CloudEvents JSON signed with HMAC-SHA256 under
     ``webhook_secret``), a Slack incoming webhook, PagerDuty Events v2. URLs are secrets
     too (a Slack webhook URL is its own credential): they never print or log.
+
+    ``secrets_dir`` takes them from a mounted directory instead (a Kubernetes Secret, a
+    compose secret): each file named like a setting (``webhook_url``, ``webhook_secret``,
+    ``slack_webhook_url``, ``pagerduty_routing_key``) that is there turns its sink on; a
+    setting or ``*_file`` given too wins over its file there.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -502,6 +507,9 @@ class NotifySettings(BaseModel):
         None, description="PagerDuty Events v2 integration (routing) key"
     )
     pagerduty_routing_key_file: Path | None = None
+    secrets_dir: Path | None = Field(
+        None, description="directory of mounted secrets named like the sink settings"
+    )
     pagerduty_url: str = Field(
         "https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events v2 endpoint"
     )
@@ -538,28 +546,36 @@ class NotifySettings(BaseModel):
         _check_url("pagerduty_url", self.pagerduty_url)
         return self
 
+    def _secret(self, name: str) -> str | None:
+        """Secret ``name``: its setting, its ``*_file``, or its file in ``secrets_dir``."""
+        value: SecretStr | None = getattr(self, name)
+        path: Path | None = getattr(self, f"{name}_file")
+        if value is None and path is None and self.secrets_dir is not None:
+            candidate = self.secrets_dir / name
+            path = candidate if candidate.exists() else None
+        return _read_secret(value, path, name)
+
     def webhook(self) -> tuple[str, str] | None:
         """(URL, signing secret) of the generic webhook; None when it is off."""
-        url = _read_secret(self.webhook_url, self.webhook_url_file, "webhook_url")
+        url = self._secret("webhook_url")
         if url is None:
             return None
         _url_or_error("webhook_url_file", url)
-        secret = _read_secret(self.webhook_secret, self.webhook_secret_file, "webhook_secret")
-        assert secret is not None  # the validator asks for one
+        secret = self._secret("webhook_secret")
+        if secret is None:  # from secrets_dir (the validator asks for it otherwise)
+            raise ConfigError(f"the webhook needs webhook_secret in {self.secrets_dir} to sign")
         return url, secret
 
     def slack(self) -> str | None:
         """The Slack incoming webhook URL; None when it is off."""
-        url = _read_secret(self.slack_webhook_url, self.slack_webhook_url_file, "slack_webhook_url")
+        url = self._secret("slack_webhook_url")
         if url is not None:
             _url_or_error("slack_webhook_url_file", url)
         return url
 
     def pagerduty(self) -> str | None:
         """The PagerDuty routing key; None when it is off."""
-        return _read_secret(
-            self.pagerduty_routing_key, self.pagerduty_routing_key_file, "pagerduty_routing_key"
-        )
+        return self._secret("pagerduty_routing_key")
 
 
 def _check_url(name: str, url: str) -> None:

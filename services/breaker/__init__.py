@@ -14,6 +14,9 @@
     evidence.py EvidenceView: what the status pages say (``evidence.<provider>`` in
                 ai_control, written by the prober); a degraded scope trips at lower
                 thresholds. Evidence, never proof: it moves no breaker
+    tally.py    Tally: jobs each outage failed over or expired, counted in memory by the
+                workers and the replayer, published about once a second on
+                ``ai.events.tally.<provider>`` for the outage's summary (lower bounds)
 
 States: ``closed`` → ``open`` (trip) → ``half_open`` (prober: M probe successes) →
 ``closed`` (replayer: slow start reached its cap or the backlog is empty); any

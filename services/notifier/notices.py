@@ -22,11 +22,18 @@ The closed summary's numbers
 ``replayed``          parked jobs the replayer put back on the queue.
 ``dead``              dead letters of the scope stored between open and close (by reason:
                       ``provider_outage`` are the jobs that asked to fail in an outage).
-``expired``           not measured here (an expired job ends as a result, and results are
-                      not scanned: there can be millions; the replayer counts its own in
-                      ``ridethrough status``). ``null``.
-``failed_over``       not measured here (a fail-over is a job republished to another
-                      provider: no record of it names the outage). ``null``.
+``failed_over``       at least this many jobs of the scope were sent to a fallback provider
+                      while it was open: the workers' tallies of the incident's outages
+                      (``ai.events.tally.<provider>``, ``services/breaker/tally.py``).
+``expired``           at least this many jobs of the incident expired: parked jobs whose
+                      deadline passed before the replayer got to them (counted against the
+                      outage they were parked in, even when that was after the close and
+                      before the summary), and jobs a worker found past their deadline while
+                      the scope was open or half-open.
+                      Both are lower bounds: a process counts in memory and publishes about
+                      once a second, so one killed in between loses its last second's
+                      counts; expiries after the summary is sent are not in it. ``null``
+                      when the tallies could not be read.
 ``provider_calls_saved``  at least ``parked``: each parked job is a call (and its retries)
                       the provider did not get while it was down; probes went instead.
 """
@@ -106,15 +113,27 @@ def opened(inc: Incident) -> Notice:
     )
 
 
-def closed(inc: Incident, dead_by_reason: dict[str, int] | None) -> Notice:
-    """The summary of an incident that ended (``dead_by_reason``: None if not read)."""
+def _at_least(n: int | None, what: str) -> str:
+    return f"{what} not read" if n is None else f"at least {n} {what}"
+
+
+def closed(
+    inc: Incident,
+    dead_by_reason: dict[str, int] | None,
+    tallied: dict[str, int] | None = None,
+) -> Notice:
+    """The summary of an incident that ended (``dead_by_reason``: None if not read;
+    ``tallied``: ``failed_over`` and ``expired`` summed from the outages' tallies, None if
+    not read)."""
     n = inc.numbers()
     dead = None if dead_by_reason is None else sum(dead_by_reason.values())
+    failed_over = None if tallied is None else tallied.get("failed_over", 0)
+    expired = None if tallied is None else tallied.get("expired", 0)
     n |= {
         "dead": dead,
         "dead_by_reason": dict(dead_by_reason or {}),
-        "expired": None,
-        "failed_over": None,
+        "expired": expired,
+        "failed_over": failed_over,
         "provider_calls_saved": inc.parked,
     }
     d = n["detected_on"]
@@ -127,6 +146,7 @@ def closed(inc: Incident, dead_by_reason: dict[str, int] | None) -> Notice:
         if d["calls"]
         else f"Opened because {d['reason'] or 'it tripped'}.",
         f"Jobs: {inc.parked} parked, {inc.replayed} replayed, "
+        + f"{_at_least(failed_over, 'failed over')}, {_at_least(expired, 'expired')}, "
         + ("dead letters not read" if dead is None else f"{dead} dead")
         + ".",
         f"Provider calls saved: at least {inc.parked} (parked instead of called).",

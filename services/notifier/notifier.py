@@ -14,7 +14,11 @@ and sends the same notification again with the same id (receivers dedupe by it).
 
 A close is held until ``notify.flap_window_s`` has passed, so a re-open within it makes
 one incident (``incidents.py``); the decision reads the scope's stored history, the same
-for every notifier.
+for every notifier. The summary then reads what other streams know of the incident: its
+scope's dead letters stored between open and close (AI_DEAD), and the tallies of its
+outages (``ai.events.tally.<provider>``: jobs failed over and expired, published by the
+workers and the replayer about once a second; the summary waits ``TALLY_GRACE_S`` after
+the close for the last of them).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import contextlib
 import json
 import logging
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -33,10 +37,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from schemas import subjects as s
-from schemas.events import decode_health_event, decode_ops_event
+from schemas.events import decode_health_event, decode_ops_event, decode_tally_event
 from schemas.parking import decode_dead_letter
 from services import metrics
 from services.breaker.lease import LeaseKeeper
+from services.breaker.tally import FLUSH_S
 from services.config import Settings
 from services.jetstream.connection import client
 from services.jetstream.pull import ack_position
@@ -51,6 +56,11 @@ log = logging.getLogger("ridethrough.notifier")
 
 #: Most dead letters read for one summary (a bound on the work of one close).
 MAX_DEAD_READ = 100_000
+#: Most tallies read for one summary (each is one process's second of one outage).
+MAX_TALLY_READ = 100_000
+#: How long after a close its summary waits for the tallies still in flight (the workers
+#: flush every ``FLUSH_S``; the replayer flushes before it closes).
+TALLY_GRACE_S = 2 * FLUSH_S
 #: Most events held unacknowledged at once (the consumer's max_ack_pending).
 MAX_HELD = NOTIFIER_MAX_PENDING
 
@@ -207,7 +217,8 @@ class Notifier:
             return notices.opened(decision.incident)
         if isinstance(decision, incidents.Closed):
             dead = await self._dead(decision.incident)
-            return notices.closed(decision.incident, dead)
+            tallied = await self._tallied(decision.incident)
+            return notices.closed(decision.incident, dead, tallied)
         log.debug("no notification for %s %s: %s", msg.subject, event.state, decision.why)
         return None
 
@@ -232,6 +243,24 @@ class Notifier:
             )
         except Exception as exc:
             log.warning("dead letters of %s not read for its summary: %r", inc.scope, exc)
+            return None
+
+    async def _tallied(self, inc: incidents.Incident) -> dict[str, int] | None:
+        """Jobs the incident's outages failed over and expired (their tallies, read once
+        the last flush before the close has had time to land); None when they cannot be
+        read (the summary says so)."""
+        if inc.opened_at is None:
+            return None
+        if inc.closed_at is not None:
+            wait = (
+                inc.closed_at + timedelta(seconds=TALLY_GRACE_S) - datetime.now(UTC)
+            ).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(min(wait, TALLY_GRACE_S))
+        try:
+            return await tallied(self.js, inc.provider, set(inc.outage_ids), inc.opened_at)
+        except Exception as exc:
+            log.warning("tallies of %s not read for its summary: %r", inc.scope, exc)
             return None
 
     async def deliver(self, notice: Notice) -> None:
@@ -311,6 +340,37 @@ async def dead_between(
     return counts
 
 
+async def tallied(
+    js: JetStreamContext, provider: str, outage_ids: set[str], since: datetime
+) -> dict[str, int]:
+    """``failed_over`` and ``expired``: the sums of the tallies of ``outage_ids`` (of
+    ``provider``) stored since ``since`` (the first found by time, as ``dead_between``;
+    at most ``MAX_TALLY_READ`` read). A tally that does not decode is skipped."""
+    sums = {"failed_over": 0, "expired": 0}
+    subject = s.tally_subject(provider)
+    request = {"start_time": since.isoformat(), "next_by_subj": subject}
+    reply = await client(js).request(
+        f"$JS.API.DIRECT.GET.{s.EVENTS_STREAM}", json.dumps(request).encode(), timeout=5.0
+    )
+    headers = reply.headers or {}
+    if "Nats-Sequence" not in headers:  # 404: none stored since
+        return sums
+    read = 0
+    first = int(headers["Nats-Sequence"])
+    async for raw in iter_stream(js, s.EVENTS_STREAM, subject, start_seq=first):
+        read += 1
+        if read > MAX_TALLY_READ:
+            break
+        try:
+            tally = decode_tally_event(raw.data or b"")
+        except msgspec.DecodeError:
+            continue
+        if tally.outage_id in outage_ids and tally.provider == provider:
+            sums["failed_over"] += max(0, tally.failed_over)
+            sums["expired"] += max(0, tally.expired)
+    return sums
+
+
 def config_summary(settings: Settings, sinks: list[Sink]) -> dict[str, Any]:
     """What the notifier runs with, for its start line (sink names only: never URLs)."""
     n = settings.notify
@@ -338,7 +398,8 @@ async def serve_notifier(settings: Settings, alive_path: Any = None) -> None:
         raise ConfigError(
             "no notification sink configured: set RIDETHROUGH_NOTIFY__WEBHOOK_URL (with "
             "..._WEBHOOK_SECRET), ..._SLACK_WEBHOOK_URL or ..._PAGERDUTY_ROUTING_KEY "
-            "(or their *_FILE forms)"
+            "(or their *_FILE forms, or files of those names in "
+            "RIDETHROUGH_NOTIFY__SECRETS_DIR)"
         )
     if settings.http.port is not None:
         metrics.enable(settings.http)

@@ -12,7 +12,9 @@ breaker: the outage ends.
 
 Order: high before normal before low (one consumer per priority), oldest first
 within a priority. A job whose deadline passed while parked ends as an
-``expired`` result, never as a late provider call.
+``expired`` result, never as a late provider call, and counts in the tally of the outage
+it was parked in (``services/breaker/tally.py``; flushed before the replayer closes a
+breaker, so the outage's summary finds those counts stored).
 
 Each parked job is republished by ``services.lifecycle.settle`` (a replay: its msg id
 and REPLAY_HEADER come from its sequence in AI_PARKED, stable across redeliveries)
@@ -52,6 +54,7 @@ from schemas.subjects import (
 from services import metrics, tracing
 from services.breaker import PAUSED, LeaseKeeper
 from services.breaker.recovery import LeasedPerProvider
+from services.breaker.tally import Tally
 from services.config import ReplaySettings, Settings
 from services.jetstream.connection import max_payload
 from services.jetstream.errors import NATS_UNAVAILABLE, NOT_FOUND, TIMEOUT, APIError
@@ -178,6 +181,8 @@ class Replayer(LeasedPerProvider):
             p: {} for p in settings.providers
         }
         self.settler = Settler(js, max_payload=max_payload(js), worker_id=owner)
+        #: Parked jobs expired, per outage they were parked in.
+        self.tally = Tally(js, by=owner)
         self._legacy: dict[str, int] = {}  # per provider: jobs under the legacy layout
         # Per provider, a puller per (priority, model): made when the model has parked jobs,
         # kept across restarts of _run.
@@ -185,10 +190,18 @@ class Replayer(LeasedPerProvider):
             name: {} for name in settings.providers
         }
 
+    async def start(self) -> Replayer:
+        """Start the board, the leases, one task per provider, and the tally's flushes."""
+        self.tally.start()
+        await super().start()
+        return self
+
     async def _stopped(self) -> None:
         """Unsubscribe: after a leader change a pull subscription can hold status messages
         nobody reads, and a connection drain would wait on them for its timeout.
-        Unacked parked jobs stay parked; prefetched ones are handed back."""
+        Unacked parked jobs stay parked; prefetched ones are handed back. The tally's
+        last counts are published."""
+        await self.tally.stop()
         for subs in self._subs.values():
             for sub in subs.values():
                 with contextlib.suppress(Exception):
@@ -454,6 +467,8 @@ class Replayer(LeasedPerProvider):
             if job.deadline is not None and job.deadline <= now:
                 await self._expire(msg, job, parked.park.attempts)
                 expired += 1
+                if parked.park.reason == "provider_open":  # a pause is no outage
+                    self.tally.expired(job.provider, parked.park.outage_id)
                 continue
             tag = replay_tag(seq)
             if (t := tracing.active) is None:
@@ -524,6 +539,10 @@ class Replayer(LeasedPerProvider):
         left = sum(n for (_, m), n in backlog.items() if model is None or m == model)
         prog = self.progress[name].get(model)
         replayed = prog.replayed if prog else 0
+        try:  # the outage's expired jobs stored before its end (the summary reads them)
+            await self.tally.flush()
+        except Exception as exc:
+            log.info("tally not published before the close (%r): flushed later", exc)
         await self.board.move(
             name,
             model,

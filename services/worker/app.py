@@ -41,6 +41,7 @@ from schemas.health import WorkerBeat
 from schemas.subjects import JOBS_STREAM, PRIORITIES, WORKERS_BUCKET, jobs_priority_filters
 from services.breaker import HealthBoard
 from services.breaker.evidence import EvidenceView
+from services.breaker.tally import Tally
 from services.config import Settings
 from services.jetstream.connection import broker_options
 from services.jetstream.pull import guard_fetch_from_start
@@ -71,6 +72,8 @@ class Worker:
         self.runner: JobRunner | None = None
         self.board: HealthBoard | None = None
         self.evidence: EvidenceView | None = None
+        #: Jobs failed over or expired per outage, published coalesced (the summaries').
+        self.tally: Tally | None = None
         self._slots = PrioritySlots(settings.worker.concurrency, settings.worker.priority_weights)
         self._inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
         #: Fetched jobs waiting for a slot, with when they were last kept alive.
@@ -216,6 +219,7 @@ class Worker:
             js, self.settings.providers, self.settings.breaker
         ).start()
         legacy = await legacy_jobs_seq(js)
+        self.tally = Tally(js, by=self.worker_id).start()
         self.runner = JobRunner(
             js,
             self.providers,
@@ -229,6 +233,7 @@ class Worker:
             kinds={name: p.kind for name, p in self.settings.providers.items()},
             provider_settings=self.settings.providers,
             bodies_timeout_s=self.settings.bodies.timeout_s,
+            tally=self.tally,
         )
         self._ready.set()
         self._heartbeat = asyncio.create_task(self._heartbeats())
@@ -260,6 +265,8 @@ class Worker:
                 beat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await beat
+        if self.tally is not None:  # what the drained jobs counted too
+            await self.tally.stop()
         if self._workers_kv is not None:  # gone from `status` now, not when the beat expires
             with contextlib.suppress(Exception):
                 await self._workers_kv.delete(self.worker_id)

@@ -10,7 +10,10 @@
 Around that, this module keeps what is local to one process: the breaker's failure
 window per scope, a provider and each model (a trip moves the fleet's board), the set
 of jobs it is calling
-(a redelivered copy waits), and what happens when settling itself fails:
+(a redelivered copy waits), the tally of jobs failed over or expired while their scope
+was open or half-open (``services/breaker/tally.py``: a counter per outage, published
+about once a second, for the outage's summary), and what happens when settling itself
+fails:
 
     NATS away for a moment     warning, nak with backoff (the job comes back; nothing is lost)
     our own bug                nak with backoff; after ``max_attempts`` deliveries, dead letter
@@ -44,6 +47,7 @@ from services import metrics, tracing
 from services.bodies import by_reference, resolve
 from services.breaker import HealthBoard, SlidingWindow
 from services.breaker.evidence import EvidenceView
+from services.breaker.tally import Tally
 from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
 from services.errors import BodyUnavailable, ProviderError
 from services.jetstream.errors import NATS_UNAVAILABLE
@@ -53,6 +57,7 @@ from services.lifecycle.decide import (
     Call,
     Dead,
     Duplicate,
+    Expired,
     FailOver,
     Outcome,
     Park,
@@ -90,8 +95,11 @@ class JobRunner:
         kinds: dict[str, ProviderKind] | None = None,
         provider_settings: Mapping[str, ProviderSettings] | None = None,
         bodies_timeout_s: float = 60.0,
+        tally: Tally | None = None,
     ) -> None:
         self.worker_id = worker_id
+        #: Jobs failed over or expired per outage (None: not counted).
+        self.tally = tally
         #: Longest fetch of a large job's body.
         self.bodies_timeout_s = bodies_timeout_s
         self.providers = providers
@@ -208,6 +216,8 @@ class JobRunner:
             if traced is not None:
                 traced.outcome(span, outcome)
             await self.settler.settle(d, outcome)
+            if self.tally is not None and isinstance(outcome, _TALLIED):
+                self._tally(job, outcome)
             return
         key = (job.tenant, job.id)
         if key in self._calling:
@@ -225,8 +235,22 @@ class JobRunner:
             if traced is not None:
                 traced.outcome(span, outcome)
             await self.settler.settle(d, outcome)
+            if self.tally is not None and isinstance(outcome, _TALLIED):
+                self._tally(job, outcome)
         finally:
             self._calling.discard(key)
+
+    def _tally(self, job: Job, outcome: Outcome) -> None:
+        """Count a settled fail-over or expiry against the outage of the job's scope, if
+        that scope is open or half-open (an operator pause is no outage)."""
+        assert self.tally is not None
+        if self.view.state(job.provider, job.model) not in ("open", "half_open"):
+            return
+        outage = self.view.outage_id(job.provider, job.model)
+        if isinstance(outcome, FailOver):
+            self.tally.failed_over(job.provider, outage)
+        else:
+            self.tally.expired(job.provider, outage)
 
     async def _resolve(self, d: Delivery, job: Job) -> Job | None:
         """``job`` with its body (``services/bodies.py``); None once it is settled because
@@ -451,6 +475,10 @@ class JobRunner:
             held = (epoch, SlidingWindow(self.breaker))
             self._windows[key] = held
         return held[1]
+
+
+#: The outcomes the tally counts (every other one costs one isinstance check).
+_TALLIED = (FailOver, Expired)
 
 
 def _needs_body(job: Job, outcome: Outcome) -> bool:

@@ -357,3 +357,112 @@ async def test_a_close_waiting_out_the_flap_window_holds_only_its_scope(
     assert f"{first}:closed" not in ids
     assert len(ids) == 3 and ids[0] == f"{first}:opened"
     assert info.num_ack_pending == 1  # the close, held (in progress), not acked
+
+
+async def _parked(js: Any, n: int) -> bool:
+    return bool((await js.stream_info(s.PARKED_STREAM)).state.messages == n)
+
+
+async def _summary(receiver: Receiver, outage: str) -> dict[str, Any]:
+    hooks = [h for h in receiver.of("webhook") if h.body["id"] == f"{outage}:closed"]
+    assert len(hooks) == 1, [h.body["id"] for h in receiver.of("webhook")]
+    return dict(hooks[0].body["data"])
+
+
+async def test_the_summary_counts_jobs_failed_over_and_expired_in_the_outage(
+    nats_server: Any, fake_provider: Any, receiver: Receiver
+) -> None:
+    """Two real outages (the fake answering 529 for model ``m``: its breaker opens) through
+    a worker, the prober, the replayer and the notifier. In the first, 10 fail-over jobs go
+    to OpenAI while the breaker is open; in the second, 10 jobs parked with a deadline expire before
+    the replay. Each closed summary counts its own (failed_over 10 / expired 10, the other
+    0); every job ends once: a result each, none dead, none twice."""
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.jobs import Target
+    from services.producer import Producer, make_job
+    from services.tools.stack import running_recovery, running_worker
+    from tests.support import count_outcomes, read_stream
+
+    settings, nc, js = await _stack(
+        nats_server, fake_provider, receiver, slack_webhook_url=None, pagerduty_routing_key=None
+    )
+    notifier = await Notifier(js, settings, build_sinks(settings), owner="n1").start()
+    fallback = [Target(provider="openai", model="gpt-fallback")]
+    ids: list[str] = []
+    try:
+        async with (
+            running_worker(settings),
+            running_recovery(settings),
+            await Producer.connect(settings) as producer,
+        ):
+
+            async def trip(tag: str) -> None:
+                jobs = [
+                    make_job("anthropic", "m", prompt=f"{tag} {i}", max_tokens=8) for i in range(20)
+                ]
+                ids.extend([await producer.submit(j) for j in jobs])
+                await wait_until(lambda: _parked(js, 20), timeout=60)
+
+            # 1. fail-over while open
+            fake_provider.start_outage(529, models=["m"])
+            await trip("first")
+            moved = [
+                make_job("anthropic", "m", prompt=f"move {i}", max_tokens=8,
+                         on_outage="failover", fallbacks=fallback)
+                for i in range(10)
+            ]  # fmt: skip
+            moved_ids = [await producer.submit(j) for j in moved]
+            ids += moved_ids
+            served = await producer.results(moved_ids, timeout=60)
+            fake_provider.stop_outage()
+            await producer.results(ids, timeout=90)
+            events = await _health_events(js)
+            first = events[0].outage_id
+            await wait_until(lambda: _has(receiver, f"{first}:closed"), timeout=60)
+
+            # 2. parked jobs expire before the replay
+            fake_provider.start_outage(529, models=["m"])
+            await trip("second")
+            deadline = datetime.now(UTC) + timedelta(seconds=3)
+            late = [
+                make_job("anthropic", "m", prompt=f"late {i}", max_tokens=8, deadline=deadline)
+                for i in range(10)
+            ]
+            late_ids = [await producer.submit(j) for j in late]
+            ids += late_ids
+            await wait_until(lambda: _parked(js, 30), timeout=60)
+
+            async def past_deadline() -> bool:
+                return datetime.now(UTC) > deadline
+
+            await wait_until(past_deadline, timeout=30)
+            fake_provider.stop_outage()
+            results = await producer.results(ids, timeout=90)
+            second = next(e.outage_id for e in await _health_events(js) if e.outage_id != first)
+            await wait_until(lambda: _has(receiver, f"{second}:closed"), timeout=60)
+        counts = await count_outcomes(js)
+        tallies = await read_stream(js, s.EVENTS_STREAM, s.TALLY_FILTER)
+    finally:
+        await notifier.stop()
+        await nc.close()
+    a, b = await _summary(receiver, first), await _summary(receiver, second)
+    assert (a["failed_over"], a["expired"]) == (10, 0), a
+    assert (b["failed_over"], b["expired"]) == (0, 10), b
+    assert a["parked"] == 20 and b["replayed"] == 20
+    assert {r.provider for r in served.values()} == {"openai"}
+    assert len(ids) == len(set(ids)) == 60
+    assert {i for i, r in results.items() if r.status == "expired"} == set(late_ids)
+    assert sum(r.status == "succeeded" for r in results.values()) == 50
+    assert counts["results"] == counts["result_writes"] == 60
+    assert counts["succeeded"] == 50 and counts["expired"] == 10 and counts["dead"] == 0
+    # Coalesced: far fewer tallies than counted jobs.
+    assert 2 <= len(tallies) < 20, len(tallies)
+
+
+async def _health_events(js: Any) -> list[Any]:
+    from schemas.events import decode_health_event
+    from tests.support import read_stream
+
+    msgs = await read_stream(js, s.EVENTS_STREAM, s.HEALTH_EVENTS_FILTER)
+    return [decode_health_event(m.data) for m in msgs]

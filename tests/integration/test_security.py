@@ -127,10 +127,21 @@ def _services(by_role: dict[str, Settings], tmp_path: Path, *specs: tuple[str, .
 
 
 async def _run_outage_cycle(
-    producer: Producer, operator_js: Any, fake_provider: Any, *, clean: int, parked: int
+    producer: Producer,
+    operator_js: Any,
+    fake_provider: Any,
+    *,
+    clean: int,
+    parked: int,
+    expired: int = 0,
 ) -> list[str]:
     """Submit ``clean`` jobs, then ``parked`` more during a 529 outage, end the outage,
-    and wait for every result: the whole pipeline (park, probe, replay) runs."""
+    and wait for every result: the whole pipeline (park, probe, replay) runs. With
+    ``expired``, once jobs park, that many more past their deadline (the worker expires
+    them while the breaker is open) and that many due in a second (parked, then expired by
+    the replayer: the outage ends after their deadline)."""
+    from datetime import UTC, datetime, timedelta
+
     ids = [
         await producer.submit(make_job("anthropic", "m", prompt=f"clean {i}", max_tokens=8))
         for i in range(clean)
@@ -146,6 +157,20 @@ async def _run_outage_cycle(
         return bool((await operator_js.stream_info(s.PARKED_STREAM)).state.messages > 0)
 
     await wait_until(some_parked, timeout=30)
+    now = datetime.now(UTC)
+    soon = now + timedelta(seconds=1)
+    for i in range(expired):
+        for when in (now - timedelta(seconds=1), soon):
+            job = make_job("anthropic", "m", prompt=f"late {i}", max_tokens=8, deadline=when)
+            more.append(await producer.submit(job))
+    if expired:
+
+        async def all_expired_or_parked() -> bool:
+            waiting = (await operator_js.stream_info(s.PARKED_STREAM)).state.messages
+            ended = (await operator_js.stream_info(s.RESULTS_STREAM)).state.messages - clean
+            return datetime.now(UTC) > soon and waiting + ended >= parked + 2 * expired
+
+        await wait_until(all_expired_or_parked, timeout=30)
     fake_provider.stop_outage()
     await producer.results(more, timeout=60)
     return ids + more
@@ -156,9 +181,10 @@ async def test_each_role_does_its_job_with_least_privilege(
     secured: SecuredNats, fake_provider: Any, tmp_path: Path
 ) -> None:
     """Operator applies the topology; worker, prober, replayer and notifier run as their
-    own users; a producer submits and reads results through an outage: every job succeeds,
-    the webhook gets the outage's signed open and close, and the server logs no permission
-    violation at all."""
+    own users; a producer submits and reads results through an outage: every job succeeds
+    (or expires: its deadline passed), the webhook gets the outage's signed open and close
+    (its summary counting the expired jobs from the worker's and the replayer's tallies),
+    and the server logs no permission violation at all."""
     receiver = await Receiver(secret="whsec-security-0123456789").start()
     notify = NotifySettings(
         webhook_url=SecretStr(f"{receiver.url}/webhook"),
@@ -175,7 +201,9 @@ async def test_each_role_does_its_job_with_least_privilege(
     )
     try:
         async with await Producer.connect(by_role["producer"]) as producer:
-            ids = await _run_outage_cycle(producer, js, fake_provider, clean=10, parked=20)
+            ids = await _run_outage_cycle(
+                producer, js, fake_provider, clean=10, parked=20, expired=2
+            )
             assert (await producer.peek_result(ids[0])) is not None
 
         async def closed() -> bool:  # the replayer closes the breaker once the backlog is gone
@@ -194,7 +222,8 @@ async def test_each_role_does_its_job_with_least_privilege(
         codes = {p.role: p.terminate(timeout=30) for p in procs}
         await nc.close()
         await receiver.stop()
-    assert counts["results"] == counts["result_writes"] == counts["succeeded"] == 30
+    assert counts["results"] == counts["result_writes"] == 34
+    assert (counts["succeeded"], counts["expired"], counts["dead"]) == (30, 4, 0)
     assert events == ["open", "half_open", "closed"]
     assert [e["type"].rsplit(".", 1)[1] for e in receiver.webhook_events.values()] == [
         "opened",
@@ -203,6 +232,7 @@ async def test_each_role_does_its_job_with_least_privilege(
     assert all(r.signed for r in receiver.of("webhook"))
     summary = list(receiver.webhook_events.values())[1]["data"]
     assert summary["parked"] == 20
+    assert (summary["expired"], summary["failed_over"]) == (4, 0)
     assert summary["time_to_detect_s"] is not None and summary["time_to_detect_s"] >= 0
     assert secured.violations() == []
     assert set(codes.values()) == {0}, codes
@@ -324,6 +354,11 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
         f"$JS.API.DIRECT.GET.KV_{s.LOCATOR_BUCKET}.{where}",
         lambda c: c.js.get_last_msg(f"KV_{s.LOCATOR_BUCKET}", where, direct=True),
     )
+    forge_tally = (
+        "forge an outage's tally of jobs failed over and expired (workers' and replayer's)",
+        s.tally_subject("anthropic"),
+        lambda c: c.js.publish(s.tally_subject("anthropic"), b'{"failed_over": 1000}'),
+    )
     bodies_stream = f"OBJ_{s.BODIES_BUCKET}"
     read_body = (
         "read a large job's body",
@@ -417,6 +452,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             page_event,
             forge_location,
             read_location,
+            forge_tally,
         ],
         "worker": [
             overwrite_body,
@@ -441,6 +477,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             page_event,
         ],
         "prober": [
+            forge_tally,
             read_body,
             forge_location,
             consume_jobs,
@@ -524,6 +561,7 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
             consume_jobs,
             forge_location,
             pause,
+            forge_tally,
             (
                 "forge a breaker transition",
                 s.health_event_subject("anthropic"),
@@ -597,6 +635,8 @@ async def test_a_role_cannot_do_the_work_of_others(secured: SecuredNats, role: s
         control = await js.key_value(s.CONTROL_BUCKET)
         assert await _keys(control) == [s.LEGACY_JOBS_KEY]  # written by the topology step
         assert (await js.stream_info(s.RESULTS_STREAM)).state.messages == 0
+        events = await js.stream_info(s.EVENTS_STREAM, subjects_filter=s.TALLY_FILTER)
+        assert not events.state.subjects  # no tally forged
         assert job_id
     finally:
         await operator.close()
@@ -816,6 +856,48 @@ async def test_every_wildcard_form_of_a_job_location_stays_a_job_location(
     assert subjects and all(nats_match(scope, subject) for subject in subjects), subjects
     assert not any("ai_locator" in k for k in (control.state.subjects or {}))
     assert shown["where"] == "unknown"  # sequence 1 of AI_PARKED is no job of that id
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", ["worker", "replayer"])
+async def test_every_wildcard_form_of_a_tally_stays_in_its_scope(
+    secured: SecuredNats, role: str
+) -> None:
+    """The tally subject of the worker and the replayer (`ai.events.tally.*`), published
+    with each token as a literal `*` or cut with `>`: whatever the server stores is a
+    tally, never a health event, an audit event or evidence; the notifier's consumer gets
+    none of it; and the summary's reader skips what does not decode."""
+    from datetime import UTC, datetime, timedelta
+
+    from services.notifier.notifier import tallied
+
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    ojs = operator.jetstream()
+    await ensure_topology(ojs, base)
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    scopes = [s.TALLY_FILTER]
+    assert auth_users()[role]["publish"].count(s.TALLY_FILTER) == 1
+    for other in ("producer", "prober", "notifier", "tenant-acme"):
+        assert not any(
+            nats_match(p, s.tally_subject("anthropic")) for p in auth_users()[other]["publish"]
+        ), other
+    client = await RoleClient.connect(secured, role)
+    tried, stored = await _publish_every_form(client, scopes, b'{"provider": "anthropic"')
+    try:
+        info = await ojs.stream_info(s.EVENTS_STREAM, subjects_filter=">")
+        subjects = list(info.state.subjects or {})
+        notifier = await ojs.consumer_info(s.EVENTS_STREAM, s.NOTIFIER_CONSUMER)
+        sums = await tallied(ojs, "anthropic", {"any"}, since)
+    finally:
+        await operator.close()
+    assert tried >= 4 and stored, stored
+    assert subjects, subjects
+    for subject in subjects:
+        assert nats_match(s.TALLY_FILTER, subject), subject
+    assert notifier.num_pending == 0
+    assert sums == {"failed_over": 0, "expired": 0}
+    assert secured.violations()  # the forms outside the scope were refused
 
 
 @pytest.mark.integration

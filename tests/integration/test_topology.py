@@ -87,6 +87,31 @@ async def test_new_provider_is_added_to_the_jobs_stream(settings: Settings, js: 
     assert {f"AI_JOBS/workers-vllm-{prio}" for prio in s.PRIORITIES} <= set(report.created)
 
 
+async def test_an_events_stream_of_the_last_release_takes_the_tallies(
+    settings: Settings, js: Any
+) -> None:
+    """AI_EVENTS made without the tally subject (the last release) is updated in place:
+    it then stores ``ai.events.tally.<provider>``, keeps the events it had, and the
+    notifier's consumer still does not deliver tallies."""
+    from nats.js.errors import NoStreamResponseError
+
+    cfg = (await js.stream_info(s.EVENTS_STREAM)).config
+    cfg.subjects = [x for x in cfg.subjects if x != s.TALLY_FILTER]
+    await js.update_stream(cfg)
+    await js.publish(s.OPS_EVENTS_SUBJECT, b'{"action": "pause", "who": "op"}')
+    with pytest.raises(NoStreamResponseError):  # the old stream does not listen there
+        await js.publish(s.tally_subject("anthropic"), b"{}", timeout=1.0)
+    report = await ensure_topology(js, settings)
+    assert report.updated == [s.EVENTS_STREAM]
+    await js.publish(s.tally_subject("anthropic"), b'{"provider": "anthropic"}')
+    info = await js.stream_info(s.EVENTS_STREAM, subjects_filter=">")
+    assert info.state.subjects == {s.OPS_EVENTS_SUBJECT: 1, s.tally_subject("anthropic"): 1}
+    notifier = await js.consumer_info(s.EVENTS_STREAM, s.NOTIFIER_CONSUMER)
+    assert s.TALLY_FILTER not in (notifier.config.filter_subjects or [])
+    assert notifier.num_pending == 1  # the audit event only
+    assert not (await ensure_topology(js, settings)).changed
+
+
 async def test_an_upgrade_moves_results_and_keeps_jobs_stored_under_the_old_layout(
     settings: Settings, nats_server: Any, fake_provider: Any
 ) -> None:

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from schemas import subjects as s
-from services.config import Settings, WorkerSettings
+from services.config import NotifySettings, Settings, WorkerSettings
 from services.liveness import alive_file, write_status
 from services.monitor import CHECK_TIMEOUT_S
 from services.tools.devstack import find_nats_server
@@ -42,7 +42,11 @@ OVERLAY = K8S / "overlays" / "example"
 SCHEMAS = K8S / "schemas"
 AUTH_CONF = DEPLOY / "nats" / "auth.conf"
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-SERVICE_ROLES = ("worker", "prober", "replayer")
+SERVICE_ROLES = ("worker", "prober", "replayer", "notifier")
+#: Where the notifier's sink secrets are mounted (Kubernetes), one file per sink setting.
+NOTIFY_DIR = "/var/run/secrets/ridethrough/notify"
+#: The sink settings a mounted secrets directory may hold (services/config.py NotifySettings).
+NOTIFY_SECRETS = ("webhook_url", "webhook_secret", "slack_webhook_url", "pagerduty_routing_key")
 #: The HTTP probes of every service pod (services/monitor.py).
 PROBE_PATHS = {"startupProbe": "/livez", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
 #: What a worker needs after shutdown_grace_s: releasing unfinished jobs and draining NATS.
@@ -208,6 +212,7 @@ def test_compose_runs_a_three_node_cluster_and_every_role() -> None:
     assert services["worker"]["deploy"]["replicas"] >= 2
     assert services["prober"]["command"] == ["prober"]
     assert services["replayer"]["command"] == ["replayer"]
+    assert services["notifier"]["command"] == ["notifier"]
     for role in SERVICE_ROLES:
         after = services[role]["depends_on"]["topology"]["condition"]
         assert after == "service_completed_successfully"
@@ -271,7 +276,9 @@ def test_every_deployed_role_has_its_user_and_inbox() -> None:
         for spec in pod_specs(d):
             env = env_of(spec["containers"][0])
             seen.append((env["RIDETHROUGH_NATS__USER"], env.get("RIDETHROUGH_NATS__INBOX_PREFIX")))
-    assert {u for u, _ in seen} >= {"producer", "worker", "prober", "replayer", "operator"}
+    assert {u for u, _ in seen} >= {
+        "producer", "worker", "prober", "replayer", "notifier", "operator"
+    }  # fmt: skip
     for user, prefix in seen:
         assert user in users, user
         allowed = users[user]["subscribe"]
@@ -438,8 +445,54 @@ def test_provider_keys_are_mounted_only_where_providers_are_called() -> None:
     key_dir = "/var/run/secrets/ridethrough/providers"
     assert mounted["ridethrough-worker"] == mounted["ridethrough-prober"] == {key_dir}
     assert mounted["ridethrough-replayer"] == mounted["ridethrough-topology"] == set()
+    assert mounted["ridethrough-notifier"] == {NOTIFY_DIR}  # its sinks, not provider keys
     for name, p in settings.providers.items():
         assert str(p.api_key_file) == f"{key_dir}/{name}"
+
+
+def _env_values(env: dict[str, Any]) -> list[str]:
+    return [str(v) for v in env.values() if v is not None]
+
+
+def test_the_notifier_is_deployed_with_its_sinks_from_secrets_only(tmp_path: Path) -> None:
+    """compose (profile `notify`) and Kubernetes run `ridethrough notifier`, two leased
+    replicas as user notifier; its sinks come from a secret mounted as a directory
+    (RIDETHROUGH_NOTIFY__SECRETS_DIR), never from an environment value; files named as in
+    the manifests' comments turn the sinks on."""
+    from services.notifier.sinks import build_sinks
+
+    for name in NOTIFY_SECRETS:  # the file names are settings (and have *_file forms)
+        assert {name, f"{name}_file"} <= set(NotifySettings.model_fields), name
+    svc = compose()["services"]["notifier"]
+    assert svc["profiles"] == ["notify"] and svc["deploy"]["replicas"] == 2
+    env = svc["environment"]
+    target = env["RIDETHROUGH_NOTIFY__SECRETS_DIR"]
+    assert [x["target"] for x in svc["secrets"]] == [target]
+    assert svc["secrets"][0]["source"] in compose()["secrets"]
+    assert not [k for k in env if k.startswith("RIDETHROUGH_NOTIFY__") and k != (
+        "RIDETHROUGH_NOTIFY__SECRETS_DIR"
+    )]  # fmt: skip
+    docs = render(BASE)
+    dep = by_kind(docs, "Deployment")["ridethrough-notifier"]
+    assert dep["spec"]["replicas"] == 2
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    k8s_env = {e["name"]: e for e in c["env"]}
+    assert k8s_env["RIDETHROUGH_NOTIFY__SECRETS_DIR"]["value"] == NOTIFY_DIR
+    assert [k for k in k8s_env if k.startswith("RIDETHROUGH_NOTIFY__")] == [
+        "RIDETHROUGH_NOTIFY__SECRETS_DIR"
+    ]
+    volume = next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == NOTIFY_DIR)
+    secret = next(v["secret"] for v in spec["volumes"] if v["name"] == volume)
+    assert secret["secretName"] == "ridethrough-notify"
+    comments = (BASE / "notifier.yaml").read_text() + (BASE / "kustomization.yaml").read_text()
+    assert all(name in comments for name in NOTIFY_SECRETS)
+    assert "ridethrough-notify" in (BASE / "kustomization.yaml").read_text()
+    # Such a directory, as mounted: the files present are the sinks.
+    (tmp_path / "slack_webhook_url").write_text("https://hooks.slack.example/T/B/x")
+    settings = Settings(notify={"secrets_dir": tmp_path})
+    assert [s.name for s in build_sinks(settings)] == ["slack"]
+    assert not any("hooks.slack" in v for v in _env_values(env))
 
 
 def test_every_deployment_has_a_disruption_budget() -> None:

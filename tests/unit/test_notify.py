@@ -120,18 +120,27 @@ def test_a_flapping_incident_adds_up_its_outages() -> None:
 
 
 def test_the_summary_carries_every_number() -> None:
-    """The closed notice: duration, detection, parked, replayed, dead (by reason), calls
-    saved, and explicit nulls for what is not measured."""
+    """The closed notice: duration, detection, parked, replayed, failed over and expired
+    (lower bounds, from the tallies), dead (by reason), calls saved; explicit nulls for
+    what could not be read."""
     d = inc.decide(ONE, 5, flap_s=0, now=LATE)
     assert isinstance(d, inc.Closed)
-    n = notices.closed(d.incident, {"provider_outage": 3, "retries_exhausted": 1})
+    unread = notices.closed(d.incident, {"provider_outage": 3, "retries_exhausted": 1})
+    assert unread.data["failed_over"] is None and unread.data["expired"] is None
+    assert "failed over not read, expired not read" in unread.text
+    n = notices.closed(
+        d.incident,
+        {"provider_outage": 3, "retries_exhausted": 1},
+        {"failed_over": 7, "expired": 2},
+    )
     assert n.id == "A:closed" and n.incident == "A" and n.type == notices.CLOSED
     data = n.data
     assert data["duration_s"] == 30.0
     assert data["detected_on"] == {"reason": "5 failures in a row", "failures": 5, "calls": 7}
     assert (data["parked"], data["replayed"], data["dead"]) == (40, 38, 4)
     assert data["provider_calls_saved"] == 40 and data["reopened"] == 1
-    assert data["failed_over"] is None and data["expired"] is None
+    assert (data["failed_over"], data["expired"]) == (7, 2)
+    assert "at least 7 failed over, at least 2 expired, 4 dead" in n.text
     assert data["time_to_detect_s"] == 2.5
     assert "30.0s" in n.title and "40 parked" in n.text
     assert "Detected 2.5s after the first failure on 5 failures of 7 calls" in n.text
@@ -274,3 +283,23 @@ def test_sinks_read_their_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read pagerduty_routing_key file"):
         build_sinks(Settings(notify=notify))
     assert build_sinks(Settings()) == []
+
+
+def test_sinks_come_from_a_mounted_secrets_directory(tmp_path: Path) -> None:
+    """With ``secrets_dir`` (a Kubernetes Secret or compose secret mounted as a directory)
+    each file named like a sink setting that is there turns its sink on; an explicit
+    setting wins; a webhook URL there without its signing secret is a ConfigError."""
+    (tmp_path / "slack_webhook_url").write_text("https://hooks.slack.example/T0/B0/x\n")
+    (tmp_path / "pagerduty_routing_key").write_text("R0UTINGKEY0123456789\n")
+    sinks = build_sinks(Settings(notify={"secrets_dir": tmp_path}))
+    assert [s.name for s in sinks] == ["slack", "pagerduty"]
+    explicit = {"secrets_dir": tmp_path, "pagerduty_routing_key": "OTHERKEY0123456789"}
+    chosen = build_sinks(Settings(notify=explicit))[1]
+    assert chosen.routing_key == "OTHERKEY0123456789"  # type: ignore[attr-defined]
+    (tmp_path / "webhook_url").write_text("http://127.0.0.1:9/hook\n")
+    with pytest.raises(ConfigError, match="needs webhook_secret"):
+        build_sinks(Settings(notify={"secrets_dir": tmp_path}))
+    (tmp_path / "webhook_secret").write_text("whsec-0123456789\n")
+    hook = build_sinks(Settings(notify={"secrets_dir": tmp_path}))[0]
+    assert hook.name == "webhook" and hook.secret == "whsec-0123456789"  # type: ignore[attr-defined]
+    assert build_sinks(Settings(notify={"secrets_dir": tmp_path / "none"})) == []
