@@ -73,9 +73,10 @@ async def test_one_trace_from_submit_to_result(
         and sp.parent.span_id == process.context.span_id
     ]  # fmt: skip
     [chat] = chats
-    # The SDK's own span (metadata only) is the call span's child.
-    sdk = [sp for sp in spans.get_finished_spans() if sp.name == "anthropic.messages.create"]
-    assert [sp.parent.span_id for sp in sdk if sp.parent] == [chat.context.span_id]
+    # A plain first-party call does not go through messages.create (the adapter posts it on
+    # its own session): there is no SDK span under the call span, only ours.
+    sdk = [sp for sp in spans.get_finished_spans() if sp.name.startswith("anthropic.")]
+    assert sdk == []
     trace_id = submit.context.trace_id
     assert {process.context.trace_id, chat.context.trace_id} == {trace_id}
     assert process.parent is not None and process.parent.span_id == submit.context.span_id
@@ -132,9 +133,15 @@ async def test_a_replayed_attempt_links_to_the_original_submit(
     assert dict(replayed.attributes or {})["ridethrough.outcome"] == "succeeded"
 
 
-_PROMPTS = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=12, max_size=60
-).filter(lambda p: p.strip() and len(p.strip()) >= 12)
+# Each prompt opens with words no id or number holds: a drawn "000000000000" alone would
+# be found inside a trace or request id without any prompt having leaked.
+_PROMPTS = (
+    st.text(
+        alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60
+    )
+    .filter(lambda p: p.strip())
+    .map(lambda p: f"secret prompt {p.strip()}")
+)
 
 
 async def test_no_prompt_or_response_in_any_span(
