@@ -834,6 +834,10 @@ async def bench_gateway(
     body = msgspec.json.encode({"model": MODEL, **request})
     ours: list[float] = []
     theirs: list[float] = []
+    # CPU seconds per request: of the gateway process, and of this process running the
+    # producer's submit-and-wait (load-independent, unlike the rates).
+    gw_cpu: list[float] = []
+    pr_cpu: list[float] = []
     async with stage(base, opts, "gateway") as st:
         port = free_port()
         gw_settings = st.settings.with_changes(
@@ -875,8 +879,12 @@ async def bench_gateway(
                 await _closed_loop(through_producer, warm, GATEWAY_IN_FLIGHT)
                 for i in range(opts.repeat):
                     _progress(report, f"gateway: run {i + 1}/{opts.repeat}")
+                    cpu = cpu_seconds(gateway.pid)
                     ours.append(await _closed_loop(through_gateway, n, GATEWAY_IN_FLIGHT))
+                    gw_cpu.append((cpu_seconds(gateway.pid) - cpu) / n)
+                    cpu = time.process_time()
                     theirs.append(await _closed_loop(through_producer, n, GATEWAY_IN_FLIGHT))
+                    pr_cpu.append((time.process_time() - cpu) / n)
                     await _purge(st.js, JOBS_STREAM, RESULTS_STREAM)
                 rate = statistics.median(ours) / 2
                 count = max(20, min(n, int(rate * opts.latency_s)))
@@ -898,6 +906,8 @@ async def bench_gateway(
             "producer_p99_ms": pr_p99,
             "added_p50_ms": gw_p50 - pr_p50,
             "added_p99_ms": gw_p99 - pr_p99,
+            "gateway_cpu_us_per_request": statistics.median(gw_cpu) * 1e6,
+            "producer_cpu_us_per_request": statistics.median(pr_cpu) * 1e6,
         },
     )
 
