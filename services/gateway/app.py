@@ -443,7 +443,9 @@ def _retry_after(seconds: float) -> str:
 
 
 def _prefers_async(request: web.Request) -> bool:
-    prefer = request.headers.get("prefer", "")
+    prefer = request.headers.get("prefer")
+    if not prefer:
+        return False
     return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
 
 

@@ -119,6 +119,8 @@ class ResultWaiter:
         self.recheck_s = recheck_s
         self._tenants: dict[str, TenantResults] = {}
         self._starting: dict[str, asyncio.Lock] = {}
+        #: When a tenant whose consumer could not be created is tried again.
+        self._retry_at: dict[str, float] = {}
 
     async def watch(self, tenant: str) -> TenantResults | None:
         """The results of ``tenant``, its consumer created on first use; ``None`` when it
@@ -126,6 +128,10 @@ class ResultWaiter:
         found = self._tenants.get(tenant)
         if found is not None:
             return found
+        # Disconnected, or refused a moment ago: the request goes on without one (and a
+        # submit while NATS is away fails at once, not after a consumer's timeout).
+        if not self.nc.is_connected or time.monotonic() < self._retry_at.get(tenant, 0.0):
+            return None
         lock = self._starting.setdefault(tenant, asyncio.Lock())
         async with lock:
             found = self._tenants.get(tenant)
@@ -135,6 +141,7 @@ class ResultWaiter:
             try:
                 await results.start(self.nc)
             except Exception as exc:
+                self._retry_at[tenant] = time.monotonic() + self.recheck_s
                 log.warning("gateway: no results consumer for tenant %s yet: %s", tenant, exc)
                 return None
             self._tenants[tenant] = results

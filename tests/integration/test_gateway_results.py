@@ -11,9 +11,12 @@ import pytest
 from schemas.codec import encode
 from schemas.results import JobResult
 from schemas.subjects import EXPECTED_LAST_SUBJECT_SEQ, RESULTS_STREAM, result_subject
+from services.config import Settings
 from services.errors import ResultTimeout
 from services.gateway.results import ResultWaiter
+from services.jetstream.connection import connect
 from services.jetstream.streams import last_msg, publish_if_last
+from services.jetstream.topology import ensure_topology
 from services.producer import Producer
 
 pytestmark = pytest.mark.integration
@@ -117,3 +120,22 @@ async def test_waits_that_end_leave_nothing_behind(js: Any) -> None:
         assert waiter.waiting == 0
     finally:
         await waiter.close()
+
+
+async def test_without_a_consumer_the_wait_goes_through_the_producer(settings: Settings) -> None:
+    """A tenant whose consumer cannot be created (no results stream yet) still gets its
+    result: the request waits as ``Producer.result`` does."""
+    nc = await connect(settings, name="test")
+    try:
+        waiter = ResultWaiter(nc)
+        expected = await waiter.expect("acme", "j2")  # AI_RESULTS does not exist yet
+        assert waiter.waiting == 0
+        js = nc.jetstream()
+        await ensure_topology(js, settings)
+        await _store(js, _result("j2", "acme", "found"))
+        got = await expected.result(30, Producer(nc, tenant="acme"))
+        expected.close()
+        await waiter.close()
+    finally:
+        await nc.close()
+    assert got.response == {"text": "found"}
