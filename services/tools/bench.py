@@ -866,7 +866,11 @@ async def bench_gateway(
             if result.status != "succeeded":
                 raise BenchError(f"a producer job ended {result.status}")
 
-        connector = aiohttp.TCPConnector(limit=GATEWAY_IN_FLIGHT)
+        # No cap on connections: the closed loops hold GATEWAY_IN_FLIGHT each way anyway,
+        # and the paced legs must not queue for a connection on one side only (the
+        # producer has no such cap; at a rate times latency over a cap the HTTP leg's
+        # latency was the client's queue).
+        connector = aiohttp.TCPConnector(limit=0)
         with (
             st.running(st.settings, "bench-child", "worker") as worker,
             st.running(gw_settings, "gateway") as gateway,
@@ -886,7 +890,9 @@ async def bench_gateway(
                     theirs.append(await _closed_loop(through_producer, n, GATEWAY_IN_FLIGHT))
                     pr_cpu.append((time.process_time() - cpu) / n)
                     await _purge(st.js, JOBS_STREAM, RESULTS_STREAM)
-                rate = statistics.median(ours) / 2
+                # Half the load of the slower path: both legs run at the same rate, and
+                # neither is pushed nearer its limit than the other is at its half.
+                rate = min(statistics.median(ours), statistics.median(theirs)) / 2
                 count = max(20, min(n, int(rate * opts.latency_s)))
                 _progress(report, f"gateway: latency, {count} requests at {rate:.0f}/s each way")
                 # In rounds, the two paths alternating (as the rates are), so that a change
