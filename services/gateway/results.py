@@ -53,6 +53,8 @@ class TenantResults:
         self._prefix = result_subject("", tenant)
         self._waiting: dict[str, list[asyncio.Future[JobResult]]] = {}
         self._sub: Subscription | None = None
+        # Made in the loop it serves (asking for the loop per request is a syscall).
+        self._loop = asyncio.get_running_loop()
         #: Results delivered, and those that some request was waiting for.
         self.delivered = 0
         self.matched = 0
@@ -81,7 +83,7 @@ class TenantResults:
 
     def expect(self, job_id: str) -> asyncio.Future[JobResult]:
         """A future that the result of ``job_id`` delivered from now on completes."""
-        fut: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[JobResult] = self._loop.create_future()
         self._waiting.setdefault(job_id, []).append(fut)
         return fut
 
