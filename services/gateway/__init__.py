@@ -20,7 +20,8 @@ back from that tenant's results only. A missing or unknown key is a 401
 One request, one job. The body (less ``model`` and ``stream``) becomes the job's
 ``request``; it is stored (JetStream PubAck) on the gateway's ``gateway.anthropic_provider``
 before the gateway waits for the result, which it answers byte for byte as the provider's
-JSON. Every answer carries ``x-ridethrough-job-id``.
+JSON (the wait: ``results``, one consumer per tenant). Every answer carries
+``x-ridethrough-job-id``.
 
 Waiting. A request waits up to ``x-ridethrough-wait-s`` seconds (default
 ``gateway.wait_s``, at most ``gateway.max_wait_s``), and never past one second before

@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 from nats.aio.client import Client
 
-from schemas.jobs import new_job_id
+from schemas.jobs import Job, new_job_id
 from schemas.results import JobResult
 from schemas.subjects import is_token
 from services.config import ANTHROPIC_SHAPE, Settings
@@ -43,6 +43,7 @@ from services.gateway.anthropic_wire import (
     parse_messages_request,
 )
 from services.gateway.keys import KeyRing
+from services.gateway.results import Expected, ResultWaiter
 from services.jetstream.errors import NATS_UNAVAILABLE
 from services.producer import Producer, job_id_for_key, make_job
 
@@ -191,6 +192,8 @@ class Gateway:
                     "provider of kind openai (or be null: no /v1/chat/completions)"
                 )
         self._producers: dict[str, Producer] = {}
+        #: Every request's wait for its result: one consumer per tenant (``results``).
+        self.results = ResultWaiter(nc)
         self._operator_keys = frozenset(self.config.operator_keys)
 
     def producer(self, tenant: str) -> Producer:
@@ -303,6 +306,31 @@ class Gateway:
         except (BadRequest, InvalidJob) as exc:
             return door.error(400, str(exc))
         producer = self.producer(tenant)
+        # A request that waits starts waiting before its job is published: the result
+        # cannot slip past.
+        expected = None if _prefers_async(request) else await self.results.expect(tenant, job_id)
+        try:
+            return await self._submit_and_wait(
+                request, door, parsed, job, producer, key, wait, expected
+            )
+        finally:
+            if expected is not None:
+                expected.close()
+
+    async def _submit_and_wait(
+        self,
+        request: web.Request,
+        door: Door,
+        parsed: ParsedRequest,
+        job: Job,
+        producer: Producer,
+        key: str | None,
+        wait: float,
+        expected: Expected | None,
+    ) -> web.StreamResponse:
+        """Store the job (or find its result, for a key) and answer; ``expected`` is where
+        its result arrives (``None``: answer 202 once stored)."""
+        job_id = job.id
         try:
             if key and (done := await producer.peek_result(job_id)) is not None:
                 # A retry after the dedup window: still one job.
@@ -322,10 +350,10 @@ class Gateway:
                 f"ridethrough could not store the request: {exc}",
                 headers={"retry-after": _retry_after(self.config.retry_after_s)},
             )
-        if _prefers_async(request):
+        if expected is None:
             return self._accepted(job_id)
         try:
-            result = await producer.result(job_id, timeout=wait)
+            result = await expected.result(wait, producer)
         except ResultTimeout:
             return self._still_waiting(door, job_id, idempotent=bool(key))
         except NatsUnavailable as exc:
@@ -451,7 +479,9 @@ def _retry_after(seconds: float) -> str:
 
 
 def _prefers_async(request: web.Request) -> bool:
-    prefer = request.headers.get("prefer", "")
+    prefer = request.headers.get("prefer")
+    if not prefer:
+        return False
     return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
 
 
@@ -465,6 +495,7 @@ async def running_gateway(
     gateway_keys = KeyRing.from_settings(settings.gateway)
     nc = await connect(settings, name="ridethrough-gateway")
     runner: web.AppRunner | None = None
+    gateway: Gateway | None = None
     try:
         gateway = Gateway(nc, settings, gateway_keys)
         runner = web.AppRunner(gateway.app(), access_log=None)
@@ -480,6 +511,8 @@ async def running_gateway(
     finally:
         if runner is not None:
             await runner.cleanup()
+        if gateway is not None:
+            await gateway.results.close()
         if not nc.is_closed:
             await nc.drain()
 

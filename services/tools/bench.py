@@ -928,6 +928,10 @@ async def bench_gateway(
     body = msgspec.json.encode({"model": MODEL, **request})
     ours: list[float] = []
     theirs: list[float] = []
+    # CPU seconds per request: of the gateway process, and of this process running the
+    # producer's submit-and-wait (load-independent, unlike the rates).
+    gw_cpu: list[float] = []
+    pr_cpu: list[float] = []
     async with stage(base, opts, "gateway") as st:
         port = free_port()
         gw_settings = st.settings.with_changes(
@@ -956,7 +960,11 @@ async def bench_gateway(
             if result.status != "succeeded":
                 raise BenchError(f"a producer job ended {result.status}")
 
-        connector = aiohttp.TCPConnector(limit=GATEWAY_IN_FLIGHT)
+        # No cap on connections: the closed loops hold GATEWAY_IN_FLIGHT each way anyway,
+        # and the paced legs must not queue for a connection on one side only (the
+        # producer has no such cap; at a rate times latency over a cap the HTTP leg's
+        # latency was the client's queue).
+        connector = aiohttp.TCPConnector(limit=0)
         with (
             st.running(st.settings, "bench-child", "worker") as worker,
             st.running(gw_settings, "gateway") as gateway,
@@ -969,14 +977,27 @@ async def bench_gateway(
                 await _closed_loop(through_producer, warm, GATEWAY_IN_FLIGHT)
                 for i in range(opts.repeat):
                     _progress(report, f"gateway: run {i + 1}/{opts.repeat}")
+                    cpu = cpu_seconds(gateway.pid)
                     ours.append(await _closed_loop(through_gateway, n, GATEWAY_IN_FLIGHT))
+                    gw_cpu.append((cpu_seconds(gateway.pid) - cpu) / n)
+                    cpu = time.process_time()
                     theirs.append(await _closed_loop(through_producer, n, GATEWAY_IN_FLIGHT))
+                    pr_cpu.append((time.process_time() - cpu) / n)
                     await _purge(st.js, JOBS_STREAM, RESULTS_STREAM)
-                rate = statistics.median(ours) / 2
+                # Half the load of the slower path: both legs run at the same rate, and
+                # neither is pushed nearer its limit than the other is at its half.
+                rate = min(statistics.median(ours), statistics.median(theirs)) / 2
                 count = max(20, min(n, int(rate * opts.latency_s)))
                 _progress(report, f"gateway: latency, {count} requests at {rate:.0f}/s each way")
-                gw_lat = await _open_loop(through_gateway, count, rate)
-                prod_lat = await _open_loop(through_producer, count, rate)
+                # In rounds, the two paths alternating (as the rates are), so that a change
+                # of the machine's load during the run falls on both alike.
+                rounds = max(1, min(opts.repeat, count // 20))
+                gw_lat, prod_lat = [], []
+                for _ in range(rounds):
+                    gw_lat += await _open_loop(through_gateway, count // rounds, rate)
+                    prod_lat += await _open_loop(through_producer, count // rounds, rate)
+                gw_lat.sort()
+                prod_lat.sort()
     gw_p50, gw_p99 = _quantile(gw_lat, 0.5) * 1000, _quantile(gw_lat, 0.99) * 1000
     pr_p50, pr_p99 = _quantile(prod_lat, 0.5) * 1000, _quantile(prod_lat, 0.99) * 1000
     return Figure(
@@ -992,6 +1013,8 @@ async def bench_gateway(
             "producer_p99_ms": pr_p99,
             "added_p50_ms": gw_p50 - pr_p50,
             "added_p99_ms": gw_p99 - pr_p99,
+            "gateway_cpu_us_per_request": statistics.median(gw_cpu) * 1e6,
+            "producer_cpu_us_per_request": statistics.median(pr_cpu) * 1e6,
         },
     )
 

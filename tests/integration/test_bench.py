@@ -43,8 +43,8 @@ def _env() -> dict[str, str]:
 def test_bench_json_reports_every_scenario() -> None:
     """`bench --json` at tiny sizes prints one object with every scenario, each with
     positive numbers, a null baseline and ratio only for latency, the worker's RSS, and
-    the gateway's latencies (p99 over p50, the added latency their difference), and the
-    tracing ratio of the metrics scenario."""
+    the gateway's latencies (p99 over p50, the added latency their difference) and CPU per
+    request, and the tracing ratio of the metrics scenario."""
     proc = subprocess.run(
         [sys.executable, "-m", "services", "bench", "--json", *TINY],
         capture_output=True,
@@ -78,6 +78,9 @@ def test_bench_json_reports_every_scenario() -> None:
     assert gateway["added_p50_ms"] == pytest.approx(
         gateway["p50_ms"] - gateway["producer_p50_ms"], abs=0.01
     )
+    # The CPU each path spent per request: the gateway process's, the producer's.
+    assert gateway["gateway_cpu_us_per_request"] > 0
+    assert gateway["producer_cpu_us_per_request"] > 0
     # Metrics on against off, and tracing on (its spans reached the OTLP sink) against off.
     assert report["metrics"]["tracing_ratio"] > 0
     assert report["metrics"]["otlp_requests"] >= 1
