@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,7 +46,7 @@ from services.breaker.tally import FLUSH_S
 from services.config import Settings
 from services.jetstream.connection import client
 from services.jetstream.pull import ack_position
-from services.jetstream.streams import iter_stream
+from services.jetstream.streams import StoredMsg, iter_stream
 from services.jetstream.topology import NOTIFIER_MAX_PENDING
 from services.notifier import incidents, notices
 from services.notifier.notices import Notice
@@ -308,26 +309,36 @@ class Notifier:
         return self._session
 
 
+async def _stored_since(
+    js: JetStreamContext, stream: str, subject: str, since: datetime, limit: int
+) -> AsyncIterator[StoredMsg]:
+    """The messages of ``stream`` on ``subject`` stored from ``since`` on, oldest first, at
+    most ``limit``. The first is found by time (a direct get with ``start_time``), so only
+    those of the period are read."""
+    request = {"start_time": since.isoformat(), "next_by_subj": subject}
+    reply = await client(js).request(
+        f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), timeout=5.0
+    )
+    headers = reply.headers or {}
+    if "Nats-Sequence" not in headers:  # 404: none stored since
+        return
+    read = 0
+    first = int(headers["Nats-Sequence"])
+    async for raw in iter_stream(js, stream, subject, start_seq=first):
+        read += 1
+        if read > limit:
+            return
+        yield raw
+
+
 async def dead_between(
     js: JetStreamContext, provider: str, model: str | None, start: datetime, end: datetime
 ) -> dict[str, int]:
     """Dead letters of ``provider`` (of its ``model`` only, when given) stored from ``start``
-    to ``end``, by reason. The first is found by time (a direct get with ``start_time``), so
-    only the letters of the period are read (at most ``MAX_DEAD_READ``)."""
-    request = {"start_time": start.isoformat(), "next_by_subj": s.dead_filter(provider)}
-    reply = await client(js).request(
-        f"$JS.API.DIRECT.GET.{s.DEAD_STREAM}", json.dumps(request).encode(), timeout=5.0
-    )
-    headers = reply.headers or {}
-    if "Nats-Sequence" not in headers:  # 404: none stored since start
-        return {}
+    to ``end``, by reason (at most ``MAX_DEAD_READ`` read)."""
     counts: dict[str, int] = {}
-    read = 0
-    first = int(headers["Nats-Sequence"])
-    async for raw in iter_stream(js, s.DEAD_STREAM, s.dead_filter(provider), start_seq=first):
-        read += 1
-        if read > MAX_DEAD_READ:
-            break
+    subject = s.dead_filter(provider)
+    async for raw in _stored_since(js, s.DEAD_STREAM, subject, start, MAX_DEAD_READ):
         try:
             letter = decode_dead_letter(raw.data or b"")
         except msgspec.DecodeError:
@@ -344,23 +355,11 @@ async def tallied(
     js: JetStreamContext, provider: str, outage_ids: set[str], since: datetime
 ) -> dict[str, int]:
     """``failed_over`` and ``expired``: the sums of the tallies of ``outage_ids`` (of
-    ``provider``) stored since ``since`` (the first found by time, as ``dead_between``;
-    at most ``MAX_TALLY_READ`` read). A tally that does not decode is skipped."""
+    ``provider``) stored since ``since`` (at most ``MAX_TALLY_READ`` read). A tally that
+    does not decode is skipped."""
     sums = {"failed_over": 0, "expired": 0}
     subject = s.tally_subject(provider)
-    request = {"start_time": since.isoformat(), "next_by_subj": subject}
-    reply = await client(js).request(
-        f"$JS.API.DIRECT.GET.{s.EVENTS_STREAM}", json.dumps(request).encode(), timeout=5.0
-    )
-    headers = reply.headers or {}
-    if "Nats-Sequence" not in headers:  # 404: none stored since
-        return sums
-    read = 0
-    first = int(headers["Nats-Sequence"])
-    async for raw in iter_stream(js, s.EVENTS_STREAM, subject, start_seq=first):
-        read += 1
-        if read > MAX_TALLY_READ:
-            break
+    async for raw in _stored_since(js, s.EVENTS_STREAM, subject, since, MAX_TALLY_READ):
         try:
             tally = decode_tally_event(raw.data or b"")
         except msgspec.DecodeError:
