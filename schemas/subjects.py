@@ -146,6 +146,12 @@ def jobs_filter(provider: str) -> str:
     return f"ai.jobs.{provider}.>"
 
 
+def tenant_jobs_filters(provider: str, tenant: str) -> tuple[str, str]:
+    """The jobs of ``provider`` that belong to ``tenant``: those its producers published and
+    those ridethrough requeued for it (for reading AI_JOBS)."""
+    return f"ai.jobs.{provider}.*.{tenant}", f"ai.jobs.{provider}.*.{tenant}.{REQUEUED}"
+
+
 def jobs_priority_filters(provider: str, priority: str) -> tuple[str, str]:
     """The jobs of ``provider`` at ``priority``, in all three forms: the filters of its
     workers' consumer, and the subjects AI_JOBS takes for it."""

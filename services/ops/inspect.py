@@ -191,10 +191,9 @@ async def _waiting(
 ) -> AsyncIterator[StoredMsg]:
     """The jobs of ``provider`` on AI_JOBS: all, or only those on ``tenant``'s subjects
     (its own and the ones ridethrough requeued for it)."""
-    if tenant is None:
-        filters = [s.jobs_filter(provider)]
-    else:
-        filters = [f"ai.jobs.{provider}.*.{tenant}", f"ai.jobs.{provider}.*.{tenant}.{s.REQUEUED}"]
+    filters = (
+        (s.jobs_filter(provider),) if tenant is None else s.tenant_jobs_filters(provider, tenant)
+    )
     for subject in filters:
         async for msg in iter_stream(js, s.JOBS_STREAM, subject):
             yield msg
