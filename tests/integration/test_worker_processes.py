@@ -92,6 +92,12 @@ async def test_two_workers_share_one_consumer_without_double_results(
     nats_server: Any, fake_provider: Any, js: Any, tmp_path: Path
 ) -> None:
     """Two processes on workers-anthropic split the jobs: each job is called and written once."""
+    from services.tools.fake import FaultConfig
+
+    # Against the instant fake, one process could finish all 500 before the other's next pull
+    # (CI saw it on a loaded machine): 100 ms calls make the work last a few seconds, so a
+    # process that fetches at all gets some.
+    fake_provider.set_config(FaultConfig(latency_ms=100))
     settings = make_settings(nats_server.url, fake_provider.url, concurrency=16, batch_size=8)
     workers = [
         ServiceProcess(settings, "worker", log_path=tmp_path / f"w{i}.log").start()
