@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -206,3 +207,35 @@ async def test_demo_failover_drill_rides_through_on_the_bedrock_door() -> None:
     assert f["identical_apart_from_model"] == f["requests_at_fallback"]
     assert f["results_from_fallback"] == f["results_by_door"].get("bedrock", 0) > 0
     assert sum(f["results_by_door"].values()) == 80
+
+
+async def test_status_over_a_websocket_url(tmp_path: Path) -> None:
+    """A brief command starts with aiohttp deferred (``services.cli.defer_aiohttp``); over a
+    ``ws://`` URL nats-py's websocket transport loads it at first use and the command
+    works: topology, then status, through nats-server's websocket listener."""
+    from services.tools.devstack import MAX_PAYLOAD, NatsServer, free_port
+
+    ws_port = free_port()
+    conf = tmp_path / "ws.conf"
+    conf.write_text(
+        f"max_payload: {MAX_PAYLOAD}\n"
+        f'websocket {{\n  listen: "127.0.0.1:{ws_port}"\n  no_tls: true\n}}\n'
+    )
+    server = NatsServer(data_dir=tmp_path / "nats", extra_args=["-c", str(conf)]).start()
+    try:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k != "NATS_URL" and not k.startswith("RIDETHROUGH_")
+        }
+        env.update(NATS_URL=f"ws://127.0.0.1:{ws_port}", PYTHONPATH=str(ROOT))
+        for args in (["topology"], ["status", "--json"]):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services", *args,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+        assert "providers" in json.loads(out)
+    finally:
+        server.cleanup()
