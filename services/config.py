@@ -216,6 +216,13 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     concurrency: int = Field(256, gt=0, description="provider calls in flight per process")
+    adaptive_limit: bool = Field(
+        True,
+        description=(
+            "per provider, learn how many calls in flight it accepts: halve on a 429 or an "
+            "overload, grow back as calls succeed (never above concurrency)"
+        ),
+    )
     batch_size: int = Field(64, gt=0, description="messages fetched per pull")
     fetch_timeout_s: float = Field(0.05, gt=0, description="longest wait to fill a pull batch")
     ack_wait_s: float = Field(30.0, gt=0)

@@ -49,7 +49,7 @@ from services.jetstream.topology import ensure_topology, legacy_jobs_seq, worker
 from services.providers.base import Provider
 from services.tasks import raise_if_cancelling
 from services.worker.runtime import JobRunner
-from services.worker.slots import PrioritySlots
+from services.worker.slots import AdaptiveLimit, PrioritySlots
 
 log = logging.getLogger("ridethrough.worker")
 
@@ -75,6 +75,15 @@ class Worker:
         #: Jobs failed over or expired per outage, published coalesced (the summaries').
         self.tally: Tally | None = None
         self._slots = PrioritySlots(settings.worker.concurrency, settings.worker.priority_weights)
+        #: Per provider, the calls in flight it has shown it accepts (None: not adaptive).
+        self.limits: dict[str, AdaptiveLimit] = (
+            {
+                name: AdaptiveLimit(settings.worker.concurrency, settings.worker.priority_weights)
+                for name in providers
+            }
+            if settings.worker.adaptive_limit
+            else {}
+        )
         self._inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
         #: Fetched jobs waiting for a slot, with when they were last kept alive.
         self._held: list[_Held] = []
@@ -102,7 +111,7 @@ class Worker:
                     # FastStream's pull inbox ignores the connection's prefix unless told.
                     inbox_prefix=f"{settings.nats.inbox_prefix}.".encode(),
                 )
-                sub(self._handler(priority))
+                sub(self._handler(name, priority))
                 guard_fetch_from_start(sub)
                 self._subscribers.append(sub)
 
@@ -135,28 +144,41 @@ class Worker:
                     return f"consumer {durable} is missing"
         return ""
 
-    def _handler(self, priority: str) -> Callable[[list[Any]], Awaitable[None]]:
+    def _handler(self, provider: str, priority: str) -> Callable[[list[Any]], Awaitable[None]]:
         async def handle_batch(msgs: list[Any]) -> None:
-            await self.handle_batch(msgs, priority)
+            await self.handle_batch(msgs, priority, provider)
 
         return handle_batch
 
-    async def handle_batch(self, msgs: list[Any], priority: str = "normal") -> None:
-        """Start one task per message, waiting for a free slot (by priority) before each."""
+    async def handle_batch(
+        self, msgs: list[Any], priority: str = "normal", provider: str | None = None
+    ) -> None:
+        """Start one task per message, waiting for a free slot (by priority) before each:
+        first one of its provider's (its ``AdaptiveLimit``), then one of the process's."""
         if self.runner is None:  # FastStream starts fetching before after_startup has run
             await self._ready.wait()
         assert self.runner is not None
         runner = self.runner
+        limit = self.limits.get(provider) if provider is not None else None
         held = _Held(deque(msgs), time.monotonic())
         self._held.append(held)
         pending = held.msgs
         try:
             while pending:
-                await self._slots.acquire(priority)
+                if limit is not None:
+                    await limit.slots.acquire(priority)
+                try:
+                    await self._slots.acquire(priority)
+                except BaseException:
+                    if limit is not None:
+                        limit.slots.release()
+                    raise
                 msg = pending.popleft()
                 task = asyncio.create_task(runner.process(msg))
                 self._inflight[task] = (msg, time.monotonic())
                 task.add_done_callback(self._done)
+                if limit is not None:
+                    task.add_done_callback(limit.release)
         except asyncio.CancelledError:
             for msg in pending:  # fetched but never started: hand back at once
                 with contextlib.suppress(Exception):
@@ -234,6 +256,7 @@ class Worker:
             provider_settings=self.settings.providers,
             bodies_timeout_s=self.settings.bodies.timeout_s,
             tally=self.tally,
+            limits=self.limits,
         )
         self._ready.set()
         self._heartbeat = asyncio.create_task(self._heartbeats())

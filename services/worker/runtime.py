@@ -71,8 +71,12 @@ from services.lifecycle.decide import (
 from services.lifecycle.settle import Delivery, Settler, Stats
 from services.providers.base import Provider, Reply
 from services.providers.classify import message_of
+from services.worker.slots import AdaptiveLimit
 
 log = logging.getLogger("ridethrough.worker")
+
+#: The answers that ask for fewer calls at once: a provider's ``AdaptiveLimit`` halves.
+PUSHED_BACK = frozenset({"rate_limited", "overloaded"})
 
 
 class JobRunner:
@@ -96,8 +100,11 @@ class JobRunner:
         provider_settings: Mapping[str, ProviderSettings] | None = None,
         bodies_timeout_s: float = 60.0,
         tally: Tally | None = None,
+        limits: Mapping[str, AdaptiveLimit] | None = None,
     ) -> None:
         self.worker_id = worker_id
+        #: Per provider, the calls in flight it accepts: told of each call's answer.
+        self.limits = limits or {}
         #: Jobs failed over or expired per outage (None: not counted).
         self.tally = tally
         #: Longest fetch of a large job's body.
@@ -348,6 +355,11 @@ class JobRunner:
             if exc.reason == "config":  # every job will fail alike until someone fixes it
                 log.error("provider %s is misconfigured (config): %s", job.provider, exc.message)
         d.provider_s = time.time() - d.started
+        if (limit := self.limits.get(job.provider)) is not None:
+            if not isinstance(answer, ProviderError):
+                limit.success()
+            elif answer.reason in PUSHED_BACK:
+                limit.pushed_back(time.monotonic() - d.provider_s)
         if t is not None and span is not None:
             t.call_ended(span, answer)
         if m is not None:

@@ -97,3 +97,87 @@ async def test_a_cancelled_waiter_gives_its_turn_away() -> None:
     await asyncio.wait_for(stays, 5)
     assert gone.cancelled()
     assert slots.waiting == {"high": 0, "normal": 0, "low": 0}
+
+
+async def test_resize_grows_to_waiters_and_shrinks_only_as_slots_come_back() -> None:
+    """Growing hands the new slots to waiters at once; shrinking takes none from their
+    holders: the slots in use above the new size are not handed on when released."""
+    slots = PrioritySlots(2, WEIGHTS)
+    await slots.acquire("normal")
+    await slots.acquire("normal")
+    waiter = asyncio.create_task(slots.acquire("normal"))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    slots.resize(3)
+    await asyncio.sleep(0)
+    assert waiter.done() and slots.capacity == 3
+    slots.resize(1)  # three held, room for one
+    second = asyncio.create_task(slots.acquire("high"))
+    await asyncio.sleep(0)
+    slots.release()
+    slots.release()
+    await asyncio.sleep(0)
+    assert not second.done()  # two released, but one is still held: the one slot is in use
+    slots.release()
+    await asyncio.sleep(0)
+    assert second.done()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_adaptive_limit_halves_once_per_round_and_grows_back() -> None:
+    """A 429 halves the limit; the 429s of calls sent before that cut do not cut again.
+    Successes then add 1/limit each: one more per round."""
+    from services.worker.slots import AdaptiveLimit
+
+    clock = _Clock()
+    limit = AdaptiveLimit(64, WEIGHTS, clock=clock)
+    sent = clock.now
+    clock.now += 0.02
+    limit.pushed_back(sent)
+    assert limit.slots.capacity == 32 and limit.cuts == 1
+    for _ in range(20):  # the rest of that round's 429s
+        limit.pushed_back(sent)
+    assert limit.slots.capacity == 32 and limit.cuts == 1
+    clock.now += 0.02
+    limit.pushed_back(clock.now - 0.01)  # sent after the cut: a new round
+    assert limit.slots.capacity == 16 and limit.threshold == 16
+    for _ in range(15):  # at the threshold: 1/limit each, one more per round of successes
+        limit.success()
+    assert limit.slots.capacity == 16
+    limit.success()
+    limit.success()
+    assert limit.slots.capacity == 17
+    for _ in range(10_000):
+        limit.success()
+    assert limit.slots.capacity == 64  # never above the ceiling
+
+
+def test_adaptive_limit_floor_and_slow_start_after_quiet() -> None:
+    """It never drops below 1; after ``recover_s`` without a cut it grows by 1 a success
+    (doubling per round) instead of 1/limit, back to the ceiling."""
+    from services.worker.slots import AdaptiveLimit
+
+    clock = _Clock()
+    limit = AdaptiveLimit(256, WEIGHTS, recover_s=10.0, clock=clock)
+    for _ in range(20):
+        clock.now += 1.0
+        limit.pushed_back(clock.now - 0.5)
+    assert limit.slots.capacity == 1 and limit.limit == 1.0
+    limit.success()  # within recover_s: 1 / limit
+    assert limit.limit == 2.0
+    limit.success()
+    assert limit.limit == 2.5
+    clock.now += 10.0
+    for _ in range(10):  # slow start again: +1 each
+        limit.success()
+    assert limit.slots.capacity == 12
+    for _ in range(300):
+        limit.success()
+    assert limit.slots.capacity == 256
