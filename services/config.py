@@ -330,13 +330,13 @@ class ReplaySettings(BaseModel):
     ramp_interval_s: float = Field(1.0, gt=0)
     max_rate: float = Field(2000.0, ge=0, description="jobs/s cap; 0 = uncapped")
     increase: float = Field(
-        20.0, gt=0, description="adaptive: jobs/s added per ramp interval after a pushback"
+        50.0, gt=0, description="adaptive: jobs/s added per ramp interval after a pushback"
     )
     decrease_factor: float = Field(
         0.5, gt=0, lt=1, description="adaptive: the rate's multiplier on a pushback"
     )
     queue_target_s: float = Field(
-        0.5,
+        2.0,
         gt=0,
         description="adaptive: seconds of the replay rate the workers' queue may hold "
         "before it counts as a pushback",

@@ -49,7 +49,14 @@ async def test_a_fleet_that_cannot_keep_up_pushes_the_pace_back(
     tuned = settings.with_changes(
         worker=settings.worker.model_copy(update={"concurrency": 4, "batch_size": 4}),
         replay=settings.replay.model_copy(
-            update={"pace": pace, "initial_rate": 20, "ramp_interval_s": 1.0, "max_rate": 5000}
+            update={
+                "pace": pace,
+                "initial_rate": 20,
+                "ramp_interval_s": 1.0,
+                "max_rate": 5000,
+                # Half a second of the pace (never under a batch): pushed back within 800.
+                "queue_target_s": 0.5,
+            }
         ),
     )
     await _park(js, PARKED)
