@@ -9,7 +9,9 @@ start, and the provider turns half-open. The fake provider answers at most ``cap
 calls at once, each after ``latency_ms`` (so it serves at most capacity / latency calls
 per second) and answers a 429 with ``retry-after`` beyond that. Reported per pace: the
 drain time (half-open to every result in), jobs/s, the provider's capacity in calls/s,
-the 429s it sent, the breaker's transitions, and lost / duplicated results.
+the 429s it sent, the breaker's transitions, and lost / duplicated results. Also what the
+fake serves to a bare SDK loop keeping exactly ``capacity`` calls in flight (measured
+first, in the same run), and the drain's rate as a share of that (``of_served``).
 
 ``ramp`` is the pace of the last release (5 jobs/s doubling every second up to a cap of
 200 jobs/s); ``adaptive`` is the default pace (the same slow start until the workers'
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +73,8 @@ async def drain(n: int, pace: str, capacity: int, latency_ms: float) -> dict[str
                     await asyncio.gather(*pending)
                     pending.clear()
             await asyncio.gather(*pending)
+            assert stack.fake is not None
+            served = _served(stack.fake.url, capacity)
             procs = [ServiceProcess(st, "worker", log_path=logs / f"w{i}.log") for i in range(2)]
             procs.append(ServiceProcess(st, "replayer", log_path=logs / "replayer.log"))
             for p in procs:
@@ -112,9 +117,42 @@ async def drain(n: int, pace: str, capacity: int, latency_ms: float) -> dict[str
         "drain_s": round(elapsed, 1),
         "jobs_per_s": round(n / elapsed, 1),
         "provider_capacity_per_s": round(capacity / (latency_ms / 1000), 1),
+        "provider_served_per_s": round(served, 1),
+        "of_served": round(n / elapsed / served, 3),
         "provider_429s": counters["by_fault"].get("over_capacity", 0),
         "breaker": events,
     }
+
+
+_SERVED = """
+import asyncio, sys, time, anthropic
+url, capacity, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+async def main():
+    client = anthropic.AsyncAnthropic(base_url=url, api_key="sk-fake", max_retries=0)
+    done = 0
+    async def loop():
+        nonlocal done
+        while time.perf_counter() < end:
+            await client.messages.create(
+                model="claude-drain", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+            )
+            done += 1
+    end = time.perf_counter() + seconds
+    await asyncio.gather(*[loop() for _ in range(capacity)])
+    print(done / seconds)
+asyncio.run(main())
+"""
+
+
+def _served(url: str, capacity: int, seconds: float = 10.0) -> float:
+    """Calls/s the fake serves to a bare SDK loop (its own process) keeping exactly
+    ``capacity`` calls in flight: the most any client gets from it on this machine now,
+    HTTP and all (the nominal capacity / latency leaves those out)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVED, url, str(capacity), str(seconds)],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    )  # fmt: skip
+    return float(out.stdout.strip())
 
 
 async def main() -> None:
