@@ -45,6 +45,19 @@ def ack_position(msg: Msg) -> tuple[int, int]:
     return meta.sequence.stream, meta.num_pending
 
 
+def deliveries(msg: Msg) -> int:
+    """How many times a JetStream message has been delivered, this time included (read
+    from the ack subject, as ``ack_position``: ``msg.metadata`` costs a worker about 4 µs
+    of CPU per job)."""
+    tokens = (msg.reply or "").split(".")
+    if tokens[:2] == ["$JS", "ACK"]:
+        if len(tokens) == 9:
+            return int(tokens[4]) or 1
+        if len(tokens) >= 11:
+            return int(tokens[6]) or 1
+    return msg.metadata.num_delivered or 1
+
+
 class Puller:
     """Fetches batches from one durable pull consumer, collecting them in a callback.
 
