@@ -16,7 +16,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from services import tracing
 from services.config import Settings
@@ -65,6 +65,23 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+#: A worker's young-generation threshold (allocations between collections; CPython's
+#: default is 700). A worker allocates some 40 containers per job and holds hundreds of
+#: jobs in flight, so at 700 each collection mostly scans, and promotes to the older
+#: generations, the live objects of jobs under way: about 30 µs of CPU per job.
+WORKER_GC_YOUNG: Final = 10_000
+
+
+def worker_gc() -> None:
+    """``freeze_heap``, and young collections every ``WORKER_GC_YOUNG`` allocations: a
+    job's short-lived objects are freed by reference counting long before a collection,
+    which then finds few live ones (cycles wait a little longer to be freed). Measured
+    with ``ridethrough bench -s worker``: GC time from ~30 µs to ~1 µs per job."""
+    freeze_heap()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(WORKER_GC_YOUNG, older, oldest)
+
+
 async def serve_worker(
     settings: Settings, providers: dict[str, Provider], topology: bool, alive_path: Path | None
 ) -> None:
@@ -77,7 +94,7 @@ async def serve_worker(
         metrics.enable(settings.http)  # before the first job: its hooks count from the start
         preload()  # before freeze_heap: the web server's modules out of the GC's scans
     app, w = build_app(settings, providers, apply_topology=topology)
-    freeze_heap()
+    worker_gc()
     try:
         async with (
             alive_file(alive_path, lambda: nats_connected(w.broker)),

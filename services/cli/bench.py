@@ -179,6 +179,9 @@ def bench_child(
 
             run(serve_worker(settings, providers, False, None))
         else:
+            from services.runner import worker_gc
+
+            worker_gc()  # as `ridethrough worker` does before it runs
             run(run_worker(settings, providers, apply_topology=False))
     elif kind is ChildKind.raw:
         run(b.raw_worker_loop(settings, batch))

@@ -45,6 +45,19 @@ def ack_position(msg: Msg) -> tuple[int, int]:
     return meta.sequence.stream, meta.num_pending
 
 
+def deliveries(msg: Msg) -> int:
+    """How many times a JetStream message has been delivered, this time included (read
+    from the ack subject, as ``ack_position``: ``msg.metadata`` costs a worker about 4 µs
+    of CPU per job)."""
+    tokens = (msg.reply or "").split(".")
+    if tokens[:2] == ["$JS", "ACK"]:
+        if len(tokens) == 9:
+            return int(tokens[4]) or 1
+        if len(tokens) >= 11:
+            return int(tokens[6]) or 1
+    return msg.metadata.num_delivered or 1
+
+
 class Puller:
     """Fetches batches from one durable pull consumer, collecting them in a callback.
 
@@ -161,7 +174,8 @@ class Puller:
 
 
 def guard_fetch(subscriber: Any) -> None:
-    """Make FastStream's batch loop's fetch raise only the timeout it expects.
+    """Make FastStream's batch loop's fetch raise only the timeout it expects, and take
+    the messages already received without a task each (``quick_next_msg``).
 
     FastStream's batch pull loop collects a batch over several ``fetch`` calls and
     catches ``nats.errors.TimeoutError``; nats-py also raises the builtin
@@ -172,6 +186,7 @@ def guard_fetch(subscriber: Any) -> None:
     pull = subscriber.subscription
     if pull is None or getattr(pull, "_ridethrough_guarded", False):
         return
+    quick_next_msg(pull._sub)
     fetch = pull.fetch
 
     async def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -184,6 +199,28 @@ def guard_fetch(subscriber: Any) -> None:
 
     pull.fetch = guarded
     pull._ridethrough_guarded = True
+
+
+def quick_next_msg(sub: Any) -> None:
+    """Let ``sub.next_msg`` (a nats-py subscription without callback, as a pull
+    subscription's) return a message already received at once. nats-py's waits for each
+    message in two tasks with a timer and draws a uuid4 for it, even when the message is
+    in the queue; a fetch asks for it once per message, and a batch arrives in a burst
+    (measured with ``ridethrough bench -s worker``: about 10 µs of CPU per job). While
+    nothing is queued, nats-py's own ``next_msg`` waits, as before."""
+    wait = sub.next_msg
+    queue = sub._pending_queue
+
+    async def next_msg(timeout: float | None = 1.0) -> Msg:
+        if queue.empty() or sub._conn.is_closed:
+            got: Msg = await wait(timeout)
+            return got
+        msg: Msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
+
+    sub.next_msg = next_msg
 
 
 def guard_fetch_from_start(subscriber: Any) -> None:

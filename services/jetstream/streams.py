@@ -20,6 +20,7 @@ from schemas.subjects import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID_HEADER
 from services.errors import RidethroughError
 from services.jetstream.connection import client
 from services.jetstream.errors import NOT_FOUND, wrong_last_sequence
+from services.jetstream.pubacks import pubacks
 
 # The headers of a direct get's answer (ADR-31).
 NUM_PENDING = "Nats-Num-Pending"
@@ -61,8 +62,13 @@ async def publish_if_last(
     headers = {EXPECTED_LAST_SUBJECT_SEQ: str(expect)}
     if msg_id is not None:
         headers[MSG_ID_HEADER] = msg_id
+    nc = client(js)
     try:
-        await js.publish(subject, data, timeout=timeout, headers=headers)
+        # Through the connection's shared PubAck inbox: a worker stores hundreds of
+        # results at once (``services/jetstream/pubacks.py``).
+        await pubacks(nc).publish(
+            subject, data, headers, js._timeout if timeout is None else timeout
+        )
     except Exception as exc:
         if wrong_last_sequence(exc):
             return False

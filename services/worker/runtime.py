@@ -51,6 +51,7 @@ from services.breaker.tally import Tally
 from services.config import BreakerSettings, ProviderKind, ProviderSettings, WorkerSettings
 from services.errors import BodyUnavailable, ProviderError
 from services.jetstream.errors import NATS_UNAVAILABLE
+from services.jetstream.pull import deliveries
 from services.lifecycle.decide import (
     AllClosed,
     BreakerView,
@@ -508,7 +509,7 @@ def _seq(msg: Msg) -> int:
 
 def _attempts(msg: Msg) -> int:
     """How many times this message has been delivered, this time included."""
-    return msg.metadata.num_delivered or 1
+    return deliveries(msg)
 
 
 def _token(msg: Msg, index: int) -> str:
