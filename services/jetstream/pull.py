@@ -207,9 +207,12 @@ def quick_next_msg(sub: Any) -> None:
     message in two tasks with a timer and draws a uuid4 for it, even when the message is
     in the queue; a fetch asks for it once per message, and a batch arrives in a burst
     (measured with ``ridethrough bench -s worker``: about 10 µs of CPU per job). While
-    nothing is queued, nats-py's own ``next_msg`` waits, as before."""
+    nothing is queued, nats-py's own ``next_msg`` waits, as before. A nats-py whose
+    subscription lacks what this reads keeps its own ``next_msg``."""
+    queue = getattr(sub, "_pending_queue", None)
+    if queue is None or not all(hasattr(sub, a) for a in ("_pending_size", "_conn")):
+        return
     wait = sub.next_msg
-    queue = sub._pending_queue
 
     async def next_msg(timeout: float | None = 1.0) -> Msg:
         if queue.empty() or sub._conn.is_closed:
