@@ -258,12 +258,28 @@ def test_nats_cluster_config_is_valid_and_refuses_missing_passwords() -> None:
     assert "RIDETHROUGH_WORKER_PASSWORD" in missing.stdout + missing.stderr
 
 
+def test_every_users_password_is_given_to_nats_everywhere() -> None:
+    """Each user of auth.conf has its password variable, and the compose NATS nodes, the
+    compose env files and the Helm values all give nats-server every one of them (it
+    refuses to start when one is missing)."""
+    needed = {password_variable(u) for u in auth_users()}
+    assert needed == set(re.findall(r"\$(RIDETHROUGH_\w+_PASSWORD)", AUTH_CONF.read_text()))
+    for node in ("nats-1", "nats-2", "nats-3"):
+        env = compose()["services"][node]["environment"]
+        assert needed <= set(env), (node, needed - set(env))
+    for env_file in ("demo.env", "production.env.example"):
+        text = (DEPLOY / "compose" / env_file).read_text()
+        given = set(re.findall(r"^(RIDETHROUGH_\w+_PASSWORD)=", text, re.MULTILINE))
+        assert needed == given, (env_file, needed ^ given)
+
+
 def test_every_deployed_role_has_its_user_and_inbox() -> None:
     """Each role in compose and Kubernetes connects as a user of auth.conf, and its inbox
     prefix is the one that user may subscribe to."""
     users = auth_users()
     assert set(users) == {
-        "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "operator", "sys"
+        "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "gateway",
+        "operator", "sys",
     }  # fmt: skip
     seen: list[tuple[str, str | None]] = []
     for name, svc in compose()["services"].items():
@@ -291,6 +307,11 @@ def test_every_deployed_role_has_its_user_and_inbox() -> None:
 REPLAYER_CREATES = f"$JS.API.CONSUMER.CREATE.{s.PARKED_STREAM}.*.ai.parked.>"
 
 
+#: The gateway's per-tenant ordered consumers of results (``services/gateway/results.py``):
+#: nats-py creates them on the ephemeral endpoint, which refuses durable names.
+GATEWAY_CREATES = f"$JS.API.CONSUMER.CREATE.{s.RESULTS_STREAM}"
+
+
 #: The one purge a service may make: the worker and the replayer delete a large job's body
 #: (its subjects in OBJ_ai_bodies, ``services/bodies.py``) once the job has its result.
 BODY_DELETES = "$JS.API.STREAM.PURGE.OBJ_ai_bodies"
@@ -298,8 +319,9 @@ BODY_DELETES = "$JS.API.STREAM.PURGE.OBJ_ai_bodies"
 
 def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
     """No user but the operator may call the JetStream API broadly, purge or delete; the
-    only create a service may make is the replayer's filtered consumers of AI_PARKED, the
-    only purge the worker's and the replayer's of a finished job's body."""
+    only creates a service may make are the replayer's filtered consumers of AI_PARKED and
+    the gateway's ephemeral consumers of AI_RESULTS, the only purge the worker's and the
+    replayer's of a finished job's body."""
     for name, perms in auth_users().items():
         if name in ("operator", "sys"):
             continue
@@ -308,7 +330,7 @@ def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
             if subject == BODY_DELETES and name in ("worker", "replayer"):
                 continue
             assert "PURGE" not in subject and "DELETE" not in subject, (name, subject)
-            if (name, subject) == ("replayer", REPLAYER_CREATES):
+            if (name, subject) in (("replayer", REPLAYER_CREATES), ("gateway", GATEWAY_CREATES)):
                 continue
             assert "CREATE" not in subject and "UPDATE" not in subject, (name, subject)
         assert "_INBOX.>" not in perms["subscribe"], name
@@ -340,6 +362,29 @@ def test_producers_read_their_own_results_only() -> None:
     for a in prefixes:
         for b in prefixes:
             assert a == b or not b.startswith(a), (a, b)
+
+
+def test_the_gateway_writes_jobs_only_and_reads_tenants_results_only() -> None:
+    """The `gateway` user publishes jobs on 5-token subjects only (a tenant's: never a
+    requeued one) and large jobs' bodies (put, never read); looks up and waits on tenants'
+    results only; writes no KV bucket, result, dead letter, parked job or event; consumes
+    nothing (no MSG.NEXT, no ack)."""
+    perms = auth_users()["gateway"]
+    writes = [p for p in perms["publish"] if not p.startswith("$JS.")]
+    assert writes == [
+        s.jobs_subject("*", "*", "*"),
+        f"$O.{s.BODIES_BUCKET}.C.*",
+        f"$O.{s.BODIES_BUCKET}.M.*",
+    ]
+    lookups = [
+        p for p in perms["publish"] if p.startswith(f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}")
+    ]
+    assert lookups == [f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}.{s.result_subject('*', '*')}"]
+    assert [p for p in perms["subscribe"] if p.startswith("ai.")] == [s.result_subject("*", "*")]
+    for p in perms["publish"]:
+        assert "MSG.NEXT" not in p and not p.startswith("$JS.ACK") and "UPDATE" not in p, p
+        assert "DURABLE" not in p and "OBJ_" not in p, p  # no body read, lookup or delete
+        assert not p.startswith("$JS.FC.") or p == f"$JS.FC.{s.RESULTS_STREAM}.*.*", p
 
 
 # --------------------------------------------------------------------------- Kubernetes
