@@ -45,6 +45,8 @@ KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
 SERVICE_ROLES = ("worker", "prober", "replayer", "notifier")
 #: Where the notifier's sink secrets are mounted (Kubernetes), one file per sink setting.
 NOTIFY_DIR = "/var/run/secrets/ridethrough/notify"
+#: Where the gateway's keys file is mounted (Kubernetes, Secret ridethrough-gateway-keys).
+GATEWAY_KEYS_DIR = "/var/run/secrets/ridethrough/gateway"
 #: The sink settings a mounted secrets directory may hold (services/config.py NotifySettings).
 NOTIFY_SECRETS = ("webhook_url", "webhook_secret", "slack_webhook_url", "pagerduty_routing_key")
 #: The HTTP probes of every service pod (services/monitor.py).
@@ -400,6 +402,7 @@ def test_kubernetes_base_manifests_validate() -> None:
         "Deployment",
         "PodDisruptionBudget",
         "ScaledObject",
+        "Service",
     }
     for d in docs:
         validate_manifest(d)
@@ -449,7 +452,7 @@ def test_every_pod_runs_unprivileged_with_probes_and_requests() -> None:
                 assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
                 assert {"cpu", "memory"} <= set(c["resources"]["requests"])
     deployments = by_kind(docs, "Deployment")
-    assert set(deployments) == {f"ridethrough-{r}" for r in SERVICE_ROLES}
+    assert set(deployments) == {f"ridethrough-{r}" for r in (*SERVICE_ROLES, "gateway")}
     for role in SERVICE_ROLES:
         c = deployments[f"ridethrough-{role}"]["spec"]["template"]["spec"]["containers"][0]
         assert c["args"][0] == role
@@ -491,6 +494,7 @@ def test_provider_keys_are_mounted_only_where_providers_are_called() -> None:
     assert mounted["ridethrough-worker"] == mounted["ridethrough-prober"] == {key_dir}
     assert mounted["ridethrough-replayer"] == mounted["ridethrough-topology"] == set()
     assert mounted["ridethrough-notifier"] == {NOTIFY_DIR}  # its sinks, not provider keys
+    assert mounted["ridethrough-gateway"] == {GATEWAY_KEYS_DIR}  # its keys, not providers'
     for name, p in settings.providers.items():
         assert str(p.api_key_file) == f"{key_dir}/{name}"
 
@@ -538,6 +542,53 @@ def test_the_notifier_is_deployed_with_its_sinks_from_secrets_only(tmp_path: Pat
     settings = Settings(notify={"secrets_dir": tmp_path})
     assert [s.name for s in build_sinks(settings)] == ["slack"]
     assert not any("hooks.slack" in v for v in _env_values(env))
+
+
+def test_the_gateway_is_deployed_as_its_user_with_its_keys_from_a_secret() -> None:
+    """compose (profile `gateway`) and Kubernetes run `ridethrough gateway` on port 8080 as
+    NATS user gateway with its inbox prefix; its keys file comes from a secret (compose
+    file, Kubernetes Secret ridethrough-gateway-keys mounted read-only), its settings build
+    from that environment; Kubernetes probes its port over TCP (no /readyz) and a Service
+    sends port 80 there."""
+    from services.gateway import KeyRing
+
+    svc = compose()["services"]["gateway"]
+    assert svc["profiles"] == ["gateway"]
+    assert svc["command"] == ["gateway", "--host", "0.0.0.0", "--port", "8080"]
+    env = svc["environment"]
+    assert env["RIDETHROUGH_NATS__USER"] == "gateway"
+    assert env["RIDETHROUGH_NATS__INBOX_PREFIX"] == "_INBOX.gateway"
+    assert "RIDETHROUGH_GATEWAY_PASSWORD" in env["RIDETHROUGH_NATS__PASSWORD"]
+    assert [x["target"] for x in svc["secrets"]] == [env["RIDETHROUGH_GATEWAY__KEYS_FILE"]]
+    keys_file = compose()["secrets"][svc["secrets"][0]["source"]]["file"]
+    example = ROOT / keys_file.split(":-", 1)[1].rstrip("}")
+    assert len(KeyRing.from_settings(Settings(gateway={"keys_file": example}).gateway)) == 0
+    assert svc["depends_on"]["topology"]["condition"] == "service_completed_successfully"
+    assert not [k for k in env if "API_KEY" in k or k.startswith("RIDETHROUGH_PROVIDERS__")]
+
+    docs = render(BASE)
+    dep = by_kind(docs, "Deployment")["ridethrough-gateway"]
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["args"] == ["gateway", "--host", "0.0.0.0", "--port", "8080"]
+    k8s_env = env_of(c)
+    assert k8s_env["RIDETHROUGH_NATS__USER"] == "gateway"
+    assert k8s_env["RIDETHROUGH_NATS__INBOX_PREFIX"] == "_INBOX.gateway"
+    assert k8s_env["RIDETHROUGH_NATS__PASSWORD"]["secretKeyRef"]["key"] == "gateway"
+    keys = Path(k8s_env["RIDETHROUGH_GATEWAY__KEYS_FILE"])
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(keys.parent))
+    assert mount["mountPath"] == GATEWAY_KEYS_DIR and mount["readOnly"] is True
+    secret = next(v["secret"] for v in spec["volumes"] if v["name"] == mount["name"])
+    assert secret["secretName"] == "ridethrough-gateway-keys"
+    assert keys.name == "keys" and "`keys`" in (BASE / "kustomization.yaml").read_text()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8080}
+    for probe in PROBE_PATHS:
+        assert c[probe]["tcpSocket"]["port"] == "http", probe
+    service = by_kind(docs, "Service")["ridethrough-gateway"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
 
 
 def test_every_deployment_has_a_disruption_budget() -> None:
