@@ -454,7 +454,9 @@ class Gateway:
                 else:
                     state["error"] = msgspec.json.decode(failure(result)[1])["error"]
                 return state
-            where = await locate_job(self.nc.jetstream(), job_id, tenant, history=False)
+            # Not where a large job's body is: the gateway's NATS user may not read the
+            # bodies' bucket (deploy/nats/auth.conf), and the answer does not say.
+            where = await locate_job(self.nc.jetstream(), job_id, tenant, history=False, body=False)
             place = where["where"]
             if place in ("waiting", "in_flight"):
                 return state | {"state": place}

@@ -19,9 +19,11 @@ While a request waits it still looks the result up now and then (``recheck_s``),
 ``Producer.result`` does: a result the consumer did not deliver (it was being recreated
 after a reconnect, say) is found all the same. A tenant whose consumer cannot be created
 (NATS away, or a NATS user without the right) waits through ``Producer.result`` until a
-later request creates it. The rights the consumer takes beyond a tenant producer's:
-publish ``$JS.API.CONSUMER.CREATE.AI_RESULTS.*.ai.results.tenant.<t>.*`` and ``$JS.FC.>``
-(flow control replies), subscribe to the client's inbox prefix (its deliveries).
+later request creates it. The rights the consumer takes beyond a tenant producer's (the
+``gateway`` user of ``deploy/nats/auth.conf``): publish ``$JS.API.CONSUMER.CREATE.AI_RESULTS``
+(nats-py's ordered consumer names no consumer, so its create subject carries no filter) and
+``$JS.FC.AI_RESULTS.*.*`` (flow control replies), subscribe to the client's inbox prefix
+(its deliveries).
 """
 
 from __future__ import annotations

@@ -116,11 +116,17 @@ async def purge_dead(js: JetStreamContext, provider: str | None, reason: str | N
 
 
 async def locate_job(
-    js: JetStreamContext, job_id: str, tenant: str | None = None, *, history: bool = True
+    js: JetStreamContext,
+    job_id: str,
+    tenant: str | None = None,
+    *,
+    history: bool = True,
+    body: bool = True,
 ) -> dict[str, Any]:
     """Where job ``job_id`` (of ``tenant``) is now, its attempts, and (``history``) its
-    history from AI_EVENTS. ``InvalidJob`` for an id that is not a token (``>`` would read
-    any job's)."""
+    history from AI_EVENTS; (``body``) where a large job's body is, which reads the bodies'
+    bucket (the gateway's NATS user may not: it passes ``body=False``). ``InvalidJob`` for
+    an id that is not a token (``>`` would read any job's)."""
     if not s.is_token(job_id):
         raise InvalidJob(f"{job_id!r} is not a valid job id (A-Z a-z 0-9 _ -, 1-128)")
     where: dict[str, Any] = {"job_id": job_id, "where": "unknown", "attempts": None}
@@ -179,7 +185,7 @@ async def locate_job(
                     break
             if where["where"] != "unknown":
                 break
-    if ref is not None:  # a large job: where its body is (services/bodies.py)
+    if body and ref is not None:  # a large job: where its body is (services/bodies.py)
         where["body"] = await body_status(js, ref)
     if history:
         where["history"] = await _history(js, job_id, outage_ids)

@@ -125,11 +125,10 @@ async def collect_status(js: JetStreamContext, settings: Settings) -> dict[str, 
     control = await js.key_value(s.CONTROL_BUCKET)
     workers_kv = await js.key_value(s.WORKERS_BUCKET)
     beats = []
-    try:
-        keys = await workers_kv.keys()
-    except NOT_FOUND:  # no worker has beaten yet
-        keys = []
-    for key in keys:
+    # Keys by stream info, not ``KeyValue.keys()``, which creates a consumer (the gateway's
+    # NATS user, showing this on /status, may create none there); a deleted or expired
+    # heartbeat reads as nothing below.
+    for key in await keys_of(js, s.WORKERS_BUCKET):
         raw = await _kv_value(workers_kv, key)
         beat = try_decode_beat(raw) if raw else None
         if beat is not None:

@@ -46,7 +46,8 @@ from tests.unit.test_deploy_files import auth_users, password_variable
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_CONF = ROOT / "deploy" / "nats" / "auth.conf"
 ROLES = (
-    "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "operator", "sys"
+    "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "gateway",
+    "operator", "sys",
 )  # fmt: skip
 
 
@@ -603,12 +604,114 @@ def _attempts(role: str) -> list[tuple[str, str, Callable[[RoleClient], Awaitabl
                 lambda c: c.nc.subscribe("_INBOX.worker.>"),
             ),
         ],
+        "gateway": [
+            *body_snooping,
+            purge_jobs,
+            (
+                "delete AI_RESULTS",
+                f"$JS.API.STREAM.DELETE.{s.RESULTS_STREAM}",
+                lambda c: c.js.delete_stream(s.RESULTS_STREAM),
+            ),
+            (
+                "create a stream",
+                "$JS.API.STREAM.CREATE.EVIL",
+                lambda c: c.js.add_stream(name="EVIL", subjects=["evil.>"]),
+            ),
+            (
+                "delete a waiting job from AI_JOBS",
+                f"$JS.API.STREAM.MSG.DELETE.{s.JOBS_STREAM}",
+                lambda c: c.js.delete_msg(s.JOBS_STREAM, 1),
+            ),
+            consume_jobs,
+            (
+                "consume AI_PARKED (the replayer's)",
+                f"$JS.API.CONSUMER.MSG.NEXT.{s.PARKED_STREAM}.{parked_consumer}",
+                lambda c: _fetch(c, s.PARKED_STREAM, parked_consumer),
+            ),
+            (
+                "create a durable consumer of AI_RESULTS",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{s.RESULTS_STREAM}.sneaky",
+                lambda c: c.js.add_consumer(
+                    s.RESULTS_STREAM, api.ConsumerConfig(durable_name="sneaky")
+                ),
+            ),
+            (
+                "create a named consumer of AI_RESULTS",
+                f"$JS.API.CONSUMER.CREATE.{s.RESULTS_STREAM}.sneaky.ai.results.>",
+                lambda c: c.js.add_consumer(
+                    s.RESULTS_STREAM,
+                    api.ConsumerConfig(name="sneaky", filter_subject="ai.results.>"),
+                ),
+            ),
+            (
+                "create a consumer of AI_JOBS",
+                f"$JS.API.CONSUMER.CREATE.{s.JOBS_STREAM}",
+                lambda c: c.js.add_consumer(s.JOBS_STREAM, api.ConsumerConfig()),
+            ),
+            (
+                "mark a replay (a requeued job)",
+                s.requeue_subject("anthropic", "normal", "acme"),
+                lambda c: c.js.publish(s.requeue_subject("anthropic", "normal", "acme"), b"{}"),
+            ),
+            (
+                "forge a tenant's result",
+                s.result_subject("someone-elses-job", "acme"),
+                lambda c: c.js.publish(s.result_subject("someone-elses-job", "acme"), b"{}"),
+            ),
+            (
+                "forge a result of no tenant",
+                s.result_subject("someone-elses-job"),
+                lambda c: c.js.publish(s.result_subject("someone-elses-job"), b"{}"),
+            ),
+            (
+                "read results of no tenant (the gateway's jobs all have one)",
+                f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}.{s.result_subject('x')}",
+                lambda c: c.js.get_last_msg(s.RESULTS_STREAM, s.result_subject("x"), direct=True),
+            ),
+            (
+                "file a dead letter",
+                s.dead_subject("anthropic", "invalid"),
+                lambda c: c.js.publish(s.dead_subject("anthropic", "invalid"), b"{}"),
+            ),
+            (
+                "park a job",
+                s.parked_subject("anthropic", "normal", "m"),
+                lambda c: c.js.publish(s.parked_subject("anthropic", "normal", "m"), b"{}"),
+            ),
+            (
+                "write ai_health",
+                "$KV.ai_health.anthropic",
+                lambda c: c.js.publish("$KV.ai_health.anthropic", b'{"state":"open"}'),
+            ),
+            (
+                "write a heartbeat",
+                f"$KV.{s.WORKERS_BUCKET}.ghost",
+                lambda c: c.js.publish(f"$KV.{s.WORKERS_BUCKET}.ghost", b"{}"),
+            ),
+            pause,
+            forge_location,
+            evidence,
+            page_event,
+            forge_tally,
+            (
+                "forge a breaker transition",
+                s.health_event_subject("anthropic"),
+                lambda c: c.js.publish(s.health_event_subject("anthropic"), b"{}"),
+            ),
+            (
+                "read the replies delivered to workers",
+                "_INBOX.worker.>",
+                lambda c: c.nc.subscribe("_INBOX.worker.>"),
+            ),
+        ],
     }
     return table[role]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("role", ["producer", "worker", "prober", "replayer", "notifier"])
+@pytest.mark.parametrize(
+    "role", ["producer", "worker", "prober", "replayer", "notifier", "gateway"]
+)
 async def test_a_role_cannot_do_the_work_of_others(secured: SecuredNats, role: str) -> None:
     """Each role is refused what belongs to another (purge, delete, consume, pause,
     forge, snoop), and nothing it tried changed the streams."""
@@ -1318,7 +1421,9 @@ _BAIT = (
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("role", ["producer", "tenant-acme", "worker", "prober", "replayer"])
+@pytest.mark.parametrize(
+    "role", ["producer", "tenant-acme", "worker", "prober", "replayer", "gateway"]
+)
 async def test_every_wildcard_form_of_a_roles_subjects_stays_in_its_scope(
     secured: SecuredNats, role: str
 ) -> None:
@@ -1628,3 +1733,171 @@ async def test_the_replayer_exports_the_fleet_view_under_its_own_user(
         "ridethrough_jetstream_account_bytes",
     } <= names, names
     assert secured.violations() == []
+
+
+# --------------------------------------------------------------------------- the gateway
+
+GATEWAY_KEYS = {"acme": "gw-acme-key", "globex": "gw-globex-key"}
+GATEWAY_OPERATOR_KEY = "gw-operator-key"
+
+
+def _gateway_settings(by_role: dict[str, Settings]) -> Settings:
+    """``ridethrough gateway`` as user `gateway`: keys of acme and globex, an operator key
+    for /status, and a low threshold so that a 4 KB request goes by reference."""
+    from services.config import BodySettings, GatewaySettings
+    from services.gateway import key_digest
+
+    base = by_role["gateway"]
+    return base.with_changes(
+        gateway=GatewaySettings(
+            keys={key_digest(key): tenant for tenant, key in GATEWAY_KEYS.items()},
+            operator_keys=[key_digest(GATEWAY_OPERATOR_KEY)],
+        ),
+        bodies=BodySettings(threshold_bytes=2048),
+    )
+
+
+@pytest.mark.integration
+async def test_the_gateway_serves_under_its_own_user(
+    secured: SecuredNats, fake_provider: Any, tmp_path: Path
+) -> None:
+    """`ridethrough gateway` as user `gateway` (deploy/nats/auth.conf), a worker as
+    `worker`: an async request is waiting, parked (an operator's drain), waiting again and
+    done at its location; the official SDK's synchronous call gets its answer, a large one
+    (its body by reference) too; acme's job's result is stored under acme and globex's key
+    gets a 404 for it; /status renders for the operator key; and the server logs no
+    permission violation at all."""
+    import aiohttp
+    import anthropic
+
+    from services.gateway import JOB_ID_HEADER, running_gateway
+    from services.ops import moves
+
+    base = make_settings(secured.url, fake_provider.url)
+    by_role = {role: secured.settings(base, role) for role in ROLES}
+    nc = await connect(by_role["operator"], name="operator")
+    js = nc.jetstream()
+    await ensure_topology(js, by_role["operator"])
+    gw = _gateway_settings(by_role)
+    acme = {"x-api-key": GATEWAY_KEYS["acme"]}
+    ask = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    procs: list[Any] = []
+    try:
+        async with running_gateway(gw, "127.0.0.1", 0) as url, aiohttp.ClientSession() as http:
+
+            async def state(path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+                async with http.get(f"{url}{path}", headers=headers) as r:
+                    return r.status, await r.json()
+
+            async with http.post(
+                f"{url}/v1/messages", json=ask, headers={**acme, "prefer": "respond-async"}
+            ) as resp:
+                assert resp.status == 202
+                location = resp.headers["location"]
+            assert (await state(location, acme))[1]["state"] == "waiting"
+            assert (await moves.drain(js, "anthropic")).moved == 1
+            parked = (await state(location, acme))[1]
+            assert parked["state"] == "parked" and parked["parked"]["reason"] == "drained"
+            assert (await moves.replay(js, base, "anthropic")).moved == 1
+            assert (await state(location, acme))[1]["state"] == "waiting"
+            procs += _services(by_role, tmp_path, ("worker", "--no-topology"))
+
+            async def done() -> bool:
+                return (await state(location, acme))[1]["state"] == "done"
+
+            await wait_until(done, timeout=60)
+            async with anthropic.AsyncAnthropic(
+                base_url=url, api_key=GATEWAY_KEYS["acme"], max_retries=0
+            ) as client:
+                raw = await client.messages.with_raw_response.create(
+                    model="m", max_tokens=8, messages=[{"role": "user", "content": "sync"}]
+                )
+                message = await raw.parse()
+                job_id = raw.headers[JOB_ID_HEADER]
+                large = await client.messages.create(
+                    model="m", max_tokens=8, messages=[{"role": "user", "content": "x" * 4096}]
+                )
+            globex = {"x-api-key": GATEWAY_KEYS["globex"]}
+            snooped, body = await state(f"/v1/jobs/{job_id}", globex)
+            own, mine = await state(f"/v1/jobs/{job_id}", acme)
+            operator = {"authorization": f"Bearer {GATEWAY_OPERATOR_KEY}"}
+            async with http.get(f"{url}/status", headers=operator) as r:
+                page = (r.status, await r.text())
+            async with http.get(f"{url}/status.json", headers=operator) as r:
+                status = await r.json()
+        stored = await js.get_last_msg(s.RESULTS_STREAM, s.result_subject(job_id, "acme"))
+        counts = await count_outcomes(js)
+        bodies = (await js.stream_info(f"OBJ_{s.BODIES_BUCKET}")).state
+    finally:
+        codes = [p.terminate(timeout=30) for p in procs]
+        await nc.close()
+    assert message.content[0].type == "text" and message.content[0].text == "echo: sync"
+    assert large.content[0].type == "text" and large.content[0].text == "echo: " + "x" * 4096
+    assert bodies.last_seq >= 2  # its body went by reference (a chunk and a meta) ...
+    assert bodies.messages == 0  # ... and the worker deleted it once answered
+    assert decode_result(stored.data).tenant == "acme"
+    assert (own, mine["state"]) == (200, "done")
+    assert snooped == 404 and body["error"]["type"] == "not_found_error"
+    assert page[0] == 200 and "ridethrough status" in page[1]
+    assert status["workers"] and "anthropic" in status["providers"]
+    assert (counts["results"], counts["succeeded"], counts["dead"]) == (3, 3, 0)
+    assert secured.violations() == []
+    assert codes == [0]
+
+
+#: What the gateway may never write, one subject pattern each (another role's).
+GATEWAY_FORBIDDEN_WRITES = [
+    "ai.jobs.*.*.*.requeued",
+    "ai.results.shared.*",
+    "ai.results.tenant.*.*",
+    "ai.dead.*.*",
+    "ai.parked.*.*.*",
+    "ai.events.health.*",
+    "ai.events.tally.*",
+    "ai.events.evidence.*",
+    "ai.events.ops",
+    "$KV.ai_health.*",
+    "$KV.ai_control.paused.*",
+    "$KV.ai_control.replay.*",
+    "$KV.ai_workers.*",
+    "$KV.ai_locator.*.*",
+]
+
+
+@pytest.mark.integration
+async def test_every_wildcard_form_of_anothers_writes_is_refused_to_the_gateway(
+    secured: SecuredNats,
+) -> None:
+    """The gateway publishes, with each token as a literal `*` or cut with `>`, on every
+    subject pattern it may not write (requeued jobs, results, dead letters, parked jobs,
+    events, every KV bucket): the server stores none of it but in AI_JOBS, where what it
+    stores is a 5-token job subject (a literal `>` where the tenant goes: a dead letter
+    for the worker, never a requeued job), and refuses the rest."""
+    base = make_settings(secured.url, "http://127.0.0.1:9")
+    operator = await connect(secured.settings(base, "operator"), name="operator")
+    ojs = operator.jetstream()
+    await ensure_topology(ojs, base)
+    streams = [s.JOBS_STREAM, s.PARKED_STREAM, s.RESULTS_STREAM, s.DEAD_STREAM, s.EVENTS_STREAM]
+    streams += [
+        f"KV_{b}" for b in (s.HEALTH_BUCKET, s.CONTROL_BUCKET, s.WORKERS_BUCKET, s.LOCATOR_BUCKET)
+    ]
+    client = await RoleClient.connect(secured, "gateway")
+    tried, stored = await _publish_every_form(client, GATEWAY_FORBIDDEN_WRITES, b"{}")
+    try:
+        held: dict[str, list[str]] = {}
+        for stream in streams:
+            info = await ojs.stream_info(stream, subjects_filter=">")
+            held[stream] = list(info.state.subjects or {})
+    finally:
+        await operator.close()
+    assert tried >= 40, tried
+    assert held.pop(f"KV_{s.CONTROL_BUCKET}") == [f"$KV.{s.CONTROL_BUCKET}.{s.LEGACY_JOBS_KEY}"]
+    jobs = held.pop(s.JOBS_STREAM)
+    assert all(subjects == [] for subjects in held.values()), held
+    assert set(stored) == set(jobs), (stored, jobs)
+    for subject in jobs:
+        assert s.job_origin(subject) is None, subject  # no job a worker would take as one
+        assert nats_match("ai.jobs.*.*.*", subject), subject
+    refused = " ".join(secured.violations())
+    for pattern in ("ai.jobs.*.*.*.requeued", "ai.results.tenant.*.*", "$KV.ai_health.*"):
+        assert wildcard_forms(pattern)[0].lower() in refused.lower(), pattern

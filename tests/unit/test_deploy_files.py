@@ -45,6 +45,8 @@ KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
 SERVICE_ROLES = ("worker", "prober", "replayer", "notifier")
 #: Where the notifier's sink secrets are mounted (Kubernetes), one file per sink setting.
 NOTIFY_DIR = "/var/run/secrets/ridethrough/notify"
+#: Where the gateway's keys file is mounted (Kubernetes, Secret ridethrough-gateway-keys).
+GATEWAY_KEYS_DIR = "/var/run/secrets/ridethrough/gateway"
 #: The sink settings a mounted secrets directory may hold (services/config.py NotifySettings).
 NOTIFY_SECRETS = ("webhook_url", "webhook_secret", "slack_webhook_url", "pagerduty_routing_key")
 #: The HTTP probes of every service pod (services/monitor.py).
@@ -258,12 +260,28 @@ def test_nats_cluster_config_is_valid_and_refuses_missing_passwords() -> None:
     assert "RIDETHROUGH_WORKER_PASSWORD" in missing.stdout + missing.stderr
 
 
+def test_every_users_password_is_given_to_nats_everywhere() -> None:
+    """Each user of auth.conf has its password variable, and the compose NATS nodes, the
+    compose env files and the Helm values all give nats-server every one of them (it
+    refuses to start when one is missing)."""
+    needed = {password_variable(u) for u in auth_users()}
+    assert needed == set(re.findall(r"\$(RIDETHROUGH_\w+_PASSWORD)", AUTH_CONF.read_text()))
+    for node in ("nats-1", "nats-2", "nats-3"):
+        env = compose()["services"][node]["environment"]
+        assert needed <= set(env), (node, needed - set(env))
+    for env_file in ("demo.env", "production.env.example"):
+        text = (DEPLOY / "compose" / env_file).read_text()
+        given = set(re.findall(r"^(RIDETHROUGH_\w+_PASSWORD)=", text, re.MULTILINE))
+        assert needed == given, (env_file, needed ^ given)
+
+
 def test_every_deployed_role_has_its_user_and_inbox() -> None:
     """Each role in compose and Kubernetes connects as a user of auth.conf, and its inbox
     prefix is the one that user may subscribe to."""
     users = auth_users()
     assert set(users) == {
-        "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "operator", "sys"
+        "producer", "tenant-acme", "worker", "prober", "replayer", "notifier", "gateway",
+        "operator", "sys",
     }  # fmt: skip
     seen: list[tuple[str, str | None]] = []
     for name, svc in compose()["services"].items():
@@ -291,6 +309,11 @@ def test_every_deployed_role_has_its_user_and_inbox() -> None:
 REPLAYER_CREATES = f"$JS.API.CONSUMER.CREATE.{s.PARKED_STREAM}.*.ai.parked.>"
 
 
+#: The gateway's per-tenant ordered consumers of results (``services/gateway/results.py``):
+#: nats-py creates them on the ephemeral endpoint, which refuses durable names.
+GATEWAY_CREATES = f"$JS.API.CONSUMER.CREATE.{s.RESULTS_STREAM}"
+
+
 #: The one purge a service may make: the worker and the replayer delete a large job's body
 #: (its subjects in OBJ_ai_bodies, ``services/bodies.py``) once the job has its result.
 BODY_DELETES = "$JS.API.STREAM.PURGE.OBJ_ai_bodies"
@@ -298,8 +321,9 @@ BODY_DELETES = "$JS.API.STREAM.PURGE.OBJ_ai_bodies"
 
 def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
     """No user but the operator may call the JetStream API broadly, purge or delete; the
-    only create a service may make is the replayer's filtered consumers of AI_PARKED, the
-    only purge the worker's and the replayer's of a finished job's body."""
+    only creates a service may make are the replayer's filtered consumers of AI_PARKED and
+    the gateway's ephemeral consumers of AI_RESULTS, the only purge the worker's and the
+    replayer's of a finished job's body."""
     for name, perms in auth_users().items():
         if name in ("operator", "sys"):
             continue
@@ -308,7 +332,7 @@ def test_least_privilege_denies_the_dangerous_apis_to_services() -> None:
             if subject == BODY_DELETES and name in ("worker", "replayer"):
                 continue
             assert "PURGE" not in subject and "DELETE" not in subject, (name, subject)
-            if (name, subject) == ("replayer", REPLAYER_CREATES):
+            if (name, subject) in (("replayer", REPLAYER_CREATES), ("gateway", GATEWAY_CREATES)):
                 continue
             assert "CREATE" not in subject and "UPDATE" not in subject, (name, subject)
         assert "_INBOX.>" not in perms["subscribe"], name
@@ -342,6 +366,29 @@ def test_producers_read_their_own_results_only() -> None:
             assert a == b or not b.startswith(a), (a, b)
 
 
+def test_the_gateway_writes_jobs_only_and_reads_tenants_results_only() -> None:
+    """The `gateway` user publishes jobs on 5-token subjects only (a tenant's: never a
+    requeued one) and large jobs' bodies (put, never read); looks up and waits on tenants'
+    results only; writes no KV bucket, result, dead letter, parked job or event; consumes
+    nothing (no MSG.NEXT, no ack)."""
+    perms = auth_users()["gateway"]
+    writes = [p for p in perms["publish"] if not p.startswith("$JS.")]
+    assert writes == [
+        s.jobs_subject("*", "*", "*"),
+        f"$O.{s.BODIES_BUCKET}.C.*",
+        f"$O.{s.BODIES_BUCKET}.M.*",
+    ]
+    lookups = [
+        p for p in perms["publish"] if p.startswith(f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}")
+    ]
+    assert lookups == [f"$JS.API.DIRECT.GET.{s.RESULTS_STREAM}.{s.result_subject('*', '*')}"]
+    assert [p for p in perms["subscribe"] if p.startswith("ai.")] == [s.result_subject("*", "*")]
+    for p in perms["publish"]:
+        assert "MSG.NEXT" not in p and not p.startswith("$JS.ACK") and "UPDATE" not in p, p
+        assert "DURABLE" not in p and "OBJ_" not in p, p  # no body read, lookup or delete
+        assert not p.startswith("$JS.FC.") or p == f"$JS.FC.{s.RESULTS_STREAM}.*.*", p
+
+
 # --------------------------------------------------------------------------- Kubernetes
 
 
@@ -355,6 +402,7 @@ def test_kubernetes_base_manifests_validate() -> None:
         "Deployment",
         "PodDisruptionBudget",
         "ScaledObject",
+        "Service",
     }
     for d in docs:
         validate_manifest(d)
@@ -404,7 +452,7 @@ def test_every_pod_runs_unprivileged_with_probes_and_requests() -> None:
                 assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
                 assert {"cpu", "memory"} <= set(c["resources"]["requests"])
     deployments = by_kind(docs, "Deployment")
-    assert set(deployments) == {f"ridethrough-{r}" for r in SERVICE_ROLES}
+    assert set(deployments) == {f"ridethrough-{r}" for r in (*SERVICE_ROLES, "gateway")}
     for role in SERVICE_ROLES:
         c = deployments[f"ridethrough-{role}"]["spec"]["template"]["spec"]["containers"][0]
         assert c["args"][0] == role
@@ -446,6 +494,7 @@ def test_provider_keys_are_mounted_only_where_providers_are_called() -> None:
     assert mounted["ridethrough-worker"] == mounted["ridethrough-prober"] == {key_dir}
     assert mounted["ridethrough-replayer"] == mounted["ridethrough-topology"] == set()
     assert mounted["ridethrough-notifier"] == {NOTIFY_DIR}  # its sinks, not provider keys
+    assert mounted["ridethrough-gateway"] == {GATEWAY_KEYS_DIR}  # its keys, not providers'
     for name, p in settings.providers.items():
         assert str(p.api_key_file) == f"{key_dir}/{name}"
 
@@ -493,6 +542,53 @@ def test_the_notifier_is_deployed_with_its_sinks_from_secrets_only(tmp_path: Pat
     settings = Settings(notify={"secrets_dir": tmp_path})
     assert [s.name for s in build_sinks(settings)] == ["slack"]
     assert not any("hooks.slack" in v for v in _env_values(env))
+
+
+def test_the_gateway_is_deployed_as_its_user_with_its_keys_from_a_secret() -> None:
+    """compose (profile `gateway`) and Kubernetes run `ridethrough gateway` on port 8080 as
+    NATS user gateway with its inbox prefix; its keys file comes from a secret (compose
+    file, Kubernetes Secret ridethrough-gateway-keys mounted read-only), its settings build
+    from that environment; Kubernetes probes its port over TCP (no /readyz) and a Service
+    sends port 80 there."""
+    from services.gateway import KeyRing
+
+    svc = compose()["services"]["gateway"]
+    assert svc["profiles"] == ["gateway"]
+    assert svc["command"] == ["gateway", "--host", "0.0.0.0", "--port", "8080"]
+    env = svc["environment"]
+    assert env["RIDETHROUGH_NATS__USER"] == "gateway"
+    assert env["RIDETHROUGH_NATS__INBOX_PREFIX"] == "_INBOX.gateway"
+    assert "RIDETHROUGH_GATEWAY_PASSWORD" in env["RIDETHROUGH_NATS__PASSWORD"]
+    assert [x["target"] for x in svc["secrets"]] == [env["RIDETHROUGH_GATEWAY__KEYS_FILE"]]
+    keys_file = compose()["secrets"][svc["secrets"][0]["source"]]["file"]
+    example = ROOT / keys_file.split(":-", 1)[1].rstrip("}")
+    assert len(KeyRing.from_settings(Settings(gateway={"keys_file": example}).gateway)) == 0
+    assert svc["depends_on"]["topology"]["condition"] == "service_completed_successfully"
+    assert not [k for k in env if "API_KEY" in k or k.startswith("RIDETHROUGH_PROVIDERS__")]
+
+    docs = render(BASE)
+    dep = by_kind(docs, "Deployment")["ridethrough-gateway"]
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["args"] == ["gateway", "--host", "0.0.0.0", "--port", "8080"]
+    k8s_env = env_of(c)
+    assert k8s_env["RIDETHROUGH_NATS__USER"] == "gateway"
+    assert k8s_env["RIDETHROUGH_NATS__INBOX_PREFIX"] == "_INBOX.gateway"
+    assert k8s_env["RIDETHROUGH_NATS__PASSWORD"]["secretKeyRef"]["key"] == "gateway"
+    keys = Path(k8s_env["RIDETHROUGH_GATEWAY__KEYS_FILE"])
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(keys.parent))
+    assert mount["mountPath"] == GATEWAY_KEYS_DIR and mount["readOnly"] is True
+    secret = next(v["secret"] for v in spec["volumes"] if v["name"] == mount["name"])
+    assert secret["secretName"] == "ridethrough-gateway-keys"
+    assert keys.name == "keys" and "`keys`" in (BASE / "kustomization.yaml").read_text()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8080}
+    for probe in PROBE_PATHS:
+        assert c[probe]["tcpSocket"]["port"] == "http", probe
+    service = by_kind(docs, "Service")["ridethrough-gateway"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
 
 
 def test_every_deployment_has_a_disruption_budget() -> None:
