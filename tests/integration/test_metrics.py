@@ -20,7 +20,13 @@ from services.config import Settings
 from services.producer import Producer, make_job
 from services.tools.devstack import free_port
 from tests.conftest import make_settings
-from tests.support import ServiceProcess, fault_request, stream_state, wait_until
+from tests.support import (
+    ServiceProcess,
+    count_outcomes,
+    fault_request,
+    stream_state,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -92,25 +98,40 @@ async def test_worker_metrics_count_what_it_settled(
                 await producer.result(job_id, timeout=60)
             kv = await js.key_value(s.HEALTH_BUCKET)
             await transition(js, kv, "anthropic", to="open", allowed_from=("closed",), by="t")
-            parked = [
-                await producer.submit(make_job("anthropic", "m", prompt=f"p {i}", max_tokens=8))
-                for i in range(4)
-            ]
 
-        async def all_parked() -> bool:
-            return (await stream_state(js, s.PARKED_STREAM)).messages == 4
+            async def parked_n() -> int:
+                return int((await stream_state(js, s.PARKED_STREAM)).messages)
 
-        await wait_until(all_parked, timeout=60)
+            # The worker sees the open breaker at its board's next poll, and calls the jobs
+            # it takes before that (seen once under load): submit one at a time, each
+            # settled (a result or a parked copy) before the next, until four are parked.
+            parked: list[str] = []
+            while await parked_n() < 4:
+                assert len(parked) < 24, "the worker never saw the open breaker"
+                parked.append(
+                    await producer.submit(
+                        make_job("anthropic", "m", prompt=f"p {len(parked)}", max_tokens=8)
+                    )
+                )
+
+                async def settled() -> bool:
+                    results = (await count_outcomes(js))["results"]
+                    return results + await parked_n() == 8 + len(parked)
+
+                await wait_until(settled, timeout=60)
+        called_late = (await count_outcomes(js))["results"] - 8
+        assert called_late == len(parked) - 4
         samples = await _scrape(port)
     finally:
         worker.terminate()
     finished = "ridethrough_jobs_finished_total"
-    assert _value(samples, finished, provider="anthropic", status="succeeded") == 5
+    ok_n = 5 + called_late
+    assert _value(samples, finished, provider="anthropic", status="succeeded") == ok_n
     assert _value(samples, finished, provider="anthropic", status="failed") == 3
     assert _value(samples, "ridethrough_jobs_dead_total", provider="anthropic") == 3
     assert _value(samples, "ridethrough_jobs_parked_total", provider="anthropic") == 4
     duration = "ridethrough_provider_call_duration_seconds_count"
-    assert _value(samples, duration, provider="anthropic", outcome="success") == 5
+    assert _value(samples, duration, provider="anthropic", outcome="success") == ok_n
     assert _value(samples, duration, provider="anthropic", outcome="permanent") == 3
     assert _value(samples, "ridethrough_provider_errors_total", provider="anthropic") == 3
     assert _value(samples, "ridethrough_provider_calls_in_flight") == 0
