@@ -223,6 +223,9 @@ class Progress:
     drained: float | None = None
     first_replayed_result: float | None = None
     phase: str = "starting"
+    #: The job ids of every result seen: the drill is done when each of its jobs has one
+    #: (AI_RESULTS also holds the gateway's calls).
+    result_ids: set[str] = field(default_factory=set)
 
 
 def drill_settings(base: Settings, drill: Drill | None = None) -> Settings:
@@ -668,6 +671,7 @@ async def _drive(
                 and now >= progress.load_started + last_end
                 and progress.parked == 0
                 and progress.results >= drill.jobs
+                and all(job_id in progress.result_ids for job_id in jobs)
             )
             if done:
                 progress.drained = time.time()
@@ -686,6 +690,7 @@ async def _drive(
             progress.first_replayed_result = now
         with contextlib.suppress(msgspec.DecodeError):
             result = decode_result(msg.data)
+            progress.result_ids.add(result.job_id)
             # By the job's model: a result served through another door names that door's id.
             model = jobs.get(result.job_id, result.model)
             if result.status == "succeeded" and model in progress.models:
