@@ -33,9 +33,11 @@ _NO_RESPONDERS = "503"
 
 
 class _Answer(msgspec.Struct):
-    """A PubAck (``seq``), or the stream's refusal (``error``)."""
+    """A PubAck (``seq``; ``duplicate`` when the stream had the msg id already), or the
+    stream's refusal (``error``)."""
 
     seq: int = 0
+    duplicate: bool = False
     error: dict[str, Any] | None = None
 
 
@@ -50,8 +52,10 @@ class PubAcks:
         self._prefix = ""
         self._sub: Any = None
         self._starting: asyncio.Lock | None = None
-        self._waiting: dict[str, asyncio.Future[int]] = {}
+        self._waiting: dict[str, asyncio.Future[_Answer]] = {}
         self._count = itertools.count()
+        #: Most PubAcks ``send`` lets be awaited at once.
+        self.limit = 4000
 
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None, timeout: float
@@ -61,17 +65,56 @@ class PubAcks:
             await self._start()
         loop = asyncio.get_running_loop()
         token = str(next(self._count))
-        ack: asyncio.Future[int] = loop.create_future()
+        ack: asyncio.Future[_Answer] = loop.create_future()
         self._waiting[token] = ack
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
             timer = loop.call_later(timeout, _expire, ack)
             try:
-                return await ack
+                return (await ack).seq
             finally:
                 timer.cancel()
         finally:
             self._waiting.pop(token, None)
+
+    async def send(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, stall_s: float
+    ) -> asyncio.Future[_Answer]:
+        """Publish ``data`` on ``subject``; a future of its PubAck (``seq``,
+        ``duplicate``), or of the error ``publish`` would raise. No timer: the caller
+        bounds its wait, and ``forget``s the futures it gave up on (cancelled). While
+        ``limit`` PubAcks are awaited, waits until half of them came (backpressure), at
+        most ``stall_s`` (then nats-py's ``TimeoutError``)."""
+        if self._sub is None:
+            await self._start()
+        if len(self._waiting) >= self.limit:
+            try:
+                await asyncio.wait_for(self._below_half(), stall_s)
+            except TimeoutError:
+                raise nats.errors.TimeoutError() from None
+        token = str(next(self._count))
+        ack: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = ack
+        try:
+            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        return ack
+
+    def forget(self) -> None:
+        """Drop the futures given up on (done without an answer: cancelled, timed out)."""
+        for token in [k for k, f in self._waiting.items() if f.done()]:
+            del self._waiting[token]
+
+    async def _below_half(self) -> None:
+        while len(self._waiting) > self.limit // 2:
+            pending = [f for f in self._waiting.values() if not f.done()]
+            if not pending:
+                self.forget()
+                return
+            await asyncio.wait(pending[: len(pending) - self.limit // 2 + 1])
+            self.forget()
 
     async def _start(self) -> None:
         if self._starting is None:
@@ -96,10 +139,10 @@ class PubAcks:
         except Exception as exc:
             ack.set_exception(exc)
             return
-        ack.set_result(answer.seq)
+        ack.set_result(answer)
 
 
-def _expire(ack: asyncio.Future[int]) -> None:
+def _expire(ack: asyncio.Future[_Answer]) -> None:
     if not ack.done():
         ack.set_exception(nats.errors.TimeoutError())
 

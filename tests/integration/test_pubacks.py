@@ -105,3 +105,42 @@ async def test_a_fetch_takes_received_messages_without_waiting_for_each(js: Any)
     await wait_until(acked)
     with pytest.raises(nats.errors.TimeoutError):
         await psub.fetch(10, timeout=0.2)
+
+
+async def test_send_pipelines_publishes_with_backpressure_and_duplicates(js: Any) -> None:
+    """``send`` (the producer's batch path): 60 publishes through a window of 8 all
+    stored, each future its own PubAck; a msg id sent again is a duplicate of the first."""
+    acks = pubacks(client(js))
+    acks.limit = 8
+    futures = []
+    for i in range(60):
+        subject = s.result_subject(f"sent-{i}", None)
+        futures.append(await acks.send(subject, b"x", {"Nats-Msg-Id": f"sent-{i}"}, 10))
+        assert len(acks._waiting) <= 8  # never more awaited than the window
+    answers = await asyncio.gather(*futures)
+    assert sorted(a.seq for a in answers) == list(range(1, 61))
+    assert not any(a.duplicate for a in answers)
+    again = await acks.send(s.result_subject("sent-3", None), b"x", {"Nats-Msg-Id": "sent-3"}, 10)
+    answer = await again
+    assert answer.duplicate and answer.seq == answers[3].seq
+    assert acks._waiting == {}
+
+
+async def test_send_stalls_with_a_timeout_and_forgets_what_was_given_up(js: Any) -> None:
+    """PubAcks that never come: once the window is full, ``send`` waits at most its stall
+    and raises nats-py's TimeoutError; futures given up on (cancelled) are forgotten."""
+    nc = client(js)
+    silent = await nc.subscribe("silent.send")
+    acks = pubacks(nc)
+    acks.limit = 4
+    try:
+        futures = [await acks.send("silent.send", b"x", None, 0.2) for _ in range(4)]
+        with pytest.raises(nats.errors.TimeoutError):
+            await acks.send("silent.send", b"x", None, 0.2)
+    finally:
+        await silent.unsubscribe()
+    assert len(acks._waiting) == 4
+    for fut in futures:
+        fut.cancel()
+    acks.forget()
+    assert acks._waiting == {}
