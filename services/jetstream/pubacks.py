@@ -61,20 +61,12 @@ class PubAcks:
         self, subject: str, data: bytes, headers: dict[str, str] | None, timeout: float
     ) -> int:
         """Publish ``data`` on ``subject`` and wait for its PubAck; its sequence."""
-        if self._sub is None:
-            await self._start()
-        loop = asyncio.get_running_loop()
-        token = str(next(self._count))
-        ack: asyncio.Future[_Answer] = loop.create_future()
-        self._waiting[token] = ack
+        token, ack = await self._emit(subject, data, headers)
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, ack)
         try:
-            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
-            timer = loop.call_later(timeout, _expire, ack)
-            try:
-                return (await ack).seq
-            finally:
-                timer.cancel()
+            return (await ack).seq
         finally:
+            timer.cancel()
             self._waiting.pop(token, None)
 
     async def send(
@@ -85,13 +77,21 @@ class PubAcks:
         bounds its wait, and ``forget``s the futures it gave up on (cancelled). While
         ``limit`` PubAcks are awaited, waits until half of them came (backpressure), at
         most ``stall_s`` (then nats-py's ``TimeoutError``)."""
-        if self._sub is None:
-            await self._start()
         if len(self._waiting) >= self.limit:
             try:
                 await asyncio.wait_for(self._below_half(), stall_s)
             except TimeoutError:
                 raise nats.errors.TimeoutError() from None
+        _, ack = await self._emit(subject, data, headers)
+        return ack
+
+    async def _emit(
+        self, subject: str, data: bytes, headers: dict[str, str] | None
+    ) -> tuple[str, asyncio.Future[_Answer]]:
+        """Publish with a reply token of the shared inbox; the token and its future (not
+        awaited while the publish raises)."""
+        if self._sub is None:
+            await self._start()
         token = str(next(self._count))
         ack: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
         self._waiting[token] = ack
@@ -100,7 +100,7 @@ class PubAcks:
         except BaseException:
             self._waiting.pop(token, None)
             raise
-        return ack
+        return token, ack
 
     def forget(self) -> None:
         """Drop the futures given up on (done without an answer: cancelled, timed out)."""

@@ -75,7 +75,7 @@ class Worker:
         #: Jobs failed over or expired per outage, published coalesced (the summaries').
         self.tally: Tally | None = None
         self._slots = PrioritySlots(settings.worker.concurrency, settings.worker.priority_weights)
-        #: Per provider, the calls in flight it has shown it accepts (None: not adaptive).
+        #: Per provider, the calls in flight it has shown it accepts (empty: not adaptive).
         self.limits: dict[str, AdaptiveLimit] = (
             {
                 name: AdaptiveLimit(settings.worker.concurrency, settings.worker.priority_weights)
